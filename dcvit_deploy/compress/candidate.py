@@ -1,0 +1,72 @@
+"""Candidate files: ``<name>.safetensors`` (state dict) + ``<name>.json`` (the Candidate record).
+
+A candidate rebuilds from these two files alone: the base timm model is created without
+weights from ``arch.model_name``/``arch.model_kwargs``, reshaped to the spec, and loaded
+strictly. No pickled modules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..atomic import atomic_write_json, atomic_write_with, sha256_file
+from ..errors import UserInputError
+from ..records import Candidate, from_dict, to_dict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def save_candidate(directory: str | Path, candidate: Candidate, model: nn.Module) -> Candidate:
+    """Write weights then spec (atomically); returns the candidate with its weights' checksum."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    weights = d / f"{candidate.name}.safetensors"
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_with(weights, lambda tmp: save_file(state, str(tmp)))
+    done = replace(candidate, weights=weights.name, weights_sha256=sha256_file(weights))
+    atomic_write_json(d / f"{candidate.name}.json", to_dict(done))
+    return done
+
+
+def read_candidate(spec_path: str | Path) -> Candidate:
+    p = Path(spec_path)
+    if not p.is_file():
+        raise UserInputError(f"candidate spec {p} does not exist", "point at a <name>.json written by compress")
+    try:
+        return from_dict(Candidate, json.loads(p.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserInputError(f"candidate spec {p.name} is invalid: {exc}", "re-run compression") from exc
+
+
+def build_candidate(candidate: Candidate, weights_path: str | Path | None = None, *, verify: bool = True) -> nn.Module:
+    """Rebuild the torch module of ``candidate`` from its spec and weights file (eval mode)."""
+    from safetensors.torch import load_file
+
+    from ..models import create_model
+    from .surgery import apply_spec
+
+    arch = candidate.arch
+    base = create_model(arch.model_name, arch.model_kwargs)
+    model = apply_spec(base, arch)
+    if weights_path is None:
+        raise UserInputError("no weights file given for the candidate", "pass the .safetensors path")
+    wp = Path(weights_path)
+    if verify and candidate.weights_sha256 and sha256_file(wp) != candidate.weights_sha256:
+        raise UserInputError(
+            f"weights {wp.name} do not match the checksum in the spec of {candidate.name}",
+            "re-run compression for this candidate",
+        )
+    model.load_state_dict(load_file(str(wp)), strict=True)
+    return model.eval()
+
+
+def load_candidate(spec_path: str | Path) -> tuple[Candidate, nn.Module]:
+    """Read ``<name>.json`` and rebuild its module from the weights file next to it."""
+    p = Path(spec_path)
+    cand = read_candidate(p)
+    return cand, build_candidate(cand, p.parent / cand.weights)

@@ -1,0 +1,308 @@
+"""Load timm plain ViT/DeiT models from local weights and check they are surgery-compatible.
+
+Nothing here downloads: weights come from a local ``.safetensors``/``.pth`` checkpoint, from a
+warm local Hugging Face hub cache (``pretrained_cache=True`` forces offline mode), or the model
+is random-initialised when the caller says so explicitly.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import CheckpointMismatchError, UnsupportedModelError, UserInputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+_WRAPPER_KEYS = ("state_dict", "model_ema", "model", "module", "state_dict_ema")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model plus the construction kwargs that rebuild it and where weights came from."""
+
+    model: nn.Module
+    name: str
+    model_kwargs: dict[str, Any]
+    weights_source: str
+    inferred: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_model_kwargs(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings the way timm's scripts take ``--model-kwargs``.
+
+    Values are Python literals where they parse (``10``, ``0.1``, ``True``, ``(16, 16)``),
+    strings otherwise.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        for part in item.split():
+            if "=" not in part:
+                raise UserInputError(
+                    f"model kwarg {part!r} is not key=value",
+                    "write e.g. --model-kwargs num_classes=10 img_size=224",
+                )
+            key, raw = part.split("=", 1)
+            try:
+                out[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                out[key] = raw
+    return out
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat state dict (unwrapping common trainer wrappers)."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(
+            f"checkpoint {p} does not exist", "pass an existing .safetensors or .pth file"
+        )
+    if p.suffix not in CHECKPOINT_SUFFIXES:
+        raise UserInputError(
+            f"checkpoint {p.name} has an unknown suffix {p.suffix!r}",
+            f"use one of {', '.join(CHECKPOINT_SUFFIXES)}",
+        )
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign files surface many exception types
+        raise UserInputError(
+            f"cannot read checkpoint {p.name}: {type(exc).__name__}: {str(exc)[:200]}",
+            "pass a torch state dict saved with torch.save or a safetensors file",
+        ) from exc
+    for _ in range(3):
+        if isinstance(sd, Mapping):
+            wrapped = [k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)]
+            if wrapped and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+                sd = sd[wrapped[0]]
+                continue
+        break
+    if not isinstance(sd, Mapping) or not sd:
+        raise UserInputError(f"checkpoint {p.name} holds no state dict", "save model.state_dict()")
+    clean: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            clean[k[len("module.") :] if k.startswith("module.") else k] = v
+    return clean
+
+
+def infer_kwargs_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Infer ``num_classes``, ``embed_dim``, ``depth``, ``patch_size`` and ``img_size``.
+
+    Only fields the tensors determine unambiguously are returned.
+    """
+    out: dict[str, Any] = {}
+    head = sd.get("head.weight")
+    if head is not None and head.ndim == 2:
+        out["num_classes"] = int(head.shape[0])
+    elif "head.weight" not in sd and any(k.startswith("blocks.") for k in sd):
+        out["num_classes"] = 0
+    proj = sd.get("patch_embed.proj.weight")
+    if proj is not None and proj.ndim == 4:
+        out["embed_dim"] = int(proj.shape[0])
+        out["patch_size"] = int(proj.shape[-1])
+        out["in_chans"] = int(proj.shape[1])
+    depth = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if depth:
+        out["depth"] = max(depth) + 1
+    pos = sd.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and "patch_size" in out:
+        prefix = sum(1 for k in ("cls_token", "dist_token") if k in sd)
+        if "reg_token" in sd:
+            prefix += int(sd["reg_token"].shape[1])
+        grid2 = int(pos.shape[1]) - prefix
+        side = round(grid2**0.5)
+        if side * side == grid2:
+            out["img_size"] = side * out["patch_size"]
+        elif side * side == int(pos.shape[1]):
+            out["img_size"] = side * out["patch_size"]  # pos embed without prefix tokens
+    return out
+
+
+def create_model(name: str, model_kwargs: Mapping[str, Any] | None = None, *, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model`` with user errors for unknown names and bad kwargs."""
+    import timm
+
+    kwargs = dict(model_kwargs or {})
+    if not timm.is_model(name):
+        close = sorted(timm.list_models(f"*{name.split('_')[0]}*"))[:8]
+        raise UserInputError(
+            f"unknown timm model {name!r}",
+            "pick a plain ViT/DeiT name" + (f", e.g. {', '.join(close)}" if close else ""),
+        )
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise UserInputError(
+            f"timm model {name} does not accept these kwargs {kwargs}: {exc}",
+            "check --model-kwargs names against the model's constructor",
+        ) from exc
+
+
+def check_supported(model: nn.Module, name: str = "") -> None:
+    """Refuse layouts DC-ViT surgery cannot handle, naming the unsupported part.
+
+    Supported: timm ``VisionTransformer`` (incl. DeiT distilled) whose blocks are the standard
+    pre-norm ``Block`` with a fused-qkv ``Attention`` and a two-layer ``Mlp`` (any depth, with or
+    without cls token, register tokens, LayerScale).
+    """
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    label = name or type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"{label} is a {type(model).__name__}, not a plain ViT; DC-ViT surgery supports timm "
+            "VisionTransformer/DeiT models only (no Swin, hierarchical or hybrid models)",
+            "choose a vit_*/deit_* model",
+        )
+    if getattr(model, "global_pool", "") == "map":
+        raise UnsupportedModelError(
+            f"{label} uses an attention-pooling (MAP) head, which is unsupported",
+            "choose a model with token or avg pooling",
+        )
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise UnsupportedModelError(
+                f"{label} block {i} is {type(blk).__name__}; only timm's pre-norm Block is supported "
+                "(parallel, post-norm and scaled blocks are not)",
+                "choose a vit_*/deit_* model with standard blocks",
+            )
+        if type(blk.attn) is not Attention:
+            raise UnsupportedModelError(
+                f"{label} block {i} attention is {type(blk.attn).__name__}, not timm Attention",
+                "choose a model with standard fused-qkv attention",
+            )
+        if type(blk.mlp) is not Mlp or not hasattr(blk.mlp, "fc1"):
+            raise UnsupportedModelError(
+                f"{label} block {i} MLP is {type(blk.mlp).__name__}; gated/SwiGLU MLPs are unsupported",
+                "choose a model with a two-layer GELU Mlp",
+            )
+        if not isinstance(getattr(blk.mlp, "norm", None), _identity_types()):
+            raise UnsupportedModelError(
+                f"{label} block {i} normalises its MLP hidden layer, which narrowing cannot preserve",
+                "choose a model without scale_mlp_norm",
+            )
+
+
+def _identity_types() -> tuple[type, ...]:
+    from torch import nn
+
+    return (nn.Identity,)
+
+
+def load_model(
+    name: str,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    pretrained_cache: bool = False,
+    random_init: bool = False,
+) -> LoadedModel:
+    """Build ``name`` with timm and load weights from exactly one source.
+
+    ``checkpoint``: a local file; missing fields of ``model_kwargs`` (num_classes, img_size,
+    patch_size, embed_dim, depth) are inferred from it. ``pretrained_cache``: timm's pretrained
+    weights from the local hub cache only (offline). ``random_init``: no weights (smoke tests,
+    latency studies). The model is returned in eval mode.
+    """
+    sources = [checkpoint is not None, pretrained_cache, random_init]
+    if sum(sources) != 1:
+        raise UserInputError(
+            "give exactly one weight source",
+            "pass --checkpoint FILE, or --pretrained-cache, or --random-init",
+        )
+    kwargs = dict(model_kwargs or {})
+    inferred: dict[str, Any] = {}
+    if checkpoint is not None:
+        sd = read_state_dict(checkpoint)
+        guessed = infer_kwargs_from_state_dict(sd)
+        # Fill only head size and input geometry from the checkpoint; depth/width stay as the
+        # named model defines them, so a wrong model name is reported as a key/shape mismatch
+        # instead of silently building a different architecture.
+        for key in ("num_classes", "img_size", "patch_size", "in_chans"):
+            if key in guessed and key not in kwargs:
+                inferred[key] = guessed[key]
+        kwargs_full = {**inferred, **kwargs}
+        model = create_model(name, kwargs_full)
+        check_supported(model, name)
+        _load_into(model, sd, checkpoint)
+        source = f"checkpoint:{Path(checkpoint).name}"
+        kwargs = kwargs_full
+    elif pretrained_cache:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            model = create_model(name, kwargs, pretrained=True)
+        except UserInputError:
+            raise
+        except Exception as exc:  # hub/cache errors come in many types
+            raise UserInputError(
+                f"pretrained weights for {name} are not in the local hub cache ({type(exc).__name__})",
+                "pass --checkpoint FILE with local weights",
+            ) from exc
+        check_supported(model, name)
+        source = "hub-cache"
+    else:
+        model = create_model(name, kwargs)
+        check_supported(model, name)
+        source = "random-init"
+    model.eval()
+    return LoadedModel(model=model, name=name, model_kwargs=kwargs, weights_source=source, inferred=inferred)
+
+
+def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        filtered = checkpoint_filter_fn(dict(sd), model)
+    except Exception:  # foreign layouts: fall back to the raw keys and report mismatches below
+        filtered = dict(sd)
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in filtered)
+    unexpected = sorted(k for k in filtered if k not in own)
+    shape_bad = sorted(
+        f"{k} {tuple(filtered[k].shape)}!={tuple(own[k].shape)}"
+        for k in own
+        if k in filtered and tuple(filtered[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shape_bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if shape_bad:
+            parts.append(f"shape mismatch in {len(shape_bad)} (e.g. {'; '.join(shape_bad[:2])})")
+        raise CheckpointMismatchError(
+            f"checkpoint {Path(path).name} does not match {type(model).__name__}: " + ", ".join(parts),
+            "pick the model name the weights were trained with, or pass --model-kwargs "
+            "(e.g. depth=, embed_dim=, num_classes=, img_size=)",
+        )
+    model.load_state_dict(filtered, strict=True)
+
+
+def geometry_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Construction kwargs that pin the geometry of ``model`` (for rebuilding it exactly)."""
+    pe = model.patch_embed  # type: ignore[union-attr]
+    img = pe.img_size
+    patch = pe.patch_size
+    return {
+        "img_size": tuple(int(v) for v in img) if isinstance(img, (tuple, list)) else int(img),
+        "patch_size": tuple(int(v) for v in patch) if isinstance(patch, (tuple, list)) else int(patch),
+        "num_classes": int(model.num_classes),  # type: ignore[union-attr]
+        "embed_dim": int(model.embed_dim),  # type: ignore[union-attr]
+        "depth": len(model.blocks),  # type: ignore[union-attr,arg-type]
+    }
