@@ -297,12 +297,18 @@ def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
 def geometry_kwargs(model: nn.Module) -> dict[str, Any]:
     """Construction kwargs that pin the geometry of ``model`` (for rebuilding it exactly)."""
     pe = model.patch_embed  # type: ignore[union-attr]
-    img = pe.img_size
-    patch = pe.patch_size
     return {
-        "img_size": tuple(int(v) for v in img) if isinstance(img, (tuple, list)) else int(img),
-        "patch_size": tuple(int(v) for v in patch) if isinstance(patch, (tuple, list)) else int(patch),
+        "img_size": _json_size(pe.img_size),
+        "patch_size": _json_size(pe.patch_size),
         "num_classes": int(model.num_classes),  # type: ignore[union-attr]
         "embed_dim": int(model.embed_dim),  # type: ignore[union-attr]
         "depth": len(model.blocks),  # type: ignore[union-attr,arg-type]
     }
+
+
+def _json_size(size: Any) -> int | list[int]:
+    """An int for square sizes, else a list: the form that survives a JSON round trip."""
+    if isinstance(size, (tuple, list)):
+        vals = [int(v) for v in size]
+        return vals[0] if len(set(vals)) == 1 else vals
+    return int(size)
