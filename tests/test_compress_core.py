@@ -137,8 +137,8 @@ class _PassThrough(torch.nn.Module):
 def test_spec_counts_match_built_module(tiny_vit):
     spec = identity_spec(tiny_vit, "vit_tiny_patch16_224", {})
     chooser = make_chooser("weight", tiny_vit, seed=0)
-    s = compress_blocks(tiny_vit, spec, [1, 2], 96, chooser)
-    s = compress_blocks(tiny_vit, s, [3], 0, chooser, kind="identity")
+    s = compress_blocks(spec, [1, 2], 96, chooser)
+    s = compress_blocks(s, [3], 0, chooser, kind="identity")
     model = apply_spec(tiny_vit, s)
     assert isinstance(model.blocks[1], FFNBlock)
     assert geometry_of(tiny_vit).count(s.blocks) == count_module_macs(model)
@@ -155,8 +155,8 @@ def test_neuron_choices_are_nested_across_widths(tiny_vit):
 def test_warm_reshape_reuses_finetuned_units_and_base_for_new_ones(tiny_vit):
     spec = identity_spec(tiny_vit, "vit_tiny_patch16_224", {})
     chooser = make_chooser("random", tiny_vit, seed=0)
-    s_small = compress_blocks(tiny_vit, spec, [1], 32, chooser)
-    s_big = compress_blocks(tiny_vit, spec, [1, 2], 128, chooser)
+    s_small = compress_blocks(spec, [1], 32, chooser)
+    s_big = compress_blocks(spec, [1, 2], 128, chooser)
     small = apply_spec(tiny_vit, s_small)
     with torch.no_grad():  # pretend finetuning changed block 1's kept units
         small.blocks[1].mlp.fc1.weight.add_(1.0)
@@ -234,7 +234,7 @@ def test_candidate_round_trip(tmp_path, tiny_vit):
 
     kwargs = {**geometry_kwargs(tiny_vit), "num_heads": 2}
     spec = identity_spec(tiny_vit, "vit_tiny_patch16_224", kwargs)
-    s = compress_blocks(tiny_vit, spec, [1, 2], 40, make_chooser("random", tiny_vit, seed=1))
+    s = compress_blocks(spec, [1, 2], 40, make_chooser("random", tiny_vit, seed=1))
     model = apply_spec(tiny_vit, s)
     g = geometry_of(tiny_vit)
     cand = Candidate(

@@ -209,17 +209,17 @@ def spec_of(model: nn.Module, template: ArchSpec) -> ArchSpec:
 
 
 def compress_blocks(
-    base: nn.Module,
     spec: ArchSpec,
     blocks: Iterable[int],
     hidden: int,
-    chooser: Callable[[int, int], Sequence[int]],
+    chooser: Callable[[int, int], Sequence[int]] | None = None,
     *,
     kind: Literal["mlp", "identity"] = "mlp",
 ) -> ArchSpec:
     """A new spec with ``blocks`` made FFN-only at width ``hidden`` (or dropped).
 
-    ``chooser(block_index, hidden)`` returns the kept pretrained neurons of that block.
+    ``chooser(block_index, hidden)`` returns the kept pretrained neurons of that block (needed
+    unless the blocks are dropped or kept at full width).
     """
     new_blocks = list(spec.blocks)
     for b in blocks:
@@ -228,7 +228,11 @@ def compress_blocks(
         if kind == "identity":
             new_blocks[b] = BlockSpec(kind="identity", mlp_hidden=0)
             continue
-        kept = tuple(int(k) for k in chooser(b, hidden)) if hidden < spec.base_mlp_hidden else None
+        kept = None
+        if hidden < spec.base_mlp_hidden:
+            if chooser is None:
+                raise ValueError("narrowing needs a neuron chooser")
+            kept = tuple(int(k) for k in chooser(b, hidden))
         new_blocks[b] = BlockSpec(kind="mlp", mlp_hidden=hidden, kept=kept)
     return _with_blocks(spec, new_blocks)
 
