@@ -1,0 +1,611 @@
+"""The Python API: one function per pipeline stage, and the whole pipeline.
+
+The CLI is a thin shell over these. Every stage works on a :class:`~dcvit_deploy.rundir.RunDir`
+and skips work whose inputs' fingerprint is unchanged, so rerunning a command resumes it.
+One candidate's export/build/profile failure is recorded in its outcome and the run goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from .atomic import atomic_write_json, fingerprint, sha256_file
+from .errors import BudgetInfeasible, DcvitError, UserInputError
+from .progress import ProgressEvent, ProgressFn, quiet
+from .records import (
+    Artifact,
+    Candidate,
+    CandidateOutcome,
+    LatencyBudget,
+    LatencyStats,
+    Selection,
+    TargetProfile,
+    Verification,
+    from_dict,
+    to_dict,
+)
+from .rundir import RunDir
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .data import DataOverrides
+
+SCHEDULES = ("default", "paper", "tiny")
+METRIC_SOURCES = ("synthetic", "real")
+
+
+# =========================================================================== options
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """What to compress and how (the inputs of the ``compress`` step)."""
+
+    model: str
+    data: str
+    checkpoint: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained_cache: bool = False
+    random_init: bool = False
+    num_samples: int | None = 500
+    holdout: int = 32
+    data_overrides: DataOverrides | None = None
+    targets: tuple[float, ...] = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40)
+    method: Literal["dcvit", "practise"] = "dcvit"
+    round_to: int = 1
+    neuron_choice: str = "random"
+    reuse: bool = True
+    warm_fraction: float = 0.5
+    schedule: str = "default"
+    iterations: int | None = None
+    rank_iterations: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    metric: Literal["synthetic", "real"] = "synthetic"
+    inversion: Literal["paper", "fast"] = "fast"
+    inversion_iterations: int | None = None
+    candidate_blocks: tuple[int, ...] | None = None
+    include_original: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UserInputError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        if self.metric not in METRIC_SOURCES:
+            raise UserInputError(f"unknown metric set {self.metric!r}", "use synthetic or real")
+        if self.holdout < 1:
+            raise UserInputError("--holdout must be >= 1", "pass e.g. --holdout 32")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserInputError(f"unknown device {self.device!r}", "use auto, cpu or cuda")
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """Where and under which budget the family is deployed (export/build/profile/select)."""
+
+    profile: str = "cpu-ort"
+    latency_ms: float | None = None
+    statistic: str | None = None
+    margin: float = 0.0
+    batch_size: int | None = None
+    search: Literal["all", "bisect"] = "all"
+    triton_repo: str | None = None
+    triton_pareto: bool = False
+    opset: int = 17
+    simplify: bool = True
+
+
+# =========================================================================== helpers
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda was asked for but torch sees no CUDA device", "use --device cpu")
+    return name
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "timm", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def identity_of(opts: CompressOptions) -> dict[str, Any]:
+    """The run's identity: the model and its weights (see :mod:`dcvit_deploy.rundir`)."""
+    if opts.checkpoint:
+        weights = sha256_file(opts.checkpoint) if Path(opts.checkpoint).is_file() else f"missing:{opts.checkpoint}"
+    elif opts.pretrained_cache:
+        weights = "hub-cache"
+    else:
+        weights = "random-init"
+    return {"model": opts.model, "weights": weights, "model_kwargs": opts.model_kwargs}
+
+
+def budget_of(profile: TargetProfile, opts: DeployOptions) -> LatencyBudget | None:
+    if opts.latency_ms is None:
+        return None
+    batch = opts.batch_size or profile.budget_batch_size
+    if batch not in profile.batch_sizes:
+        raise UserInputError(
+            f"--batch-size {batch} is not one of the profile's batch sizes {list(profile.batch_sizes)}",
+            "pick one of them or edit the profile's batch_sizes",
+        )
+    try:
+        return LatencyBudget(
+            ms=opts.latency_ms, statistic=opts.statistic or profile.statistic,  # type: ignore[arg-type]
+            batch_size=batch, margin=opts.margin,
+        )
+    except ValueError as exc:
+        raise UserInputError(f"invalid latency budget: {exc}", "see --latency-ms, --statistic, --margin") from exc
+
+
+# =========================================================================== compress
+
+
+@dataclass
+class Prepared:
+    """Loaded teacher, data and held-out images shared by the stages of one process."""
+
+    teacher: nn.Module
+    model_kwargs: dict[str, Any]
+    data_config: dict[str, Any]
+    train_paths: list[Path]
+    holdout: torch.Tensor
+    holdout_note: str
+    input_fp: str
+    skipped: int
+
+
+def prepare(opts: CompressOptions) -> Prepared:
+    """Load the model (from local weights only) and the few-shot images; split a held-out set."""
+    import random
+
+    from .data import list_images, load_eval_tensor, resolve_data_config, sample_images
+    from .data import input_fingerprint as data_fp
+    from .models import geometry_kwargs, load_model
+
+    images = list_images(opts.data)  # fail fast on bad data before loading the model
+    loaded = load_model(
+        opts.model, checkpoint=opts.checkpoint, model_kwargs=opts.model_kwargs,
+        pretrained_cache=opts.pretrained_cache, random_init=opts.random_init,
+    )
+    kwargs = {**loaded.model_kwargs, **geometry_kwargs(loaded.model)}
+    dcfg = resolve_data_config(loaded.model, opts.data_overrides)
+    all_paths = list(images)
+    train = sample_images(all_paths, opts.num_samples, opts.seed)
+    chosen = set(train)
+    rest = [p for p in all_paths if p not in chosen]
+    random.Random(opts.seed + 1).shuffle(rest)
+    note = ""
+    if not rest:
+        rest = list(train)
+        note = "no images left over for a held-out set: fidelity and verification use training images"
+    holdout = load_eval_tensor(rest, dcfg, max_images=opts.holdout)
+    return Prepared(
+        teacher=loaded.model, model_kwargs=kwargs, data_config=dict(dcfg), train_paths=train,
+        holdout=holdout, holdout_note=note, input_fp=data_fp(train), skipped=0,
+    )
+
+
+def _schedules(opts: CompressOptions, n_images: int) -> tuple[Any, Any]:
+    from .compress.finetune import FinetuneSchedule
+
+    if opts.schedule == "paper":
+        sched = FinetuneSchedule.paper(n_images, batch_size=opts.batch_size or 64)
+    elif opts.schedule == "tiny":
+        sched = FinetuneSchedule.tiny(batch_size=opts.batch_size or 4)
+    else:
+        sched = FinetuneSchedule.default(n_images, batch_size=opts.batch_size or 64)
+    changes: dict[str, Any] = {}
+    if opts.iterations is not None:
+        changes["iterations"] = opts.iterations
+        changes["lr_warmup_iterations"] = min(sched.lr_warmup_iterations, opts.iterations)
+    if opts.lr is not None:
+        changes["lr"] = opts.lr
+    sched = dataclasses.replace(sched, **changes)
+    rank = None
+    if opts.rank_iterations is not None:
+        rank = dataclasses.replace(
+            sched, iterations=opts.rank_iterations,
+            lr_warmup_iterations=min(sched.lr_warmup_iterations, opts.rank_iterations),
+        )
+    return sched, rank
+
+
+def compress(
+    run: RunDir, opts: CompressOptions, prep: Prepared | None = None, progress: ProgressFn = quiet
+) -> list[Candidate]:
+    """Step 1: the dense family (DC-ViT or PRACTISE) in ``run/family``, plus per-candidate
+    fidelity (top-1 agreement with the original on held-out images)."""
+    from .compress.family import FamilyConfig, compress_family, load_family
+    from .compress.finetune import train_transform
+    from .compress.metric_set import InversionSettings, load_or_synthesize, real_metric_set
+    from .data import FewShotImages
+
+    fp = fingerprint({"opts": _opts_dict(opts), "versions": _versions()})
+    if run.step_done("compress", fp):
+        return load_family(run.family_dir)
+    prep = prep or prepare(opts)
+    device = _device(opts.device)
+    sched, rank = _schedules(opts, len(prep.train_paths))
+    dataset = FewShotImages(prep.train_paths, train_transform(sched, prep.data_config))
+    run.set_inputs(
+        model=opts.model, checkpoint=opts.checkpoint, data=str(opts.data), images=len(dataset),
+        skipped_images=[f"{p}: {r}" for p, r in dataset.skipped], holdout=int(prep.holdout.shape[0]),
+        holdout_note=prep.holdout_note, data_fingerprint=prep.input_fp, versions=_versions(),
+    )
+    teacher_fp = identity_of(opts)["weights"]
+    with run.step("compress", fp) as info:
+        if opts.metric == "real":
+            metric = real_metric_set(prep.holdout)
+        else:
+            settings = InversionSettings.paper() if opts.inversion == "paper" else InversionSettings.fast()
+            if opts.inversion_iterations is not None:
+                settings = dataclasses.replace(settings, iterations=opts.inversion_iterations, warmup_iterations=min(settings.warmup_iterations, opts.inversion_iterations // 2))
+
+            def inv_progress(p: Any) -> None:
+                progress(ProgressEvent(stage="metric set", step=p.step, steps=p.total, loss=p.loss, eta_s=getattr(p, "eta", None)))
+
+            metric = load_or_synthesize(
+                run.sub("metric_set"), str(teacher_fp), prep.teacher, prep.data_config["input_size"],
+                prep.data_config["mean"], prep.data_config["std"], settings, seed=opts.seed,
+                device=device, progress=inv_progress,
+            )
+        config = FamilyConfig(
+            schedule=sched, rank_schedule=rank, targets=tuple(opts.targets), method=opts.method,
+            round_to=opts.round_to, candidate_blocks=opts.candidate_blocks, neuron_choice=opts.neuron_choice,
+            reuse=opts.reuse, warm_fraction=opts.warm_fraction, seed=opts.seed, include_original=opts.include_original,
+        )
+        result = compress_family(
+            prep.teacher, model_name=opts.model, model_kwargs=prep.model_kwargs, data=dataset,
+            metric_images=metric.images, out_dir=run.family_dir, config=config,
+            teacher_fingerprint=str(teacher_fp), input_fingerprint=prep.input_fp,
+            activation_images=prep.holdout if opts.neuron_choice == "activation" else None,
+            device=device, progress=progress,
+        )
+        _record_fidelity(run, result.candidates, prep)
+        info.update(candidates=[c.name for c in result.candidates], seconds_detail=result.seconds,
+                    finetune_steps=result.finetune_steps, metric_set=metric.source)
+    return result.candidates
+
+
+def _opts_dict(opts: CompressOptions) -> dict[str, Any]:
+    d = dataclasses.asdict(opts)
+    d.pop("device")
+    return d
+
+
+def _record_fidelity(run: RunDir, candidates: Sequence[Candidate], prep: Prepared) -> None:
+    import torch
+
+    from .compress.candidate import build_candidate
+
+    holdout = prep.holdout
+    with torch.no_grad():
+        ref = prep.teacher.cpu().eval()(holdout).argmax(-1)
+        for c in candidates:
+            model = build_candidate(c, run.family_dir / c.weights)
+            agree = float((model(holdout).argmax(-1) == ref).float().mean())
+            run.mark_candidate(c.name, "fidelity", "ok", c.weights_sha256, top1_agreement=agree, images=int(holdout.shape[0]))
+
+
+def holdout_images(run: RunDir, opts: CompressOptions) -> torch.Tensor:
+    """The held-out images again (deterministic), for stages run in a new process."""
+    return prepare(opts).holdout
+
+
+# =========================================================================== per-candidate deploy
+
+
+def _fail(
+    run: RunDir, cand: Candidate, status: str, exc: BaseException, **extra: Any
+) -> CandidateOutcome:
+    log = run.log(cand.name, f"{status}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    msg = exc.one_line() if isinstance(exc, DcvitError) else f"{type(exc).__name__}: {exc}"
+    outcome = CandidateOutcome(
+        candidate=cand.name, method=cand.method, retained=cand.retained, macs=cand.macs,
+        status=status, error=f"{msg} (log: {log.relative_to(run.root)})", **extra,  # type: ignore[arg-type]
+    )
+    _save_outcome(run, outcome)
+    return outcome
+
+
+def _save_outcome(run: RunDir, outcome: CandidateOutcome) -> None:
+    atomic_write_json(run.sub("outcomes") / f"{outcome.candidate}.json", to_dict(outcome))
+
+
+def load_outcomes(run: RunDir) -> list[CandidateOutcome]:
+    d = run.root / "outcomes"
+    if not d.is_dir():
+        return []
+    return [from_dict(CandidateOutcome, json.loads(p.read_text())) for p in sorted(d.glob("*.json"))]
+
+
+def _fidelity(run: RunDir, name: str) -> float | None:
+    s = run.candidate_stage(name, "fidelity")
+    return float(s["top1_agreement"]) if s else None
+
+
+def export_candidate(
+    run: RunDir, cand: Candidate, images: torch.Tensor, profile: TargetProfile, opts: DeployOptions
+) -> tuple[Path, Verification]:
+    """Export to ONNX (plus an FP16 graph when the profile needs one) and verify with ORT CPU."""
+    from .compress.candidate import build_candidate
+    from .export import export_onnx, verify_onnx
+
+    fp = fingerprint({"w": cand.weights_sha256, "opset": opts.opset, "simplify": opts.simplify,
+                      "precision": profile.precision, "img": float(images.sum())})
+    onnx_dir = run.sub("onnx")
+    path = onnx_dir / f"{cand.name}.onnx"
+    done = run.stage_done(cand.name, "export", fp)
+    if done and path.is_file():
+        return Path(done["path"]), from_dict(Verification, done["verification"])
+    model = build_candidate(cand, run.family_dir / cand.weights)
+    input_shape = tuple(int(v) for v in images.shape[1:])
+    export_onnx(model, path, input_shape=input_shape, opset=opts.opset, simplify=opts.simplify)
+    verification = verify_onnx(model, path, images)
+    deploy_path = path
+    if profile.precision == "fp16" and profile.backend == "tensorrt":
+        deploy_path = onnx_dir / f"{cand.name}.fp16.onnx"
+        export_onnx(model, deploy_path, input_shape=input_shape, opset=opts.opset, simplify=opts.simplify, precision="fp16")
+    run.mark_candidate(cand.name, "export", "ok", fp, path=str(deploy_path), verification=to_dict(verification))
+    return deploy_path, verification
+
+
+def evaluate_candidate(
+    run: RunDir,
+    cand: Candidate,
+    profile: TargetProfile,
+    opts: DeployOptions,
+    images: torch.Tensor,
+    *,
+    until: Literal["export", "build", "profile"] = "profile",
+    progress: ProgressFn = quiet,
+) -> CandidateOutcome:
+    """Export, verify, build and profile one candidate (each step cached by fingerprint).
+
+    Never raises for a candidate's own failure: the outcome records it (and a log file).
+    """
+    from .backends import get_backend
+
+    base = {"candidate": cand.name, "method": cand.method, "retained": cand.retained, "macs": cand.macs,
+            "fidelity": _fidelity(run, cand.name)}
+    progress(ProgressEvent(stage=f"export {cand.name}"))
+    try:
+        onnx_path, verification = export_candidate(run, cand, images, profile, opts)
+    except DcvitError as exc:
+        return _fail(run, cand, "export_failed", exc, fidelity=base["fidelity"])
+    except Exception as exc:  # exporter internals raise anything; recorded, not fatal
+        return _fail(run, cand, "export_failed", exc, fidelity=base["fidelity"])
+    if not verification.passed:
+        outcome = CandidateOutcome(**base, status="verify_failed", verification=verification,
+                                   error=f"verification failed: {verification.reason}")
+        _save_outcome(run, outcome)
+        return outcome
+    if until == "export":
+        outcome = CandidateOutcome(**base, status="not_measured", verification=verification)
+        _save_outcome(run, outcome)
+        return outcome
+    backend = get_backend(profile.backend)
+    build_fp = fingerprint({"onnx": sha256_file(onnx_path), "profile": to_dict(profile)})
+    progress(ProgressEvent(stage=f"build {cand.name}", message=profile.backend))
+    done = run.stage_done(cand.name, "build", build_fp)
+    try:
+        if done:
+            artifact = from_dict(Artifact, done["artifact"])
+        else:
+            model = None
+            if getattr(backend, "needs_module", False):
+                from .compress.candidate import build_candidate
+
+                model = build_candidate(cand, run.family_dir / cand.weights)
+            artifact = backend.build(
+                onnx_path, profile, run.sub(f"artifacts/{profile.name}"), candidate=cand.name,
+                timing_cache=run.root / "artifacts" / f"{profile.name}.timing.cache", model=model,
+            )
+            run.mark_candidate(cand.name, "build", "ok", build_fp, artifact=to_dict(artifact))
+    except Exception as exc:
+        return _fail(run, cand, "build_failed", exc, verification=verification, fidelity=base["fidelity"])
+    if until == "build":
+        outcome = CandidateOutcome(**base, status="not_measured", verification=verification, artifact=artifact)
+        _save_outcome(run, outcome)
+        return outcome
+    stats: list[LatencyStats] = []
+    try:
+        from .envinfo import capture_environment
+
+        env_fp = fingerprint({k: v for k, v in capture_environment().items() if k in ("cpu", "cuda", "device", "gpu")})
+        for b in profile.batch_sizes:
+            prof_fp = fingerprint({"a": artifact.sha256, "b": b, "m": to_dict(profile.measure), "env": env_fp})
+            stage = f"profile_b{b}"
+            done_p = run.stage_done(cand.name, stage, prof_fp)
+            if done_p:
+                stats.append(from_dict(LatencyStats, done_p["stats"]))
+                continue
+            progress(ProgressEvent(stage=f"profile {cand.name}", message=f"batch {b}"))
+            s = backend.measure(artifact, profile, b, raw_path=run.sub("raw") / f"{cand.name}-b{b}.json")
+            run.mark_candidate(cand.name, stage, "ok", prof_fp, stats=to_dict(s))
+            stats.append(s)
+    except Exception as exc:
+        return _fail(run, cand, "profile_failed", exc, verification=verification, artifact=artifact,
+                     fidelity=base["fidelity"], latency=tuple(stats))
+    outcome = CandidateOutcome(**base, status="ok", verification=verification, latency=tuple(stats), artifact=artifact)
+    _save_outcome(run, outcome)
+    return outcome
+
+
+# =========================================================================== select, triton, report
+
+
+@dataclass
+class PipelineResult:
+    selection: Selection | None
+    outcomes: list[CandidateOutcome]
+    reports: dict[str, Path]
+    triton: Path | None
+    infeasible: BudgetInfeasible | None = None
+
+
+def deploy(
+    run: RunDir,
+    candidates: Sequence[Candidate],
+    profile: TargetProfile,
+    opts: DeployOptions,
+    images: torch.Tensor,
+    *,
+    progress: ProgressFn = quiet,
+) -> PipelineResult:
+    """Steps 2-5 over a family: evaluate (all, or bisect), select, write Triton repo + reports."""
+    from .select import bisect_search, capacity_order, decide, infeasible_error
+
+    backend_check(profile)
+    budget = budget_of(profile, opts)
+    by_name = {c.name: c for c in candidates}
+    outcomes: dict[str, CandidateOutcome] = {}
+    items = len(candidates)
+
+    def measure_one(name: str) -> CandidateOutcome:
+        progress(ProgressEvent(stage="deploy", item=len(outcomes) + 1, items=items, message=name))
+        o = evaluate_candidate(run, by_name[name], profile, opts, images, progress=progress)
+        outcomes[name] = o
+        return o
+
+    selection: Selection | None = None
+    if budget is not None and opts.search == "bisect":
+        order = [c.name for c in sorted(candidates, key=lambda c: (-c.retained, c.name))]
+        selection, _measured = bisect_search(order, measure_one, budget)
+        for c in candidates:
+            if c.name not in outcomes:
+                outcomes[c.name] = CandidateOutcome(
+                    candidate=c.name, method=c.method, retained=c.retained, macs=c.macs, status="not_measured",
+                    fidelity=_fidelity(run, c.name),
+                )
+                _save_outcome(run, outcomes[c.name])
+    else:
+        for c in sorted(candidates, key=lambda c: (-c.retained, c.name)):
+            measure_one(c.name)
+        if budget is not None:
+            selection = decide(outcomes.values(), budget, search="all")
+    ordered = capacity_order(outcomes.values())
+    infeasible = None
+    if selection is not None and selection.chosen is None:
+        infeasible = infeasible_error(selection, ordered)
+    triton_path = None
+    if selection is not None and selection.chosen is not None:
+        triton_path = write_triton(run, selection, ordered, profile, opts)
+    reports = write_run_reports(run, ordered, selection, profile)
+    return PipelineResult(selection=selection, outcomes=ordered, reports=reports, triton=triton_path, infeasible=infeasible)
+
+
+def backend_check(profile: TargetProfile) -> None:
+    """Fail early, with the backend's reason and fix, when the profile cannot run here."""
+    from .backends import get_backend
+
+    backend = get_backend(profile.backend)
+    backend.validate_profile(profile)
+    backend.availability(profile).require(profile.backend)
+
+
+def write_triton(
+    run: RunDir, selection: Selection, outcomes: Sequence[CandidateOutcome], profile: TargetProfile, opts: DeployOptions
+) -> Path:
+    from .select import pareto_front
+    from .triton import write_model_repository
+
+    repo = Path(opts.triton_repo) if opts.triton_repo else run.root / "triton"
+    names = [selection.chosen] if selection.chosen else []
+    if opts.triton_pareto:
+        front = pareto_front(outcomes, selection.budget.batch_size, selection.budget.statistic)
+        names += [o.candidate for o in front if o.candidate not in names]
+    by_name = {o.candidate: o for o in outcomes}
+    for name in names:
+        o = by_name[name]
+        if o.artifact is None:
+            continue
+        write_model_repository(
+            repo, f"dcvit_{name.replace('-', '_')}", o.artifact, max_batch_size=profile.max_batch,
+            preferred_batch_sizes=list(profile.batch_sizes), kind="KIND_GPU" if profile.device == "cuda" else "KIND_CPU",
+            latency=o.latency_at(selection.budget.batch_size), source_candidate=name,
+        )
+    return repo
+
+
+def write_run_reports(
+    run: RunDir, outcomes: Sequence[CandidateOutcome], selection: Selection | None, profile: TargetProfile
+) -> dict[str, Path]:
+    from .envinfo import capture_environment
+    from .report import write_reports
+
+    meta = {"run_dir": run.root.name, "identity": run.manifest.get("identity"), "inputs": run.manifest.get("inputs")}
+    return write_reports(
+        run.root, run_meta=meta, outcomes=list(outcomes), selection=selection,
+        profile_dict=to_dict(profile), env_dict=capture_environment(),
+    )
+
+
+# =========================================================================== the whole job
+
+
+def run_pipeline(
+    copts: CompressOptions,
+    dopts: DeployOptions,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: ProgressFn = quiet,
+    stop_after: Literal["compress", "deploy"] = "deploy",
+) -> PipelineResult:
+    """The main job: compress → export/verify → build → profile → select → Triton + reports."""
+    from .profiles import load_profile
+
+    profile = load_profile(dopts.profile)
+    budget_of(profile, dopts)  # validate budget options before hours of work
+    if stop_after == "deploy":
+        backend_check(profile)
+    run = RunDir.open(out, identity_of(copts), overwrite=overwrite, must_exist=resume)
+    run.set_inputs(compress_options=_jsonable(_opts_dict(copts)), deploy_options=dataclasses.asdict(dopts))
+    prep = prepare(copts)
+    candidates = compress(run, copts, prep, progress)
+    if stop_after == "compress":
+        return PipelineResult(selection=None, outcomes=[], reports={}, triton=None)
+    return deploy(run, candidates, profile, dopts, prep.holdout, progress=progress)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+def status(out: str | Path) -> dict[str, Any]:
+    """A summary of a run directory: steps, candidates and their stages."""
+    run = RunDir.load(out)
+    m = run.manifest
+    return {
+        "run": str(run.root),
+        "identity": m.get("identity"),
+        "steps": {k: v.get("status") for k, v in m.get("steps", {}).items()},
+        "candidates": {n: {s: v.get("status") for s, v in st.items()} for n, st in m.get("candidates", {}).items()},
+        "outcomes": {o.candidate: o.status for o in load_outcomes(run)},
+    }
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
