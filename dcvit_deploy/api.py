@@ -290,7 +290,7 @@ def compress(
 
 def _opts_dict(opts: CompressOptions) -> dict[str, Any]:
     d = dataclasses.asdict(opts)
-    d.pop("device")
+    d.pop("device")  # where finetuning ran does not change what the run is
     return d
 
 
@@ -306,11 +306,6 @@ def _record_fidelity(run: RunDir, candidates: Sequence[Candidate], prep: Prepare
             model = build_candidate(c, run.family_dir / c.weights)
             agree = float((model(holdout).argmax(-1) == ref).float().mean())
             run.mark_candidate(c.name, "fidelity", "ok", c.weights_sha256, top1_agreement=agree, images=int(holdout.shape[0]))
-
-
-def holdout_images(run: RunDir, opts: CompressOptions) -> torch.Tensor:
-    """The held-out images again (deterministic), for stages run in a new process."""
-    return prepare(opts).holdout
 
 
 # =========================================================================== per-candidate deploy
@@ -401,10 +396,8 @@ def evaluate_candidate(
                                    error=f"verification failed: {verification.reason}")
         _save_outcome(run, outcome)
         return outcome
-    if until == "export":
-        outcome = CandidateOutcome(**base, status="not_measured", verification=verification)
-        _save_outcome(run, outcome)
-        return outcome
+    if until == "export":  # not persisted: the outcome file holds the latest measured result
+        return CandidateOutcome(**base, status="not_measured", verification=verification)
     backend = get_backend(profile.backend)
     build_fp = fingerprint({"onnx": sha256_file(onnx_path), "profile": to_dict(profile)})
     progress(ProgressEvent(stage=f"build {cand.name}", message=profile.backend))
@@ -426,9 +419,7 @@ def evaluate_candidate(
     except Exception as exc:
         return _fail(run, cand, "build_failed", exc, verification=verification, fidelity=base["fidelity"])
     if until == "build":
-        outcome = CandidateOutcome(**base, status="not_measured", verification=verification, artifact=artifact)
-        _save_outcome(run, outcome)
-        return outcome
+        return CandidateOutcome(**base, status="not_measured", verification=verification, artifact=artifact)
     stats: list[LatencyStats] = []
     try:
         from .envinfo import capture_environment
@@ -578,15 +569,16 @@ def run_pipeline(
     """The main job: compress → export/verify → build → profile → select → Triton + reports."""
     from .profiles import load_profile
 
-    profile = load_profile(dopts.profile)
-    budget_of(profile, dopts)  # validate budget options before hours of work
-    if stop_after == "deploy":
+    profile = None
+    if stop_after == "deploy":  # validate profile, budget and backend before hours of work
+        profile = load_profile(dopts.profile)
+        budget_of(profile, dopts)
         backend_check(profile)
     run = RunDir.open(out, identity_of(copts), overwrite=overwrite, must_exist=resume)
     run.set_inputs(compress_options=_jsonable(_opts_dict(copts)), deploy_options=dataclasses.asdict(dopts))
     prep = prepare(copts)
     candidates = compress(run, copts, prep, progress)
-    if stop_after == "compress":
+    if profile is None:
         return PipelineResult(selection=None, outcomes=[], reports={}, triton=None)
     return deploy(run, candidates, profile, dopts, prep.holdout, progress=progress)
 
@@ -608,4 +600,78 @@ def status(out: str | Path) -> dict[str, Any]:
     }
 
 
-ProgressCallback = Callable[[ProgressEvent], None]
+# =========================================================================== stages over an existing run
+
+
+def _options_from_manifest(run: RunDir) -> CompressOptions:
+    from .data import DataOverrides
+
+    raw = dict(run.manifest.get("inputs", {}).get("compress_options") or {})
+    if not raw:
+        raise UserInputError(f"{run.root} has no recorded compression options", "run `dcvit-deploy compress` first")
+    ov = raw.pop("data_overrides", None)
+    overrides = DataOverrides(**{k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}) if ov else None
+    raw["targets"] = tuple(raw["targets"])
+    if raw.get("candidate_blocks") is not None:
+        raw["candidate_blocks"] = tuple(raw["candidate_blocks"])
+    return CompressOptions(**raw, data_overrides=overrides, device="auto")
+
+
+def _reopen(out: str | Path) -> tuple[RunDir, CompressOptions, list[Candidate]]:
+    from .compress.family import load_family
+
+    run = RunDir.load(out)
+    if not run.step_done("compress", run.manifest["steps"].get("compress", {}).get("fingerprint", "")):
+        raise UserInputError(f"the compression step of {out} has not finished", "rerun `dcvit-deploy compress` to resume it")
+    return run, _options_from_manifest(run), load_family(run.family_dir)
+
+
+def stage_over_run(
+    out: str | Path, dopts: DeployOptions, *, until: Literal["export", "build", "profile"], progress: ProgressFn = quiet
+) -> PipelineResult:
+    """``export``/``build``/``profile`` every candidate of an existing run (profile also selects
+    when a budget is given)."""
+    from .profiles import load_profile
+
+    run, copts, cands = _reopen(out)
+    profile = load_profile(dopts.profile)
+    budget_of(profile, dopts)
+    if until != "export":
+        backend_check(profile)
+    images = prepare(copts).holdout
+    if until == "profile":
+        return deploy(run, cands, profile, dopts, images, progress=progress)
+    outcomes = [evaluate_candidate(run, c, profile, dopts, images, until=until, progress=progress) for c in cands]
+    return PipelineResult(selection=None, outcomes=outcomes, reports={}, triton=None)
+
+
+def select_over_run(out: str | Path, dopts: DeployOptions) -> PipelineResult:
+    """Select among the measured outcomes of a run; write the Triton repository and reports."""
+    from .profiles import load_profile
+    from .select import capacity_order, decide, infeasible_error
+
+    run = RunDir.load(out)
+    profile = load_profile(dopts.profile)
+    budget = budget_of(profile, dopts)
+    outcomes = capacity_order(load_outcomes(run))
+    if not outcomes:
+        raise UserInputError(f"{out} has no measured candidates", "run `dcvit-deploy profile` first")
+    assert budget is not None
+    selection = decide(outcomes, budget)
+    infeasible = infeasible_error(selection, outcomes) if selection.chosen is None else None
+    triton = write_triton(run, selection, outcomes, profile, dopts) if selection.chosen else None
+    reports = write_run_reports(run, outcomes, selection, profile)
+    return PipelineResult(selection=selection, outcomes=outcomes, reports=reports, triton=triton, infeasible=infeasible)
+
+
+def report_over_run(out: str | Path, dopts: DeployOptions) -> dict[str, Path]:
+    """Rewrite the reports of a run from its outcomes (with a selection when a budget is given)."""
+    from .profiles import load_profile
+    from .select import capacity_order, decide
+
+    run = RunDir.load(out)
+    profile = load_profile(dopts.profile)
+    budget = budget_of(profile, dopts)
+    outcomes = capacity_order(load_outcomes(run))
+    selection = decide(outcomes, budget) if budget is not None and outcomes else None
+    return write_run_reports(run, outcomes, selection, profile)

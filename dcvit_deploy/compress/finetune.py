@@ -15,14 +15,13 @@ Importing this module imports torch only; timm is imported inside :func:`train_t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ContextManager, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +53,8 @@ def _check(condition: bool, message: str) -> None:
 
 
 def iterations_for_epochs(epochs: float, num_images: int, batch_size: int) -> int:
-    """Optimiser steps that show the few-shot set ``epochs`` times (batch capped at the set size)."""
+    """Optimiser steps that show ``num_images`` images ``epochs`` times (batch capped at the
+    set size)."""
     _check(epochs > 0, "epochs must be > 0")
     _check(num_images >= 1, "num_images must be >= 1")
     _check(batch_size >= 1, "batch_size must be >= 1")
@@ -117,7 +117,9 @@ class FinetuneSchedule:
         )
         _check(0 <= self.loss_warmup_fraction < 1, "loss_warmup_fraction must be in [0, 1)")
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None")
-        _check(self.amp in ("auto", "off", "bf16"), f"amp must be auto, off or bf16, not {self.amp!r}")
+        _check(
+            self.amp in ("auto", "off", "bf16"), f"amp must be auto, off or bf16, not {self.amp!r}"
+        )
 
     # ------------------------------------------------------------------ presets
 
@@ -155,7 +157,7 @@ class FinetuneSchedule:
             batch_size=batch_size,
             lr=lr,
             weight_decay=1e-4,
-            lr_warmup_iterations=int(round(lr_warmup_fraction * iterations)),
+            lr_warmup_iterations=round(lr_warmup_fraction * iterations),
             loss_warmup_fraction=0.01,
             augment=True,
             auto_augment=PAPER_AUTO_AUGMENT,
@@ -163,7 +165,9 @@ class FinetuneSchedule:
         )
 
     @classmethod
-    def tiny(cls, *, iterations: int = 8, batch_size: int = 4, lr: float = 1e-3) -> FinetuneSchedule:
+    def tiny(
+        cls, *, iterations: int = 8, batch_size: int = 4, lr: float = 1e-3
+    ) -> FinetuneSchedule:
         """For tests and smoke runs: a handful of fp32 steps, no augmentation, no loss ramp."""
         return cls(
             iterations=iterations,
@@ -191,7 +195,7 @@ class FinetuneSchedule:
     # ------------------------------------------------------------------ serde
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict with the records schema version (see :mod:`dcvit_deploy.records`)."""
+        """JSON-compatible dict stamped with the records schema version."""
         return _record_to_dict(self)
 
     @classmethod
@@ -264,11 +268,11 @@ def _trainable_modules_and_tokens(
 ) -> tuple[list[nn.Module], list[nn.Parameter]]:
     _check_vit(model)
     depth = len(model.blocks)  # type: ignore[arg-type]
-    if upto != "all":
-        if isinstance(upto, bool) or not isinstance(upto, int) or not 0 <= upto < depth:
-            raise ValueError(
-                f"trainable_upto must be 'all' or a block index in [0, {depth - 1}], not {upto!r}"
-            )
+    valid_index = isinstance(upto, int) and not isinstance(upto, bool) and 0 <= upto < depth
+    if upto != "all" and not valid_index:
+        raise ValueError(
+            f"trainable_upto must be 'all' or a block index in [0, {depth - 1}], not {upto!r}"
+        )
     modules: list[nn.Module] = []
     # norm_pre sits between the embeddings and block 0 (a LayerNorm in CLIP-style ViTs); it is
     # part of the embedding stage, so it trains with it.
@@ -283,13 +287,17 @@ def _trainable_modules_and_tokens(
         modules.append(norm)
     tokens = [
         p
-        for p in (getattr(model, n, None) for n in ("cls_token", "reg_token", "dist_token", "pos_embed"))
+        for p in (
+            getattr(model, n, None) for n in ("cls_token", "reg_token", "dist_token", "pos_embed")
+        )
         if isinstance(p, nn.Parameter)
     ]
     return modules, tokens
 
 
-def trainable_parameters(student: nn.Module, deepest_modified_block: TrainableUpto) -> list[nn.Parameter]:
+def trainable_parameters(
+    student: nn.Module, deepest_modified_block: TrainableUpto
+) -> list[nn.Parameter]:
     """The parameters DC-ViT trains after compressing blocks up to ``deepest_modified_block``.
 
     Trainable: patch embedding (and ``norm_pre``), cls/reg/dist tokens, position embedding,
@@ -398,10 +406,16 @@ def _autocast_dtype(amp: AmpMode, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def _autocast(dtype: torch.dtype | None, device: torch.device) -> ContextManager[Any]:
+def _autocast(dtype: torch.dtype | None, device: torch.device) -> AbstractContextManager[Any]:
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model.forward_features(x)``: every token after the final norm, before pooling."""
+    forward = cast(Callable[[torch.Tensor], torch.Tensor], model.forward_features)
+    return forward(x)
 
 
 def _image_of(item: Any) -> torch.Tensor:
@@ -559,9 +573,9 @@ def feature_mimic(
             weight = schedule.loss_weight_at(step)
             x = next(stream).to(dev, non_blocking=True)
             with torch.no_grad(), _autocast(amp_dtype, dev):
-                target = teacher.forward_features(x)
+                target = _features(teacher, x)
             with _autocast(amp_dtype, dev):
-                feats = student.forward_features(x)
+                feats = _features(student, x)
             if feats.shape != target.shape:
                 raise UnsupportedModelError(
                     f"student features {tuple(feats.shape)} do not match the teacher's "
@@ -671,8 +685,8 @@ def feature_error(
         teacher.eval()
         for chunk in _chunks(images, batch):
             x = chunk.to(dev)
-            s = student.forward_features(x).float()
-            t = teacher.forward_features(x).float()
+            s = _features(student, x).float()
+            t = _features(teacher, x).float()
             if s.shape != t.shape:
                 raise ValueError(f"feature shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
             sq_sum += float(((s - t) ** 2).sum())
@@ -697,6 +711,3 @@ __all__ = [
     "trainable_parameter_names",
     "trainable_parameters",
 ]
-
-# ``dataclasses`` is re-exported for ``replace`` convenience in callers' type checks.
-_ = dataclasses
