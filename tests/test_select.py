@@ -1,0 +1,376 @@
+"""Budget selection, Pareto marking and the bisect search (pure logic, synthetic outcomes)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import pytest
+
+from dcvit_deploy.errors import BudgetInfeasible
+from dcvit_deploy.records import (
+    CandidateOutcome,
+    LatencyBudget,
+    LatencyStats,
+    MacCount,
+    Selection,
+    Verification,
+)
+from dcvit_deploy.select import (
+    bisect_search,
+    capacity_order,
+    decide,
+    dominated,
+    infeasible_error,
+    pareto_front,
+    raise_if_infeasible,
+    select,
+)
+
+BASE_MACS = 1_000_000
+
+
+def stats(batch: int, p50: float) -> LatencyStats:
+    return LatencyStats(
+        batch_size=batch,
+        iterations=100,
+        mean=p50 * 1.01,
+        std=p50 * 0.02,
+        cov=0.02,
+        min=p50 * 0.95,
+        max=p50 * 1.3,
+        p50=p50,
+        p90=p50 * 1.05,
+        p95=p50 * 1.08,
+        p99=p50 * 1.2,
+        throughput=1000.0 * batch / p50,
+        scope="device_compute",
+        timer="fake",
+        windows=3,
+        window_medians=(p50, p50, p50),
+        stable=True,
+        warmup_iters=10,
+        duration_s=1.0,
+    )
+
+
+def outcome(
+    name: str,
+    retained: float,
+    p50: float | None = None,
+    *,
+    status: str = "ok",
+    fidelity: float | None = None,
+    passed: bool = True,
+    batch: int = 1,
+    error: str = "",
+) -> CandidateOutcome:
+    macs = int(BASE_MACS * retained)
+    verification = Verification(
+        max_abs=1e-5 if passed else 0.7,
+        max_rel=1e-4,
+        cosine=0.99999 if passed else 0.5,
+        top1_agreement=1.0 if passed else 0.2,
+        finite=True,
+        passed=passed,
+        samples=8,
+        reason="" if passed else "cosine 0.5000 < 0.9990",
+    )
+    return CandidateOutcome(
+        candidate=name,
+        method="dcvit",
+        retained=retained,
+        macs=MacCount(linear_norm=macs, full=int(macs * 1.05), params=macs // 10),
+        status=status,  # type: ignore[arg-type]
+        verification=verification if status in ("ok", "verify_failed") else None,
+        latency=(stats(batch, p50),) if p50 is not None and status == "ok" else (),
+        fidelity=fidelity,
+        error=error,
+    )
+
+
+BUDGET = LatencyBudget(ms=5.0, statistic="p50", batch_size=1, margin=0.05)
+
+
+# --------------------------------------------------------------------------- decide / select
+
+
+def test_select_picks_densest_fitting_and_explains_every_candidate() -> None:
+    outs = [
+        outcome("c100", 1.0, 6.10),
+        outcome("c80", 0.8, 4.70),  # 4.70*1.05 = 4.935 <= 5
+        outcome("c60", 0.6, 3.90),
+        outcome("c40", 0.4, 3.00),
+    ]
+    sel = select(outs, BUDGET)
+    assert sel.chosen == "c80"
+    assert sel.search == "all"
+    assert set(sel.reasons) == {"c100", "c80", "c60", "c40"}
+    assert sel.reasons["c100"] == "over budget: p50 6.10 ms x1.05 = 6.41 > 5.00 ms"
+    assert sel.reasons["c80"].startswith("chosen: ")
+    assert "p50 4.70 ms x1.05 = 4.94 <= 5.00 ms" in sel.reasons["c80"]
+    assert sel.reasons["c60"].startswith("fits, but smaller than chosen c80")
+
+
+def test_margin_is_applied_before_comparing() -> None:
+    # 4.80 ms fits 5.00 ms without a margin but not with 5 % (5.04 > 5.00).
+    outs = [outcome("a", 0.9, 4.80), outcome("b", 0.5, 4.0)]
+    assert decide(outs, LatencyBudget(5.0, "p50", 1, 0.0)).chosen == "a"
+    assert decide(outs, BUDGET).chosen == "b"
+
+
+def test_budget_statistic_and_batch_are_respected() -> None:
+    # p99 is 1.2 x p50 in the fake stats: 4.5 ms p50 -> 5.4 ms p99.
+    outs = [outcome("a", 0.9, 4.5), outcome("b", 0.5, 4.0)]
+    assert decide(outs, LatencyBudget(5.0, "p50", 1)).chosen == "a"
+    assert decide(outs, LatencyBudget(5.0, "p99", 1)).chosen == "b"
+    sel = decide(outs, LatencyBudget(5.0, "p50", 8))
+    assert sel.chosen is None
+    assert sel.reasons["a"].startswith("not measured at batch 8")
+
+
+def test_ties_on_retained_are_broken_by_fidelity() -> None:
+    outs = [
+        outcome("low", 0.7, 3.0, fidelity=0.91),
+        outcome("high", 0.7, 3.0, fidelity=0.95),
+        outcome("none", 0.7, 3.0),
+    ]
+    assert select(outs, BUDGET).chosen == "high"
+    assert [o.candidate for o in capacity_order(outs)] == ["high", "low", "none"]
+
+
+def test_failed_candidates_are_never_chosen_and_say_why() -> None:
+    outs = [
+        outcome("exp", 1.0, status="export_failed", error="Unsupported op aten::foo"),
+        outcome("ver", 0.9, 1.0, passed=False),
+        outcome("vf", 0.85, status="verify_failed", error="NaN in outputs"),
+        outcome("bld", 0.8, status="build_failed", error="out of memory"),
+        outcome("ok", 0.5, 4.0),
+    ]
+    sel = select(outs, BUDGET)
+    assert sel.chosen == "ok"
+    assert sel.reasons["exp"] == "export failed: Unsupported op aten::foo"
+    assert sel.reasons["ver"] == "verification failed: cosine 0.5000 < 0.9990"
+    assert sel.reasons["vf"] == "verification failed: NaN in outputs"
+    assert sel.reasons["bld"] == "build failed: out of memory"
+
+
+def test_infeasible_budget_names_fastest_and_needed_budget() -> None:
+    outs = [outcome("c80", 0.8, 4.0), outcome("c40", 0.4, 3.10), outcome("c60", 0.6, 3.5)]
+    budget = LatencyBudget(ms=2.0, statistic="p50", batch_size=1, margin=0.05)
+    sel = decide(outs, budget)  # never raises: the report still needs the reasons
+    assert sel.chosen is None
+    assert all(r.startswith("over budget") for r in sel.reasons.values())
+    with pytest.raises(BudgetInfeasible) as info:
+        select(outs, budget)
+    err = info.value
+    assert err.exit_code == 3
+    assert err.problem == (
+        "no candidate meets p50 <= 2.00 ms at batch 1 (margin 5%): the fastest, c40, "
+        "measures 3.10 ms; a budget of at least 3.26 ms would admit it"
+    )
+    assert "\n" not in str(err) and err.fix
+    # The suggested budget really admits it, and one step less does not.
+    fastest = outs[1].latency_at(1)
+    assert fastest is not None
+    assert LatencyBudget(3.26, "p50", 1, 0.05).admits(fastest)
+    assert not LatencyBudget(3.25, "p50", 1, 0.05).admits(fastest)
+    with pytest.raises(BudgetInfeasible):
+        raise_if_infeasible(sel, outs)
+
+
+def test_infeasible_without_any_measured_candidate_summarises_failures() -> None:
+    outs = [
+        outcome("a", 1.0, status="export_failed", error="boom"),
+        outcome("b", 0.5, 1.0, passed=False),
+    ]
+    err = infeasible_error(BUDGET, outs)
+    assert "none is selectable" in err.problem
+    assert "1 export failed" in err.problem and "1 verification failed" in err.problem
+    assert "no candidates" in infeasible_error(decide([], BUDGET), []).problem
+
+
+def test_duplicate_names_are_a_caller_bug() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        decide([outcome("a", 1.0, 1.0), outcome("a", 0.5, 1.0)], BUDGET)
+
+
+# --------------------------------------------------------------------------- pareto
+
+
+def test_dominated_and_pareto_front() -> None:
+    outs = [
+        outcome("c100", 1.0, 6.0),
+        outcome("c90", 0.9, 5.0),
+        outcome("c80", 0.8, 5.2),  # slower than denser c90 -> dominated
+        outcome("c70", 0.7, 5.0),  # equal to c90 -> not faster -> dominated
+        outcome("c60", 0.6, 4.0),
+        outcome("bad", 0.5, 1.0, passed=False),  # unselectable: not part of the front
+    ]
+    dom = dominated(outs, 1, "p50")
+    assert dom == {"c80": "c90", "c70": "c90"}
+    front = pareto_front(outs, 1, "p50")
+    assert [o.candidate for o in front] == ["c100", "c90", "c60"]
+    sel = decide(outs, LatencyBudget(5.5, "p50", 1))
+    assert sel.chosen == "c90"
+    assert sel.reasons["c80"].startswith("dominated: not faster than larger sibling c90")
+    assert "fits, but smaller than chosen c90" in sel.reasons["c80"]
+
+
+# --------------------------------------------------------------------------- bisect
+
+
+class FakeMeasure:
+    """A measure() seam over precomputed outcomes that records every call."""
+
+    def __init__(self, outs: list[CandidateOutcome]) -> None:
+        self.by_name = {o.candidate: o for o in outs}
+        self.calls: list[str] = []
+
+    def __call__(self, name: str) -> CandidateOutcome:
+        assert name not in self.calls, f"{name} measured twice"
+        self.calls.append(name)
+        return self.by_name[name]
+
+
+def synthetic_family(
+    rng: random.Random, n: int, *, failure_rate: float, outliers: bool
+) -> tuple[list[CandidateOutcome], LatencyBudget]:
+    """A dense family: latency falls with capacity, with plateaus (<= 3 long), +-2 % jitter,
+    optional failures and optional isolated slow outliers (+15-40 %)."""
+    latency = rng.uniform(3.0, 12.0)
+    plateau = 0
+    base: list[float] = []
+    for _ in range(n):
+        base.append(latency)
+        if plateau < 2 and rng.random() < 0.3:
+            plateau += 1
+        else:
+            plateau = 0
+            latency *= 1.0 - rng.uniform(0.01, 0.08)
+    lat = [b * (1.0 + rng.uniform(-0.02, 0.02)) for b in base]
+    fail = [rng.random() < failure_rate for _ in range(n)]
+    if outliers:
+        k = rng.randrange(0, 4)
+        while k < n:
+            lat[k] *= 1.0 + rng.uniform(0.15, 0.4)
+            fail[k] = False
+            for j in (k - 1, k + 1):
+                if 0 <= j < n:
+                    fail[j] = False
+            k += rng.randrange(4, 9)
+    outs = []
+    for i in range(n):
+        retained = 1.0 - 0.7 * i / max(n - 1, 1)
+        name = f"c{i:03d}"
+        if fail[i]:
+            kind = rng.choice(["export_failed", "build_failed", "unverified"])
+            if kind == "unverified":
+                outs.append(outcome(name, retained, lat[i] * 0.5, passed=False))
+            else:
+                outs.append(outcome(name, retained, status=kind, error="synthetic failure"))
+        else:
+            outs.append(outcome(name, retained, lat[i]))
+    lo, hi = min(lat), max(lat)
+    budget = LatencyBudget(
+        ms=rng.uniform(lo * 0.9, hi * 1.1),
+        statistic="p50",
+        batch_size=1,
+        margin=rng.choice([0.0, 0.05, 0.1]),
+    )
+    return outs, budget
+
+
+def _run_bisect(outs: list[CandidateOutcome], budget: LatencyBudget) -> tuple[Selection, int]:
+    fake = FakeMeasure(outs)
+    sel, measured = bisect_search([o.candidate for o in outs], fake, budget)
+    assert [o.candidate for o in measured] == sorted(fake.calls)
+    assert sel.measured == tuple(fake.calls)
+    assert set(sel.reasons) == {o.candidate for o in outs}
+    return sel, len(fake.calls)
+
+
+@pytest.mark.parametrize("failure_rate", [0.0, 0.15])
+def test_bisect_matches_exhaustive_with_few_measurements(failure_rate: float) -> None:
+    total_measured = total_n = 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        n = rng.randint(1, 80)
+        outs, budget = synthetic_family(rng, n, failure_rate=failure_rate, outliers=False)
+        expected = decide(outs, budget).chosen
+        sel, count = _run_bisect(outs, budget)
+        assert sel.chosen == expected, f"seed {seed}: bisect {sel.chosen} != {expected}"
+        assert sel.search == "bisect"
+        failed = sum(1 for o in outs if o.candidate in sel.measured and not o.selectable)
+        bound = 2 * math.ceil(math.log2(max(n, 2))) + 3 + failed
+        assert count <= min(n, bound), f"seed {seed}: measured {count} of {n} (bound {bound})"
+        total_measured += count
+        total_n += n
+    assert total_measured < 0.35 * total_n
+
+
+def test_bisect_survives_isolated_slow_outliers() -> None:
+    total_measured = total_n = 0
+    for seed in range(200):
+        rng = random.Random(10_000 + seed)
+        n = rng.randint(8, 80)
+        outs, budget = synthetic_family(rng, n, failure_rate=0.1, outliers=True)
+        expected = decide(outs, budget).chosen
+        sel, count = _run_bisect(outs, budget)
+        assert sel.chosen == expected, f"seed {seed}: bisect {sel.chosen} != {expected}"
+        total_measured += count
+        total_n += n
+    assert total_measured < 0.6 * total_n
+
+
+def test_bisect_records_a_warning_when_monotonicity_breaks() -> None:
+    lat = [9.0, 8.0, 7.0, 6.0, 5.5, 6.5, 4.0, 3.0]  # c5 slower than denser c4
+    outs = [outcome(f"c{i}", 1.0 - 0.1 * i, v) for i, v in enumerate(lat)]
+    budget = LatencyBudget(5.6, "p50", 1)
+    sel, _ = _run_bisect(outs, budget)
+    assert sel.chosen == "c4"
+    joined = " ".join(sel.reasons.values())
+    assert "warning: latency is not monotone" in joined
+    assert sel.reasons["c5"].startswith("dominated: not faster than larger sibling c4")
+
+
+def test_bisect_marks_unmeasured_and_skips_failures() -> None:
+    n = 64
+    outs = [
+        outcome(f"c{i:02d}", 1.0 - i / n, status="export_failed", error="x")
+        if i in (31, 32, 33)
+        else outcome(f"c{i:02d}", 1.0 - i / n, 10.0 - 0.1 * i)
+        for i in range(n)
+    ]
+    budget = LatencyBudget(6.75, "p50", 1)  # first fitting index is 33 (6.7) -> failed -> 34
+    sel, count = _run_bisect(outs, budget)
+    assert sel.chosen == decide(outs, budget).chosen == "c34"
+    assert count < 20
+    unmeasured = [r for r in sel.reasons.values() if r.startswith("not measured (bisect)")]
+    assert len(unmeasured) == n - count
+    assert any("smaller than chosen c34" in r for r in unmeasured)
+    assert any("clearly over budget" in r for r in unmeasured)
+
+
+def test_bisect_edge_cases() -> None:
+    def never(name: str) -> CandidateOutcome:
+        raise AssertionError("nothing to measure")
+
+    sel, measured = bisect_search([], never, BUDGET)
+    assert sel.chosen is None and measured == ()
+    one = [outcome("only", 1.0, 1.0)]
+    assert _run_bisect(one, BUDGET)[0].chosen == "only"
+    broken = [outcome(f"f{i}", 1.0 - i / 10, status="export_failed") for i in range(10)]
+    sel, count = _run_bisect(broken, BUDGET)
+    assert sel.chosen is None and count == 10
+    assert all(r.startswith("export failed") for r in sel.reasons.values())
+
+
+def test_bisect_rejects_misordered_or_mislabelled_candidates() -> None:
+    outs = [outcome("small", 0.3, 1.0), outcome("big", 1.0, 9.0), outcome("mid", 0.6, 5.0)]
+    with pytest.raises(ValueError, match="densest first"):
+        bisect_search([o.candidate for o in outs], FakeMeasure(outs), BUDGET)
+    wrong: Callable[[str], CandidateOutcome] = lambda name: outs[0]  # noqa: E731
+    with pytest.raises(ValueError, match="returned the outcome"):
+        bisect_search(["big", "mid"], wrong, BUDGET)
