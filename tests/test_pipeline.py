@@ -1,0 +1,215 @@
+"""End-to-end: the main command on a tiny ViT with bundled real photos (no download), on CPU
+with ONNX Runtime; resume after a kill; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dcvit_deploy.cli import main
+
+MODEL = ["--model", "vit_tiny_patch16_224", "--random-init",
+         "--model-kwargs", "img_size=32 patch_size=8 embed_dim=64 depth=4 num_heads=2 num_classes=10"]
+FAST = ["--schedule", "tiny", "--iterations", "2", "--inversion-iterations", "2", "--num-samples", "4", "--holdout", "2"]
+
+FAST_PROFILE = """
+name = "test-cpu"
+description = "fast CPU profile for tests"
+backend = "onnxruntime"
+device = "cpu"
+precision = "fp32"
+batch_sizes = [1, 2]
+budget_batch_size = 1
+statistic = "p50"
+scope = "host"
+
+[measure]
+warmup_iters = 2
+warmup_min_s = 0.0
+window_iters = 5
+min_window_s = 0.0
+min_windows = 2
+max_windows = 3
+min_duration_s = 0.0
+
+[backend_options]
+intra_op_num_threads = 1
+"""
+
+
+def run_cli(args: list[str]) -> tuple[int, str]:
+    """Run the CLI in-process; return (exit code, stderr+stdout text)."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            main(args)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def profile_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("profiles") / "test-cpu.toml"
+    p.write_text(FAST_PROFILE)
+    return p
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, photo_dir, profile_file) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("run") / "r"
+    code, text = run_cli(["compress", *MODEL, "--data", str(photo_dir), *FAST, "--targets", "10%,25%",
+                          "--profile", str(profile_file), "--latency-ms", "1000", "--margin", "5%",
+                          "--out", str(out), "--json"])
+    assert code == 0, text
+    return out, text
+
+
+def test_main_job_writes_manifest_reports_and_triton_repo(finished_run):
+    out, text = finished_run
+    payload = json.loads(text[text.index("{"):])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema"] == 1 and manifest["steps"]["compress"]["status"] == "ok"
+    names = manifest["steps"]["compress"]["candidates"]
+    assert names[0] == "original" and len(names) == 3
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == 1
+    assert {c["candidate"] for c in report["candidates"]} == set(names)
+    for name in names:
+        assert (out / "onnx" / f"{name}.onnx").is_file()
+        assert (out / "raw" / f"{name}-b1.json").is_file() and (out / "raw" / f"{name}-b2.json").is_file()
+    assert (out / "candidates.csv").read_text().count("\n") == len(names) + 1
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The densest candidate that fits is chosen and the budget arithmetic holds.
+    chosen = payload["chosen"]
+    assert chosen == "original"
+    outcome = next(o for o in report["candidates"] if o["candidate"] == chosen)
+    p50 = next(s["p50"] for s in outcome["latency"] if s["batch_size"] == 1)
+    assert p50 * 1.05 <= 1000
+    assert "chosen" in (out / "SUMMARY.md").read_text()
+
+
+def test_triton_repository_parses_and_onnx_matches_pytorch(finished_run):
+    import onnxruntime as ort
+    import torch
+
+    from dcvit_deploy.compress.candidate import load_candidate
+    from dcvit_deploy.triton import validate_config
+
+    out, _ = finished_run
+    model_dir = out / "triton" / "dcvit_original"
+    check = validate_config(model_dir / "config.pbtxt", model_dir=model_dir)
+    assert check.status == "ok", check.messages
+    deploy = json.loads((model_dir / "deploy.json").read_text())
+    assert deploy["source"]["candidate"] == "original" and deploy["latency"][0]["batch_size"] == 1
+    _, model = load_candidate(out / "family" / "original.json")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_rerun_resumes_without_redoing_work(finished_run, photo_dir, profile_file):
+    out, _ = finished_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "family").glob("*.safetensors")}
+    raw_before = {p.name: p.stat().st_mtime_ns for p in (out / "raw").glob("*.json")}
+    code, text = run_cli(["compress", *MODEL, "--data", str(photo_dir), *FAST, "--targets", "10%,25%",
+                          "--profile", str(profile_file), "--latency-ms", "1000", "--margin", "5%",
+                          "--out", str(out), "--json"])
+    assert code == 0, text
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "family").glob("*.safetensors")} == before
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "raw").glob("*.json")} == raw_before
+
+
+def test_infeasible_budget_exits_3_naming_fastest(finished_run, profile_file):
+    out, _ = finished_run
+    code, text = run_cli(["select", "--out", str(out), "--profile", str(profile_file), "--latency-ms", "0.0001"])
+    assert code == 3
+    assert "no candidate meets p50" in text and "the fastest" in text and "would admit it" in text
+
+
+def test_status_lists_steps(finished_run):
+    out, _ = finished_run
+    code, text = run_cli(["status", "--out", str(out), "--json"])
+    assert code == 0
+    s = json.loads(text)
+    assert s["steps"]["compress"] == "ok" and set(s["outcomes"].values()) == {"ok"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "vit_nope", "--random-init"], "unknown timm model 'vit_nope'"),
+        ([*MODEL, "--checkpoint", "w.safetensors"], "give exactly one weight source"),
+        ([*MODEL, "--profile", "no-such-profile"], "unknown profile 'no-such-profile'"),
+        ([*MODEL, "--targets", "150%"], "between 0% and 100%"),
+        ([*MODEL, "--targets", "99%"], "outside the feasible range"),
+    ],
+)
+def test_bad_input_is_one_line_with_fix(tmp_path, photo_dir, args, message):
+    data = ["--data", str(photo_dir)]
+    code, text = run_cli(["compress", *args, *data, *FAST, "--out", str(tmp_path / "r")])
+    assert code == 1, text
+    line = text.strip().splitlines()[-1]
+    assert line.startswith("error: ") and message in line and "fix:" in line
+    assert "Traceback" not in text
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, text = run_cli(["compress", *MODEL, "--data", str(tmp_path / "empty"), *FAST, "--out", str(tmp_path / "r")])
+    assert code == 1 and "no images" in text and "fix:" in text
+
+
+def test_output_dir_of_another_run_is_refused(finished_run, photo_dir):
+    out, _ = finished_run
+    other = ["--model", "vit_tiny_patch16_224", "--random-init",
+             "--model-kwargs", "img_size=32 patch_size=8 embed_dim=64 depth=2 num_heads=2 num_classes=10"]
+    code, text = run_cli(["compress", *other, "--data", str(photo_dir), *FAST, "--out", str(out)])
+    assert code == 1 and "holds a run of another model" in text and "--overwrite" in text
+
+
+def test_kill_during_finetuning_then_resume(tmp_path, photo_dir, profile_file):
+    """SIGKILL the CLI while it compresses; the rerun finishes, keeps finished candidates, and
+    selects the same candidate as an uninterrupted run."""
+    out = tmp_path / "killed"
+    args = ["compress", *MODEL, "--data", str(photo_dir), *FAST, "--iterations", "40", "--targets", "10%,20%,30%",
+            "--no-original", "--profile", str(profile_file), "--latency-ms", "1000", "--out", str(out), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dcvit_deploy.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "family" / "dcvit-0100.json"
+    deadline = time.monotonic() + 240
+    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"
+    assert first.is_file(), "no candidate was finished in time"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "family" / "family.json").exists()
+    kept = first.stat().st_mtime_ns
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"]["compress"]["status"] == "running"
+
+    code, text = run_cli(args)
+    assert code == 0, text
+    assert first.stat().st_mtime_ns == kept  # finished work was not redone
+    resumed = json.loads(text[text.index("{"):])
+    code, text = run_cli([*args[:-3], "--out", str(tmp_path / "straight"), "--json"])
+    assert code == 0, text
+    straight = json.loads(text[text.index("{"):])
+    assert resumed["chosen"] == straight["chosen"] == "dcvit-0100"
