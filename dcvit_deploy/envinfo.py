@@ -1,0 +1,280 @@
+"""Capture the machine state a latency number depends on.
+
+:func:`capture_environment` returns a JSON-compatible dict: OS, Python, CPU model and core
+counts, package versions, thread settings and -- where a CUDA driver is present -- the GPU's
+name, compute capability, driver and, through NVML when ``nvidia-ml-py`` is installed, its
+clocks and power.
+
+Package versions come from distribution metadata, never from importing the package (importing
+``tensorrt`` or ``onnxruntime`` just to print a version is slow, and fails loudly where their
+libraries are missing). Anything that cannot be determined reads :data:`UNAVAILABLE`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+from typing import Any
+
+UNAVAILABLE = "unavailable"
+
+# Distribution names to try, in order, for each component (the first installed one wins).
+PACKAGES: dict[str, tuple[str, ...]] = {
+    "dcvit-deploy": ("dcvit-deploy",),
+    "torch": ("torch",),
+    "torchvision": ("torchvision",),
+    "timm": ("timm",),
+    "onnx": ("onnx",),
+    "onnxruntime": ("onnxruntime-gpu", "onnxruntime"),
+    "onnxslim": ("onnxslim",),
+    "numpy": ("numpy",),
+    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu13", "tensorrt_cu12"),
+    "nvidia-ml-py": ("nvidia-ml-py", "pynvml"),
+}
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ORT_NUM_THREADS")
+
+
+def package_version(component: str) -> str:
+    """Installed version of ``component`` (a key of :data:`PACKAGES` or a distribution name)."""
+    for dist in PACKAGES.get(component, (component,)):
+        try:
+            return f"{importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return UNAVAILABLE
+
+
+def tensorrt_info() -> dict[str, Any]:
+    """TensorRT's installed version and whether its module can be found -- without importing it.
+
+    The registry's ``tensorrt`` packages can be installed while their libraries are missing,
+    so "found" does not promise "importable"; the backend's availability check says that.
+    """
+    try:
+        found = importlib.util.find_spec("tensorrt") is not None
+    except (ImportError, ValueError):
+        found = False
+    return {"version": package_version("tensorrt"), "module_found": found}
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo, else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or UNAVAILABLE
+
+
+def physical_cores() -> int | None:
+    """Distinct (package, core) pairs in /proc/cpuinfo; ``None`` where that is not readable."""
+    cores: set[tuple[str, str]] = set()
+    package = core = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    package = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                    cores.add((package, core))
+    except OSError:
+        return None
+    return len(cores) or None
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports, probed through ``libcuda`` with ctypes.
+
+    Cheap and import-free (no torch, no onnxruntime): 0 where there is no driver library, the
+    driver fails to initialise, or it sees no device.
+    """
+    names = ("libcuda.so.1", "libcuda.so", "nvcuda.dll", "libcuda.dylib")
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        try:
+            if lib.cuInit(0) != 0:
+                return 0
+            count = ctypes.c_int(0)
+            if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+                return 0
+            return int(count.value)
+        except AttributeError:
+            return 0
+    return 0
+
+
+def threads() -> dict[str, Any]:
+    """Thread-related environment and, if torch is already imported, torch's thread counts."""
+    out: dict[str, Any] = {name: os.environ.get(name, "") for name in THREAD_ENV}
+    torch = sys.modules.get("torch")  # never import torch only to report this
+    if torch is not None:
+        try:
+            out["torch_num_threads"] = int(torch.get_num_threads())
+            out["torch_num_interop_threads"] = int(torch.get_num_interop_threads())
+        except Exception:  # a half-initialised torch must not break a report
+            pass
+    return out
+
+
+def cuda_info(device_index: int = 0) -> dict[str, Any]:
+    """Stable GPU identity for ``device_index``: name, compute capability, CUDA and driver.
+
+    Imports torch (only called when a driver reports a device, or when asked explicitly).
+    Volatile state (clocks, power, temperature) is in :func:`nvml_info`, kept apart so that a
+    fingerprint of this dict does not change between two runs on the same machine.
+    """
+    info: dict[str, Any] = {
+        "available": False,
+        "device_index": device_index,
+        "name": UNAVAILABLE,
+        "compute_capability": UNAVAILABLE,
+        "torch_cuda": UNAVAILABLE,
+        "driver": UNAVAILABLE,
+    }
+    try:
+        import torch
+
+        info["torch_cuda"] = str(torch.version.cuda or UNAVAILABLE)
+        if torch.cuda.is_available() and device_index < torch.cuda.device_count():
+            major, minor = torch.cuda.get_device_capability(device_index)
+            info.update(
+                available=True,
+                name=torch.cuda.get_device_name(device_index),
+                compute_capability=f"{major}.{minor}",
+                device_count=torch.cuda.device_count(),
+            )
+    except Exception as exc:  # report, never fail: this is diagnostics
+        info["error"] = f"{type(exc).__name__}: {exc}"
+    info["driver"] = _driver_from_proc()
+    return info
+
+
+def nvml_info(device_index: int = 0) -> dict[str, Any]:
+    """Clocks, power, temperature and driver from NVML; every field ``'unavailable'`` if absent."""
+    fields = (
+        "driver",
+        "sm_clock_mhz",
+        "mem_clock_mhz",
+        "max_sm_clock_mhz",
+        "power_w",
+        "power_limit_w",
+        "temperature_c",
+        "persistence_mode",
+    )
+    out: dict[str, Any] = {"nvml": UNAVAILABLE, **{f: UNAVAILABLE for f in fields}}
+    try:
+        import pynvml  # provided by the nvidia-ml-py distribution
+    except Exception:
+        return out
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:
+        out["nvml"] = f"init failed: {exc}"
+        return out
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        out["nvml"] = "ok"
+        probes: dict[str, Any] = {
+            "driver": lambda: _text(pynvml.nvmlSystemGetDriverVersion()),
+            "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "max_sm_clock_mhz": lambda: pynvml.nvmlDeviceGetMaxClockInfo(
+                handle, pynvml.NVML_CLOCK_SM
+            ),
+            "power_w": lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            "power_limit_w": lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
+            "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(
+                handle, pynvml.NVML_TEMPERATURE_GPU
+            ),
+            "persistence_mode": lambda: bool(pynvml.nvmlDeviceGetPersistenceMode(handle)),
+        }
+        for key, probe in probes.items():
+            try:  # each query is optional: some are unsupported on some boards (e.g. Jetson)
+                out[key] = probe()
+            except Exception:
+                out[key] = UNAVAILABLE
+    except Exception as exc:
+        out["nvml"] = f"query failed: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _driver_from_proc() -> str:
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            first = f.readline()
+    except OSError:
+        return UNAVAILABLE
+    for token in first.split():
+        if token.count(".") >= 1 and token.replace(".", "").isdigit():
+            return token
+    return UNAVAILABLE
+
+
+def capture_environment(*, cuda: bool | None = None, device_index: int = 0) -> dict[str, Any]:
+    """Environment facts for a benchmark record.
+
+    Keys: ``os``, ``machine``, ``python``, ``cpu`` (model and core counts), ``packages``,
+    ``tensorrt``, ``threads``, ``cuda`` (stable GPU identity) and ``gpu_state`` (NVML clocks,
+    power, temperature: volatile, so leave it out of fingerprints).
+    ``cuda=None`` probes the GPU only where the driver reports a device; ``False`` skips it
+    (fast, imports nothing heavy); ``True`` always tries (imports torch).
+    """
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = os.cpu_count() or 0
+    info: dict[str, Any] = {
+        "os": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "cpu": {
+            "model": cpu_model(),
+            "count_logical": os.cpu_count() or 0,
+            "count_physical": physical_cores() or UNAVAILABLE,
+            "count_usable": affinity,
+        },
+        "packages": {name: package_version(name) for name in PACKAGES},
+        "tensorrt": tensorrt_info(),
+        "threads": threads(),
+    }
+    if cuda is False:
+        info["cuda"] = {"available": False, "reason": "not probed"}
+        info["gpu_state"] = {"nvml": UNAVAILABLE}
+    elif cuda or cuda_device_count() > 0:
+        info["cuda"] = cuda_info(device_index)
+        state = nvml_info(device_index)
+        if info["cuda"]["driver"] == UNAVAILABLE and state.get("driver") != UNAVAILABLE:
+            info["cuda"]["driver"] = state["driver"]
+        info["gpu_state"] = state
+    else:
+        info["cuda"] = {"available": False, "reason": "no CUDA device reported by the driver"}
+        info["gpu_state"] = {"nvml": UNAVAILABLE}
+    return info
+
+
+capture = capture_environment
+"""Short alias of :func:`capture_environment`."""
