@@ -409,8 +409,13 @@ def compare_cmd(report: str, baseline: str, tolerance: float, out_dir: str | Non
     """CI gate: compare a run's report with a baseline; exit 4 on a latency or fidelity regression."""
     from .report import check_regression
 
+    import dataclasses
+
     result = check_regression(Path(report), Path(baseline), tolerance=tolerance, out_dir=Path(out_dir) if out_dir else None)
-    _emit(as_json, result, json.dumps(result, indent=2, default=str))
+    payload = dataclasses.asdict(result)
+    text = [f"no regression against {baseline} ({result.statistic} at batch {result.batch_size}, tolerance {tolerance:.0%})"]
+    text += [f"  note: {n}" for n in result.notes]
+    _emit(as_json, payload, "\n".join(text))
 
 
 @cli.command("demo-data")

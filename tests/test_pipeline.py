@@ -213,3 +213,20 @@ def test_kill_during_finetuning_then_resume(tmp_path, photo_dir, profile_file):
     assert code == 0, text
     straight = json.loads(text[text.index("{"):])
     assert resumed["chosen"] == straight["chosen"] == "dcvit-0100"
+
+
+def test_compare_gate_passes_on_itself_and_fails_on_a_slower_run(finished_run, tmp_path):
+    out, _ = finished_run
+    report = json.loads((out / "report.json").read_text())
+    code, text = run_cli(["compare", str(out / "report.json"), "--baseline", str(out / "report.json")])
+    assert code == 0 and "no regression" in text
+    for cand in report["candidates"]:  # a baseline twice as fast as this run
+        for s in cand["latency"]:
+            for k in ("mean", "min", "max", "p50", "p90", "p95", "p99"):
+                s[k] = s[k] / 2
+    fast = tmp_path / "baseline.json"
+    fast.write_text(json.dumps(report))
+    code, text = run_cli(["compare", str(out / "report.json"), "--baseline", str(fast), "--out", str(tmp_path / "cmp")])
+    assert code == 4, text
+    assert "error:" in text and "fix:" in text
+    assert (tmp_path / "cmp" / "comparison.json").is_file()
