@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -79,7 +79,9 @@ class CompressOptions:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise UserInputError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+            raise UserInputError(
+                f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}"
+            )
         if self.metric not in METRIC_SOURCES:
             raise UserInputError(f"unknown metric set {self.metric!r}", "use synthetic or real")
         if self.holdout < 1:
@@ -113,7 +115,9 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda was asked for but torch sees no CUDA device", "use --device cpu")
+        raise UserInputError(
+            "--device cuda was asked for but torch sees no CUDA device", "use --device cpu"
+        )
     return name
 
 
@@ -132,7 +136,11 @@ def _versions() -> dict[str, str]:
 def identity_of(opts: CompressOptions) -> dict[str, Any]:
     """The run's identity: the model and its weights (see :mod:`dcvit_deploy.rundir`)."""
     if opts.checkpoint:
-        weights = sha256_file(opts.checkpoint) if Path(opts.checkpoint).is_file() else f"missing:{opts.checkpoint}"
+        weights = (
+            sha256_file(opts.checkpoint)
+            if Path(opts.checkpoint).is_file()
+            else f"missing:{opts.checkpoint}"
+        )
     elif opts.pretrained_cache:
         weights = "hub-cache"
     else:
@@ -146,16 +154,21 @@ def budget_of(profile: TargetProfile, opts: DeployOptions) -> LatencyBudget | No
     batch = opts.batch_size or profile.budget_batch_size
     if batch not in profile.batch_sizes:
         raise UserInputError(
-            f"--batch-size {batch} is not one of the profile's batch sizes {list(profile.batch_sizes)}",
+            f"--batch-size {batch} is not one of the profile's batch sizes "
+            f"{list(profile.batch_sizes)}",
             "pick one of them or edit the profile's batch_sizes",
         )
     try:
         return LatencyBudget(
-            ms=opts.latency_ms, statistic=opts.statistic or profile.statistic,  # type: ignore[arg-type]
-            batch_size=batch, margin=opts.margin,
+            ms=opts.latency_ms,
+            statistic=opts.statistic or profile.statistic,  # type: ignore[arg-type]
+            batch_size=batch,
+            margin=opts.margin,
         )
     except ValueError as exc:
-        raise UserInputError(f"invalid latency budget: {exc}", "see --latency-ms, --statistic, --margin") from exc
+        raise UserInputError(
+            f"invalid latency budget: {exc}", "see --latency-ms, --statistic, --margin"
+        ) from exc
 
 
 # =========================================================================== compress
@@ -179,14 +192,17 @@ def prepare(opts: CompressOptions) -> Prepared:
     """Load the model (from local weights only) and the few-shot images; split a held-out set."""
     import random
 
-    from .data import list_images, load_eval_tensor, resolve_data_config, sample_images
     from .data import input_fingerprint as data_fp
+    from .data import list_images, load_eval_tensor, resolve_data_config, sample_images
     from .models import geometry_kwargs, load_model
 
     images = list_images(opts.data)  # fail fast on bad data before loading the model
     loaded = load_model(
-        opts.model, checkpoint=opts.checkpoint, model_kwargs=opts.model_kwargs,
-        pretrained_cache=opts.pretrained_cache, random_init=opts.random_init,
+        opts.model,
+        checkpoint=opts.checkpoint,
+        model_kwargs=opts.model_kwargs,
+        pretrained_cache=opts.pretrained_cache,
+        random_init=opts.random_init,
     )
     kwargs = {**loaded.model_kwargs, **geometry_kwargs(loaded.model)}
     dcfg = resolve_data_config(loaded.model, opts.data_overrides)
@@ -198,11 +214,19 @@ def prepare(opts: CompressOptions) -> Prepared:
     note = ""
     if not rest:
         rest = list(train)
-        note = "no images left over for a held-out set: fidelity and verification use training images"
+        note = (
+            "no images left over for a held-out set: fidelity and verification use training images"
+        )
     holdout = load_eval_tensor(rest, dcfg, max_images=opts.holdout)
     return Prepared(
-        teacher=loaded.model, model_kwargs=kwargs, data_config=dict(dcfg), train_paths=train,
-        holdout=holdout, holdout_note=note, input_fp=data_fp(train), skipped=0,
+        teacher=loaded.model,
+        model_kwargs=kwargs,
+        data_config=dict(dcfg),
+        train_paths=train,
+        holdout=holdout,
+        holdout_note=note,
+        input_fp=data_fp(train),
+        skipped=0,
     )
 
 
@@ -225,7 +249,8 @@ def _schedules(opts: CompressOptions, n_images: int) -> tuple[Any, Any]:
     rank = None
     if opts.rank_iterations is not None:
         rank = dataclasses.replace(
-            sched, iterations=opts.rank_iterations,
+            sched,
+            iterations=opts.rank_iterations,
             lr_warmup_iterations=min(sched.lr_warmup_iterations, opts.rank_iterations),
         )
     return sched, rank
@@ -249,42 +274,90 @@ def compress(
     sched, rank = _schedules(opts, len(prep.train_paths))
     dataset = FewShotImages(prep.train_paths, train_transform(sched, prep.data_config))
     run.set_inputs(
-        model=opts.model, checkpoint=opts.checkpoint, data=str(opts.data), images=len(dataset),
-        skipped_images=[f"{p}: {r}" for p, r in dataset.skipped], holdout=int(prep.holdout.shape[0]),
-        holdout_note=prep.holdout_note, data_fingerprint=prep.input_fp, versions=_versions(),
+        model=opts.model,
+        checkpoint=opts.checkpoint,
+        data=str(opts.data),
+        images=len(dataset),
+        skipped_images=[f"{p}: {r}" for p, r in dataset.skipped],
+        holdout=int(prep.holdout.shape[0]),
+        holdout_note=prep.holdout_note,
+        data_fingerprint=prep.input_fp,
+        versions=_versions(),
     )
     teacher_fp = identity_of(opts)["weights"]
     with run.step("compress", fp) as info:
         if opts.metric == "real":
             metric = real_metric_set(prep.holdout)
         else:
-            settings = InversionSettings.paper() if opts.inversion == "paper" else InversionSettings.fast()
+            settings = (
+                InversionSettings.paper() if opts.inversion == "paper" else InversionSettings.fast()
+            )
             if opts.inversion_iterations is not None:
-                settings = dataclasses.replace(settings, iterations=opts.inversion_iterations, warmup_iterations=min(settings.warmup_iterations, opts.inversion_iterations // 2))
+                settings = dataclasses.replace(
+                    settings,
+                    iterations=opts.inversion_iterations,
+                    warmup_iterations=min(
+                        settings.warmup_iterations, opts.inversion_iterations // 2
+                    ),
+                )
 
             def inv_progress(p: Any) -> None:
-                progress(ProgressEvent(stage="metric set", step=p.step, steps=p.total, loss=p.loss, eta_s=getattr(p, "eta", None)))
+                progress(
+                    ProgressEvent(
+                        stage="metric set",
+                        step=p.step,
+                        steps=p.total,
+                        loss=p.loss,
+                        eta_s=getattr(p, "eta", None),
+                    )
+                )
 
             metric = load_or_synthesize(
-                run.sub("metric_set"), str(teacher_fp), prep.teacher, prep.data_config["input_size"],
-                prep.data_config["mean"], prep.data_config["std"], settings, seed=opts.seed,
-                device=device, progress=inv_progress,
+                run.sub("metric_set"),
+                str(teacher_fp),
+                prep.teacher,
+                prep.data_config["input_size"],
+                prep.data_config["mean"],
+                prep.data_config["std"],
+                settings,
+                seed=opts.seed,
+                device=device,
+                progress=inv_progress,
             )
         config = FamilyConfig(
-            schedule=sched, rank_schedule=rank, targets=tuple(opts.targets), method=opts.method,
-            round_to=opts.round_to, candidate_blocks=opts.candidate_blocks, neuron_choice=opts.neuron_choice,
-            reuse=opts.reuse, warm_fraction=opts.warm_fraction, seed=opts.seed, include_original=opts.include_original,
+            schedule=sched,
+            rank_schedule=rank,
+            targets=tuple(opts.targets),
+            method=opts.method,
+            round_to=opts.round_to,
+            candidate_blocks=opts.candidate_blocks,
+            neuron_choice=opts.neuron_choice,
+            reuse=opts.reuse,
+            warm_fraction=opts.warm_fraction,
+            seed=opts.seed,
+            include_original=opts.include_original,
         )
         result = compress_family(
-            prep.teacher, model_name=opts.model, model_kwargs=prep.model_kwargs, data=dataset,
-            metric_images=metric.images, out_dir=run.family_dir, config=config,
-            teacher_fingerprint=str(teacher_fp), input_fingerprint=prep.input_fp,
+            prep.teacher,
+            model_name=opts.model,
+            model_kwargs=prep.model_kwargs,
+            data=dataset,
+            metric_images=metric.images,
+            out_dir=run.family_dir,
+            config=config,
+            teacher_fingerprint=str(teacher_fp),
+            input_fingerprint=prep.input_fp,
             activation_images=prep.holdout if opts.neuron_choice == "activation" else None,
-            device=device, progress=progress,
+            device=device,
+            progress=progress,
         )
         _record_fidelity(run, result.candidates, prep)
-        info.update(candidates=[c.name for c in result.candidates], seconds_detail=result.seconds,
-                    finetune_steps=result.finetune_steps, metric_set=metric.source)
+        info.update(
+            candidates=[c.name for c in result.candidates],
+            seconds_detail=result.seconds,
+            finetune_steps=result.finetune_steps,
+            metric_set=metric.source,
+        )
     return result.candidates
 
 
@@ -305,7 +378,14 @@ def _record_fidelity(run: RunDir, candidates: Sequence[Candidate], prep: Prepare
         for c in candidates:
             model = build_candidate(c, run.family_dir / c.weights)
             agree = float((model(holdout).argmax(-1) == ref).float().mean())
-            run.mark_candidate(c.name, "fidelity", "ok", c.weights_sha256, top1_agreement=agree, images=int(holdout.shape[0]))
+            run.mark_candidate(
+                c.name,
+                "fidelity",
+                "ok",
+                c.weights_sha256,
+                top1_agreement=agree,
+                images=int(holdout.shape[0]),
+            )
 
 
 # =========================================================================== per-candidate deploy
@@ -317,8 +397,13 @@ def _fail(
     log = run.log(cand.name, f"{status}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     msg = exc.one_line() if isinstance(exc, DcvitError) else f"{type(exc).__name__}: {exc}"
     outcome = CandidateOutcome(
-        candidate=cand.name, method=cand.method, retained=cand.retained, macs=cand.macs,
-        status=status, error=f"{msg} (log: {log.relative_to(run.root)})", **extra,  # type: ignore[arg-type]
+        candidate=cand.name,
+        method=cand.method,
+        retained=cand.retained,
+        macs=cand.macs,
+        status=status,
+        error=f"{msg} (log: {log.relative_to(run.root)})",
+        **extra,  # type: ignore[arg-type]
     )
     _save_outcome(run, outcome)
     return outcome
@@ -332,7 +417,9 @@ def load_outcomes(run: RunDir) -> list[CandidateOutcome]:
     d = run.root / "outcomes"
     if not d.is_dir():
         return []
-    return [from_dict(CandidateOutcome, json.loads(p.read_text())) for p in sorted(d.glob("*.json"))]
+    return [
+        from_dict(CandidateOutcome, json.loads(p.read_text())) for p in sorted(d.glob("*.json"))
+    ]
 
 
 def _fidelity(run: RunDir, name: str) -> float | None:
@@ -343,26 +430,45 @@ def _fidelity(run: RunDir, name: str) -> float | None:
 def export_candidate(
     run: RunDir, cand: Candidate, images: torch.Tensor, profile: TargetProfile, opts: DeployOptions
 ) -> tuple[Path, Verification]:
-    """Export to ONNX (plus an FP16 graph when the profile needs one) and verify with ORT CPU."""
+    """Export to ONNX (plus an FP16 graph for FP16 profiles) and verify the deployed file with
+    ONNX Runtime CPU against PyTorch on held-out images."""
     from .compress.candidate import build_candidate
     from .export import export_onnx, verify_onnx
 
-    fp = fingerprint({"w": cand.weights_sha256, "opset": opts.opset, "simplify": opts.simplify,
-                      "precision": profile.precision, "img": float(images.sum())})
+    fp = fingerprint(
+        {
+            "w": cand.weights_sha256,
+            "opset": opts.opset,
+            "simplify": opts.simplify,
+            "precision": profile.precision,
+            "img": float(images.sum()),
+        }
+    )
     onnx_dir = run.sub("onnx")
     path = onnx_dir / f"{cand.name}.onnx"
     done = run.stage_done(cand.name, "export", fp)
     if done and path.is_file():
-        return Path(done["path"]), from_dict(Verification, done["verification"])
+        return run.root / done["path"], from_dict(Verification, done["verification"])
     model = build_candidate(cand, run.family_dir / cand.weights)
     input_shape = tuple(int(v) for v in images.shape[1:])
-    export_onnx(model, path, input_shape=input_shape, opset=opts.opset, simplify=opts.simplify)
+    common = {"input_shape": input_shape, "opset": opts.opset, "simplify": opts.simplify}
+    export_onnx(model, path, **common)
     verification = verify_onnx(model, path, images)
     deploy_path = path
-    if profile.precision == "fp16" and profile.backend == "tensorrt":
+    if profile.precision == "fp16" and verification.passed:
+        # The deployed graph is the FP16 one: verify *it* (FP16 ViTs can overflow in LayerNorm
+        # or attention); its thresholds come from the file's precision.
         deploy_path = onnx_dir / f"{cand.name}.fp16.onnx"
-        export_onnx(model, deploy_path, input_shape=input_shape, opset=opts.opset, simplify=opts.simplify, precision="fp16")
-    run.mark_candidate(cand.name, "export", "ok", fp, path=str(deploy_path), verification=to_dict(verification))
+        export_onnx(model, deploy_path, precision="fp16", **common)
+        verification = verify_onnx(model, deploy_path, images)
+    run.mark_candidate(
+        cand.name,
+        "export",
+        "ok",
+        fp,
+        path=str(deploy_path.relative_to(run.root)),  # relative: a moved run still resumes
+        verification=to_dict(verification),
+    )
     return deploy_path, verification
 
 
@@ -382,8 +488,13 @@ def evaluate_candidate(
     """
     from .backends import get_backend
 
-    base = {"candidate": cand.name, "method": cand.method, "retained": cand.retained, "macs": cand.macs,
-            "fidelity": _fidelity(run, cand.name)}
+    base = {
+        "candidate": cand.name,
+        "method": cand.method,
+        "retained": cand.retained,
+        "macs": cand.macs,
+        "fidelity": _fidelity(run, cand.name),
+    }
     progress(ProgressEvent(stage=f"export {cand.name}"))
     try:
         onnx_path, verification = export_candidate(run, cand, images, profile, opts)
@@ -392,8 +503,12 @@ def evaluate_candidate(
     except Exception as exc:  # exporter internals raise anything; recorded, not fatal
         return _fail(run, cand, "export_failed", exc, fidelity=base["fidelity"])
     if not verification.passed:
-        outcome = CandidateOutcome(**base, status="verify_failed", verification=verification,
-                                   error=f"verification failed: {verification.reason}")
+        outcome = CandidateOutcome(
+            **base,
+            status="verify_failed",
+            verification=verification,
+            error=f"verification failed: {verification.reason}",
+        )
         _save_outcome(run, outcome)
         return outcome
     if until == "export":  # not persisted: the outcome file holds the latest measured result
@@ -412,34 +527,62 @@ def evaluate_candidate(
 
                 model = build_candidate(cand, run.family_dir / cand.weights)
             artifact = backend.build(
-                onnx_path, profile, run.sub(f"artifacts/{profile.name}"), candidate=cand.name,
-                timing_cache=run.root / "artifacts" / f"{profile.name}.timing.cache", model=model,
+                onnx_path,
+                profile,
+                run.sub(f"artifacts/{profile.name}"),
+                candidate=cand.name,
+                timing_cache=run.root / "artifacts" / f"{profile.name}.timing.cache",
+                model=model,
             )
             run.mark_candidate(cand.name, "build", "ok", build_fp, artifact=to_dict(artifact))
     except Exception as exc:
-        return _fail(run, cand, "build_failed", exc, verification=verification, fidelity=base["fidelity"])
+        return _fail(
+            run, cand, "build_failed", exc, verification=verification, fidelity=base["fidelity"]
+        )
     if until == "build":
-        return CandidateOutcome(**base, status="not_measured", verification=verification, artifact=artifact)
+        return CandidateOutcome(
+            **base, status="not_measured", verification=verification, artifact=artifact
+        )
     stats: list[LatencyStats] = []
     try:
         from .envinfo import capture_environment
 
-        env_fp = fingerprint({k: v for k, v in capture_environment().items() if k in ("cpu", "cuda", "device", "gpu")})
+        env_fp = fingerprint(
+            {
+                k: v
+                for k, v in capture_environment().items()
+                if k in ("cpu", "cuda", "device", "gpu")
+            }
+        )
         for b in profile.batch_sizes:
-            prof_fp = fingerprint({"a": artifact.sha256, "b": b, "m": to_dict(profile.measure), "env": env_fp})
+            prof_fp = fingerprint(
+                {"a": artifact.sha256, "b": b, "m": to_dict(profile.measure), "env": env_fp}
+            )
             stage = f"profile_b{b}"
             done_p = run.stage_done(cand.name, stage, prof_fp)
             if done_p:
                 stats.append(from_dict(LatencyStats, done_p["stats"]))
                 continue
             progress(ProgressEvent(stage=f"profile {cand.name}", message=f"batch {b}"))
-            s = backend.measure(artifact, profile, b, raw_path=run.sub("raw") / f"{cand.name}-b{b}.json")
+            s = backend.measure(
+                artifact, profile, b, raw_path=run.sub("raw") / f"{cand.name}-b{b}.json"
+            )
             run.mark_candidate(cand.name, stage, "ok", prof_fp, stats=to_dict(s))
             stats.append(s)
     except Exception as exc:
-        return _fail(run, cand, "profile_failed", exc, verification=verification, artifact=artifact,
-                     fidelity=base["fidelity"], latency=tuple(stats))
-    outcome = CandidateOutcome(**base, status="ok", verification=verification, latency=tuple(stats), artifact=artifact)
+        return _fail(
+            run,
+            cand,
+            "profile_failed",
+            exc,
+            verification=verification,
+            artifact=artifact,
+            fidelity=base["fidelity"],
+            latency=tuple(stats),
+        )
+    outcome = CandidateOutcome(
+        **base, status="ok", verification=verification, latency=tuple(stats), artifact=artifact
+    )
     _save_outcome(run, outcome)
     return outcome
 
@@ -487,7 +630,11 @@ def deploy(
         for c in candidates:
             if c.name not in outcomes:
                 outcomes[c.name] = CandidateOutcome(
-                    candidate=c.name, method=c.method, retained=c.retained, macs=c.macs, status="not_measured",
+                    candidate=c.name,
+                    method=c.method,
+                    retained=c.retained,
+                    macs=c.macs,
+                    status="not_measured",
                     fidelity=_fidelity(run, c.name),
                 )
                 _save_outcome(run, outcomes[c.name])
@@ -504,7 +651,13 @@ def deploy(
     if selection is not None and selection.chosen is not None:
         triton_path = write_triton(run, selection, ordered, profile, opts)
     reports = write_run_reports(run, ordered, selection, profile)
-    return PipelineResult(selection=selection, outcomes=ordered, reports=reports, triton=triton_path, infeasible=infeasible)
+    return PipelineResult(
+        selection=selection,
+        outcomes=ordered,
+        reports=reports,
+        triton=triton_path,
+        infeasible=infeasible,
+    )
 
 
 def backend_check(profile: TargetProfile) -> None:
@@ -517,7 +670,11 @@ def backend_check(profile: TargetProfile) -> None:
 
 
 def write_triton(
-    run: RunDir, selection: Selection, outcomes: Sequence[CandidateOutcome], profile: TargetProfile, opts: DeployOptions
+    run: RunDir,
+    selection: Selection,
+    outcomes: Sequence[CandidateOutcome],
+    profile: TargetProfile,
+    opts: DeployOptions,
 ) -> Path:
     from .select import pareto_front
     from .triton import write_model_repository
@@ -533,23 +690,39 @@ def write_triton(
         if o.artifact is None:
             continue
         write_model_repository(
-            repo, f"dcvit_{name.replace('-', '_')}", o.artifact, max_batch_size=profile.max_batch,
-            preferred_batch_sizes=list(profile.batch_sizes), kind="KIND_GPU" if profile.device == "cuda" else "KIND_CPU",
-            latency=o.latency_at(selection.budget.batch_size), source_candidate=name,
+            repo,
+            f"dcvit_{name.replace('-', '_')}",
+            o.artifact,
+            max_batch_size=profile.max_batch,
+            preferred_batch_sizes=list(profile.batch_sizes),
+            kind="KIND_GPU" if profile.device == "cuda" else "KIND_CPU",
+            latency=o.latency_at(selection.budget.batch_size),
+            source_candidate=name,
         )
     return repo
 
 
 def write_run_reports(
-    run: RunDir, outcomes: Sequence[CandidateOutcome], selection: Selection | None, profile: TargetProfile
+    run: RunDir,
+    outcomes: Sequence[CandidateOutcome],
+    selection: Selection | None,
+    profile: TargetProfile,
 ) -> dict[str, Path]:
     from .envinfo import capture_environment
     from .report import write_reports
 
-    meta = {"run_dir": run.root.name, "identity": run.manifest.get("identity"), "inputs": run.manifest.get("inputs")}
+    meta = {
+        "run_dir": run.root.name,
+        "identity": run.manifest.get("identity"),
+        "inputs": run.manifest.get("inputs"),
+    }
     return write_reports(
-        run.root, run_meta=meta, outcomes=list(outcomes), selection=selection,
-        profile_dict=to_dict(profile), env_dict=capture_environment(),
+        run.root,
+        run_meta=meta,
+        outcomes=list(outcomes),
+        selection=selection,
+        profile_dict=to_dict(profile),
+        env_dict=capture_environment(),
     )
 
 
@@ -575,7 +748,9 @@ def run_pipeline(
         budget_of(profile, dopts)
         backend_check(profile)
     run = RunDir.open(out, identity_of(copts), overwrite=overwrite, must_exist=resume)
-    run.set_inputs(compress_options=_jsonable(_opts_dict(copts)), deploy_options=dataclasses.asdict(dopts))
+    run.set_inputs(
+        compress_options=_jsonable(_opts_dict(copts)), deploy_options=dataclasses.asdict(dopts)
+    )
     prep = prepare(copts)
     candidates = compress(run, copts, prep, progress)
     if profile is None:
@@ -595,12 +770,15 @@ def status(out: str | Path) -> dict[str, Any]:
         "run": str(run.root),
         "identity": m.get("identity"),
         "steps": {k: v.get("status") for k, v in m.get("steps", {}).items()},
-        "candidates": {n: {s: v.get("status") for s, v in st.items()} for n, st in m.get("candidates", {}).items()},
+        "candidates": {
+            n: {s: v.get("status") for s, v in st.items()}
+            for n, st in m.get("candidates", {}).items()
+        },
         "outcomes": {o.candidate: o.status for o in load_outcomes(run)},
     }
 
 
-# =========================================================================== stages over an existing run
+# ================================================================ stages over an existing run
 
 
 def _options_from_manifest(run: RunDir) -> CompressOptions:
@@ -608,9 +786,15 @@ def _options_from_manifest(run: RunDir) -> CompressOptions:
 
     raw = dict(run.manifest.get("inputs", {}).get("compress_options") or {})
     if not raw:
-        raise UserInputError(f"{run.root} has no recorded compression options", "run `dcvit-deploy compress` first")
+        raise UserInputError(
+            f"{run.root} has no recorded compression options", "run `dcvit-deploy compress` first"
+        )
     ov = raw.pop("data_overrides", None)
-    overrides = DataOverrides(**{k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}) if ov else None
+    overrides = (
+        DataOverrides(**{k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()})
+        if ov
+        else None
+    )
     raw["targets"] = tuple(raw["targets"])
     if raw.get("candidate_blocks") is not None:
         raw["candidate_blocks"] = tuple(raw["candidate_blocks"])
@@ -621,13 +805,22 @@ def _reopen(out: str | Path) -> tuple[RunDir, CompressOptions, list[Candidate]]:
     from .compress.family import load_family
 
     run = RunDir.load(out)
-    if not run.step_done("compress", run.manifest["steps"].get("compress", {}).get("fingerprint", "")):
-        raise UserInputError(f"the compression step of {out} has not finished", "rerun `dcvit-deploy compress` to resume it")
+    if not run.step_done(
+        "compress", run.manifest["steps"].get("compress", {}).get("fingerprint", "")
+    ):
+        raise UserInputError(
+            f"the compression step of {out} has not finished",
+            "rerun `dcvit-deploy compress` to resume it",
+        )
     return run, _options_from_manifest(run), load_family(run.family_dir)
 
 
 def stage_over_run(
-    out: str | Path, dopts: DeployOptions, *, until: Literal["export", "build", "profile"], progress: ProgressFn = quiet
+    out: str | Path,
+    dopts: DeployOptions,
+    *,
+    until: Literal["export", "build", "profile"],
+    progress: ProgressFn = quiet,
 ) -> PipelineResult:
     """``export``/``build``/``profile`` every candidate of an existing run (profile also selects
     when a budget is given)."""
@@ -641,7 +834,10 @@ def stage_over_run(
     images = prepare(copts).holdout
     if until == "profile":
         return deploy(run, cands, profile, dopts, images, progress=progress)
-    outcomes = [evaluate_candidate(run, c, profile, dopts, images, until=until, progress=progress) for c in cands]
+    outcomes = [
+        evaluate_candidate(run, c, profile, dopts, images, until=until, progress=progress)
+        for c in cands
+    ]
     return PipelineResult(selection=None, outcomes=outcomes, reports={}, triton=None)
 
 
@@ -655,13 +851,21 @@ def select_over_run(out: str | Path, dopts: DeployOptions) -> PipelineResult:
     budget = budget_of(profile, dopts)
     outcomes = capacity_order(load_outcomes(run))
     if not outcomes:
-        raise UserInputError(f"{out} has no measured candidates", "run `dcvit-deploy profile` first")
+        raise UserInputError(
+            f"{out} has no measured candidates", "run `dcvit-deploy profile` first"
+        )
     assert budget is not None
     selection = decide(outcomes, budget)
     infeasible = infeasible_error(selection, outcomes) if selection.chosen is None else None
     triton = write_triton(run, selection, outcomes, profile, dopts) if selection.chosen else None
     reports = write_run_reports(run, outcomes, selection, profile)
-    return PipelineResult(selection=selection, outcomes=outcomes, reports=reports, triton=triton, infeasible=infeasible)
+    return PipelineResult(
+        selection=selection,
+        outcomes=outcomes,
+        reports=reports,
+        triton=triton,
+        infeasible=infeasible,
+    )
 
 
 def report_over_run(out: str | Path, dopts: DeployOptions) -> dict[str, Path]:

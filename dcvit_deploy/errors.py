@@ -58,6 +58,16 @@ class ExportError(DcvitError):
     """ONNX export, parsing or verification of one candidate failed."""
 
 
+class BuildError(ExportError):
+    """Building one candidate's artifact failed (parser or builder error); recorded per candidate
+    as ``build_failed``. A subclass of :class:`ExportError` so per-candidate export handling
+    still catches it."""
+
+
+class EngineMismatch(EnvironmentProblem):
+    """A serialized engine was built by another TensorRT version or on another GPU."""
+
+
 class RunDirError(UserInputError):
     """The run directory belongs to another run or is corrupt."""
 

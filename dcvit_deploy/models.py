@@ -115,7 +115,9 @@ def infer_kwargs_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, An
         out["embed_dim"] = int(proj.shape[0])
         out["patch_size"] = int(proj.shape[-1])
         out["in_chans"] = int(proj.shape[1])
-    depth = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    depth = {
+        int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()
+    }
     if depth:
         out["depth"] = max(depth) + 1
     pos = sd.get("pos_embed")
@@ -132,7 +134,9 @@ def infer_kwargs_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, An
     return out
 
 
-def create_model(name: str, model_kwargs: Mapping[str, Any] | None = None, *, pretrained: bool = False) -> nn.Module:
+def create_model(
+    name: str, model_kwargs: Mapping[str, Any] | None = None, *, pretrained: bool = False
+) -> nn.Module:
     """``timm.create_model`` with user errors for unknown names and bad kwargs."""
     import timm
 
@@ -177,7 +181,8 @@ def check_supported(model: nn.Module, name: str = "") -> None:
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block:
             raise UnsupportedModelError(
-                f"{label} block {i} is {type(blk).__name__}; only timm's pre-norm Block is supported "
+                f"{label} block {i} is {type(blk).__name__}; only timm's pre-norm Block is "
+                "supported "
                 "(parallel, post-norm and scaled blocks are not)",
                 "choose a vit_*/deit_* model with standard blocks",
             )
@@ -188,7 +193,8 @@ def check_supported(model: nn.Module, name: str = "") -> None:
             )
         if type(blk.mlp) is not Mlp or not hasattr(blk.mlp, "fc1"):
             raise UnsupportedModelError(
-                f"{label} block {i} MLP is {type(blk.mlp).__name__}; gated/SwiGLU MLPs are unsupported",
+                f"{label} block {i} MLP is {type(blk.mlp).__name__}; "
+                "gated/SwiGLU MLPs are unsupported",
                 "choose a model with a two-layer GELU Mlp",
             )
         if not isinstance(getattr(blk.mlp, "norm", None), _identity_types()):
@@ -260,10 +266,14 @@ def load_model(
         check_supported(model, name)
         source = "random-init"
     model.eval()
-    return LoadedModel(model=model, name=name, model_kwargs=kwargs, weights_source=source, inferred=inferred)
+    return LoadedModel(
+        model=model, name=name, model_kwargs=kwargs, weights_source=source, inferred=inferred
+    )
 
 
-def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+def _load_into(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str]
+) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
@@ -287,7 +297,8 @@ def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
         if shape_bad:
             parts.append(f"shape mismatch in {len(shape_bad)} (e.g. {'; '.join(shape_bad[:2])})")
         raise CheckpointMismatchError(
-            f"checkpoint {Path(path).name} does not match {type(model).__name__}: " + ", ".join(parts),
+            f"checkpoint {Path(path).name} does not match {type(model).__name__}: "
+            + ", ".join(parts),
             "pick the model name the weights were trained with, or pass --model-kwargs "
             "(e.g. depth=, embed_dim=, num_classes=, img_size=)",
         )

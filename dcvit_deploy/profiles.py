@@ -37,7 +37,17 @@ from typing import Any
 from .errors import ProfileError
 from .records import STATISTICS, MeasureSettings, TargetProfile
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+def _profile_dir() -> Path:
+    """The repository's ``profiles/`` (checkout, editable install), else the copy a regular
+    install puts under ``<prefix>/share/dcvit-deploy/profiles``."""
+    import sys
+
+    checkout = Path(__file__).resolve().parent.parent / "profiles"
+    installed = Path(sys.prefix) / "share" / "dcvit-deploy" / "profiles"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+PROFILE_DIR = _profile_dir()
 """Built-in profiles: ``<repo>/profiles/*.toml``."""
 
 DEFAULT_PROFILE = "cpu-ort"

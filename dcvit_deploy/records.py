@@ -71,7 +71,7 @@ def _build(tp: Any, value: Any) -> Any:
         for f in dataclasses.fields(tp):
             if f.name in value:
                 kwargs[f.name] = _build(hints[f.name], value[f.name])
-        return tp(**kwargs)
+        return typing.cast(Any, tp)(**kwargs)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

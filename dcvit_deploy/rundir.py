@@ -77,7 +77,9 @@ class RunDir:
             try:
                 data = _migrate(json.loads(manifest_path.read_text()))
             except ValueError as exc:
-                raise RunDirError(f"{manifest_path} is corrupt: {exc}", "pass --overwrite to start anew") from exc
+                raise RunDirError(
+                    f"{manifest_path} is corrupt: {exc}", "pass --overwrite to start anew"
+                ) from exc
             if data.get("identity") == identity:
                 return cls(path, data)
             if not overwrite:
@@ -96,7 +98,9 @@ class RunDir:
                 )
             cls._move_aside(path)
         if must_exist:
-            raise RunDirError(f"there is no run to resume in {path}", "drop --resume to start a new run")
+            raise RunDirError(
+                f"there is no run to resume in {path}", "drop --resume to start a new run"
+            )
         path.mkdir(parents=True, exist_ok=True)
         run = cls(
             path,
@@ -123,7 +127,10 @@ class RunDir:
         """Open an existing run without an identity check (for stage subcommands)."""
         path = Path(root) / MANIFEST
         if not path.is_file():
-            raise RunDirError(f"{root} is not a run directory (no {MANIFEST})", "run `dcvit-deploy compress` first")
+            raise RunDirError(
+                f"{root} is not a run directory (no {MANIFEST})",
+                "run `dcvit-deploy compress` first",
+            )
         return cls(Path(root), _migrate(json.loads(path.read_text())))
 
     def save(self) -> None:
@@ -169,12 +176,17 @@ class RunDir:
             raise
         except BaseException as exc:
             self.manifest["steps"][step] = {
-                "status": "failed", "fingerprint": fp, "error": f"{type(exc).__name__}: {exc}"[:500],
+                "status": "failed",
+                "fingerprint": fp,
+                "error": f"{type(exc).__name__}: {exc}"[:500],
             }
             self.save()
             raise
         self.manifest["steps"][step] = {
-            "status": "ok", "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 3), **info,
+            "status": "ok",
+            "fingerprint": fp,
+            "seconds": round(time.perf_counter() - t0, 3),
+            **info,
         }
         self.save()
 
@@ -191,7 +203,11 @@ class RunDir:
         return None
 
     def mark_candidate(self, name: str, stage: str, status: str, fp: str, **info: Any) -> None:
-        self.manifest["candidates"].setdefault(name, {})[stage] = {"status": status, "fingerprint": fp, **info}
+        self.manifest["candidates"].setdefault(name, {})[stage] = {
+            "status": status,
+            "fingerprint": fp,
+            **info,
+        }
         self.save()
 
     def log(self, name: str, text: str) -> Path:

@@ -44,7 +44,14 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from skimage import data as skdata
 
     root = tmp_path_factory.mktemp("photos")
-    names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
+    names = [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+    ]
     (root / "sub").mkdir()
     for i, name in enumerate(names):
         arr = getattr(skdata, name)()

@@ -164,7 +164,11 @@ def test_warm_reshape_reuses_finetuned_units_and_base_for_new_ones(tiny_vit):
     kept_small = list(s_small.blocks[1].kept)
     kept_big = list(s_big.blocks[1].kept)
     for j, k in enumerate(kept_big):
-        src = small.blocks[1].mlp.fc1.weight[kept_small.index(k)] if k in kept_small else tiny_vit.blocks[1].mlp.fc1.weight[k]
+        src = (
+            small.blocks[1].mlp.fc1.weight[kept_small.index(k)]
+            if k in kept_small
+            else tiny_vit.blocks[1].mlp.fc1.weight[k]
+        )
         assert torch.equal(big.blocks[1].mlp.fc1.weight[j], src)
     with pytest.raises(ValueError, match="cannot restore"):
         reshape(big, s_big, spec, tiny_vit)
@@ -198,18 +202,24 @@ def test_checkpoint_infers_kwargs_and_reports_mismatch(tmp_path, tiny_vit):
     ck = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(ck))
     loaded = load_model(
-        "vit_tiny_patch16_224", checkpoint=ck, model_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 2}
+        "vit_tiny_patch16_224",
+        checkpoint=ck,
+        model_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 2},
     )
     assert loaded.inferred == {"num_classes": 10, "img_size": 32, "patch_size": 8, "in_chans": 3}
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), tiny_vit(x))
     with pytest.raises(CheckpointMismatchError, match=r"missing \d+ keys \(e\.g\. blocks\.\d+\."):
-        load_model("vit_tiny_patch16_224", checkpoint=ck, model_kwargs={"embed_dim": 64, "num_heads": 2})
+        load_model(
+            "vit_tiny_patch16_224", checkpoint=ck, model_kwargs={"embed_dim": 64, "num_heads": 2}
+        )
     pth = tmp_path / "w.pth"
     torch.save({"model": tiny_vit.state_dict()}, pth)
     again = load_model(
-        "vit_tiny_patch16_224", checkpoint=pth, model_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 2}
+        "vit_tiny_patch16_224",
+        checkpoint=pth,
+        model_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 2},
     )
     with torch.no_grad():
         torch.testing.assert_close(again.model(x), tiny_vit(x))

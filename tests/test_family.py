@@ -18,12 +18,26 @@ def images() -> torch.Tensor:
 
 
 def _run(tiny_vit, images, out, **cfg):
-    config = FamilyConfig(schedule=FinetuneSchedule.tiny(iterations=3), targets=(0.10, 0.2, 0.3), **cfg)
+    config = FamilyConfig(
+        schedule=FinetuneSchedule.tiny(iterations=3), targets=(0.10, 0.2, 0.3), **cfg
+    )
     return compress_family(
-        tiny_vit, model_name="vit_tiny_patch16_224",
-        model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "num_classes": 10},
-        data=images, metric_images=images[:4], out_dir=out, config=config,
-        teacher_fingerprint="t", input_fingerprint="d",
+        tiny_vit,
+        model_name="vit_tiny_patch16_224",
+        model_kwargs={
+            "img_size": 32,
+            "patch_size": 8,
+            "embed_dim": 64,
+            "depth": 4,
+            "num_heads": 2,
+            "num_classes": 10,
+        },
+        data=images,
+        metric_images=images[:4],
+        out_dir=out,
+        config=config,
+        teacher_fingerprint="t",
+        input_fingerprint="d",
     )
 
 
@@ -52,7 +66,9 @@ def test_family_resumes_without_redoing_work(tiny_vit, images, tmp_path, monkeyp
     monkeypatch.setattr(family_mod, "feature_mimic", boom)
     monkeypatch.setattr("dcvit_deploy.compress.recoverability.feature_mimic", boom)
     again = _run(tiny_vit, images, tmp_path)
-    assert [c.weights_sha256 for c in again.candidates] == [c.weights_sha256 for c in first.candidates]
+    assert [c.weights_sha256 for c in again.candidates] == [
+        c.weights_sha256 for c in first.candidates
+    ]
 
 
 def test_changed_option_redoes_dependent_work(tiny_vit, images, tmp_path):

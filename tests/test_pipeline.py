@@ -16,9 +16,25 @@ import pytest
 
 from dcvit_deploy.cli import main
 
-MODEL = ["--model", "vit_tiny_patch16_224", "--random-init",
-         "--model-kwargs", "img_size=32 patch_size=8 embed_dim=64 depth=4 num_heads=2 num_classes=10"]
-FAST = ["--schedule", "tiny", "--iterations", "2", "--inversion-iterations", "2", "--num-samples", "4", "--holdout", "2"]
+MODEL = [
+    "--model",
+    "vit_tiny_patch16_224",
+    "--random-init",
+    "--model-kwargs",
+    "img_size=32 patch_size=8 embed_dim=64 depth=4 num_heads=2 num_classes=10",
+]
+FAST = [
+    "--schedule",
+    "tiny",
+    "--iterations",
+    "2",
+    "--inversion-iterations",
+    "2",
+    "--num-samples",
+    "4",
+    "--holdout",
+    "2",
+]
 
 FAST_PROFILE = """
 name = "test-cpu"
@@ -70,16 +86,33 @@ def profile_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, photo_dir, profile_file) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("run") / "r"
-    code, text = run_cli(["compress", *MODEL, "--data", str(photo_dir), *FAST, "--targets", "10%,25%",
-                          "--profile", str(profile_file), "--latency-ms", "1000", "--margin", "5%",
-                          "--out", str(out), "--json"])
+    code, text = run_cli(
+        [
+            "compress",
+            *MODEL,
+            "--data",
+            str(photo_dir),
+            *FAST,
+            "--targets",
+            "10%,25%",
+            "--profile",
+            str(profile_file),
+            "--latency-ms",
+            "1000",
+            "--margin",
+            "5%",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert code == 0, text
     return out, text
 
 
 def test_main_job_writes_manifest_reports_and_triton_repo(finished_run):
     out, text = finished_run
-    payload = json.loads(text[text.index("{"):])
+    payload = json.loads(text[text.index("{") :])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema"] == 1 and manifest["steps"]["compress"]["status"] == "ok"
     names = manifest["steps"]["compress"]["candidates"]
@@ -89,7 +122,9 @@ def test_main_job_writes_manifest_reports_and_triton_repo(finished_run):
     assert {c["candidate"] for c in report["candidates"]} == set(names)
     for name in names:
         assert (out / "onnx" / f"{name}.onnx").is_file()
-        assert (out / "raw" / f"{name}-b1.json").is_file() and (out / "raw" / f"{name}-b2.json").is_file()
+        assert (out / "raw" / f"{name}-b1.json").is_file() and (
+            out / "raw" / f"{name}-b2.json"
+        ).is_file()
     assert (out / "candidates.csv").read_text().count("\n") == len(names) + 1
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The densest candidate that fits is chosen and the budget arithmetic holds.
@@ -116,7 +151,9 @@ def test_triton_repository_parses_and_onnx_matches_pytorch(finished_run):
     assert deploy["source"]["candidate"] == "original" and deploy["latency"][0]["batch_size"] == 1
     _, model = load_candidate(out / "family" / "original.json")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     got = sess.run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         want = model(x).numpy()
@@ -127,9 +164,26 @@ def test_rerun_resumes_without_redoing_work(finished_run, photo_dir, profile_fil
     out, _ = finished_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / "family").glob("*.safetensors")}
     raw_before = {p.name: p.stat().st_mtime_ns for p in (out / "raw").glob("*.json")}
-    code, text = run_cli(["compress", *MODEL, "--data", str(photo_dir), *FAST, "--targets", "10%,25%",
-                          "--profile", str(profile_file), "--latency-ms", "1000", "--margin", "5%",
-                          "--out", str(out), "--json"])
+    code, text = run_cli(
+        [
+            "compress",
+            *MODEL,
+            "--data",
+            str(photo_dir),
+            *FAST,
+            "--targets",
+            "10%,25%",
+            "--profile",
+            str(profile_file),
+            "--latency-ms",
+            "1000",
+            "--margin",
+            "5%",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert code == 0, text
     assert {p.name: p.stat().st_mtime_ns for p in (out / "family").glob("*.safetensors")} == before
     assert {p.name: p.stat().st_mtime_ns for p in (out / "raw").glob("*.json")} == raw_before
@@ -137,7 +191,9 @@ def test_rerun_resumes_without_redoing_work(finished_run, photo_dir, profile_fil
 
 def test_infeasible_budget_exits_3_naming_fastest(finished_run, profile_file):
     out, _ = finished_run
-    code, text = run_cli(["select", "--out", str(out), "--profile", str(profile_file), "--latency-ms", "0.0001"])
+    code, text = run_cli(
+        ["select", "--out", str(out), "--profile", str(profile_file), "--latency-ms", "0.0001"]
+    )
     assert code == 3
     assert "no candidate meets p50" in text and "the fastest" in text and "would admit it" in text
 
@@ -171,14 +227,21 @@ def test_bad_input_is_one_line_with_fix(tmp_path, photo_dir, args, message):
 
 def test_empty_data_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    code, text = run_cli(["compress", *MODEL, "--data", str(tmp_path / "empty"), *FAST, "--out", str(tmp_path / "r")])
+    code, text = run_cli(
+        ["compress", *MODEL, "--data", str(tmp_path / "empty"), *FAST, "--out", str(tmp_path / "r")]
+    )
     assert code == 1 and "no images" in text and "fix:" in text
 
 
 def test_output_dir_of_another_run_is_refused(finished_run, photo_dir):
     out, _ = finished_run
-    other = ["--model", "vit_tiny_patch16_224", "--random-init",
-             "--model-kwargs", "img_size=32 patch_size=8 embed_dim=64 depth=2 num_heads=2 num_classes=10"]
+    other = [
+        "--model",
+        "vit_tiny_patch16_224",
+        "--random-init",
+        "--model-kwargs",
+        "img_size=32 patch_size=8 embed_dim=64 depth=2 num_heads=2 num_classes=10",
+    ]
     code, text = run_cli(["compress", *other, "--data", str(photo_dir), *FAST, "--out", str(out)])
     assert code == 1 and "holds a run of another model" in text and "--overwrite" in text
 
@@ -187,11 +250,33 @@ def test_kill_during_finetuning_then_resume(tmp_path, photo_dir, profile_file):
     """SIGKILL the CLI while it compresses; the rerun finishes, keeps finished candidates, and
     selects the same candidate as an uninterrupted run."""
     out = tmp_path / "killed"
-    args = ["compress", *MODEL, "--data", str(photo_dir), *FAST, "--iterations", "40", "--targets", "10%,20%,30%",
-            "--no-original", "--profile", str(profile_file), "--latency-ms", "1000", "--out", str(out), "--json"]
+    args = [
+        "compress",
+        *MODEL,
+        "--data",
+        str(photo_dir),
+        *FAST,
+        "--iterations",
+        "40",
+        "--targets",
+        "10%,20%,30%",
+        "--no-original",
+        "--profile",
+        str(profile_file),
+        "--latency-ms",
+        "1000",
+        "--out",
+        str(out),
+        "--json",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dcvit_deploy.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcvit_deploy.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     first = out / "family" / "dcvit-0100.json"
     deadline = time.monotonic() + 240
     while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -208,17 +293,19 @@ def test_kill_during_finetuning_then_resume(tmp_path, photo_dir, profile_file):
     code, text = run_cli(args)
     assert code == 0, text
     assert first.stat().st_mtime_ns == kept  # finished work was not redone
-    resumed = json.loads(text[text.index("{"):])
+    resumed = json.loads(text[text.index("{") :])
     code, text = run_cli([*args[:-3], "--out", str(tmp_path / "straight"), "--json"])
     assert code == 0, text
-    straight = json.loads(text[text.index("{"):])
+    straight = json.loads(text[text.index("{") :])
     assert resumed["chosen"] == straight["chosen"] == "dcvit-0100"
 
 
 def test_compare_gate_passes_on_itself_and_fails_on_a_slower_run(finished_run, tmp_path):
     out, _ = finished_run
     report = json.loads((out / "report.json").read_text())
-    code, text = run_cli(["compare", str(out / "report.json"), "--baseline", str(out / "report.json")])
+    code, text = run_cli(
+        ["compare", str(out / "report.json"), "--baseline", str(out / "report.json")]
+    )
     assert code == 0 and "no regression" in text
     for cand in report["candidates"]:  # a baseline twice as fast as this run
         for s in cand["latency"]:
@@ -226,7 +313,16 @@ def test_compare_gate_passes_on_itself_and_fails_on_a_slower_run(finished_run, t
                 s[k] = s[k] / 2
     fast = tmp_path / "baseline.json"
     fast.write_text(json.dumps(report))
-    code, text = run_cli(["compare", str(out / "report.json"), "--baseline", str(fast), "--out", str(tmp_path / "cmp")])
+    code, text = run_cli(
+        [
+            "compare",
+            str(out / "report.json"),
+            "--baseline",
+            str(fast),
+            "--out",
+            str(tmp_path / "cmp"),
+        ]
+    )
     assert code == 4, text
     assert "error:" in text and "fix:" in text
     assert (tmp_path / "cmp" / "comparison.json").is_file()

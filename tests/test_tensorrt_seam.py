@@ -17,7 +17,6 @@ import dcvit_deploy.envinfo
 from dcvit_deploy.backends import BuildError, get_backend
 from dcvit_deploy.backends import tensorrt as trt_backend
 from dcvit_deploy.backends.tensorrt import (
-    EngineMismatch,
     ShapeProfile,
     TensorRTRunner,
     build_serialized_engine,
@@ -25,7 +24,7 @@ from dcvit_deploy.backends.tensorrt import (
     check_engine_compatible,
     network_flags,
 )
-from dcvit_deploy.errors import BackendUnavailable, ProfileError
+from dcvit_deploy.errors import BackendUnavailable, EngineMismatch, ProfileError
 from dcvit_deploy.profiles import load_profile, profile_from_dict
 from dcvit_deploy.records import TargetProfile
 

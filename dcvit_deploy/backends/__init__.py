@@ -18,8 +18,8 @@ import importlib.metadata
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import BackendUnavailable, UserInputError
-from .base import Availability, Backend, BuildError, missing_attributes
+from ..errors import BackendUnavailable, BuildError, UserInputError
+from .base import Availability, Backend, missing_attributes
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..records import TargetProfile

@@ -21,21 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from ..errors import BackendUnavailable, ExportError, ProfileError
+from ..errors import BackendUnavailable, ProfileError
 from ..measure import Timer, measure, save_raw
 from ..records import Artifact, LatencyStats, TargetProfile
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
     import torch
-
-
-class BuildError(ExportError):
-    """Building one candidate's artifact failed (parser or builder error); recorded per candidate.
-
-    A subclass of :class:`ExportError` so callers that catch export failures per candidate keep
-    working; callers that distinguish ``build_failed`` from ``export_failed`` test for this.
-    """
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..atomic import atomic_path, sha256_file
 from ..envinfo import UNAVAILABLE, package_version
-from ..errors import BackendUnavailable, ProfileError, UserInputError
+from ..errors import BackendUnavailable, BuildError, ProfileError, UserInputError
 from ..measure import HostTimer
 from ..records import Artifact, LatencyStats, TargetProfile
 from .base import (
     Availability,
     BackendBase,
-    BuildError,
     OptionSpec,
     check_batch,
     cuda_availability,

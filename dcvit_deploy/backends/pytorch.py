@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..atomic import atomic_path, sha256_file
-from ..errors import ProfileError, UserInputError
+from ..errors import BuildError, ProfileError, UserInputError
 from ..measure import CudaEventTimer, HostTimer, Timer
 from ..records import Artifact, LatencyStats, TargetProfile
 from .base import (
     Availability,
     BackendBase,
-    BuildError,
     OptionSpec,
     check_batch,
     cuda_availability,

@@ -40,13 +40,12 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..atomic import atomic_write_bytes, atomic_write_json, sha256_file
-from ..errors import BackendUnavailable, EnvironmentProblem, ProfileError, UserInputError
+from ..errors import BackendUnavailable, BuildError, EngineMismatch, ProfileError, UserInputError
 from ..measure import CudaEventTimer, HostTimer, Timer
 from ..records import SCHEMA_VERSION, Artifact, LatencyStats, TargetProfile
 from .base import (
     Availability,
     BackendBase,
-    BuildError,
     OptionSpec,
     check_batch,
     cuda_availability,
@@ -62,10 +61,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMING_CACHE = "timing.cache"
 MIB = 1 << 20
-
-
-class EngineMismatch(EnvironmentProblem):
-    """A serialized engine was built by another TensorRT version or on another GPU."""
 
 
 @dataclass(frozen=True)

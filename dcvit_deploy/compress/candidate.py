@@ -36,14 +36,20 @@ def save_candidate(directory: str | Path, candidate: Candidate, model: nn.Module
 def read_candidate(spec_path: str | Path) -> Candidate:
     p = Path(spec_path)
     if not p.is_file():
-        raise UserInputError(f"candidate spec {p} does not exist", "point at a <name>.json written by compress")
+        raise UserInputError(
+            f"candidate spec {p} does not exist", "point at a <name>.json written by compress"
+        )
     try:
         return from_dict(Candidate, json.loads(p.read_text()))
     except (ValueError, KeyError, TypeError) as exc:
-        raise UserInputError(f"candidate spec {p.name} is invalid: {exc}", "re-run compression") from exc
+        raise UserInputError(
+            f"candidate spec {p.name} is invalid: {exc}", "re-run compression"
+        ) from exc
 
 
-def build_candidate(candidate: Candidate, weights_path: str | Path | None = None, *, verify: bool = True) -> nn.Module:
+def build_candidate(
+    candidate: Candidate, weights_path: str | Path | None = None, *, verify: bool = True
+) -> nn.Module:
     """Rebuild the torch module of ``candidate`` from its spec and weights file (eval mode)."""
     from safetensors.torch import load_file
 
@@ -54,7 +60,9 @@ def build_candidate(candidate: Candidate, weights_path: str | Path | None = None
     base = create_model(arch.model_name, arch.model_kwargs)
     model = apply_spec(base, arch)
     if weights_path is None:
-        raise UserInputError("no weights file given for the candidate", "pass the .safetensors path")
+        raise UserInputError(
+            "no weights file given for the candidate", "pass the .safetensors path"
+        )
     wp = Path(weights_path)
     if verify and candidate.weights_sha256 and sha256_file(wp) != candidate.weights_sha256:
         raise UserInputError(

@@ -60,10 +60,13 @@ class FamilyConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise UserInputError(f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
+            raise UserInputError(
+                f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}"
+            )
         if self.neuron_choice not in NEURON_CHOICES:
             raise UserInputError(
-                f"unknown neuron choice {self.neuron_choice!r}", f"use one of {', '.join(NEURON_CHOICES)}"
+                f"unknown neuron choice {self.neuron_choice!r}",
+                f"use one of {', '.join(NEURON_CHOICES)}",
             )
         if not self.targets:
             raise UserInputError("no compression targets given", "pass e.g. --targets 5%:50%:5%")
@@ -98,7 +101,9 @@ def _scaled(schedule: FinetuneSchedule, fraction: float) -> FinetuneSchedule:
         return schedule
     it = max(1, round(schedule.iterations * fraction))
     return replace(
-        schedule, iterations=it, lr_warmup_iterations=min(it, round(schedule.lr_warmup_iterations * fraction))
+        schedule,
+        iterations=it,
+        lr_warmup_iterations=min(it, round(schedule.lr_warmup_iterations * fraction)),
     )
 
 
@@ -139,7 +144,9 @@ class _Family:
                 f"candidate blocks {bad} do not exist (model depth {self.depth})",
                 f"choose blocks in 0..{self.depth - 1}",
             )
-        self.chooser = make_chooser(config.neuron_choice, teacher, seed=config.seed, images=activation_images)
+        self.chooser = make_chooser(
+            config.neuron_choice, teacher, seed=config.seed, images=activation_images
+        )
         self.common = {
             "teacher": teacher_fingerprint,
             "data": input_fingerprint,
@@ -154,13 +161,25 @@ class _Family:
 
     # ------------------------------------------------------------------ helpers
 
-    def _finetune(self, student: nn.Module, schedule: FinetuneSchedule, upto: int | str, label: str, seed: int) -> dict[str, Any]:
+    def _finetune(
+        self, student: nn.Module, schedule: FinetuneSchedule, upto: int | str, label: str, seed: int
+    ) -> dict[str, Any]:
         def report(p: FinetuneProgress) -> None:
-            self.progress(ProgressEvent(stage=f"finetune {label}", step=p.step, steps=p.total, loss=p.loss, eta_s=p.eta))
+            self.progress(
+                ProgressEvent(
+                    stage=f"finetune {label}", step=p.step, steps=p.total, loss=p.loss, eta_s=p.eta
+                )
+            )
 
         res = feature_mimic(
-            student, self.teacher, self.data, schedule, trainable_upto=upto,  # type: ignore[arg-type]
-            device=self.device, seed=seed, progress=report,
+            student,
+            self.teacher,
+            self.data,
+            schedule,
+            trainable_upto=upto,  # type: ignore[arg-type]
+            device=self.device,
+            seed=seed,
+            progress=report,
         )
         self.steps += res.steps
         return {"steps": res.steps, "seconds": round(res.seconds, 3), "final_loss": res.final_loss}
@@ -174,14 +193,30 @@ class _Family:
         cache = self.out / f"ranking-{self.cfg.method}-{key_width}.json"
         if self.cfg.method == "dcvit":
             r = rank_blocks(
-                self.teacher, self.base_spec, self.data, self.metric, candidates=self.blocks, hidden=hidden,
-                chooser=self.chooser, schedule=self.cfg.ranking_schedule, seed=self.cfg.seed,
-                device=self.device, cache=cache, cache_key=key, progress=self.progress,
+                self.teacher,
+                self.base_spec,
+                self.data,
+                self.metric,
+                candidates=self.blocks,
+                hidden=hidden,
+                chooser=self.chooser,
+                schedule=self.cfg.ranking_schedule,
+                seed=self.cfg.seed,
+                device=self.device,
+                cache=cache,
+                cache_key=key,
+                progress=self.progress,
             )
         else:
             r = rank_blocks_practise(
-                self.teacher, self.data, self.metric, candidates=self.blocks,
-                steps=self.cfg.practise_adaptor_steps, seed=self.cfg.seed, cache=cache, cache_key=key,
+                self.teacher,
+                self.data,
+                self.metric,
+                candidates=self.blocks,
+                steps=self.cfg.practise_adaptor_steps,
+                seed=self.cfg.seed,
+                cache=cache,
+                cache_key=key,
                 progress=self.progress,
             )
         self.seconds[f"ranking_{key_width}"] = time.perf_counter() - t0
@@ -200,11 +235,21 @@ class _Family:
             return None
         return cand
 
-    def _record(self, name: str, target: float, spec: ArchSpec, recipe: dict[str, Any]) -> Candidate:
+    def _record(
+        self, name: str, target: float, spec: ArchSpec, recipe: dict[str, Any]
+    ) -> Candidate:
         return Candidate(
-            name=name, method=self.cfg.method if name != ORIGINAL else "original", target_reduction=target,
-            arch=spec, macs=self.geom.count(spec.blocks), base_macs=self.base_macs, recipe=recipe,
-            seed=self.cfg.seed, input_fingerprint=self.input_fp, weights="", weights_sha256="",
+            name=name,
+            method=self.cfg.method if name != ORIGINAL else "original",
+            target_reduction=target,
+            arch=spec,
+            macs=self.geom.count(spec.blocks),
+            base_macs=self.base_macs,
+            recipe=recipe,
+            seed=self.cfg.seed,
+            input_fingerprint=self.input_fp,
+            weights="",
+            weights_sha256="",
         )
 
     # ------------------------------------------------------------------ steps
@@ -218,27 +263,49 @@ class _Family:
         return save_candidate(self.out, cand, self.teacher)
 
     def dcvit_target(
-        self, plan: StructurePlan, rank_width: int, prev: tuple[Candidate, nn.Module] | None, item: int, items: int
+        self,
+        plan: StructurePlan,
+        rank_width: int,
+        prev: tuple[Candidate, nn.Module] | None,
+        item: int,
+        items: int,
     ) -> tuple[Candidate, nn.Module]:
         ranking = self.ranking(rank_width)
         chosen = list(ranking.order[: plan.n_blocks])
         name = candidate_name("dcvit", plan.achieved)
         warm = prev if (self.cfg.reuse and prev is not None and prev[0].name != ORIGINAL) else None
         fp = fingerprint(
-            {**self.common, "name": name, "plan": to_dict(plan), "chosen": chosen,
-             "warm_from": warm[0].recipe.get("fingerprint") if warm else None}
+            {
+                **self.common,
+                "name": name,
+                "plan": to_dict(plan),
+                "chosen": chosen,
+                "warm_from": warm[0].recipe.get("fingerprint") if warm else None,
+            }
         )
         done = self._existing(name, fp)
         if done is not None:
             return done, build_candidate(done, self.out / done.weights)
-        self.progress(ProgressEvent(stage="compress", item=item, items=items, message=f"{name}: blocks {chosen} -> h'={plan.hidden}"))
+        self.progress(
+            ProgressEvent(
+                stage="compress",
+                item=item,
+                items=items,
+                message=f"{name}: blocks {chosen} -> h'={plan.hidden}",
+            )
+        )
         t0 = time.perf_counter()
         stages: list[dict[str, Any]] = []
         target_spec = compress_blocks(self.base_spec, chosen, plan.hidden, self.chooser)
         if warm is not None:
             student = reshape(warm[1], warm[0].arch, target_spec, self.teacher)
             sched = _scaled(self.cfg.schedule, self.cfg.warm_fraction)
-            stages.append({"blocks": chosen, **self._finetune(student, sched, max(chosen), name, self.cfg.seed)})
+            stages.append(
+                {
+                    "blocks": chosen,
+                    **self._finetune(student, sched, max(chosen), name, self.cfg.seed),
+                }
+            )
             self.reused.append(name)
         else:  # progressive: one block at a time, best first, finetune after each
             student, spec = copy.deepcopy(self.teacher), self.base_spec
@@ -246,33 +313,66 @@ class _Family:
                 step_spec = compress_blocks(self.base_spec, chosen[:k], plan.hidden, self.chooser)
                 student = reshape(student, spec, step_spec, self.teacher)
                 spec = step_spec
-                stages.append({"blocks": chosen[:k], **self._finetune(student, self.cfg.schedule, max(chosen[:k]), f"{name} ({k}/{len(chosen)})", self.cfg.seed + k)})
+                stages.append(
+                    {
+                        "blocks": chosen[:k],
+                        **self._finetune(
+                            student,
+                            self.cfg.schedule,
+                            max(chosen[:k]),
+                            f"{name} ({k}/{len(chosen)})",
+                            self.cfg.seed + k,
+                        ),
+                    }
+                )
         recipe = {
-            "fingerprint": fp, "n_blocks": plan.n_blocks, "hidden": plan.hidden,
-            "hidden_unrounded": plan.hidden_unrounded, "round_to": plan.round_to, "blocks": chosen,
-            "ranking_width": rank_width, "ranking_scores": {str(b): s for b, s in ranking.scores.items()},
-            "neuron_choice": self.cfg.neuron_choice, "warm_from": warm[0].name if warm else None,
-            "finetune": stages, "schedule": to_dict(self.cfg.schedule), "seconds": round(time.perf_counter() - t0, 3),
+            "fingerprint": fp,
+            "n_blocks": plan.n_blocks,
+            "hidden": plan.hidden,
+            "hidden_unrounded": plan.hidden_unrounded,
+            "round_to": plan.round_to,
+            "blocks": chosen,
+            "ranking_width": rank_width,
+            "ranking_scores": {str(b): s for b, s in ranking.scores.items()},
+            "neuron_choice": self.cfg.neuron_choice,
+            "warm_from": warm[0].name if warm else None,
+            "finetune": stages,
+            "schedule": to_dict(self.cfg.schedule),
+            "seconds": round(time.perf_counter() - t0, 3),
         }
-        cand = save_candidate(self.out, self._record(name, plan.target, target_spec, recipe), student)
+        cand = save_candidate(
+            self.out, self._record(name, plan.target, target_spec, recipe), student
+        )
         return cand, student
 
-    def practise_target(self, k: int, target: float, item: int, items: int) -> tuple[Candidate, nn.Module]:
+    def practise_target(
+        self, k: int, target: float, item: int, items: int
+    ) -> tuple[Candidate, nn.Module]:
         ranking = self.ranking(0)
         chosen = list(ranking.order[:k])
         spec = compress_blocks(self.base_spec, chosen, 0, kind="identity")
-        name = candidate_name("practise", 1.0 - self.geom.count(spec.blocks).linear_norm / self.base_macs.linear_norm)
+        name = candidate_name(
+            "practise", 1.0 - self.geom.count(spec.blocks).linear_norm / self.base_macs.linear_norm
+        )
         fp = fingerprint({**self.common, "name": name, "chosen": chosen})
         done = self._existing(name, fp)
         if done is not None:
             return done, build_candidate(done, self.out / done.weights)
-        self.progress(ProgressEvent(stage="compress", item=item, items=items, message=f"{name}: drop blocks {chosen}"))
+        self.progress(
+            ProgressEvent(
+                stage="compress", item=item, items=items, message=f"{name}: drop blocks {chosen}"
+            )
+        )
         t0 = time.perf_counter()
         student = reshape(self.teacher, self.base_spec, spec, self.teacher)
         stage = self._finetune(student, self.cfg.schedule, "all", name, self.cfg.seed)
         recipe = {
-            "fingerprint": fp, "dropped": chosen, "ranking_scores": {str(b): s for b, s in ranking.scores.items()},
-            "finetune": [stage], "schedule": to_dict(self.cfg.schedule), "seconds": round(time.perf_counter() - t0, 3),
+            "fingerprint": fp,
+            "dropped": chosen,
+            "ranking_scores": {str(b): s for b, s in ranking.scores.items()},
+            "finetune": [stage],
+            "schedule": to_dict(self.cfg.schedule),
+            "seconds": round(time.perf_counter() - t0, 3),
         }
         cand = save_candidate(self.out, self._record(name, target, spec, recipe), student)
         return cand, student
@@ -303,9 +403,18 @@ def compress_family(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fam = _Family(
-        teacher, model_name=model_name, model_kwargs=model_kwargs, data=data, metric_images=metric_images,
-        out_dir=out, config=config, teacher_fingerprint=teacher_fingerprint, input_fingerprint=input_fingerprint,
-        activation_images=activation_images, device=device, progress=progress,
+        teacher,
+        model_name=model_name,
+        model_kwargs=model_kwargs,
+        data=data,
+        metric_images=metric_images,
+        out_dir=out,
+        config=config,
+        teacher_fingerprint=teacher_fingerprint,
+        input_fingerprint=input_fingerprint,
+        activation_images=activation_images,
+        device=device,
+        progress=progress,
     )
     t0 = time.perf_counter()
     cands: list[Candidate] = []
@@ -313,7 +422,9 @@ def compress_family(
         cands.append(fam.original())
     targets = sorted(config.targets)
     if config.method == "dcvit":
-        plans = plan_family(fam.geom, fam.depth, targets, max_blocks=len(fam.blocks), round_to=config.round_to)
+        plans = plan_family(
+            fam.geom, fam.depth, targets, max_blocks=len(fam.blocks), round_to=config.round_to
+        )
         unique = _unique_plans(plans)
         rank_width = unique[len(unique) // 2].hidden
         prev: tuple[Candidate, nn.Module] | None = None
@@ -329,9 +440,19 @@ def compress_family(
         for i, (k, t) in enumerate(sorted(ks.items()), start=1):
             cands.append(fam.practise_target(k, t, i, len(ks))[0])
     fam.seconds["total"] = time.perf_counter() - t0
-    index = {"candidates": [c.name + ".json" for c in cands], "config": to_dict(config), "seconds": fam.seconds}
+    index = {
+        "candidates": [c.name + ".json" for c in cands],
+        "config": to_dict(config),
+        "seconds": fam.seconds,
+    }
     atomic_write_json(out / "family.json", index)
-    return FamilyResult(candidates=cands, rankings=fam.rankings, seconds=fam.seconds, finetune_steps=fam.steps, reused=fam.reused)
+    return FamilyResult(
+        candidates=cands,
+        rankings=fam.rankings,
+        seconds=fam.seconds,
+        finetune_steps=fam.steps,
+        reused=fam.reused,
+    )
 
 
 def _unique_plans(plans: Sequence[StructurePlan]) -> list[StructurePlan]:
@@ -352,4 +473,3 @@ def load_family(out_dir: str | Path) -> list[Candidate]:
         raise UserInputError(f"no family.json in {out_dir}", "run compression first")
     names = json.loads(p.read_text())["candidates"]
     return [read_candidate(Path(out_dir) / n) for n in names]
-

@@ -105,7 +105,9 @@ class Geometry:
                     "mlp_hidden": spec.mlp_hidden,
                     "attn_linear_norm": self.attn_linear_norm if has_attn else 0,
                     "attn_matmul": self.attn_matmul if has_attn else 0,
-                    "mlp_linear_norm": (self.mlp_norm + self.mlp_linear(spec.mlp_hidden)) if has_mlp else 0,
+                    "mlp_linear_norm": (self.mlp_norm + self.mlp_linear(spec.mlp_hidden))
+                    if has_mlp
+                    else 0,
                     "params": self.block_params(spec),
                 }
             )
@@ -144,7 +146,9 @@ def geometry_of(model: nn.Module) -> Geometry:
     fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
     hidden = int(fc1.out_features)
     per_hidden = d + d + (1 if fc1.bias is not None else 0)
-    mlp_fixed = _numel(blk.norm2) + _numel(blk.ls2) + (fc2.bias.numel() if fc2.bias is not None else 0)
+    mlp_fixed = (
+        _numel(blk.norm2) + _numel(blk.ls2) + (fc2.bias.numel() if fc2.bias is not None else 0)
+    )
     return Geometry(
         tokens=tokens,
         embed_dim=d,
@@ -189,7 +193,11 @@ def count_module_macs(model: nn.Module) -> MacCount:
         if isinstance(blk, Block):
             qkv = blk.attn.qkv.weight
             proj_w = blk.attn.proj.weight
-            a = LN_MACS_PER_ELEMENT * tokens * d + tokens * int(qkv.numel()) + tokens * int(proj_w.numel())
+            a = (
+                LN_MACS_PER_ELEMENT * tokens * d
+                + tokens * int(qkv.numel())
+                + tokens * int(proj_w.numel())
+            )
             ln += a
             full += a + 2 * tokens * tokens * d
     return MacCount(linear_norm=ln, full=full, params=_numel(model))

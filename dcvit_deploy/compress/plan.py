@@ -34,7 +34,9 @@ class StructurePlan:
         return self.achieved - self.target
 
 
-def feasible_range(geom: Geometry, depth: int, max_blocks: int, round_to: int = 1) -> tuple[float, float]:
+def feasible_range(
+    geom: Geometry, depth: int, max_blocks: int, round_to: int = 1
+) -> tuple[float, float]:
     """(min, max) reduction the planner can meet with at most ``max_blocks`` blocks.
 
     The minimum removes one attention branch; the maximum narrows ``max_blocks`` blocks to the
@@ -42,7 +44,9 @@ def feasible_range(geom: Geometry, depth: int, max_blocks: int, round_to: int = 
     """
     from ..records import BlockSpec
 
-    total = geom.count([BlockSpec(kind="attn_mlp", mlp_hidden=geom.base_mlp_hidden)] * depth).linear_norm
+    total = geom.count(
+        [BlockSpec(kind="attn_mlp", mlp_hidden=geom.base_mlp_hidden)] * depth
+    ).linear_norm
     return _range(geom, total, max_blocks, round_to)
 
 
@@ -112,7 +116,8 @@ def parse_targets(text: str) -> list[float]:
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%?)", tok)
         if not m:
             raise UserInputError(
-                f"cannot read target {tok!r}", "write percentages like 16.6% or fractions like 0.166"
+                f"cannot read target {tok!r}",
+                "write percentages like 16.6% or fractions like 0.166",
             )
         v = float(m.group(1))
         return v / 100.0 if (m.group(2) or force_pct or v > 1) else v
@@ -124,8 +129,10 @@ def parse_targets(text: str) -> list[float]:
         pct = any("%" in p for p in parts) or any(float(p.strip("% ")) > 1 for p in parts)
         start, stop, step = (frac(p, pct) for p in parts)
         if step <= 0 or stop < start:
-            raise UserInputError(f"range {text!r} is empty", "use start <= stop and a positive step")
-        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            raise UserInputError(
+                f"range {text!r} is empty", "use start <= stop and a positive step"
+            )
+        count = math.floor((stop - start) / step + 1e-9) + 1
         values = [round(start + i * step, 10) for i in range(count)]
     else:
         values = [frac(p, False) for p in text.split(",") if p.strip()]
@@ -148,5 +155,7 @@ def plan_family(
     geom: Geometry, depth: int, targets: Sequence[float], *, max_blocks: int, round_to: int = 1
 ) -> list[StructurePlan]:
     """Plans for many targets (all validated first, so one bad target fails before any work)."""
-    plans = [plan_structure(geom, depth, t, max_blocks=max_blocks, round_to=round_to) for t in targets]
+    plans = [
+        plan_structure(geom, depth, t, max_blocks=max_blocks, round_to=round_to) for t in targets
+    ]
     return plans

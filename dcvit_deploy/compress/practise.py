@@ -40,7 +40,11 @@ class AdaptedGap(nn.Module):
 
 
 def _train_adaptor(
-    student: nn.Module, teacher: nn.Module, batches: Callable[[], torch.Tensor], steps: int, lr: float
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Callable[[], torch.Tensor],
+    steps: int,
+    lr: float,
 ) -> None:
     params = [p for n, p in student.named_parameters() if "adaptor" in n]
     for p in student.parameters():

@@ -87,14 +87,26 @@ def rank_blocks(
         def report(p: FinetuneProgress, k: int = k, b: int = b) -> None:
             progress(
                 ProgressEvent(
-                    stage=f"rank block {b}", item=k, items=len(todo), step=p.step, steps=p.total,
-                    loss=p.loss, eta_s=p.eta,
+                    stage=f"rank block {b}",
+                    item=k,
+                    items=len(todo),
+                    step=p.step,
+                    steps=p.total,
+                    loss=p.loss,
+                    eta_s=p.eta,
                 )
             )
 
         feature_mimic(
-            student, teacher, data, schedule, trainable_upto=b, device=device, seed=seed + b,
-            progress=report, should_stop=should_stop,
+            student,
+            teacher,
+            data,
+            schedule,
+            trainable_upto=b,
+            device=device,
+            seed=seed + b,
+            progress=report,
+            should_stop=should_stop,
         )
         if should_stop is not None and should_stop():
             break

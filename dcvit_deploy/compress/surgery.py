@@ -31,7 +31,9 @@ class FFNBlock(nn.Module):
     stay ``blocks.i.norm2.weight`` etc. and surgery on surgery composes.
     """
 
-    def __init__(self, norm2: nn.Module, mlp: nn.Module, ls2: nn.Module, drop_path2: nn.Module) -> None:
+    def __init__(
+        self, norm2: nn.Module, mlp: nn.Module, ls2: nn.Module, drop_path2: nn.Module
+    ) -> None:
         super().__init__()
         self.norm2 = norm2
         self.mlp = mlp
@@ -63,8 +65,12 @@ def narrow_mlp(mlp: nn.Module, kept: Sequence[int]) -> nn.Module:
         raise ValueError(f"kept neuron index out of range 0..{fc1.out_features - 1}")
     new = copy.deepcopy(mlp)
     w1 = fc1.weight.detach()
-    new_fc1 = nn.Linear(fc1.in_features, idx.numel(), bias=fc1.bias is not None, device=w1.device, dtype=w1.dtype)
-    new_fc2 = nn.Linear(idx.numel(), fc2.out_features, bias=fc2.bias is not None, device=w1.device, dtype=w1.dtype)
+    new_fc1 = nn.Linear(
+        fc1.in_features, idx.numel(), bias=fc1.bias is not None, device=w1.device, dtype=w1.dtype
+    )
+    new_fc2 = nn.Linear(
+        idx.numel(), fc2.out_features, bias=fc2.bias is not None, device=w1.device, dtype=w1.dtype
+    )
     with torch.no_grad():
         new_fc1.weight.copy_(w1[idx])
         if fc1.bias is not None:
@@ -142,7 +148,9 @@ def _gather_mlp(
     pos = {k: j for j, k in enumerate(mlp_kept)}
     missing = [k for k in new_kept if k not in pos]
     if missing and base_mlp is None:
-        raise ValueError(f"units {missing[:5]} are not in the current block and no base model was given")
+        raise ValueError(
+            f"units {missing[:5]} are not in the current block and no base model was given"
+        )
     new = narrow_mlp(mlp, [pos.get(k, 0) for k in new_kept])
     if missing:
         with torch.no_grad():
@@ -177,12 +185,17 @@ def reshape(
             blocks[i] = DroppedBlock()
             continue
         if c.kind == "identity" or (c.kind == "mlp" and t.kind == "attn_mlp"):
-            raise ValueError(f"block {i}: cannot restore a removed {'block' if c.kind == 'identity' else 'attention'}")
+            raise ValueError(
+                f"block {i}: cannot restore a removed "
+                f"{'block' if c.kind == 'identity' else 'attention'}"
+            )
         blk = blocks[i]
         base_mlp = base.blocks[i].mlp if base is not None else None  # type: ignore[index,union-attr]
         new_kept = _kept_list(t)
         cur_kept = _kept_list(c)
-        mlp = blk.mlp if new_kept == cur_kept else _gather_mlp(blk.mlp, cur_kept, base_mlp, new_kept)
+        mlp = (
+            blk.mlp if new_kept == cur_kept else _gather_mlp(blk.mlp, cur_kept, base_mlp, new_kept)
+        )
         if t.kind == "mlp":
             blocks[i] = FFNBlock(blk.norm2, mlp, blk.ls2, blk.drop_path2)
         else:
@@ -204,7 +217,11 @@ def spec_of(model: nn.Module, template: ArchSpec) -> ArchSpec:
     blocks = []
     for module, tb in zip(model.blocks, template.blocks, strict=True):  # type: ignore[arg-type]
         s = _block_spec_of(module)
-        blocks.append(BlockSpec(kind=s.kind, mlp_hidden=s.mlp_hidden, kept=tb.kept if s.kind != "identity" else None))
+        blocks.append(
+            BlockSpec(
+                kind=s.kind, mlp_hidden=s.mlp_hidden, kept=tb.kept if s.kind != "identity" else None
+            )
+        )
     return _with_blocks(template, blocks)
 
 
@@ -224,7 +241,9 @@ def compress_blocks(
     new_blocks = list(spec.blocks)
     for b in blocks:
         if not 0 <= b < spec.depth:
-            raise UserInputError(f"block {b} does not exist (depth {spec.depth})", "pick valid blocks")
+            raise UserInputError(
+                f"block {b} does not exist (depth {spec.depth})", "pick valid blocks"
+            )
         if kind == "identity":
             new_blocks[b] = BlockSpec(kind="identity", mlp_hidden=0)
             continue
@@ -255,7 +274,9 @@ def choose_by_weight(block: nn.Module, hidden: int) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def hidden_activation_scores(model: nn.Module, images: torch.Tensor, batch: int = 32) -> dict[int, torch.Tensor]:
+def hidden_activation_scores(
+    model: nn.Module, images: torch.Tensor, batch: int = 32
+) -> dict[int, torch.Tensor]:
     """Mean |GELU(fc1(norm2(x)))|·‖fc2 column‖ per hidden unit of every block, on ``images``.
 
     Scaling by the fc2 column norm measures each unit's contribution to the block output rather
@@ -295,7 +316,9 @@ def make_chooser(
 ) -> Callable[[int, int], Sequence[int]]:
     """A ``chooser(block, hidden)`` for :func:`compress_blocks` over the uncompressed ``base``."""
     if method not in NEURON_CHOICES:
-        raise UserInputError(f"unknown neuron choice {method!r}", f"use one of {', '.join(NEURON_CHOICES)}")
+        raise UserInputError(
+            f"unknown neuron choice {method!r}", f"use one of {', '.join(NEURON_CHOICES)}"
+        )
     hidden_base = int(base.blocks[0].mlp.fc1.out_features)  # type: ignore[index]
     if method == "random":
         return lambda b, h: choose_random(hidden_base, h, seed=seed, block=b)
