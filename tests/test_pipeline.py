@@ -83,29 +83,17 @@ def profile_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
+def main_job(photo_dir: Path, profile_file: Path, out: Path) -> list[str]:
+    """The main command with a generous budget (the test asserts the budget arithmetic)."""
+    return ["compress", *MODEL, "--data", str(photo_dir), *FAST, "--targets", "10%,25%",
+            "--profile", str(profile_file), "--latency-ms", "1000", "--margin", "5%",
+            "--out", str(out), "--json"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, photo_dir, profile_file) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("run") / "r"
-    code, text = run_cli(
-        [
-            "compress",
-            *MODEL,
-            "--data",
-            str(photo_dir),
-            *FAST,
-            "--targets",
-            "10%,25%",
-            "--profile",
-            str(profile_file),
-            "--latency-ms",
-            "1000",
-            "--margin",
-            "5%",
-            "--out",
-            str(out),
-            "--json",
-        ]
-    )
+    code, text = run_cli(main_job(photo_dir, profile_file, out))
     assert code == 0, text
     return out, text
 
@@ -164,26 +152,7 @@ def test_rerun_resumes_without_redoing_work(finished_run, photo_dir, profile_fil
     out, _ = finished_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / "family").glob("*.safetensors")}
     raw_before = {p.name: p.stat().st_mtime_ns for p in (out / "raw").glob("*.json")}
-    code, text = run_cli(
-        [
-            "compress",
-            *MODEL,
-            "--data",
-            str(photo_dir),
-            *FAST,
-            "--targets",
-            "10%,25%",
-            "--profile",
-            str(profile_file),
-            "--latency-ms",
-            "1000",
-            "--margin",
-            "5%",
-            "--out",
-            str(out),
-            "--json",
-        ]
-    )
+    code, text = run_cli(main_job(photo_dir, profile_file, out))
     assert code == 0, text
     assert {p.name: p.stat().st_mtime_ns for p in (out / "family").glob("*.safetensors")} == before
     assert {p.name: p.stat().st_mtime_ns for p in (out / "raw").glob("*.json")} == raw_before
