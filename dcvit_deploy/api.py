@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from .atomic import atomic_write_json, fingerprint, sha256_file
 from .errors import BudgetInfeasible, DcvitError, UserInputError
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .data import DataOverrides
+    from .records import OutcomeStatus
 
 SCHEDULES = ("default", "paper", "tiny")
 METRIC_SOURCES = ("synthetic", "real")
@@ -392,7 +393,7 @@ def _record_fidelity(run: RunDir, candidates: Sequence[Candidate], prep: Prepare
 
 
 def _fail(
-    run: RunDir, cand: Candidate, status: str, exc: BaseException, **extra: Any
+    run: RunDir, cand: Candidate, status: OutcomeStatus, exc: BaseException, **extra: Any
 ) -> CandidateOutcome:
     log = run.log(cand.name, f"{status}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     msg = exc.one_line() if isinstance(exc, DcvitError) else f"{type(exc).__name__}: {exc}"
@@ -403,7 +404,7 @@ def _fail(
         macs=cand.macs,
         status=status,
         error=f"{msg} (log: {log.relative_to(run.root)})",
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
     _save_outcome(run, outcome)
     return outcome
@@ -451,7 +452,11 @@ def export_candidate(
         return run.root / done["path"], from_dict(Verification, done["verification"])
     model = build_candidate(cand, run.family_dir / cand.weights)
     input_shape = tuple(int(v) for v in images.shape[1:])
-    common = {"input_shape": input_shape, "opset": opts.opset, "simplify": opts.simplify}
+    common: dict[str, Any] = {
+        "input_shape": input_shape,
+        "opset": opts.opset,
+        "simplify": opts.simplify,
+    }
     export_onnx(model, path, **common)
     verification = verify_onnx(model, path, images)
     deploy_path = path
@@ -488,7 +493,7 @@ def evaluate_candidate(
     """
     from .backends import get_backend
 
-    base = {
+    base: dict[str, Any] = {
         "candidate": cand.name,
         "method": cand.method,
         "retained": cand.retained,
@@ -791,7 +796,12 @@ def _options_from_manifest(run: RunDir) -> CompressOptions:
         )
     ov = raw.pop("data_overrides", None)
     overrides = (
-        DataOverrides(**{k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()})
+        DataOverrides(
+            **cast(
+                "dict[str, Any]",
+                {k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()},
+            )
+        )
         if ov
         else None
     )

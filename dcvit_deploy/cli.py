@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
@@ -463,7 +463,7 @@ def family_cmd(**kw: Any) -> None:
     from .compress.family import load_family
 
     fam = load_family(Path(kw["out"]) / "family")
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": c.name,
             "reduction": round(c.reduction, 4),
@@ -484,21 +484,27 @@ def family_cmd(**kw: Any) -> None:
     )
 
 
-def _stage(kw: dict[str, Any], until: str) -> None:
+def _stage(kw: dict[str, Any], until: Literal["export", "build", "profile"]) -> None:
     from .api import stage_over_run
 
     result = stage_over_run(
         kw["out"], deploy_options(kw), until=until, progress=_progress(kw["as_json"])
-    )  # type: ignore[arg-type]
+    )
     if until == "profile" and result.selection is not None:
         _finish(result, kw["as_json"])
         return
-    _emit(kw["as_json"], _result_payload(result), "\n".join(_outcome_line(o) for o in result.outcomes))
+    _emit(
+        kw["as_json"],
+        _result_payload(result),
+        "\n".join(_outcome_line(o) for o in result.outcomes),
+    )
 
 
 def _outcome_line(o: Any) -> str:
     v = o.verification
-    check = f"cosine {v.cosine:.6f} top-1 {v.top1_agreement:.1%} max|d| {v.max_abs:.2e}" if v else ""
+    check = (
+        f"cosine {v.cosine:.6f} top-1 {v.top1_agreement:.1%} max|d| {v.max_abs:.2e}" if v else ""
+    )
     built = f"artifact {Path(o.artifact.path).name}" if o.artifact else ""
     status = "exported" if o.status == "not_measured" else o.status
     return f"{o.candidate:>16}  {status}  {check}  {built}  {o.error}".rstrip()

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch.utils.data import Dataset
 
@@ -566,6 +566,9 @@ def write_demo_images(
                 arr = arr[:, ::-1]
         img = Image.fromarray(arr.copy())
         path = out / f"demo_{i:04d}_{photo.name}.jpg"
-        atomic_write_with(path, lambda tmp, im=img: im.save(tmp, format="JPEG", quality=90))
+        # the default binds this iteration's image; cast: mypy cannot infer such a lambda
+        atomic_write_with(
+            path, cast(Any, lambda tmp, im=img: im.save(tmp, format="JPEG", quality=90))
+        )
         written.append(path)
     return sorted(written)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import CheckpointMismatchError, UnsupportedModelError, UserInputError
 
@@ -199,7 +199,8 @@ def check_supported(model: nn.Module, name: str = "") -> None:
             )
         if not isinstance(getattr(blk.mlp, "norm", None), _identity_types()):
             raise UnsupportedModelError(
-                f"{label} block {i} normalises its MLP hidden layer, which narrowing cannot preserve",
+                f"{label} block {i} normalises its MLP hidden layer, "
+                "which narrowing cannot preserve",
                 "choose a model without scale_mlp_norm",
             )
 
@@ -256,7 +257,8 @@ def load_model(
             raise
         except Exception as exc:  # hub/cache errors come in many types
             raise UserInputError(
-                f"pretrained weights for {name} are not in the local hub cache ({type(exc).__name__})",
+                f"pretrained weights for {name} are not in the local hub cache "
+                f"({type(exc).__name__})",
                 "pass --checkpoint FILE with local weights",
             ) from exc
         check_supported(model, name)
@@ -277,7 +279,8 @@ def _load_into(
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
-        filtered = checkpoint_filter_fn(dict(sd), model)
+        # typed for VisionTransformer; other layouts fail here and take the fallback below
+        filtered = checkpoint_filter_fn(dict(sd), cast(Any, model))
     except Exception:  # foreign layouts: fall back to the raw keys and report mismatches below
         filtered = dict(sd)
     own = model.state_dict()
@@ -307,13 +310,14 @@ def _load_into(
 
 def geometry_kwargs(model: nn.Module) -> dict[str, Any]:
     """Construction kwargs that pin the geometry of ``model`` (for rebuilding it exactly)."""
-    pe = model.patch_embed  # type: ignore[union-attr]
+    vit = cast(Any, model)  # timm attributes are dynamic: nn.Module types them Tensor | Module
+    pe = vit.patch_embed
     return {
         "img_size": _json_size(pe.img_size),
         "patch_size": _json_size(pe.patch_size),
-        "num_classes": int(model.num_classes),  # type: ignore[union-attr]
-        "embed_dim": int(model.embed_dim),  # type: ignore[union-attr]
-        "depth": len(model.blocks),  # type: ignore[union-attr,arg-type]
+        "num_classes": int(vit.num_classes),
+        "embed_dim": int(vit.embed_dim),
+        "depth": len(vit.blocks),
     }
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -34,7 +34,14 @@ from .macs import Geometry, geometry_of
 from .plan import StructurePlan, plan_family
 from .practise import blocks_for_target, rank_blocks_practise
 from .recoverability import BlockRanking, default_candidate_blocks, rank_blocks
-from .surgery import NEURON_CHOICES, compress_blocks, identity_spec, make_chooser, reshape
+from .surgery import (
+    NEURON_CHOICES,
+    NeuronChoice,
+    compress_blocks,
+    identity_spec,
+    make_chooser,
+    reshape,
+)
 
 Method = Literal["dcvit", "practise"]
 METHODS: tuple[str, ...] = ("dcvit", "practise")
@@ -145,7 +152,10 @@ class _Family:
                 f"choose blocks in 0..{self.depth - 1}",
             )
         self.chooser = make_chooser(
-            config.neuron_choice, teacher, seed=config.seed, images=activation_images
+            cast(NeuronChoice, config.neuron_choice),
+            teacher,
+            seed=config.seed,
+            images=activation_images,
         )
         self.common = {
             "teacher": teacher_fingerprint,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from ..records import BlockSpec, MacCount
 
@@ -122,11 +122,12 @@ def _numel(module: nn.Module | None) -> int:
 
 def geometry_of(model: nn.Module) -> Geometry:
     """Read the geometry of an (uncompressed) timm ViT."""
-    pe = model.patch_embed  # type: ignore[union-attr]
+    vit = cast(Any, model)  # timm attributes are dynamic: nn.Module types them Tensor | Module
+    pe = vit.patch_embed
     num_patches = int(pe.num_patches)
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     tokens = num_patches + prefix
-    d = int(model.embed_dim)  # type: ignore[union-attr]
+    d = int(vit.embed_dim)
     proj = pe.proj
     in_per_patch = int(proj.weight.shape[1] * proj.weight.shape[2] * proj.weight.shape[3])
     stem = num_patches * in_per_patch * d
@@ -141,7 +142,7 @@ def geometry_of(model: nn.Module) -> Geometry:
         w = getattr(head, "weight", None)
         if w is not None:
             stem += int(w.shape[0]) * int(w.shape[1])
-    blk = model.blocks[0]  # type: ignore[index]
+    blk = vit.blocks[0]
     attn_params = sum(_numel(getattr(blk, n, None)) for n in ("norm1", "attn", "ls1"))
     fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
     hidden = int(fc1.out_features)
@@ -170,9 +171,10 @@ def count_module_macs(model: nn.Module) -> MacCount:
     """
     from timm.models.vision_transformer import Block
 
-    pe = model.patch_embed  # type: ignore[union-attr]
+    vit = cast(Any, model)  # timm attributes are dynamic: nn.Module types them Tensor | Module
+    pe = vit.patch_embed
     tokens = int(pe.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
-    d = int(model.embed_dim)  # type: ignore[union-attr]
+    d = int(vit.embed_dim)
     proj = pe.proj
     ln = int(pe.num_patches) * int(proj.weight[0].numel()) * d
     if _numel(getattr(model, "norm", None)) > 0:
@@ -184,15 +186,16 @@ def count_module_macs(model: nn.Module) -> MacCount:
         if w is not None:
             ln += int(w.numel())
     full = ln
-    for blk in model.blocks:  # type: ignore[union-attr]
+    for blk in vit.blocks:
         mlp = getattr(blk, "mlp", None)
         if mlp is not None:
             h = int(mlp.fc1.out_features)
             ln += LN_MACS_PER_ELEMENT * tokens * d + 2 * tokens * d * h
             full += LN_MACS_PER_ELEMENT * tokens * d + 2 * tokens * d * h
         if isinstance(blk, Block):
-            qkv = blk.attn.qkv.weight
-            proj_w = blk.attn.proj.weight
+            attn = cast(Any, blk.attn)
+            qkv = attn.qkv.weight
+            proj_w = attn.proj.weight
             a = (
                 LN_MACS_PER_ELEMENT * tokens * d
                 + tokens * int(qkv.numel())

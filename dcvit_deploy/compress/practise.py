@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,11 +53,12 @@ def _train_adaptor(
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     student.eval()
+    # timm's forward_features is dynamic on nn.Module (typed Tensor | Module): cast(Any, ...)
     for _ in range(steps):
         x = batches()
         with torch.no_grad():
-            target = teacher.forward_features(x)
-        loss = torch.nn.functional.mse_loss(student.forward_features(x), target)
+            target = cast(Any, teacher).forward_features(x)
+        loss = torch.nn.functional.mse_loss(cast(Any, student).forward_features(x), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -93,7 +94,8 @@ def rank_blocks_practise(
     for k, b in enumerate(todo, start=1):
         progress(ProgressEvent(stage=f"practise score block {b}", item=k, items=len(todo)))
         student = copy.deepcopy(teacher)
-        student.blocks[b] = AdaptedGap(int(teacher.embed_dim)).to(device)  # type: ignore[index]
+        # timm attributes are dynamic: nn.Module types them Tensor | Module
+        cast(Any, student).blocks[b] = AdaptedGap(int(cast(Any, teacher).embed_dim)).to(device)
         _train_adaptor(student, teacher, batches, steps, lr)
         scores[b] = feature_error(student, teacher, metric_images, device=device)
         if cache is not None:

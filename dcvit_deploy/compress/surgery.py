@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from ..records import ArchSpec, BlockSpec
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    from ..records import BlockKind
 
 NeuronChoice = Literal["random", "activation", "weight"]
 NEURON_CHOICES: tuple[str, ...] = ("random", "activation", "weight")
@@ -99,22 +101,23 @@ def ffn_only(block: nn.Module, kept: Sequence[int] | None = None) -> FFNBlock:
 def _block_spec_of(module: nn.Module) -> BlockSpec:
     if isinstance(module, DroppedBlock):
         return BlockSpec(kind="identity", mlp_hidden=0)
-    hidden = int(module.mlp.fc1.out_features)  # type: ignore[union-attr]
-    kind = "mlp" if isinstance(module, FFNBlock) else "attn_mlp"
+    hidden = int(cast(Any, module).mlp.fc1.out_features)
+    kind: BlockKind = "mlp" if isinstance(module, FFNBlock) else "attn_mlp"
     return BlockSpec(kind=kind, mlp_hidden=hidden)
 
 
 def identity_spec(model: nn.Module, model_name: str, model_kwargs: dict[str, object]) -> ArchSpec:
     """The ArchSpec of an unmodified timm ViT."""
-    blk = model.blocks[0]  # type: ignore[index]
+    vit = cast(Any, model)  # timm attributes are dynamic: nn.Module types them Tensor | Module
+    blk = vit.blocks[0]
     hidden = int(blk.mlp.fc1.out_features)
     return ArchSpec(
         model_name=model_name,
         model_kwargs=dict(model_kwargs),
-        embed_dim=int(model.embed_dim),  # type: ignore[union-attr]
+        embed_dim=int(vit.embed_dim),
         num_heads=int(blk.attn.num_heads),
         base_mlp_hidden=hidden,
-        blocks=tuple(BlockSpec(kind="attn_mlp", mlp_hidden=hidden) for _ in model.blocks),  # type: ignore[union-attr]
+        blocks=tuple(BlockSpec(kind="attn_mlp", mlp_hidden=hidden) for _ in vit.blocks),
     )
 
 
@@ -177,7 +180,7 @@ def reshape(
     if current.depth != target.depth or len(model.blocks) != target.depth:  # type: ignore[arg-type]
         raise ValueError("current spec, target spec and model must have the same depth")
     out = copy.deepcopy(model)
-    blocks = out.blocks  # type: ignore[union-attr]
+    blocks = cast(Any, out).blocks  # nn.Sequential of timm blocks (typed Tensor | Module)
     for i, (c, t) in enumerate(zip(current.blocks, target.blocks, strict=True)):
         if c == t:
             continue
@@ -268,7 +271,8 @@ def choose_random(hidden_base: int, hidden: int, *, seed: int, block: int) -> tu
 
 def choose_by_weight(block: nn.Module, hidden: int) -> tuple[int, ...]:
     """Keep units with the largest ‖fc1 row‖·‖fc2 column‖ (data-free magnitude criterion)."""
-    fc1, fc2 = block.mlp.fc1, block.mlp.fc2  # type: ignore[union-attr]
+    blk = cast(Any, block)  # timm attributes are dynamic: nn.Module types them Tensor | Module
+    fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
     score = fc1.weight.detach().norm(dim=1) * fc2.weight.detach().norm(dim=0)
     return tuple(sorted(int(i) for i in torch.topk(score, hidden).indices))
 
@@ -284,7 +288,7 @@ def hidden_activation_scores(
     """
     sums: dict[int, torch.Tensor] = {}
     hooks = []
-    for i, blk in enumerate(model.blocks):  # type: ignore[union-attr,arg-type]
+    for i, blk in enumerate(cast(Any, model).blocks):
         if not hasattr(blk, "mlp"):
             continue
 
@@ -319,11 +323,11 @@ def make_chooser(
         raise UserInputError(
             f"unknown neuron choice {method!r}", f"use one of {', '.join(NEURON_CHOICES)}"
         )
-    hidden_base = int(base.blocks[0].mlp.fc1.out_features)  # type: ignore[index]
+    hidden_base = int(cast(Any, base).blocks[0].mlp.fc1.out_features)
     if method == "random":
         return lambda b, h: choose_random(hidden_base, h, seed=seed, block=b)
     if method == "weight":
-        return lambda b, h: choose_by_weight(base.blocks[b], h)  # type: ignore[index]
+        return lambda b, h: choose_by_weight(cast(Any, base).blocks[b], h)
     if images is None:
         raise ValueError("activation-based neuron choice needs images")
     scores = hidden_activation_scores(base, images)
