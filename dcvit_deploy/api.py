@@ -406,16 +406,17 @@ def _fail(
         error=f"{msg} (log: {log.relative_to(run.root)})",
         **extra,
     )
-    _save_outcome(run, outcome)
     return outcome
 
 
-def _save_outcome(run: RunDir, outcome: CandidateOutcome) -> None:
-    atomic_write_json(run.sub("outcomes") / f"{outcome.candidate}.json", to_dict(outcome))
+def _save_outcome(run: RunDir, outcome: CandidateOutcome, profile: str) -> None:
+    """Persist a measured (or failed) outcome under ``outcomes/<profile>/`` -- one directory per
+    target, so measurements for different targets never mix."""
+    atomic_write_json(run.sub(f"outcomes/{profile}") / f"{outcome.candidate}.json", to_dict(outcome))
 
 
-def load_outcomes(run: RunDir) -> list[CandidateOutcome]:
-    d = run.root / "outcomes"
+def load_outcomes(run: RunDir, profile: str) -> list[CandidateOutcome]:
+    d = run.root / "outcomes" / profile
     if not d.is_dir():
         return []
     return [
@@ -489,8 +490,25 @@ def evaluate_candidate(
 ) -> CandidateOutcome:
     """Export, verify, build and profile one candidate (each step cached by fingerprint).
 
-    Never raises for a candidate's own failure: the outcome records it (and a log file).
+    Never raises for a candidate's own failure: the outcome records it (and a log file). Measured
+    and failed outcomes are persisted per profile; ``until`` stops early without persisting.
     """
+    outcome = _evaluate(run, cand, profile, opts, images, until=until, progress=progress)
+    if outcome.status != "not_measured":
+        _save_outcome(run, outcome, profile.name)
+    return outcome
+
+
+def _evaluate(
+    run: RunDir,
+    cand: Candidate,
+    profile: TargetProfile,
+    opts: DeployOptions,
+    images: torch.Tensor,
+    *,
+    until: Literal["export", "build", "profile"] = "profile",
+    progress: ProgressFn = quiet,
+) -> CandidateOutcome:
     from .backends import get_backend
 
     base: dict[str, Any] = {
@@ -514,7 +532,6 @@ def evaluate_candidate(
             verification=verification,
             error=f"verification failed: {verification.reason}",
         )
-        _save_outcome(run, outcome)
         return outcome
     if until == "export":  # not persisted: the outcome file holds the latest measured result
         return CandidateOutcome(**base, status="not_measured", verification=verification)
@@ -588,7 +605,6 @@ def evaluate_candidate(
     outcome = CandidateOutcome(
         **base, status="ok", verification=verification, latency=tuple(stats), artifact=artifact
     )
-    _save_outcome(run, outcome)
     return outcome
 
 
@@ -641,8 +657,7 @@ def deploy(
                     macs=c.macs,
                     status="not_measured",
                     fidelity=_fidelity(run, c.name),
-                )
-                _save_outcome(run, outcomes[c.name])
+                )  # reported for this run only: never overwrites an earlier measurement
     else:
         for c in sorted(candidates, key=lambda c: (-c.retained, c.name)):
             measure_one(c.name)
@@ -779,7 +794,11 @@ def status(out: str | Path) -> dict[str, Any]:
             n: {s: v.get("status") for s, v in st.items()}
             for n, st in m.get("candidates", {}).items()
         },
-        "outcomes": {o.candidate: o.status for o in load_outcomes(run)},
+        "outcomes": {
+            d.name: {o.candidate: o.status for o in load_outcomes(run, d.name)}
+            for d in sorted((run.root / "outcomes").glob("*"))
+            if d.is_dir()
+        },
     }
 
 
@@ -859,7 +878,7 @@ def select_over_run(out: str | Path, dopts: DeployOptions) -> PipelineResult:
     run = RunDir.load(out)
     profile = load_profile(dopts.profile)
     budget = budget_of(profile, dopts)
-    outcomes = capacity_order(load_outcomes(run))
+    outcomes = capacity_order(load_outcomes(run, profile.name))
     if not outcomes:
         raise UserInputError(
             f"{out} has no measured candidates", "run `dcvit-deploy profile` first"
@@ -886,6 +905,6 @@ def report_over_run(out: str | Path, dopts: DeployOptions) -> dict[str, Path]:
     run = RunDir.load(out)
     profile = load_profile(dopts.profile)
     budget = budget_of(profile, dopts)
-    outcomes = capacity_order(load_outcomes(run))
+    outcomes = capacity_order(load_outcomes(run, profile.name))
     selection = decide(outcomes, budget) if budget is not None and outcomes else None
     return write_run_reports(run, outcomes, selection, profile)

@@ -594,9 +594,10 @@ def status_cmd(out: str, as_json: bool) -> None:
     lines = [f"run: {s['run']}  model: {s['identity'].get('model')}"]
     lines += [f"  step {k}: {v}" for k, v in s["steps"].items()]
     for name, stages in s["candidates"].items():
-        outcome = s["outcomes"].get(name, "-")
+        per_profile = [f"{p}={o[name]}" for p, o in s["outcomes"].items() if name in o]
         lines.append(
-            f"  {name:>16}: {', '.join(f'{k}={v}' for k, v in stages.items())}  outcome={outcome}"
+            f"  {name:>16}: {', '.join(f'{k}={v}' for k, v in stages.items())}"
+            f"  outcome: {', '.join(per_profile) or '-'}"
         )
     _emit(as_json, s, "\n".join(lines))
 

@@ -8,7 +8,7 @@ Layout (all writes atomic)::
     RUN/onnx/<name>.onnx       exported graphs (+ <name>.fp16.onnx)
     RUN/artifacts/<backend>/   built artifacts and their metadata
     RUN/raw/<name>-b<B>.json   raw per-iteration latencies
-    RUN/outcomes/<name>.json   CandidateOutcome per candidate (the source of the report)
+    RUN/outcomes/<profile>/<name>.json   CandidateOutcome per candidate and target (report source)
     RUN/logs/<name>.log        per-candidate error logs
     RUN/report.json, candidates.csv, SUMMARY.md, pareto.png, triton/
 
