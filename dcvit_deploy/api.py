@@ -412,7 +412,9 @@ def _fail(
 def _save_outcome(run: RunDir, outcome: CandidateOutcome, profile: str) -> None:
     """Persist a measured (or failed) outcome under ``outcomes/<profile>/`` -- one directory per
     target, so measurements for different targets never mix."""
-    atomic_write_json(run.sub(f"outcomes/{profile}") / f"{outcome.candidate}.json", to_dict(outcome))
+    atomic_write_json(
+        run.sub(f"outcomes/{profile}") / f"{outcome.candidate}.json", to_dict(outcome)
+    )
 
 
 def load_outcomes(run: RunDir, profile: str) -> list[CandidateOutcome]:

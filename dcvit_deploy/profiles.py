@@ -37,6 +37,7 @@ from typing import Any
 from .errors import ProfileError
 from .records import STATISTICS, MeasureSettings, TargetProfile
 
+
 def _profile_dir() -> Path:
     """The repository's ``profiles/`` (checkout, editable install), else the copy a regular
     install puts under ``<prefix>/share/dcvit-deploy/profiles``."""

@@ -63,7 +63,7 @@ def test_planner_rounding_records_effect(vit_b_geometry):
 
 
 def test_planner_rejects_infeasible_target_naming_range(vit_b_geometry):
-    lo, hi = feasible_range(vit_b_geometry, 12, 10)
+    _lo, hi = feasible_range(vit_b_geometry, 12, 10)
     with pytest.raises(UserInputError, match=r"outside the feasible range 2\.76%\.\."):
         plan_structure(vit_b_geometry, 12, 0.01, max_blocks=10)
     with pytest.raises(UserInputError, match="feasible range"):

@@ -1,4 +1,4 @@
-"""A small end-to-end family on a tiny ViT: DC-ViT with reuse, resume, independent mode, PRACTISE."""
+"""A small end-to-end family on a tiny ViT: DC-ViT with reuse, resume, independent, PRACTISE."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_dcvit_family_with_reuse_writes_rebuildable_candidates(tiny_vit, images,
         assert c.recipe["blocks"] and set(c.recipe["blocks"]) <= {1, 2}
     assert res.reused == names[2:]  # first target progressive, later ones warm-started
     assert res.candidates[2].recipe["warm_from"] == names[1]
-    cand, model = load_candidate(tmp_path / f"{names[-1]}.json")
+    _cand, model = load_candidate(tmp_path / f"{names[-1]}.json")
     assert model(images[:2]).shape == (2, 10)
     assert [c.name for c in load_family(tmp_path)] == names
 

@@ -297,12 +297,17 @@ def test_compare_gate_passes_on_itself_and_fails_on_a_slower_run(finished_run, t
     assert (tmp_path / "cmp" / "comparison.json").is_file()
 
 
-def test_bisect_search_through_the_pipeline_matches_exhaustive(finished_run, photo_dir, profile_file, tmp_path):
+def test_bisect_search_through_the_pipeline_matches_exhaustive(
+    finished_run, photo_dir, profile_file, tmp_path
+):
     """Same family, budget placed between two measured candidates: bisect picks what exhaustive
     selection picks on the same (cached) measurements, and records what it did not measure."""
-    out, text = finished_run
+    out, _text = finished_run
     report = json.loads((out / "report.json").read_text())
-    p50 = {c["candidate"]: next(s["p50"] for s in c["latency"] if s["batch_size"] == 1) for c in report["candidates"]}
+    p50 = {
+        c["candidate"]: next(s["p50"] for s in c["latency"] if s["batch_size"] == 1)
+        for c in report["candidates"]
+    }
     fastest = min(p50.values())
     budget = fastest * 1.0001
     args = main_job(photo_dir, profile_file, out)
@@ -310,9 +315,9 @@ def test_bisect_search_through_the_pipeline_matches_exhaustive(finished_run, pho
     args[args.index("--margin") + 1] = "0%"
     code, text_all = run_cli(args)
     assert code == 0, text_all
-    chosen_all = json.loads(text_all[text_all.index("{"):])["chosen"]
+    chosen_all = json.loads(text_all[text_all.index("{") :])["chosen"]
     code, text_b = run_cli([*args, "--search", "bisect"])
     assert code == 0, text_b
-    payload = json.loads(text_b[text_b.index("{"):])
+    payload = json.loads(text_b[text_b.index("{") :])
     assert payload["chosen"] == chosen_all == min(p50, key=p50.get)
     assert payload["selection"]["search"] == "bisect"
