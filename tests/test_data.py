@@ -291,3 +291,20 @@ def test_demo_images_without_scikit_image(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "skimage", None)  # makes `import skimage` fail
     with pytest.raises(EnvironmentProblem, match=r"pip install dcvit-deploy\[demo\]"):
         write_demo_images(tmp_path, count=2)
+
+
+def test_paper_randaugment_survives_extreme_posterize() -> None:
+    """The paper's policy ``rand-m9-mstd0.5-inc1`` can draw posterize with 0 bits kept (magnitude
+    noise clipped at 10); the installed Pillow must accept it or finetuning crashes at random."""
+    import random
+
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    aug = rand_augment_transform("rand-m9-mstd0.5-inc1", {})
+    posterize = next(op for op in aug.ops if op.name == "PosterizeIncreasing")
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    random.seed(0)
+    out = posterize(img)
+    assert out.size == (8, 8)
