@@ -346,3 +346,16 @@ def test_torch_backend_cuda_graphs(vit: torch.nn.Module, tmp_path: Path) -> None
         ref = vit(torch.from_numpy(x)).numpy()
     out = backend.run(artifact, profile, x)
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.99
+
+
+def test_availability_reports_a_broken_probe_instead_of_raising(monkeypatch) -> None:
+    from dcvit_deploy.backends import get_backend
+
+    backend = get_backend("onnxruntime")
+
+    def broken(profile):
+        raise OSError("libonnxruntime.so: cannot open shared object file")
+
+    monkeypatch.setattr(backend, "_probe", broken)
+    a = backend.availability(None)
+    assert not a.ok and "availability check failed: libonnxruntime.so" in a.reason and a.fix

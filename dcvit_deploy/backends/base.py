@@ -271,7 +271,12 @@ class BackendBase:
     def validate_profile(self, profile: TargetProfile) -> None:  # pragma: no cover - overridden
         self.options(profile)
 
-    def availability(
-        self, profile: TargetProfile | None = None
-    ) -> Availability:  # pragma: no cover
+    def availability(self, profile: TargetProfile | None = None) -> Availability:
+        """Can this backend run ``profile`` here? Never raises: a failing probe is reported."""
+        try:
+            return self._probe(profile)
+        except Exception as exc:  # a broken install must show up in doctor, not crash it
+            return Availability(False, f"availability check failed: {exc}", "run doctor")
+
+    def _probe(self, profile: TargetProfile | None) -> Availability:  # pragma: no cover
         raise NotImplementedError

@@ -129,39 +129,36 @@ class OnnxRuntimeBackend(BackendBase):
                 "use scope 'host' or 'device_with_copies', or the tensorrt backend",
             )
 
-    def availability(self, profile: TargetProfile | None = None) -> Availability:
-        try:
-            if not module_found("onnxruntime"):
-                return Availability(
-                    False,
-                    "the onnxruntime package is not installed",
-                    "pip install onnxruntime-gpu (Linux x86-64) or onnxruntime; never both",
-                )
-            gpu_build = package_version("onnxruntime-gpu") != UNAVAILABLE
-            version = package_version("onnxruntime")
-            if profile is None:
-                kind = "GPU build" if gpu_build else "CPU build"
-                return Availability(True, f"onnxruntime {version} ({kind}) is installed")
-            no_gpu = cuda_availability(profile)
-            if no_gpu is not None:
-                return no_gpu
-            provider = self.provider(profile)
-            if provider != "cpu" and not gpu_build:
-                return Availability(
-                    False,
-                    f"provider {provider!r} needs the onnxruntime-gpu build; "
-                    f"the CPU build {version} is installed",
-                    "pip uninstall onnxruntime && pip install onnxruntime-gpu",
-                )
-            if provider == "tensorrt" and not _tensorrt_libraries_found():
-                return Availability(
-                    False,
-                    "the TensorRT provider needs the TensorRT libraries (libnvinfer), not found",
-                    "install TensorRT matching onnxruntime-gpu's CUDA version",
-                )
-            return Availability(True, f"onnxruntime {version} with provider {provider!r}")
-        except Exception as exc:  # availability never raises
-            return Availability(False, f"availability check failed: {exc}", "run doctor")
+    def _probe(self, profile: TargetProfile | None) -> Availability:
+        if not module_found("onnxruntime"):
+            return Availability(
+                False,
+                "the onnxruntime package is not installed",
+                "pip install onnxruntime-gpu (Linux x86-64) or onnxruntime; never both",
+            )
+        gpu_build = package_version("onnxruntime-gpu") != UNAVAILABLE
+        version = package_version("onnxruntime")
+        if profile is None:
+            kind = "GPU build" if gpu_build else "CPU build"
+            return Availability(True, f"onnxruntime {version} ({kind}) is installed")
+        no_gpu = cuda_availability(profile)
+        if no_gpu is not None:
+            return no_gpu
+        provider = self.provider(profile)
+        if provider != "cpu" and not gpu_build:
+            return Availability(
+                False,
+                f"provider {provider!r} needs the onnxruntime-gpu build; "
+                f"the CPU build {version} is installed",
+                "pip uninstall onnxruntime && pip install onnxruntime-gpu",
+            )
+        if provider == "tensorrt" and not _tensorrt_libraries_found():
+            return Availability(
+                False,
+                "the TensorRT provider needs the TensorRT libraries (libnvinfer), not found",
+                "install TensorRT matching onnxruntime-gpu's CUDA version",
+            )
+        return Availability(True, f"onnxruntime {version} with provider {provider!r}")
 
     # ------------------------------------------------------------------ build
 

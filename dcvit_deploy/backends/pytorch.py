@@ -65,16 +65,13 @@ class TorchBackend(BackendBase):
                 f"use one of: {', '.join(allowed)}",
             )
 
-    def availability(self, profile: TargetProfile | None = None) -> Availability:
-        try:
-            if not module_found("torch"):
-                return Availability(False, "torch is not installed", "pip install torch")
-            no_gpu = cuda_availability(profile)
-            if no_gpu is not None:
-                return no_gpu
-            return Availability(True, "torch is installed")
-        except Exception as exc:  # never raises
-            return Availability(False, f"availability check failed: {exc}", "run doctor")
+    def _probe(self, profile: TargetProfile | None) -> Availability:
+        if not module_found("torch"):
+            return Availability(False, "torch is not installed", "pip install torch")
+        no_gpu = cuda_availability(profile)
+        if no_gpu is not None:
+            return no_gpu
+        return Availability(True, "torch is installed")
 
     def build(
         self,

@@ -361,30 +361,27 @@ class TensorRTBackend(BackendBase):
                 "use fp32 or fp16 (an FP16 ONNX graph from export_onnx(precision='fp16'))",
             )
 
-    def availability(self, profile: TargetProfile | None = None) -> Availability:
-        try:
-            if not module_found("tensorrt"):
+    def _probe(self, profile: TargetProfile | None) -> Availability:
+        if not module_found("tensorrt"):
+            return Availability(
+                False,
+                "the tensorrt Python package is not installed",
+                "pip install tensorrt (from NVIDIA's index) on the GPU machine",
+            )
+        from ..envinfo import cuda_device_count, package_version
+
+        if profile is None:
+            if cuda_device_count() == 0:
                 return Availability(
                     False,
-                    "the tensorrt Python package is not installed",
-                    "pip install tensorrt (from NVIDIA's index) on the GPU machine",
+                    "TensorRT needs a CUDA GPU but the driver reports none here",
+                    "run on a machine with an NVIDIA GPU and driver",
                 )
-            from ..envinfo import cuda_device_count, package_version
-
-            if profile is None:
-                if cuda_device_count() == 0:
-                    return Availability(
-                        False,
-                        "TensorRT needs a CUDA GPU but the driver reports none here",
-                        "run on a machine with an NVIDIA GPU and driver",
-                    )
-                return Availability(True, f"tensorrt {package_version('tensorrt')} found")
-            no_gpu = cuda_availability(profile)
-            if no_gpu is not None:
-                return no_gpu
             return Availability(True, f"tensorrt {package_version('tensorrt')} found")
-        except Exception as exc:  # never raises
-            return Availability(False, f"availability check failed: {exc}", "run doctor")
+        no_gpu = cuda_availability(profile)
+        if no_gpu is not None:
+            return no_gpu
+        return Availability(True, f"tensorrt {package_version('tensorrt')} found")
 
     def build(
         self,
