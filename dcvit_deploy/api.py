@@ -186,7 +186,6 @@ class Prepared:
     holdout: torch.Tensor
     holdout_note: str
     input_fp: str
-    skipped: int
 
 
 def prepare(opts: CompressOptions) -> Prepared:
@@ -227,7 +226,6 @@ def prepare(opts: CompressOptions) -> Prepared:
         holdout=holdout,
         holdout_note=note,
         input_fp=data_fp(train),
-        skipped=0,
     )
 
 

@@ -142,20 +142,10 @@ def parse_targets(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def dense_targets(lo: float, hi: float, count: int) -> list[float]:
-    """``count`` evenly spaced targets covering [lo, hi]."""
-    if count < 1:
-        raise UserInputError("target count must be >= 1", "pass e.g. --num-targets 10")
-    if count == 1:
-        return [lo]
-    return [lo + (hi - lo) * i / (count - 1) for i in range(count)]
-
-
 def plan_family(
     geom: Geometry, depth: int, targets: Sequence[float], *, max_blocks: int, round_to: int = 1
 ) -> list[StructurePlan]:
     """Plans for many targets (all validated first, so one bad target fails before any work)."""
-    plans = [
+    return [
         plan_structure(geom, depth, t, max_blocks=max_blocks, round_to=round_to) for t in targets
     ]
-    return plans
