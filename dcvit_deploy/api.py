@@ -283,7 +283,8 @@ def compress(
         data_fingerprint=prep.input_fp,
         versions=_versions(),
     )
-    teacher_fp = identity_of(opts)["weights"]
+    # The run identity already holds the weights fingerprint: never hash a checkpoint twice.
+    teacher_fp = run.manifest["identity"]["weights"]
     with run.step("compress", fp) as info:
         if opts.metric == "real":
             metric = real_metric_set(prep.holdout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_VIT_KWARGS
 
 from dcvit_deploy.compress import family as family_mod
 from dcvit_deploy.compress.candidate import load_candidate
@@ -24,14 +25,7 @@ def _run(tiny_vit, images, out, **cfg):
     return compress_family(
         tiny_vit,
         model_name="vit_tiny_patch16_224",
-        model_kwargs={
-            "img_size": 32,
-            "patch_size": 8,
-            "embed_dim": 64,
-            "depth": 4,
-            "num_heads": 2,
-            "num_classes": 10,
-        },
+        model_kwargs=dict(TINY_VIT_KWARGS),
         data=images,
         metric_images=images[:4],
         out_dir=out,

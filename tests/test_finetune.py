@@ -8,6 +8,9 @@ import math
 
 import pytest
 import torch
+
+# Same geometry as the ``tiny_vit`` fixture, for variants the fixture does not build.
+from conftest import TINY_VIT_KWARGS
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -24,16 +27,6 @@ from dcvit_deploy.compress.finetune import (
     trainable_parameters,
 )
 from dcvit_deploy.errors import UnsupportedModelError
-
-# Same geometry as the ``tiny_vit`` fixture, for variants the fixture does not build.
-TINY_VIT_KWARGS = {
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "num_classes": 10,
-}
 
 
 class FFNOnly(nn.Module):
