@@ -94,6 +94,24 @@ TEACHER_KWARGS: dict[str, Any] = {
     "num_heads": 3,
     "num_classes": NUM_CLASSES,
 }
+"""The first benchmark teacher ("redundant"): 17 tokens, under-trained, blocks nearly free to
+drop (two whole blocks cost 0.06 point after finetuning)."""
+
+DENSE_KWARGS: dict[str, Any] = {
+    "img_size": RAW_SIZE,
+    "patch_size": 4,  # 7x7 grid of 4x4 patches + cls token = 50 tokens, no padding
+    "in_chans": 3,
+    "embed_dim": 64,
+    "depth": 12,
+    "num_heads": 4,
+    "num_classes": NUM_CLASSES,
+    "drop_path_rate": 0.0,
+}
+"""The non-redundant teacher: more tokens (so attention has spatial work to do), a width matched
+to the task, no stochastic depth (which trains blocks to be droppable), trained for longer."""
+
+TEACHERS: dict[str, dict[str, Any]] = {"p8d96": TEACHER_KWARGS, "p4d64": DENSE_KWARGS}
+"""Named teacher architectures (all 12-block ``vit_tiny_patch16_224`` variants)."""
 
 CACHE_SCHEMA = 1
 """Layout version of the cached teacher JSON record."""
@@ -179,9 +197,9 @@ def to_model_input(images: np.ndarray | torch.Tensor, data_config: dict[str, Any
     x = torch.as_tensor(np.asarray(images))
     if x.dtype != torch.uint8 or x.ndim != 3:
         raise ValueError(f"expected uint8 [N, H, W] images, got {x.dtype} {tuple(x.shape)}")
-    if x.shape[1:] == (RAW_SIZE, RAW_SIZE):
-        x = F.pad(x, (PAD, PAD, PAD, PAD))
     expected = tuple(data_config["input_size"])
+    if x.shape[1:] == (RAW_SIZE, RAW_SIZE) and expected[1:] == (IMG_SIZE, IMG_SIZE):
+        x = F.pad(x, (PAD, PAD, PAD, PAD))
     if (3, *x.shape[1:]) != expected:
         raise ValueError(
             f"images of size {tuple(x.shape[1:])} do not match the data config input {expected}"
@@ -194,12 +212,16 @@ def to_model_input(images: np.ndarray | torch.Tensor, data_config: dict[str, Any
 
 
 def write_fewshot_folder(
-    out_dir: str | os.PathLike[str], n: int = 500, seed: int = 0, split: Split = "train"
+    out_dir: str | os.PathLike[str],
+    n: int = 500,
+    seed: int = 0,
+    split: Split = "train",
+    size: int = IMG_SIZE,
 ) -> list[Path]:
     """Write ``n`` unlabeled images of ``split`` as 32x32 RGB PNG files into ``out_dir``.
 
     The images are a seeded random subset (same ``seed`` -> same files), zero-padded to 32x32
-    and replicated to RGB, named ``fmnist_<index>.png`` after their index in the split (the
+    (``size=32``; ``size=28`` keeps them as they are) and replicated to RGB, named ``fmnist_<index>.png`` after their index in the split (the
     index lets a benchmark look labels up later; the compressor never sees them). Files are
     written atomically. Returns the paths in sorted order.
     """
@@ -213,7 +235,7 @@ def write_fewshot_folder(
         )
     rng = np.random.default_rng(seed)
     indices = np.sort(rng.choice(len(images), size=n, replace=False))
-    padded = pad_to_model_size(images[indices])
+    padded = pad_to_model_size(images[indices]) if size == IMG_SIZE else images[indices]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -233,25 +255,27 @@ def _png_writer(image: Image.Image) -> Callable[[Path], None]:
 # --------------------------------------------------------------------------- model
 
 
-def build_teacher() -> nn.Module:
-    """A random-init 12-block ViT for 32x32 Fashion-MNIST with its preprocessing attached.
+def build_teacher(kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A random-init 12-block ViT for Fashion-MNIST with its preprocessing attached.
 
+    ``kwargs``: timm model arguments (default :data:`TEACHER_KWARGS`).
     ``model.pretrained_cfg`` is set so ``timm.data.resolve_data_config({}, model=model)``
-    returns input size (3, 32, 32), the Fashion-MNIST mean/std, bilinear interpolation,
+    returns the model's input size, the Fashion-MNIST mean/std, bilinear interpolation,
     ``crop_pct=1.0`` and centre crop.
     """
     import timm
 
-    model = timm.create_model(TEACHER_ARCH, pretrained=False, **TEACHER_KWARGS)
-    attach_fmnist_cfg(model)
+    kw = TEACHER_KWARGS if kwargs is None else kwargs
+    model = timm.create_model(TEACHER_ARCH, pretrained=False, **kw)
+    attach_fmnist_cfg(model, int(kw["img_size"]))
     return model
 
 
-def attach_fmnist_cfg(model: nn.Module) -> None:
+def attach_fmnist_cfg(model: nn.Module, size: int = IMG_SIZE) -> None:
     """Set the Fashion-MNIST preprocessing fields of ``model.pretrained_cfg`` (in place)."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     cfg.update(
-        input_size=(3, IMG_SIZE, IMG_SIZE),
+        input_size=(3, size, size),
         mean=FMNIST_MEAN,
         std=FMNIST_STD,
         interpolation="bilinear",

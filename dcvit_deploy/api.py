@@ -30,6 +30,7 @@ from .records import (
     from_dict,
     to_dict,
 )
+from .options import CompressOptions, DeployOptions
 from .rundir import RunDir
 
 if TYPE_CHECKING:
@@ -38,74 +39,6 @@ if TYPE_CHECKING:
 
     from .data import DataOverrides
     from .records import OutcomeStatus
-
-SCHEDULES = ("default", "paper", "tiny")
-METRIC_SOURCES = ("synthetic", "real")
-
-
-# =========================================================================== options
-
-
-@dataclass(frozen=True)
-class CompressOptions:
-    """What to compress and how (the inputs of the ``compress`` step)."""
-
-    model: str
-    data: str
-    checkpoint: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    pretrained_cache: bool = False
-    random_init: bool = False
-    num_samples: int | None = 500
-    holdout: int = 32
-    data_overrides: DataOverrides | None = None
-    targets: tuple[float, ...] = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40)
-    method: Literal["dcvit", "practise"] = "dcvit"
-    round_to: int = 1
-    neuron_choice: str = "random"
-    reuse: bool = True
-    warm_fraction: float = 0.5
-    schedule: str = "default"
-    iterations: int | None = None
-    rank_iterations: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    metric: Literal["synthetic", "real"] = "synthetic"
-    inversion: Literal["paper", "fast"] = "fast"
-    inversion_iterations: int | None = None
-    candidate_blocks: tuple[int, ...] | None = None
-    include_original: bool = True
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise UserInputError(
-                f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}"
-            )
-        if self.metric not in METRIC_SOURCES:
-            raise UserInputError(f"unknown metric set {self.metric!r}", "use synthetic or real")
-        if self.holdout < 1:
-            raise UserInputError("--holdout must be >= 1", "pass e.g. --holdout 32")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserInputError(f"unknown device {self.device!r}", "use auto, cpu or cuda")
-
-
-@dataclass(frozen=True)
-class DeployOptions:
-    """Where and under which budget the family is deployed (export/build/profile/select)."""
-
-    profile: str = "cpu-ort"
-    latency_ms: float | None = None
-    statistic: str | None = None
-    margin: float = 0.0
-    batch_size: int | None = None
-    search: Literal["all", "bisect"] = "all"
-    triton_repo: str | None = None
-    triton_pareto: bool = False
-    opset: int = 17
-    simplify: bool = True
-
 
 # =========================================================================== helpers
 
@@ -328,7 +261,7 @@ def compress(
             schedule=sched,
             rank_schedule=rank,
             targets=tuple(opts.targets),
-            method=opts.method,
+            method=opts.methods[0],
             round_to=opts.round_to,
             candidate_blocks=opts.candidate_blocks,
             neuron_choice=opts.neuron_choice,

@@ -287,7 +287,7 @@ def _margin(text: str) -> float:
 
 
 def compress_options(kw: dict[str, Any]) -> Any:
-    from .api import CompressOptions
+    from .options import CompressOptions
     from .compress.plan import parse_targets
     from .data import DataOverrides
     from .models import parse_model_kwargs
@@ -313,7 +313,7 @@ def compress_options(kw: dict[str, Any]) -> Any:
         holdout=kw.get("holdout", 32),
         data_overrides=overrides,
         targets=tuple(parse_targets(kw["targets"])),
-        method=kw["method"],
+        methods=(kw["method"],),
         round_to=kw["round_to"],
         neuron_choice=kw["neuron_choice"],
         reuse=kw["reuse"],
@@ -334,7 +334,7 @@ def compress_options(kw: dict[str, Any]) -> Any:
 
 
 def deploy_options(kw: dict[str, Any]) -> Any:
-    from .api import DeployOptions
+    from .options import DeployOptions
 
     return DeployOptions(
         profile=kw.get("profile", "cpu-ort"),
@@ -449,7 +449,7 @@ def compress_cmd(**kw: Any) -> None:
 @RUN_OPTIONS
 def family_cmd(**kw: Any) -> None:
     """Compression only: the dense candidate family (safetensors + JSON specs) in RUN/family."""
-    from .api import DeployOptions, run_pipeline
+    from .options import DeployOptions, run_pipeline
 
     run_pipeline(
         compress_options(kw),
