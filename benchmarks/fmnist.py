@@ -101,16 +101,16 @@ DENSE_KWARGS: dict[str, Any] = {
     "img_size": RAW_SIZE,
     "patch_size": 4,  # 7x7 grid of 4x4 patches + cls token = 50 tokens, no padding
     "in_chans": 3,
-    "embed_dim": 64,
+    "embed_dim": 48,
     "depth": 12,
-    "num_heads": 4,
+    "num_heads": 3,
     "num_classes": NUM_CLASSES,
     "drop_path_rate": 0.0,
 }
 """The non-redundant teacher: more tokens (so attention has spatial work to do), a width matched
 to the task, no stochastic depth (which trains blocks to be droppable), trained for longer."""
 
-TEACHERS: dict[str, dict[str, Any]] = {"p8d96": TEACHER_KWARGS, "p4d64": DENSE_KWARGS}
+TEACHERS: dict[str, dict[str, Any]] = {"p8d96": TEACHER_KWARGS, "p4d48": DENSE_KWARGS}
 """Named teacher architectures (all 12-block ``vit_tiny_patch16_224`` variants)."""
 
 CACHE_SCHEMA = 1
@@ -371,12 +371,20 @@ class TeacherTrainConfig:
     # it reached the accuracy of 1 epoch without it).
     shift_pixels: int = 0  # random crop from this much zero padding = random shift
     hflip: bool = False
+    arch: str = "p8d96"  # a key of TEACHERS
 
     def __post_init__(self) -> None:
+        if self.arch not in TEACHERS:
+            raise ValueError(f"unknown teacher arch {self.arch!r}; choose from {sorted(TEACHERS)}")
         if self.epochs < 1 or self.batch < 1 or self.warmup_steps < 0 or self.shift_pixels < 0:
             raise ValueError(f"invalid teacher training config: {self}")
         if not (self.lr > 0 and self.weight_decay >= 0 and self.grad_clip > 0):
             raise ValueError(f"invalid teacher training config: {self}")
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The timm model arguments of :attr:`arch`."""
+        return TEACHERS[self.arch]
 
     def key(self) -> str:
         """Cache key: hash of this config, the architecture and the preprocessing."""
@@ -384,7 +392,7 @@ class TeacherTrainConfig:
             {
                 "train": dataclasses.asdict(self),
                 "arch": TEACHER_ARCH,
-                "kwargs": TEACHER_KWARGS,
+                "kwargs": self.kwargs,
                 "mean": FMNIST_MEAN,
                 "std": FMNIST_STD,
                 "cache_schema": CACHE_SCHEMA,
@@ -416,7 +424,7 @@ class TeacherInfo:
             "threads": self.threads,
             "config": dataclasses.asdict(self.config),
             "arch": TEACHER_ARCH,
-            "kwargs": TEACHER_KWARGS,
+            "kwargs": self.config.kwargs,
             "torch_version": self.torch_version,
             "timm_version": self.timm_version,
         }
@@ -458,7 +466,7 @@ def _load_cached(
             f"cached teacher record {record} has schema {data.get('schema')}",
             f"delete {record.parent} to retrain",
         )
-    model = build_teacher()
+    model = build_teacher(cfg.kwargs)
     model.load_state_dict(load_file(str(weights)))
     model.eval()
     import timm
@@ -516,11 +524,12 @@ def train_teacher(
         train_x, train_y = load_fmnist("train")
         test_x, test_y = load_fmnist("test")
         torch.manual_seed(cfg.seed)
-        model = build_teacher()
+        model = build_teacher(cfg.kwargs)
         data_config = data_config_of(model)
         mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, 3, 1, 1)
-        xs = torch.from_numpy(pad_to_model_size(train_x))
+        size = int(cfg.kwargs["img_size"])
+        xs = torch.from_numpy(pad_to_model_size(train_x) if size == IMG_SIZE else train_x)
         ys = torch.from_numpy(train_y)
         gen = torch.Generator().manual_seed(cfg.seed)
         steps_per_epoch = len(xs) // cfg.batch  # drop the ragged last batch
@@ -559,12 +568,14 @@ def train_teacher(
                         f"loss {running / ((i % 50) + 1):.4f} {time.perf_counter() - t0:.0f}s"
                     )
                     running = 0.0
-            probe = evaluate(model, test_x[:1000], test_y[:1000])  # restores train mode
+            probe = evaluate(
+                model, test_x[:1000], test_y[:1000], data_config=data_config
+            )  # restores train mode
             say(f"epoch {epoch + 1}: top-1 on the first 1000 test images {probe:.4f}")
         train_seconds = time.perf_counter() - t0
         model.eval()
         t1 = time.perf_counter()
-        top1 = evaluate(model, test_x, test_y)
+        top1 = evaluate(model, test_x, test_y, data_config=data_config)
         eval_seconds = time.perf_counter() - t1
         say(f"test top-1 {top1:.4f} after {train_seconds:.0f}s training")
     finally:

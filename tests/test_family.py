@@ -35,8 +35,11 @@ def _run(tiny_vit, images, out, **cfg):
     )
 
 
+REUSE = {"reuse": True, "progressive": True, "rank_criterion": "finetune", "refit": False}
+
+
 def test_dcvit_family_with_reuse_writes_rebuildable_candidates(tiny_vit, images, tmp_path):
-    res = _run(tiny_vit, images, tmp_path)
+    res = _run(tiny_vit, images, tmp_path, **REUSE)
     names = [c.name for c in res.candidates]
     assert names[0] == "original" and len(names) == 4
     reductions = [c.reduction for c in res.candidates]
@@ -52,14 +55,14 @@ def test_dcvit_family_with_reuse_writes_rebuildable_candidates(tiny_vit, images,
 
 
 def test_family_resumes_without_redoing_work(tiny_vit, images, tmp_path, monkeypatch):
-    first = _run(tiny_vit, images, tmp_path)
+    first = _run(tiny_vit, images, tmp_path, **REUSE)
 
     def boom(*a, **k):
         raise AssertionError("finetuning ran again on resume")
 
     monkeypatch.setattr(family_mod, "feature_mimic", boom)
     monkeypatch.setattr("dcvit_deploy.compress.recoverability.feature_mimic", boom)
-    again = _run(tiny_vit, images, tmp_path)
+    again = _run(tiny_vit, images, tmp_path, **REUSE)
     assert [c.weights_sha256 for c in again.candidates] == [
         c.weights_sha256 for c in first.candidates
     ]
@@ -72,7 +75,7 @@ def test_changed_option_redoes_dependent_work(tiny_vit, images, tmp_path):
 
 
 def test_independent_mode_ranks_per_width_and_is_progressive(tiny_vit, images, tmp_path):
-    res = _run(tiny_vit, images, tmp_path, reuse=False)
+    res = _run(tiny_vit, images, tmp_path, **{**REUSE, "reuse": False})
     assert res.reused == []
     widths = {c.recipe["ranking_width"] for c in res.candidates[1:]}
     assert widths == {c.recipe["hidden"] for c in res.candidates[1:]}
@@ -92,3 +95,73 @@ def test_bad_config_errors():
         FamilyConfig(schedule=FinetuneSchedule.tiny(), targets=(0.1,), method="prune")  # type: ignore[arg-type]
     with pytest.raises(UserInputError, match="no compression targets"):
         FamilyConfig(schedule=FinetuneSchedule.tiny(), targets=())
+    with pytest.raises(UserInputError, match="unknown ranking criterion"):
+        FamilyConfig(schedule=FinetuneSchedule.tiny(), targets=(0.1,), rank_criterion="x")
+    with pytest.raises(UserInputError, match="listed twice"):
+        FamilyConfig(schedule=FinetuneSchedule.tiny(), targets=(0.1,), methods=("dcvit", "dcvit"))
+
+
+def test_default_procedure_refits_one_shot_and_ranks_without_training(
+    tiny_vit, images, tmp_path, monkeypatch
+):
+    calls = []
+    real = family_mod.feature_mimic
+
+    def counting(*a, **k):
+        calls.append(k["trainable_upto"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(family_mod, "feature_mimic", counting)
+
+    def no_rank_training(*a, **k):
+        raise AssertionError("the default ranking must not finetune")
+
+    monkeypatch.setattr("dcvit_deploy.compress.recoverability.feature_mimic", no_rank_training)
+    res = _run(tiny_vit, images, tmp_path)
+    dc = res.candidates[1:]
+    assert len(calls) == len(dc)  # one finetune per candidate, none for ranking
+    for c in dc:
+        assert c.recipe["progressive"] is False and len(c.recipe["finetune"]) == 1
+        assert [r["block"] for r in c.recipe["refit"]] == sorted(c.recipe["blocks"])
+        assert all(r["mse_after"] < r["mse_before"] for r in c.recipe["refit"])
+    assert next(iter(res.rankings.values())).criterion == "kl_after_refit"
+
+
+def test_mixed_family_holds_both_methods_with_unique_names(tiny_vit, images, tmp_path):
+    res = _run(tiny_vit, images, tmp_path, methods=("dcvit", "practise"), trainable="all")
+    names = [c.name for c in res.candidates]
+    assert names[0] == "original" and len(names) == len(set(names))
+    methods = {c.method for c in res.candidates[1:]}
+    assert methods == {"dcvit", "practise"}
+    reductions = [c.reduction for c in res.candidates]
+    assert reductions == sorted(reductions)
+    assert [c.name for c in load_family(tmp_path)] == names
+    for c in res.candidates[1:]:
+        _c, model = load_candidate(tmp_path / f"{c.name}.json")
+        assert model(images[:1]).shape == (1, 10)
+    drop = [c for c in res.candidates if c.method == "practise"]
+    assert drop and all(c.recipe["trainable_upto"] == "all" for c in drop)
+
+
+def test_candidate_names_are_unique_per_structure():
+    # 8.08% and 8.09% rounded to 0.1% collided; the structure tag keeps them apart
+    a = family_mod.candidate_name("dcvit", 0.0808, family_mod.structure_tag("dcvit", 1, 500))
+    b = family_mod.candidate_name("dcvit", 0.0809, family_mod.structure_tag("dcvit", 1, 499))
+    assert a != b and a == "dcvit-0808-n1h500"
+    assert family_mod.candidate_name("practise", 0.1664, "d2") == "practise-1664-d2"
+
+
+def test_preview_reports_targets_that_collapse(tiny_vit):
+    cfg = FamilyConfig(
+        schedule=FinetuneSchedule.tiny(),
+        targets=(0.10, 0.1000001, 0.2),
+        methods=("dcvit", "practise"),
+    )
+    prev = family_mod.preview_family(tiny_vit, cfg)
+    dc = [p for p in prev.candidates if p.method == "dcvit"]
+    assert len(dc) == 2 and "dcvit@0.1" in prev.duplicates
+    assert prev.duplicates["dcvit@0.1"] == dc[0].name
+    # on 4 blocks every target rounds to one dropped block: one PRACTISE candidate
+    assert len([p for p in prev.candidates if p.method == "practise"]) == 1
+    with pytest.raises(UserInputError, match="outside the feasible range"):
+        family_mod.preview_family(tiny_vit, FamilyConfig(schedule=cfg.schedule, targets=(0.9,)))

@@ -7,6 +7,11 @@ lacks comes from the pretrained model -- then finetuned for ``warm_fraction`` of
 With ``reuse`` off every target is compressed independently, as the paper does: its own
 ranking at its own width, then progressive compression from the pretrained model.
 
+Beyond the paper (see :data:`PROCEDURES`): blocks can be ranked without finetuning
+(``rank_criterion``), every newly compressed block can get a closed-form re-fit of its fc2 before
+finetuning (``refit``, :mod:`.refit`), and a family may hold several methods at once
+(``methods=("dcvit", "practise")``), each candidate named after its exact structure.
+
 Every candidate is written (safetensors + JSON spec) as soon as it is finished, with a
 fingerprint of everything it depends on; a rerun skips candidates whose fingerprint matches.
 """
@@ -29,11 +34,24 @@ from ..errors import UserInputError
 from ..progress import ProgressEvent, ProgressFn, quiet
 from ..records import ArchSpec, Candidate, to_dict
 from .candidate import build_candidate, read_candidate, save_candidate
-from .finetune import FinetuneProgress, FinetuneSchedule, feature_mimic
+from .finetune import (
+    FinetuneProgress,
+    FinetuneSchedule,
+    TeacherFeatureBank,
+    _image_of,
+    feature_mimic,
+)
 from .macs import Geometry, geometry_of
 from .plan import StructurePlan, plan_family
 from .practise import blocks_for_target, rank_blocks_practise
-from .recoverability import BlockRanking, default_candidate_blocks, rank_blocks
+from .recoverability import (
+    RANK_CRITERIA,
+    BlockRanking,
+    RankCriterion,
+    default_candidate_blocks,
+    rank_blocks,
+)
+from .refit import DEFAULT_RIDGE, block_streams, refit_blocks
 from .surgery import (
     NEURON_CHOICES,
     NeuronChoice,
@@ -46,6 +64,35 @@ from .surgery import (
 Method = Literal["dcvit", "practise"]
 METHODS: tuple[str, ...] = ("dcvit", "practise")
 ORIGINAL = "original"
+Trainable = Literal["paper", "dcvit", "all"]
+TRAINABLE: tuple[str, ...] = ("paper", "dcvit", "all")
+
+PROCEDURES: dict[str, dict[str, Any]] = {
+    # The paper: rank by a full finetune per block, compress progressively, no re-fit.
+    "paper": {
+        "rank_criterion": "finetune",
+        "refit": False,
+        "progressive": True,
+        "reuse": False,
+    },
+    # Measured on the Fashion-MNIST benchmark (benchmarks/results/compression_quality.md):
+    # ranking by the closed-form re-fit alone, one-shot surgery + re-fit of the chosen blocks,
+    # then one short finetune per candidate.
+    "default": {
+        "rank_criterion": "refit",
+        "refit": True,
+        "progressive": False,
+        "reuse": False,
+    },
+}
+"""How a family is built, by schedule preset name: pass ``**PROCEDURES[name]`` to
+:class:`FamilyConfig` (``"tiny"`` uses ``"default"``). The field defaults equal ``"default"``."""
+
+
+def procedure(preset: str) -> dict[str, Any]:
+    """The :class:`FamilyConfig` fields of a schedule preset (``paper``; anything else gets the
+    ``default`` procedure)."""
+    return dict(PROCEDURES["paper" if preset == "paper" else "default"])
 
 
 @dataclass(frozen=True)
@@ -59,17 +106,48 @@ class FamilyConfig:
     round_to: int = 1
     candidate_blocks: tuple[int, ...] | None = None
     neuron_choice: str = "random"
-    reuse: bool = True
+    reuse: bool = PROCEDURES["default"]["reuse"]
     warm_fraction: float = 0.5
     seed: int = 0
     include_original: bool = True
     practise_adaptor_steps: int = 100
+    # Several methods in one family (e.g. ("dcvit", "practise")); empty: just ``method``.
+    methods: tuple[str, ...] = ()
+    # How blocks are ranked: "finetune" (paper), "refit", "refit_finetune", "local".
+    rank_criterion: str = PROCEDURES["default"]["rank_criterion"]
+    # Closed-form re-fit of each newly compressed block's fc2 before finetuning.
+    refit: bool = PROCEDURES["default"]["refit"]
+    refit_ridge: float = DEFAULT_RIDGE
+    # Compress the chosen blocks one at a time with a finetune after each (paper), or at once.
+    progressive: bool = PROCEDURES["default"]["progressive"]
+    # What the finetune trains: "paper" = each method's own setting (DC-ViT: blocks
+    # 0..deepest+1; PRACTISE: all), "dcvit" = blocks 0..deepest modified+1, "all" = everything.
+    trainable: str = "paper"
+    # > 0: finetune on a fixed bank of this many passes of augmented views with the teacher's
+    # features computed once (TeacherFeatureBank); 0: fresh views and a teacher pass every step.
+    bank_views: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        for m in (self.method, *self.methods):
+            if m not in METHODS:
+                raise UserInputError(f"unknown method {m!r}", f"use one of {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
             raise UserInputError(
-                f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}"
+                f"method listed twice in {','.join(self.methods)}", "list each method once"
             )
+        if self.rank_criterion not in RANK_CRITERIA:
+            raise UserInputError(
+                f"unknown ranking criterion {self.rank_criterion!r}",
+                f"use one of {', '.join(RANK_CRITERIA)}",
+            )
+        if self.trainable not in TRAINABLE:
+            raise UserInputError(
+                f"unknown trainable range {self.trainable!r}", f"use one of {', '.join(TRAINABLE)}"
+            )
+        if self.bank_views < 0:
+            raise UserInputError("bank_views must be >= 0", "pass e.g. 8, or 0 for no bank")
+        if self.refit_ridge < 0:
+            raise UserInputError("refit_ridge must be >= 0", "pass e.g. 1e-4")
         if self.neuron_choice not in NEURON_CHOICES:
             raise UserInputError(
                 f"unknown neuron choice {self.neuron_choice!r}",
@@ -86,6 +164,18 @@ class FamilyConfig:
     def ranking_schedule(self) -> FinetuneSchedule:
         return self.rank_schedule or self.schedule
 
+    @property
+    def all_methods(self) -> tuple[str, ...]:
+        """The methods this family holds, in order."""
+        return self.methods or (self.method,)
+
+    def trainable_for(self, method: str, deepest: int) -> int | Literal["all"]:
+        """The ``trainable_upto`` of a finetune of ``method`` whose deepest change is block
+        ``deepest``."""
+        if self.trainable == "all" or (self.trainable == "paper" and method == "practise"):
+            return "all"
+        return deepest
+
 
 @dataclass
 class FamilyResult:
@@ -98,9 +188,17 @@ class FamilyResult:
     reused: list[str] = field(default_factory=list)
 
 
-def candidate_name(method: str, reduction: float) -> str:
-    """``dcvit-0166`` for 16.6%: sorts by size and survives any file system."""
-    return f"{method}-{round(reduction * 1000):04d}"
+def candidate_name(method: str, reduction: float, structure: str = "") -> str:
+    """``dcvit-1655-n3h123`` for 16.55% by compressing 3 blocks to width 123: sorts by size,
+    survives any file system, and -- with ``structure`` (:func:`structure_tag`) -- is unique for
+    every distinct structure whatever the reduction's rounding."""
+    base = f"{method}-{round(reduction * 10000):04d}"
+    return f"{base}-{structure}" if structure else base
+
+
+def structure_tag(method: str, n_blocks: int, hidden: int = 0) -> str:
+    """``n3h123`` (DC-ViT: blocks made FFN-only, their width) or ``d2`` (blocks dropped)."""
+    return f"d{n_blocks}" if method == "practise" else f"n{n_blocks}h{hidden}"
 
 
 def _scaled(schedule: FinetuneSchedule, fraction: float) -> FinetuneSchedule:
@@ -132,8 +230,12 @@ class _Family:
         activation_images: torch.Tensor | None,
         device: torch.device | str | None,
         progress: ProgressFn,
+        calibration: torch.Tensor | None = None,
     ) -> None:
         self.teacher = teacher.eval()
+        self.calibration = calibration
+        self._streams: list[torch.Tensor] | None = None
+        self.bank: TeacherFeatureBank | None = None
         self.data = data
         self.metric = metric_images
         self.out = out_dir
@@ -184,7 +286,7 @@ class _Family:
         res = feature_mimic(
             student,
             self.teacher,
-            self.data,
+            self._train_data(),
             schedule,
             trainable_upto=upto,  # type: ignore[arg-type]
             device=self.device,
@@ -193,6 +295,42 @@ class _Family:
         )
         self.steps += res.steps
         return {"steps": res.steps, "seconds": round(res.seconds, 3), "final_loss": res.final_loss}
+
+    def _train_data(self) -> Any:
+        if self.cfg.bank_views <= 0:
+            return self.data
+        if self.bank is None:
+            t0 = time.perf_counter()
+            self.bank = TeacherFeatureBank.build(
+                self.teacher, self.data, views=self.cfg.bank_views, seed=self.cfg.seed
+            )
+            self.seconds["bank"] = time.perf_counter() - t0
+        return self.bank
+
+    def _calib(self) -> torch.Tensor:
+        if self.calibration is None:
+            self.calibration = calibration_bank(self.data, seed=self.cfg.seed)
+        return self.calibration
+
+    def _refit(self, student: nn.Module, blocks: Sequence[int]) -> list[dict[str, Any]]:
+        """Closed-form re-fit of ``blocks`` of ``student`` (in place); per-block errors."""
+        calib = self._calib()
+        if self._streams is None:
+            self._streams = block_streams(self.teacher, calib)
+        t0 = time.perf_counter()
+        stats = refit_blocks(
+            student,
+            self.teacher,
+            calib,
+            blocks,
+            ridge=self.cfg.refit_ridge,
+            teacher_streams=self._streams,
+        )
+        self.seconds["refit"] = self.seconds.get("refit", 0.0) + time.perf_counter() - t0
+        return [
+            {"block": st.block, "mse_before": st.mse_before, "mse_after": st.mse_after}
+            for st in stats
+        ]
 
     def ranking(self, hidden: int) -> BlockRanking:
         key_width = hidden if self.cfg.method == "dcvit" else 0
@@ -216,6 +354,9 @@ class _Family:
                 cache=cache,
                 cache_key=key,
                 progress=self.progress,
+                criterion=cast(RankCriterion, self.cfg.rank_criterion),
+                calibration=None if self.cfg.rank_criterion == "finetune" else self._calib(),
+                ridge=self.cfg.refit_ridge,
             )
         else:
             r = rank_blocks_practise(
@@ -282,7 +423,9 @@ class _Family:
     ) -> tuple[Candidate, nn.Module]:
         ranking = self.ranking(rank_width)
         chosen = list(ranking.order[: plan.n_blocks])
-        name = candidate_name("dcvit", plan.achieved)
+        name = candidate_name(
+            "dcvit", plan.achieved, structure_tag("dcvit", plan.n_blocks, plan.hidden)
+        )
         warm = prev if (self.cfg.reuse and prev is not None and prev[0].name != ORIGINAL) else None
         fp = fingerprint(
             {
@@ -307,29 +450,44 @@ class _Family:
         t0 = time.perf_counter()
         stages: list[dict[str, Any]] = []
         target_spec = compress_blocks(self.base_spec, chosen, plan.hidden, self.chooser)
+        refits: list[dict[str, Any]] = []
         if warm is not None:
             student = reshape(warm[1], warm[0].arch, target_spec, self.teacher)
+            if self.cfg.refit:  # only the blocks that lose their attention now
+                fresh = [b for b in chosen if warm[0].arch.blocks[b].kind == "attn_mlp"]
+                refits += self._refit(student, fresh)
             sched = _scaled(self.cfg.schedule, self.cfg.warm_fraction)
+            upto = self.cfg.trainable_for("dcvit", max(chosen))
+            stages.append(
+                {"blocks": chosen, **self._finetune(student, sched, upto, name, self.cfg.seed)}
+            )
+            self.reused.append(name)
+        elif not self.cfg.progressive:  # one shot: all blocks at once, re-fit, one finetune
+            student = reshape(self.teacher, self.base_spec, target_spec, self.teacher)
+            if self.cfg.refit:
+                refits += self._refit(student, chosen)
+            upto = self.cfg.trainable_for("dcvit", max(chosen))
             stages.append(
                 {
                     "blocks": chosen,
-                    **self._finetune(student, sched, max(chosen), name, self.cfg.seed),
+                    **self._finetune(student, self.cfg.schedule, upto, name, self.cfg.seed + 1),
                 }
             )
-            self.reused.append(name)
         else:  # progressive: one block at a time, best first, finetune after each
             student, spec = copy.deepcopy(self.teacher), self.base_spec
             for k in range(1, len(chosen) + 1):
                 step_spec = compress_blocks(self.base_spec, chosen[:k], plan.hidden, self.chooser)
                 student = reshape(student, spec, step_spec, self.teacher)
                 spec = step_spec
+                if self.cfg.refit:
+                    refits += self._refit(student, [chosen[k - 1]])
                 stages.append(
                     {
                         "blocks": chosen[:k],
                         **self._finetune(
                             student,
                             self.cfg.schedule,
-                            max(chosen[:k]),
+                            self.cfg.trainable_for("dcvit", max(chosen[:k])),
                             f"{name} ({k}/{len(chosen)})",
                             self.cfg.seed + k,
                         ),
@@ -346,6 +504,9 @@ class _Family:
             "ranking_scores": {str(b): s for b, s in ranking.scores.items()},
             "neuron_choice": self.cfg.neuron_choice,
             "warm_from": warm[0].name if warm else None,
+            "refit": refits,
+            "progressive": self.cfg.progressive,
+            "rank_criterion": self.cfg.rank_criterion,
             "finetune": stages,
             "schedule": to_dict(self.cfg.schedule),
             "seconds": round(time.perf_counter() - t0, 3),
@@ -362,7 +523,9 @@ class _Family:
         chosen = list(ranking.order[:k])
         spec = compress_blocks(self.base_spec, chosen, 0, kind="identity")
         name = candidate_name(
-            "practise", 1.0 - self.geom.count(spec.blocks).linear_norm / self.base_macs.linear_norm
+            "practise",
+            1.0 - self.geom.count(spec.blocks).linear_norm / self.base_macs.linear_norm,
+            structure_tag("practise", k),
         )
         fp = fingerprint({**self.common, "name": name, "chosen": chosen})
         done = self._existing(name, fp)
@@ -375,10 +538,12 @@ class _Family:
         )
         t0 = time.perf_counter()
         student = reshape(self.teacher, self.base_spec, spec, self.teacher)
-        stage = self._finetune(student, self.cfg.schedule, "all", name, self.cfg.seed)
+        upto = self.cfg.trainable_for("practise", max(chosen))
+        stage = self._finetune(student, self.cfg.schedule, upto, name, self.cfg.seed)
         recipe = {
             "fingerprint": fp,
             "dropped": chosen,
+            "trainable_upto": upto,
             "ranking_scores": {str(b): s for b, s in ranking.scores.items()},
             "finetune": [stage],
             "schedule": to_dict(self.cfg.schedule),
@@ -402,67 +567,185 @@ def compress_family(
     activation_images: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     progress: ProgressFn = quiet,
+    calibration_images: torch.Tensor | None = None,
 ) -> FamilyResult:
     """Compress ``teacher`` at every target of ``config`` and write the candidates to ``out_dir``.
 
     ``data``: a Dataset of (augmented) few-shot image tensors for finetuning; ``metric_images``:
-    the synthetic (or real held-out) images that score blocks. All targets are validated before
+    the synthetic (or real held-out) images that score blocks; ``calibration_images``: the
+    preprocessed images the closed-form re-fit and the re-fit/local rankings fit on (default:
+    one seeded pass over ``data``, see :func:`calibration_bank`). All targets are validated before
     any work starts. Returns the candidates in order of increasing reduction (the original first
-    when ``include_original``); a rerun resumes from what is on disk.
+    when ``include_original``), every method of ``config.all_methods`` interleaved by size; a
+    rerun resumes from what is on disk.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fam = _Family(
-        teacher,
-        model_name=model_name,
-        model_kwargs=model_kwargs,
-        data=data,
-        metric_images=metric_images,
-        out_dir=out,
-        config=config,
-        teacher_fingerprint=teacher_fingerprint,
-        input_fingerprint=input_fingerprint,
-        activation_images=activation_images,
-        device=device,
-        progress=progress,
-    )
+    preview = preview_family(teacher, config)  # validates every target of every method first
+    fams: dict[str, _Family] = {}
+    calib = calibration_images
+    for m in config.all_methods:
+        fams[m] = _Family(
+            teacher,
+            model_name=model_name,
+            model_kwargs=model_kwargs,
+            data=data,
+            metric_images=metric_images,
+            out_dir=out,
+            config=replace(config, method=cast(Method, m), methods=()),
+            teacher_fingerprint=teacher_fingerprint,
+            input_fingerprint=input_fingerprint,
+            activation_images=activation_images,
+            device=device,
+            progress=progress,
+            calibration=calib,
+        )
     t0 = time.perf_counter()
+    first = fams[config.all_methods[0]]
     cands: list[Candidate] = []
     if config.include_original:
-        cands.append(fam.original())
-    targets = sorted(config.targets)
-    if config.method == "dcvit":
-        plans = plan_family(
-            fam.geom, fam.depth, targets, max_blocks=len(fam.blocks), round_to=config.round_to
-        )
-        unique = _unique_plans(plans)
-        rank_width = unique[len(unique) // 2].hidden
-        prev: tuple[Candidate, nn.Module] | None = None
-        for i, plan in enumerate(unique, start=1):
-            width = rank_width if config.reuse else plan.hidden
-            prev = fam.dcvit_target(plan, width, prev, i, len(unique))
-            cands.append(prev[0])
-    else:
-        block_frac = fam.geom.block_macs(fam.base_spec.blocks[0])[0] / fam.base_macs.linear_norm
-        ks: dict[int, float] = {}
-        for t in targets:
-            ks.setdefault(blocks_for_target(t, block_frac, len(fam.blocks)), t)
-        for i, (k, t) in enumerate(sorted(ks.items()), start=1):
-            cands.append(fam.practise_target(k, t, i, len(ks))[0])
-    fam.seconds["total"] = time.perf_counter() - t0
+        cands.append(first.original())
+    items = len(preview.candidates)
+    item = 0
+    for m, fam in fams.items():
+        t_m = time.perf_counter()
+        if fam.calibration is None and calib is not None:
+            fam.calibration = calib
+        mine = [p for p in preview.candidates if p.method == m]
+        if m == "dcvit":
+            unique = [p.plan for p in mine if p.plan is not None]
+            rank_width = unique[len(unique) // 2].hidden
+            prev: tuple[Candidate, nn.Module] | None = None
+            for plan in unique:
+                item += 1
+                width = rank_width if fam.cfg.reuse else plan.hidden
+                prev = fam.dcvit_target(plan, width, prev, item, items)
+                cands.append(prev[0])
+        else:
+            for p in mine:
+                item += 1
+                cands.append(fam.practise_target(p.n_blocks, p.target, item, items)[0])
+        calib = fam.calibration  # share the bank (and its cost) with the next method
+        fam.seconds[f"method_{m}"] = time.perf_counter() - t_m
+    seconds: dict[str, float] = {}
+    for m, fam in fams.items():
+        for k, v in fam.seconds.items():
+            key = k if len(fams) == 1 or k.startswith("method_") else f"{m}_{k}"
+            seconds[key] = seconds.get(key, 0.0) + v
+    seconds["total"] = time.perf_counter() - t0
+    cands.sort(key=lambda c: (c.name != ORIGINAL, c.reduction, c.name))
     index = {
         "candidates": [c.name + ".json" for c in cands],
         "config": to_dict(config),
-        "seconds": fam.seconds,
+        "seconds": seconds,
+        "duplicates": preview.duplicates,
     }
     atomic_write_json(out / "family.json", index)
+    rankings: dict[int, BlockRanking] = {}
+    for fam in fams.values():
+        rankings.update(fam.rankings)
     return FamilyResult(
         candidates=cands,
-        rankings=fam.rankings,
-        seconds=fam.seconds,
-        finetune_steps=fam.steps,
-        reused=fam.reused,
+        rankings=rankings,
+        seconds=seconds,
+        finetune_steps=sum(f.steps for f in fams.values()),
+        reused=[r for f in fams.values() for r in f.reused],
     )
+
+
+@dataclass(frozen=True)
+class PlannedCandidate:
+    """A candidate a family will hold: its name, method, structure and the target it serves
+    (the smallest of the targets that collapse onto it)."""
+
+    name: str
+    method: str
+    target: float
+    n_blocks: int
+    hidden: int  # DC-ViT MLP width; 0 for dropped blocks
+    achieved: float
+    plan: StructurePlan | None = None
+
+
+@dataclass(frozen=True)
+class FamilyPreview:
+    """What :func:`compress_family` will build, known before any work.
+
+    ``duplicates`` maps ``"<method>@<target>"`` of every target that plans to the same structure
+    as a smaller target of the same method to the candidate name both share (those targets add
+    no candidate)."""
+
+    candidates: list[PlannedCandidate]
+    duplicates: dict[str, str]
+
+
+def preview_family(teacher: nn.Module, config: FamilyConfig) -> FamilyPreview:
+    """Plan every candidate of ``config`` from the teacher's shape alone (no data, no training).
+
+    Validates every target of every method (raises :class:`UserInputError` naming the feasible
+    range); returns the unique candidates, in order of method then reduction, and the targets
+    that collapse onto an earlier one. Cheap: call it before any work to warn about duplicates.
+    """
+    geom = geometry_of(teacher)
+    depth = len(cast(Any, teacher).blocks)
+    blocks = config.candidate_blocks or default_candidate_blocks(depth)
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise UserInputError(
+            f"candidate blocks {bad} do not exist (model depth {depth})",
+            f"choose blocks in 0..{depth - 1}",
+        )
+    targets = sorted(config.targets)
+    out: list[PlannedCandidate] = []
+    dups: dict[str, str] = {}
+    for m in config.all_methods:
+        seen: dict[tuple[int, int], str] = {}
+        if m == "dcvit":
+            plans = plan_family(
+                geom, depth, targets, max_blocks=len(blocks), round_to=config.round_to
+            )
+            for t, p in zip(targets, plans, strict=True):
+                key = (p.n_blocks, p.hidden)
+                if key in seen:
+                    dups[f"{m}@{t:.6g}"] = seen[key]
+                    continue
+                name = candidate_name(m, p.achieved, structure_tag(m, p.n_blocks, p.hidden))
+                seen[key] = name
+                out.append(PlannedCandidate(name, m, t, p.n_blocks, p.hidden, p.achieved, p))
+        else:
+            from ..records import BlockSpec
+
+            full = BlockSpec(kind="attn_mlp", mlp_hidden=geom.base_mlp_hidden)
+            base = geom.count([full] * depth).linear_norm
+            block_frac = geom.block_macs(full)[0] / base
+            for t in targets:
+                k = blocks_for_target(t, block_frac, len(blocks))
+                if (k, 0) in seen:
+                    dups[f"{m}@{t:.6g}"] = seen[(k, 0)]
+                    continue
+                achieved = k * geom.block_macs(full)[0] / base
+                name = candidate_name(m, achieved, structure_tag(m, k))
+                seen[(k, 0)] = name
+                out.append(PlannedCandidate(name, m, t, k, 0, achieved))
+    return FamilyPreview(candidates=out, duplicates=dups)
+
+
+def calibration_bank(data: Any, *, seed: int = 0, views: int = 1) -> torch.Tensor:
+    """``views`` seeded passes over a Dataset (or ``[N,3,H,W]`` tensor) stacked into one tensor:
+    a fixed set of (possibly augmented) views for the closed-form re-fit."""
+    if isinstance(data, torch.Tensor):
+        return data
+    import random
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = random.getstate()
+        random.seed(seed)
+        try:
+            imgs = [_image_of(data[i]) for _ in range(views) for i in range(len(data))]
+        finally:
+            random.setstate(state)
+    return torch.stack(imgs)
 
 
 def _unique_plans(plans: Sequence[StructurePlan]) -> list[StructurePlan]:

@@ -1,8 +1,18 @@
 """Block selection by recoverability (DC-ViT Step 3).
 
-Each candidate block is compressed alone (FFN-only at width h'), finetuned by feature mimicking
-on the few-shot images, and scored by KL(teacher || student) on the metric set; lower is more
-recoverable. Scores are persisted after every block, so an interrupted ranking resumes.
+Each candidate block is compressed alone (FFN-only at width h'), recovered, and scored by
+KL(teacher || student) on the metric set; lower is more recoverable. How it is recovered is the
+``criterion`` (:data:`RANK_CRITERIA`):
+
+- ``"finetune"`` -- the paper: feature-mimicking finetune of blocks 0..b+1 on the few-shot
+  images (``schedule``), the frozen tail run at every step;
+- ``"refit"`` -- the closed-form re-fit of the block's fc2 only (:mod:`.refit`), no training;
+- ``"refit_finetune"`` -- the re-fit, then the finetune (usually with few steps);
+- ``"local"`` -- the re-fit, then ``schedule.iterations`` steps training blocks b and b+1 to
+  reproduce the teacher's output of block b+1 from the teacher's input of block b, on a fixed
+  bank of calibration tokens (the frozen tail is never run).
+
+Scores are persisted after every block, so an interrupted ranking resumes.
 """
 
 from __future__ import annotations
@@ -12,16 +22,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import atomic_write_json
 from ..progress import ProgressEvent, ProgressFn, quiet
 from ..records import ArchSpec
 from .finetune import FinetuneProgress, FinetuneSchedule, feature_mimic, kl_score
+from .refit import DEFAULT_RIDGE, block_streams, refit_blocks
 from .surgery import apply_spec, compress_blocks
+
+RankCriterion = Literal["finetune", "refit", "refit_finetune", "local"]
+RANK_CRITERIA: tuple[str, ...] = ("finetune", "refit", "refit_finetune", "local")
 
 
 @dataclass(frozen=True)
@@ -71,18 +86,52 @@ def rank_blocks(
     cache_key: str = "",
     progress: ProgressFn = quiet,
     should_stop: Callable[[], bool] | None = None,
+    criterion: RankCriterion = "finetune",
+    calibration: torch.Tensor | None = None,
+    ridge: float = DEFAULT_RIDGE,
 ) -> BlockRanking:
     """Score every block in ``candidates`` by DC-ViT recoverability at width ``hidden``.
 
-    ``cache`` (a JSON file) receives the scores after each block together with ``cache_key``;
-    a later call with the same key skips the blocks already scored.
+    ``criterion`` chooses how each compressed block is recovered before scoring (see the module
+    docstring); every criterion but ``"finetune"`` needs ``calibration`` images (preprocessed,
+    ``[N, 3, H, W]``). ``cache`` (a JSON file) receives the scores after each block together with
+    ``cache_key``; a later call with the same key skips the blocks already scored.
     """
+    if criterion not in RANK_CRITERIA:
+        raise ValueError(f"unknown ranking criterion {criterion!r}; use one of {RANK_CRITERIA}")
+    if criterion != "finetune" and calibration is None:
+        raise ValueError(f"ranking criterion {criterion!r} needs calibration images")
     scores = _load_partial(cache, cache_key)
     start = time.perf_counter()
     todo = [b for b in candidates if b not in scores]
+    streams = None
+    if todo and criterion != "finetune":
+        streams = block_streams(teacher, cast(torch.Tensor, calibration))
     for k, b in enumerate(todo, start=1):
         spec = compress_blocks(base_spec, [b], hidden, chooser)
         student = apply_spec(teacher, spec)
+        if streams is not None:
+            refit_blocks(
+                student,
+                teacher,
+                cast(torch.Tensor, calibration),
+                [b],
+                ridge=ridge,
+                teacher_streams=streams,
+            )
+        if criterion == "refit":
+            progress(ProgressEvent(stage=f"rank block {b} (re-fit)", item=k, items=len(todo)))
+            scores[b] = kl_score(student, teacher, metric_images, device=device)
+            if cache is not None:
+                atomic_write_json(cache, {"key": cache_key, "hidden": hidden, "scores": scores})
+            continue
+        if criterion == "local":
+            progress(ProgressEvent(stage=f"rank block {b} (local)", item=k, items=len(todo)))
+            local_mimic(student, streams or [], b, schedule, seed=seed + b)
+            scores[b] = kl_score(student, teacher, metric_images, device=device)
+            if cache is not None:
+                atomic_write_json(cache, {"key": cache_key, "hidden": hidden, "scores": scores})
+            continue
 
         def report(p: FinetuneProgress, k: int = k, b: int = b) -> None:
             progress(
@@ -116,6 +165,59 @@ def rank_blocks(
     return BlockRanking(
         scores={b: scores[b] for b in candidates if b in scores},
         hidden=hidden,
-        criterion="kl_after_finetune",
+        criterion="kl_after_finetune" if criterion == "finetune" else f"kl_after_{criterion}",
         seconds=time.perf_counter() - start,
     )
+
+
+def local_mimic(
+    student: nn.Module,
+    streams: list[torch.Tensor],
+    block: int,
+    schedule: FinetuneSchedule,
+    *,
+    seed: int = 0,
+) -> float:
+    """Train ``student.blocks[block]`` and the next block (in place) so that, fed the teacher's
+    tokens entering ``block``, they reproduce the teacher's tokens leaving ``block + 1``.
+
+    ``streams``: the teacher's token streams (:func:`.refit.block_streams`) on calibration
+    images; batches of ``schedule.batch_size`` images; AdamW with the schedule's lr curve and
+    weight decay (no loss ramp: the start is already re-fitted). Runs only the two blocks, never
+    the rest of the model. Returns the final batch loss.
+    """
+    blocks = cast(Any, student).blocks
+    last = min(block + 1, len(blocks) - 1)
+    mods = [blocks[i] for i in range(block, last + 1)]
+    params = [p for m in mods for p in m.parameters()]
+    saved = [(p, p.requires_grad) for p in params]
+    x_all, t_all = streams[block], streams[last + 1]
+    n = x_all.shape[0]
+    opt = torch.optim.AdamW(
+        params, lr=schedule.lr_at(0), betas=schedule.betas, weight_decay=schedule.weight_decay
+    )
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.zeros(())
+    was = [(m, m.training) for m in mods]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for m in mods:
+            m.eval()
+        for step in range(schedule.iterations):
+            for group in opt.param_groups:
+                group["lr"] = schedule.lr_at(step)
+            idx = torch.randint(0, n, (min(schedule.batch_size, n),), generator=g)
+            x = x_all[idx]
+            for m in mods:
+                x = m(x)
+            loss = F.mse_loss(x, t_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        for m, flag in was:
+            m.train(flag)
+    return float(loss.detach())
