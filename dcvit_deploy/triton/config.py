@@ -1,12 +1,6 @@
-"""Triton Inference Server model repository writer and config validator.
+"""Triton model configs: the artifact's I/O, the ``config.pbtxt`` text, and its validation.
 
-Layout written by :func:`write_model_repository`::
-
-    <repo>/<model>/config.pbtxt            (or configs/<config_name>.pbtxt, per-GPU)
-    <repo>/<model>/<version>/model.onnx    (ONNX Runtime)  | model.plan (TensorRT)
-    <repo>/<model>/deploy.json             (or configs/<config_name>.deploy.json)
-
-Every input/output name, data type and shape in the config comes from the artifact itself:
+Every input/output name, data type and shape in a config comes from the artifact itself:
 an ONNX file's graph inputs/outputs, or, for a TensorRT plan (which cannot be inspected without
 TensorRT), the engine metadata JSON the engine builder writes next to the plan. That file is
 ``<plan>.json`` (e.g. ``c60.plan.json``, as the TensorRT backend writes it) unless
@@ -21,8 +15,7 @@ TensorRT), the engine metadata JSON the engine builder writes next to the plan. 
 The profile's largest batch is ``settings.shape_profile.max[0]``; a top-level ``max_batch``
 (or ``profile_max_batch``) overrides it, and ``gpu`` is accepted for ``gpu_name``. ``-1``
 marks a dynamic dimension; dtypes may be TensorRT (``float``/``half``), numpy or torch
-names. A plan only loads in a Triton whose TensorRT version matches the builder's, so the
-version, GPU and compute capability go to ``deploy.json``.
+names.
 
 With ``max_batch_size > 0`` Triton owns the batch dimension: ``dims`` exclude it and the
 artifact's first dimension must be dynamic. With ``max_batch_size: 0`` (written explicitly)
@@ -35,20 +28,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__
-from .atomic import atomic_write_json, atomic_write_text, atomic_write_with, sha256_file
-from .errors import UserInputError
-from .records import SCHEMA_VERSION, Artifact, LatencyStats, to_dict
+from ..errors import UserInputError
 
 __all__ = [
+    "Accelerator",
     "ConfigCheck",
     "ModelIO",
+    "NotServable",
     "TensorSpec",
     "engine_meta_path",
     "platform_for",
@@ -56,7 +47,6 @@ __all__ = [
     "read_onnx_io",
     "render_config",
     "validate_config",
-    "write_model_repository",
 ]
 
 Platform = Literal["onnxruntime_onnx", "tensorrt_plan"]
@@ -136,12 +126,30 @@ class ModelIO:
         return next((t for t in (*self.inputs, *self.outputs) if t.name == name), None)
 
 
+class NotServable(UserInputError):
+    """The artifact's format has no Triton platform that serves it as it was measured."""
+
+
 def platform_for(backend: str) -> Platform:
-    """Triton platform for an artifact backend name (``onnxruntime`` or ``tensorrt``)."""
+    """Triton platform for an artifact backend name (``onnxruntime`` or ``tensorrt``).
+
+    ``torch`` artifacts are refused with :class:`NotServable`: the torch backend stores a
+    ``torch.export`` program (``.pt2``) and measures it op by op, cast to the profile's precision
+    and replayed from a CUDA graph; Triton's PyTorch backend loads TorchScript and runs neither
+    that program nor its CUDA graph, so a published model would not be the one measured.
+    """
+    key = backend.lower()
+    if key in ("torch", "pytorch"):
+        raise NotServable(
+            f"backend {backend!r} artifacts (torch.export programs, measured with the torch "
+            "runtime) have no Triton platform that serves them as measured",
+            "publish from an onnxruntime or tensorrt profile (e.g. ort-cuda, h100-trt-fp16); "
+            "the torch measurements stay in the reports",
+        )
     try:
-        return _PLATFORM_BY_BACKEND[backend.lower()]
+        return _PLATFORM_BY_BACKEND[key]
     except KeyError:
-        raise UserInputError(
+        raise NotServable(
             f"artifacts of backend {backend!r} cannot be served by Triton's ONNX Runtime or "
             "TensorRT platforms",
             "deploy an onnxruntime or tensorrt artifact",
@@ -304,17 +312,15 @@ def _config_dims(spec: TensorSpec, max_batch_size: int, what: str) -> tuple[int,
 
 
 @dataclass(frozen=True)
-class _Settings:
-    max_batch_size: int
-    instance_count: int
-    kind: Kind
-    gpus: tuple[int, ...]
-    dynamic_batching: bool
-    preferred_batch_sizes: tuple[int, ...]
-    max_queue_delay_us: int
-    cuda_graphs: bool
-    warmup_batch_sizes: tuple[int, ...]
-    default_model_filename: str | None
+class Accelerator:
+    """One ``optimization.execution_accelerators.gpu_execution_accelerator`` entry."""
+
+    name: str
+    parameters: tuple[tuple[str, str], ...] = ()
+
+
+def _block(name: str, body: list[str], indent: str) -> list[str]:
+    return [f"{indent}{name} {{", *body, f"{indent}}}"]
 
 
 def render_config(
@@ -332,35 +338,36 @@ def render_config(
     cuda_graphs: bool = False,
     warmup_batch_sizes: Sequence[int] = (),
     default_model_filename: str | None = None,
+    latest_versions: int | None = None,
+    graph_level: int | None = None,
+    gpu_accelerators: Sequence[Accelerator] = (),
+    parameters: Mapping[str, str] | None = None,
     comment: str = "",
 ) -> str:
     """Deterministic ``config.pbtxt`` text (no timestamps; same inputs give the same bytes).
 
-    Settings are taken as given; :func:`write_model_repository` decides defaults and checks
-    them against the artifact first.
+    Settings are taken as given; the repository writers decide them (from the target profile)
+    and check them against the artifact first. ``latest_versions``: write
+    ``version_policy { latest { num_versions: N } }``. ``graph_level``: the onnxruntime
+    backend's ``optimization { graph { level } }``. ``parameters``: model-level string
+    parameters (the onnxruntime backend's thread counts, execution mode), sorted by key.
     """
-    s = _Settings(
-        max_batch_size=max_batch_size,
-        instance_count=instance_count,
-        kind=kind,
-        gpus=tuple(gpus),
-        dynamic_batching=dynamic_batching,
-        preferred_batch_sizes=tuple(preferred_batch_sizes),
-        max_queue_delay_us=max_queue_delay_us,
-        cuda_graphs=cuda_graphs,
-        warmup_batch_sizes=tuple(warmup_batch_sizes),
-        default_model_filename=default_model_filename,
-    )
     lines: list[str] = []
     if comment:
         lines += [f"# {line}".rstrip() for line in comment.splitlines()]
     lines += [
         f"name: {_quote(model_name)}",
         f"platform: {_quote(platform)}",
-        f"max_batch_size: {s.max_batch_size}",
+        f"max_batch_size: {max_batch_size}",
     ]
-    if s.default_model_filename:
-        lines.append(f"default_model_filename: {_quote(s.default_model_filename)}")
+    if default_model_filename:
+        lines.append(f"default_model_filename: {_quote(default_model_filename)}")
+    if latest_versions is not None:
+        lines += _block(
+            "version_policy",
+            _block("latest", [f"    num_versions: {latest_versions}"], "  "),
+            "",
+        )
     for section, specs in (("input", io.inputs), ("output", io.outputs)):
         lines.append(f"{section} [")
         for i, spec in enumerate(specs):
@@ -368,30 +375,54 @@ def render_config(
                 "  {",
                 f"    name: {_quote(spec.name)}",
                 f"    data_type: {spec.data_type}",
-                f"    dims: {_dims(_config_dims(spec, s.max_batch_size, section))}",
+                f"    dims: {_dims(_config_dims(spec, max_batch_size, section))}",
                 "  }" + ("," if i < len(specs) - 1 else ""),
             ]
         lines.append("]")
-    lines += ["instance_group [", "  {", f"    count: {s.instance_count}", f"    kind: {s.kind}"]
-    if s.gpus:
-        lines.append(f"    gpus: {_dims(s.gpus)}")
+    lines += ["instance_group [", "  {", f"    count: {instance_count}", f"    kind: {kind}"]
+    if gpus:
+        lines.append(f"    gpus: {_dims(gpus)}")
     lines += ["  }", "]"]
-    if s.dynamic_batching:
+    if dynamic_batching:
         lines.append("dynamic_batching {")
-        if s.preferred_batch_sizes:
-            lines.append(f"  preferred_batch_size: {_dims(s.preferred_batch_sizes)}")
-        if s.max_queue_delay_us:
-            lines.append(f"  max_queue_delay_microseconds: {s.max_queue_delay_us}")
+        if preferred_batch_sizes:
+            lines.append(f"  preferred_batch_size: {_dims(preferred_batch_sizes)}")
+        if max_queue_delay_us:
+            lines.append(f"  max_queue_delay_microseconds: {max_queue_delay_us}")
         lines.append("}")
-    if s.cuda_graphs:
-        lines += ["optimization {", "  cuda {", "    graphs: true", "  }", "}"]
-    if s.warmup_batch_sizes:
+    optimization: list[str] = []
+    if graph_level is not None:
+        optimization += _block("graph", [f"    level: {graph_level}"], "  ")
+    if cuda_graphs:
+        optimization += _block("cuda", ["    graphs: true"], "  ")
+    if gpu_accelerators:
+        entries: list[str] = []
+        for i, acc in enumerate(gpu_accelerators):
+            entries += ["      {", f"        name: {_quote(acc.name)}"]
+            for key, value in acc.parameters:
+                entries.append(
+                    f"        parameters {{ key: {_quote(key)} value: {_quote(value)} }}"
+                )
+            entries.append("      }" + ("," if i < len(gpu_accelerators) - 1 else ""))
+        optimization += _block(
+            "execution_accelerators",
+            ["    gpu_execution_accelerator [", *entries, "    ]"],
+            "  ",
+        )
+    if optimization:
+        lines += _block("optimization", optimization, "")
+    for key in sorted(parameters or {}):
+        value = (parameters or {})[key]
+        lines.append(
+            f"parameters {{ key: {_quote(key)} value {{ string_value: {_quote(value)} }} }}"
+        )
+    if warmup_batch_sizes:
         lines.append("model_warmup [")
-        for i, batch in enumerate(s.warmup_batch_sizes):
+        for i, batch in enumerate(warmup_batch_sizes):
             lines += ["  {", f'    name: "warmup_batch{batch}"']
-            lines.append(f"    batch_size: {batch if s.max_batch_size > 0 else 1}")
+            lines.append(f"    batch_size: {batch if max_batch_size > 0 else 1}")
             for spec in io.inputs:
-                dims = _warmup_dims(spec, s.max_batch_size, batch)
+                dims = _warmup_dims(spec, max_batch_size, batch)
                 lines += [
                     "    inputs {",
                     f"      key: {_quote(spec.name)}",
@@ -402,7 +433,7 @@ def render_config(
                     "      }",
                     "    }",
                 ]
-            lines.append("  }" + ("," if i < len(s.warmup_batch_sizes) - 1 else ""))
+            lines.append("  }" + ("," if i < len(warmup_batch_sizes) - 1 else ""))
         lines.append("]")
     return "\n".join(lines) + "\n"
 
@@ -416,263 +447,6 @@ def _warmup_dims(spec: TensorSpec, max_batch_size: int, batch: int) -> tuple[int
 
 def _static_for_warmup(io: ModelIO, max_batch_size: int) -> bool:
     return all(d > 0 for spec in io.inputs for d in _warmup_dims(spec, max_batch_size, 1))
-
-
-# --------------------------------------------------------------------------- writer
-
-
-def _check_name(value: str, what: str) -> None:
-    if not _NAME_RE.match(value) or value in (".", ".."):
-        raise UserInputError(
-            f"{what} {value!r} is not a valid directory name",
-            "use letters, digits, '_', '-' and '.', starting with a letter or digit",
-        )
-
-
-def _tensor_dict(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "data_type": spec.data_type, "shape": list(spec.shape)}
-
-
-def _copy_atomic(src: Path, dest: Path) -> None:
-    def copy(tmp: Path) -> None:
-        shutil.copyfile(src, tmp)
-
-    atomic_write_with(dest, copy)
-
-
-def write_model_repository(
-    repo_dir: str | os.PathLike[str],
-    model_name: str,
-    artifact: Artifact,
-    *,
-    max_batch_size: int | None = None,
-    instance_count: int = 1,
-    kind: Kind = "KIND_GPU",
-    gpus: Sequence[int] = (),
-    dynamic_batching: bool | None = None,
-    preferred_batch_sizes: Sequence[int] = (),
-    max_queue_delay_us: int = 0,
-    cuda_graphs: bool | None = None,
-    warmup_batch_sizes: Sequence[int] | None = None,
-    version: int = 1,
-    config_name: str | None = None,
-    latency: LatencyStats | Iterable[LatencyStats] | None = None,
-    source_candidate: str | None = None,
-    extra_meta: dict[str, Any] | None = None,
-) -> Path:
-    """Write one model of a Triton repository from a measured artifact; return the model dir.
-
-    * platform: from ``artifact.backend`` (``onnxruntime`` -> ``onnxruntime_onnx``,
-      ``tensorrt`` -> ``tensorrt_plan``).
-    * ``max_batch_size``: ``None`` means the engine profile's max batch for a plan, and
-      ``max(preferred_batch_sizes)`` (or 0 without them) for ONNX; it must be covered by the
-      engine profile and needs a dynamic batch dimension when > 0.
-    * ``dynamic_batching``: ``None`` means on iff ``max_batch_size > 0``; preferred sizes
-      (typically the profile's batch sizes) > 1 are written, each must be <= max_batch_size.
-    * ``cuda_graphs``: ``None`` means on for TensorRT plans; not available for ONNX.
-    * ``warmup_batch_sizes``: ``None`` means one warm-up at ``max_batch_size`` (or 1) when all
-      non-batch input dims are static; ``()`` disables warm-up.
-    * ``config_name``: write a per-GPU ``configs/<config_name>.pbtxt`` whose
-      ``default_model_filename`` points at ``<version>/model_<config_name>.<ext>``, selected at
-      serve time with ``--model-config-name``; deploy facts go to
-      ``configs/<config_name>.deploy.json``.
-    * ``latency``: the measured stats (one or several batch sizes) recorded in the deploy
-      facts; ``source_candidate`` defaults to ``artifact.candidate``.
-
-    The model file is copied atomically and its sha256 checked against ``artifact.sha256``;
-    the config is written last (and validated against Triton's schema when tritonclient is
-    installed). Raises :class:`UserInputError` (one line with a fix) for every mismatch between
-    the request and the artifact.
-    """
-    _check_name(model_name, "model name")
-    if latency is None:
-        latency = ()
-    elif isinstance(latency, LatencyStats):
-        latency = (latency,)
-    if config_name is not None:
-        _check_name(config_name, "config name")
-    if version < 1:
-        raise UserInputError(f"model version {version} is invalid", "use a version >= 1")
-    if instance_count < 1:
-        raise UserInputError("instance_count must be >= 1", "pass instance_count=1 or more")
-    if kind not in ("KIND_GPU", "KIND_CPU"):
-        raise UserInputError(f"instance kind {kind!r} is unknown", "use KIND_GPU or KIND_CPU")
-    platform = platform_for(artifact.backend)
-    src = Path(artifact.path)
-    if not src.is_file():
-        raise UserInputError(
-            f"artifact file {src.name} of candidate {artifact.candidate} is missing",
-            "rebuild the candidate's artifact",
-        )
-
-    onnx_model: Any = None
-    if platform == "tensorrt_plan":
-        io = read_engine_io(engine_meta_path(src, artifact.meta))
-        if kind == "KIND_CPU":
-            raise UserInputError(
-                "a TensorRT plan cannot run on KIND_CPU instances", "use kind='KIND_GPU'"
-            )
-    else:
-        onnx_model = _load_onnx(src)
-        io = read_onnx_io(src, model=onnx_model)
-
-    input_names = [t.name for t in io.inputs]
-    output_names = [t.name for t in io.outputs]
-    if artifact.input_name not in input_names or artifact.output_name not in output_names:
-        raise UserInputError(
-            f"artifact of {artifact.candidate} names input {artifact.input_name!r} and output "
-            f"{artifact.output_name!r}, but {src.name} has inputs {input_names} and outputs "
-            f"{output_names}",
-            "rebuild the artifact record from the model file (names must match exactly)",
-        )
-
-    preferred = sorted({int(b) for b in preferred_batch_sizes})
-    if max_batch_size is None:
-        if platform == "tensorrt_plan" and io.max_batch is not None:
-            max_batch_size = io.max_batch
-        else:
-            max_batch_size = max(preferred, default=0)
-    if max_batch_size < 0:
-        raise UserInputError("max_batch_size must be >= 0", "pass 0 (no batching) or more")
-    if platform == "tensorrt_plan" and max_batch_size > 0 and io.max_batch is None:
-        raise UserInputError(
-            "the engine metadata does not record its optimisation profile's max batch, so "
-            f"max_batch_size {max_batch_size} cannot be checked",
-            "rebuild the engine with dcvit-deploy (it records 'max_batch')",
-        )
-    if io.max_batch is not None and max_batch_size > io.max_batch:
-        raise UserInputError(
-            f"the engine's optimisation profile allows batches up to {io.max_batch}, but "
-            f"max_batch_size is {max_batch_size}",
-            f"rebuild the engine with a profile max >= {max_batch_size} or lower max_batch_size",
-        )
-    for spec in (*io.inputs, *io.outputs):  # fail early with the batch-dimension message
-        _config_dims(spec, max_batch_size, "input" if spec in io.inputs else "output")
-
-    if dynamic_batching is None:
-        dynamic_batching = max_batch_size > 0
-    if dynamic_batching and max_batch_size == 0:
-        raise UserInputError(
-            "dynamic batching needs max_batch_size > 0",
-            "pass a max_batch_size or dynamic_batching=False",
-        )
-    too_big = [b for b in preferred if b > max_batch_size]
-    if dynamic_batching and too_big:
-        raise UserInputError(
-            f"preferred batch sizes {too_big} exceed max_batch_size {max_batch_size}",
-            "raise max_batch_size or drop those sizes",
-        )
-    preferred_out = [b for b in preferred if b > 1] if dynamic_batching else []
-
-    if cuda_graphs is None:
-        cuda_graphs = platform == "tensorrt_plan"
-    if cuda_graphs and platform != "tensorrt_plan":
-        raise UserInputError(
-            "Triton's CUDA graph optimisation applies to TensorRT plans only",
-            "pass cuda_graphs=False for ONNX models",
-        )
-
-    if warmup_batch_sizes is None:
-        default = max_batch_size if max_batch_size > 0 else 1
-        warmups = [default] if _static_for_warmup(io, max_batch_size) else []
-    else:
-        warmups = sorted({int(b) for b in warmup_batch_sizes})
-        if warmups and not _static_for_warmup(io, max_batch_size):
-            raise UserInputError(
-                "model warm-up needs static non-batch input dims, but the inputs are "
-                f"{[list(t.shape) for t in io.inputs]}",
-                "pass warmup_batch_sizes=() or export with static image size",
-            )
-        bad = [b for b in warmups if b < 1 or (max_batch_size > 0 and b > max_batch_size)]
-        if bad:
-            raise UserInputError(
-                f"warm-up batch sizes {bad} are outside 1..{max(max_batch_size, 1)}",
-                "use warm-up sizes within max_batch_size",
-            )
-
-    model_dir = Path(repo_dir) / model_name
-    suffix = _MODEL_SUFFIX[platform]
-    model_file = f"model_{config_name}{suffix}" if config_name else f"model{suffix}"
-    dest = model_dir / str(version) / model_file
-
-    # 1. the model file (and any ONNX external data), byte-identical to what was measured
-    _copy_atomic(src, dest)
-    digest = sha256_file(dest)
-    if artifact.sha256 and digest != artifact.sha256:
-        dest.unlink(missing_ok=True)
-        raise UserInputError(
-            f"{src.name} changed since candidate {artifact.candidate} was built and measured "
-            f"(sha256 {digest[:12]} != {artifact.sha256[:12]})",
-            "rebuild and re-measure the candidate so the shipped file is the measured one",
-        )
-    if platform == "onnxruntime_onnx":
-        for location in _external_data_files(onnx_model):
-            _copy_atomic(src.parent / location, dest.parent / location)
-
-    # 2. deploy facts
-    source = source_candidate or artifact.candidate
-    if config_name:
-        config_rel = f"configs/{config_name}.pbtxt"
-        deploy_path = model_dir / "configs" / f"{config_name}.deploy.json"
-    else:
-        config_rel = "config.pbtxt"
-        deploy_path = model_dir / "deploy.json"
-    facts = dict(io.facts)
-    deploy = {
-        "schema": SCHEMA_VERSION,
-        "kind": "dcvit-deploy/triton-model",
-        "generator": f"dcvit-deploy {__version__}",
-        "model_name": model_name,
-        "version": version,
-        "config": config_rel,
-        "platform": platform,
-        "model_file": f"{version}/{model_file}",
-        "sha256": digest,
-        "source": {
-            "candidate": source,
-            "backend": artifact.backend,
-            "precision": artifact.precision,
-            "file_name": src.name,
-            "build_seconds": artifact.build_seconds,
-        },
-        "tensorrt_version": facts.get("tensorrt_version", artifact.meta.get("tensorrt_version")),
-        "gpu": facts.get("gpu", artifact.meta.get("gpu", artifact.meta.get("gpu_name"))),
-        "compute_capability": facts.get(
-            "compute_capability", artifact.meta.get("compute_capability")
-        ),
-        "engine_profile_max_batch": io.max_batch,
-        "max_batch_size": max_batch_size,
-        "inputs": [_tensor_dict(t) for t in io.inputs],
-        "outputs": [_tensor_dict(t) for t in io.outputs],
-        "latency": [to_dict(s) for s in latency],
-        "artifact_meta": artifact.meta,
-        "extra": extra_meta or {},
-    }
-    atomic_write_json(deploy_path, deploy)
-
-    # 3. the config, last: Triton treats a model directory with a config as ready
-    text = render_config(
-        model_name,
-        platform,
-        io,
-        max_batch_size=max_batch_size,
-        instance_count=instance_count,
-        kind=kind,
-        gpus=gpus,
-        dynamic_batching=dynamic_batching,
-        preferred_batch_sizes=preferred_out,
-        max_queue_delay_us=max_queue_delay_us,
-        cuda_graphs=cuda_graphs,
-        warmup_batch_sizes=warmups,
-        default_model_filename=model_file if config_name else None,
-        comment=f"Generated by dcvit-deploy from candidate {source}; "
-        f"build facts in {deploy_path.name}",
-    )
-    check = _schema_check(text)
-    if check.status == "failed":
-        raise RuntimeError(f"generated an invalid Triton config: {'; '.join(check.messages)}")
-    atomic_write_text(model_dir / config_rel, text)
-    return model_dir
 
 
 # --------------------------------------------------------------------------- validation
@@ -709,6 +483,17 @@ def _parse(text: str) -> tuple[Any, ConfigCheck | None]:
     return config, None
 
 
+def parse_config(text: str) -> Any:
+    """Parse config text into Triton's ``ModelConfig`` message; ``None`` without tritonclient.
+
+    Raises :class:`UserInputError` when the text is not a valid ModelConfig.
+    """
+    config, early = _parse(text)
+    if early is not None and early.status == "failed":
+        raise UserInputError(early.messages[0], "fix or remove the config.pbtxt")
+    return config
+
+
 def _schema_check(text: str) -> ConfigCheck:
     config, early = _parse(text)
     if early is not None:
@@ -717,21 +502,130 @@ def _schema_check(text: str) -> ConfigCheck:
     return ConfigCheck("failed", tuple(problems)) if problems else ConfigCheck("ok")
 
 
+# The onnxruntime backend's graph levels: -1 basic, 1 extended, 2 disabled, absent/0 all.
+GRAPH_LEVELS = {"basic": -1, "extended": 1, "disable": 2}
+_ORT_INT_PARAMETERS = ("intra_op_thread_count", "inter_op_thread_count")
+_ORT_ACCELERATORS = ("tensorrt", "cuda")
+
+
+def _tensor_problems(section: str, tensors: Any, mbs: int) -> list[str]:
+    from tritonclient.grpc import model_config_pb2
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    for t in tensors:
+        if not t.name:
+            problems.append(f"a model {section} has no name")
+        elif t.name in seen:
+            problems.append(f"model {section} {t.name!r} is declared more than once")
+        seen.add(t.name)
+        if t.data_type == model_config_pb2.TYPE_INVALID:
+            problems.append(f"model {section} {t.name!r} must specify data_type")
+        dims = list(t.dims)
+        if not dims and not t.HasField("reshape"):
+            problems.append(f"model {section} {t.name!r} must specify dims")
+        bad = [d for d in dims if d == 0 or d < -1]
+        if bad:
+            problems.append(
+                f"model {section} {t.name!r} has invalid dims {dims}: each must be >= 1 or -1"
+            )
+        if mbs == 0 and getattr(t, "allow_ragged_batch", False):
+            problems.append(f"model {section} {t.name!r} allows ragged batch without batching")
+    return problems
+
+
 def _semantic_problems(config: Any) -> list[str]:
+    """Rules Triton enforces when it loads a model (or that this project relies on)."""
+    from tritonclient.grpc import model_config_pb2
+
     problems: list[str] = []
     mbs = config.max_batch_size
-    if config.platform not in _MODEL_SUFFIX:
-        problems.append(f"platform {config.platform!r} is not onnxruntime_onnx or tensorrt_plan")
+    platform = config.platform
+    if platform not in _MODEL_SUFFIX:
+        problems.append(f"platform {platform!r} is not onnxruntime_onnx or tensorrt_plan")
     if mbs < 0:
-        problems.append("max_batch_size must be >= 0")
+        problems.append(f"max_batch_size must be >= 0, not {mbs}")
     if config.HasField("dynamic_batching"):
         if mbs == 0:
             problems.append("dynamic_batching needs max_batch_size > 0")
         big = [b for b in config.dynamic_batching.preferred_batch_size if b > mbs]
         if big and mbs > 0:
             problems.append(f"preferred_batch_size {big} exceeds max_batch_size {mbs}")
+        small = [b for b in config.dynamic_batching.preferred_batch_size if b < 1]
+        if small:
+            problems.append(f"preferred_batch_size {small} must be >= 1")
     if not config.input or not config.output:
         problems.append("the config must list inputs and outputs")
+    problems += _tensor_problems("input", config.input, mbs)
+    problems += _tensor_problems("output", config.output, mbs)
+
+    policy = config.version_policy
+    which = policy.WhichOneof("policy_choice") if config.HasField("version_policy") else None
+    if which == "latest" and policy.latest.num_versions < 1:
+        problems.append("version_policy latest needs num_versions >= 1")
+    if which == "specific" and any(v < 1 for v in policy.specific.versions):
+        problems.append(f"version_policy specific versions {list(policy.specific.versions)} < 1")
+
+    kinds = model_config_pb2.ModelInstanceGroup.Kind
+    for i, group in enumerate(config.instance_group):
+        label = group.name or f"{config.name or 'model'}_{i}"
+        if group.count < 0:
+            problems.append(f"instance group {label} has count {group.count}; use >= 1")
+        if group.kind == kinds.Value("KIND_CPU") and len(group.gpus):
+            problems.append(f"instance group {label} has kind KIND_CPU but lists gpus")
+        negative = [g for g in group.gpus if g < 0]
+        if negative:
+            problems.append(f"instance group {label} lists invalid gpu ids {negative}")
+        if group.kind == kinds.Value("KIND_CPU") and platform == "tensorrt_plan":
+            problems.append(f"instance group {label}: a TensorRT plan cannot run on KIND_CPU")
+        for p in group.profile:
+            if not p.isdigit():
+                problems.append(
+                    f"instance group {label} names optimisation profile {p!r}; profiles are "
+                    "engine profile indices ('0', '1', ...)"
+                )
+        if group.profile and platform != "tensorrt_plan":
+            problems.append(f"instance group {label} selects engine profiles on {platform}")
+
+    opt = config.optimization
+    if opt.cuda.graphs and platform != "tensorrt_plan":
+        problems.append(
+            "optimization.cuda.graphs is only honoured by Triton's TensorRT backend, "
+            f"not {platform}"
+        )
+    if opt.HasField("graph") and platform != "onnxruntime_onnx":
+        problems.append(f"optimization.graph.level is an onnxruntime setting, not for {platform}")
+    if opt.HasField("graph") and opt.graph.level not in (-1, 0, 1, 2):
+        problems.append(
+            f"optimization.graph.level {opt.graph.level} is not -1 (basic), 0 (all), "
+            "1 (extended) or 2 (disabled)"
+        )
+    accelerators = opt.execution_accelerators.gpu_execution_accelerator
+    if accelerators and platform != "onnxruntime_onnx":
+        problems.append(f"gpu_execution_accelerator is an onnxruntime setting, not for {platform}")
+    for acc in accelerators:
+        if platform == "onnxruntime_onnx" and acc.name not in _ORT_ACCELERATORS:
+            problems.append(f"unknown gpu_execution_accelerator {acc.name!r}; use tensorrt or cuda")
+    if (
+        accelerators
+        and config.instance_group
+        and all(g.kind == kinds.Value("KIND_CPU") for g in config.instance_group)
+    ):
+        problems.append("gpu_execution_accelerator given but every instance group is KIND_CPU")
+
+    if platform == "onnxruntime_onnx":
+        for key in _ORT_INT_PARAMETERS:
+            if key in config.parameters:
+                value = config.parameters[key].string_value
+                if not value.isdigit():
+                    problems.append(
+                        f"parameter {key} must be a non-negative integer, not {value!r}"
+                    )
+        if "execution_mode" in config.parameters:
+            value = config.parameters["execution_mode"].string_value
+            if value not in ("0", "1"):
+                problems.append(f"parameter execution_mode must be 0 or 1, not {value!r}")
+
     input_names = {t.name for t in config.input}
     for warm in config.model_warmup:
         if mbs > 0 and not 1 <= warm.batch_size <= mbs:
@@ -763,11 +657,15 @@ def validate_config(
 
     ``config`` is config text, a ``config.pbtxt`` / ``configs/<name>.pbtxt`` path, or a model
     directory. The text is parsed into Triton's own ``ModelConfig`` protobuf (from
-    ``tritonclient[grpc]``); without it the result is ``skipped``, never ``ok``. With a model
+    ``tritonclient[grpc]``); without it the result is ``skipped``, never ``ok``. Then the rules
+    Triton applies when loading are checked (data types, dims, duplicate names, batching,
+    instance groups, version policy, platform-specific optimisation settings). With a model
     directory (given, or derived from the path) it also checks: ``name`` matches the directory,
     each numeric version folder holds the model file, and every input/output name, data type
     and dims agree with the model file (ONNX graph) or, for plans, the I/O recorded in the
-    deploy facts. Never raises for an invalid config; the messages say what is wrong.
+    deploy facts (``<version>/deploy.json``, else the model's ``deploy.json``), including that
+    instance groups only select optimisation profiles the engine has. Never raises for an
+    invalid config; the messages say what is wrong.
     """
     text, path, early = _config_source(config)
     if early is not None:
@@ -784,6 +682,16 @@ def validate_config(
     return ConfigCheck("failed", tuple(problems)) if problems else ConfigCheck("ok")
 
 
+def version_dirs(model_dir: Path) -> list[Path]:
+    """The numeric version folders of a model directory, oldest first."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0),
+        key=lambda p: int(p.name),
+    )
+
+
 def _model_dir_problems(config: Any, model_dir: Path, config_path: Path | None) -> list[str]:
     problems: list[str] = []
     if config.name and config.name != model_dir.name:
@@ -792,14 +700,7 @@ def _model_dir_problems(config: Any, model_dir: Path, config_path: Path | None) 
     if suffix is None:
         return problems
     file_name = config.default_model_filename or f"model{suffix}"
-    versions = (
-        sorted(
-            (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
-            key=lambda p: int(p.name),
-        )
-        if model_dir.is_dir()
-        else []
-    )
+    versions = version_dirs(model_dir)
     if not versions:
         problems.append(f"no numeric version folder in {model_dir.name}/")
         return problems
@@ -827,6 +728,8 @@ def _io_for_check(
     # A plan cannot be opened without TensorRT: use the I/O recorded when it was written.
     if config_path is not None and config_path.parent.name == "configs":
         deploy = config_path.with_name(config_path.stem + ".deploy.json")
+    elif (model_file.parent / "deploy.json").is_file():
+        deploy = model_file.parent / "deploy.json"
     else:
         deploy = model_dir / "deploy.json"
     try:
@@ -839,8 +742,9 @@ def _io_for_check(
                 TensorSpec(t["name"], t["data_type"], tuple(t["shape"])) for t in data["outputs"]
             ),
             max_batch=data.get("engine_profile_max_batch"),
+            facts={"profiles": int(data.get("engine_profiles", 1))},
         )
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (OSError, KeyError, TypeError, ValueError) as exc:
         return f"cannot read the plan's recorded I/O from {deploy.name}: {exc}"
 
 
@@ -851,6 +755,15 @@ def _io_problems(config: Any, io: ModelIO, where: str) -> list[str]:
     mbs = config.max_batch_size
     if io.max_batch is not None and mbs > io.max_batch:
         problems.append(f"max_batch_size {mbs} exceeds the engine profile max {io.max_batch}")
+    profiles = io.facts.get("profiles")
+    if profiles is not None:
+        for group in config.instance_group:
+            missing = [p for p in group.profile if p.isdigit() and int(p) >= profiles]
+            if missing:
+                problems.append(
+                    f"instance group selects optimisation profiles {missing}, but {where} has "
+                    f"{profiles} profile(s)"
+                )
     for section, declared, actual in (
         ("input", config.input, io.inputs),
         ("output", config.output, io.outputs),

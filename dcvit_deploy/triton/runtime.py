@@ -1,0 +1,189 @@
+"""The runtime settings a target profile measured with, as Triton config settings.
+
+Triton must serve what was measured, so the settings in ``config.pbtxt`` come from the same
+:class:`~dcvit_deploy.records.TargetProfile` the latency numbers came from: the backend's
+validated ``[backend_options]`` (defaults filled in by the backend's own option table) and the
+``[measure]`` settings.
+
+=====================================  ===================================================
+profile                                 config.pbtxt
+=====================================  ===================================================
+``device = "cpu"`` / ``"cuda"``         ``instance_group { kind: KIND_CPU }`` /
+                                        ``{ kind: KIND_GPU gpus: [device_id] }``
+onnxruntime ``intra_op_num_threads``    ``parameters { key: "intra_op_thread_count" }``
+onnxruntime ``inter_op_num_threads``    ``parameters { key: "inter_op_thread_count" }``
+onnxruntime ``execution_mode``          ``parameters { key: "execution_mode" }`` (0 / 1)
+onnxruntime ``graph_optimization_level``  ``optimization { graph { level } }`` (omitted for
+                                        ``all``, the backend's default; basic -1,
+                                        extended 1, disable 2)
+onnxruntime ``provider = "tensorrt"``   ``gpu_execution_accelerator [{ name: "tensorrt" }]``
+                                        with the workspace, builder optimisation level and
+                                        min/opt/max shapes the session measured with
+tensorrt ``measure.cuda_graphs``        ``optimization { cuda { graphs: true } }``
+=====================================  ===================================================
+
+Refused (:class:`ServingMismatch`, one line with a fix), because Triton cannot reproduce them:
+ONNX Runtime measured with CUDA graph capture (Triton's onnxruntime backend has no CUDA graph
+option; its sessions do not run from fixed bound buffers). Not mirrored, and recorded in
+``notes``: I/O binding / ``no_copy`` (Triton always copies request tensors, so served latency
+includes copies the measurement may have left out) and the TensorRT provider's engine and
+timing cache paths (machine-local; they change load time, not latency).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UserInputError
+from ..records import TargetProfile
+from .config import GRAPH_LEVELS, Accelerator, Kind, NotServable, Platform, platform_for
+
+__all__ = ["ServingMismatch", "ServingSettings", "publishable", "serving_settings"]
+
+MIB = 1 << 20
+
+
+class ServingMismatch(UserInputError):
+    """The profile measured a runtime setting Triton cannot reproduce."""
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Triton config settings equal to what ``profile`` measured (see the module table)."""
+
+    platform: Platform
+    kind: Kind
+    gpus: tuple[int, ...]
+    cuda_graphs: bool
+    graph_level: int | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    gpu_accelerators: tuple[Accelerator, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-JSON summary for the deploy facts."""
+        return {
+            "platform": self.platform,
+            "kind": self.kind,
+            "gpus": list(self.gpus),
+            "cuda_graphs": self.cuda_graphs,
+            "graph_level": self.graph_level,
+            "parameters": dict(self.parameters),
+            "gpu_accelerators": [
+                {"name": a.name, "parameters": dict(a.parameters)} for a in self.gpu_accelerators
+            ],
+            "notes": list(self.notes),
+        }
+
+
+def backend_options(profile: TargetProfile) -> dict[str, Any]:
+    """The profile's ``[backend_options]``, validated, with the backend's defaults filled in."""
+    from ..backends import get_backend
+
+    # BackendBase.options validates against the backend's OPTIONS table; the Backend protocol
+    # does not require it, so a third-party backend without it passes its options through.
+    options = getattr(get_backend(profile.backend), "options", None)
+    if callable(options):
+        return dict(options(profile))
+    return dict(profile.backend_options)
+
+
+def serving_settings(
+    profile: TargetProfile, *, artifact_input: str = "input", item_shape: tuple[int, ...] = ()
+) -> ServingSettings:
+    """Triton settings for an artifact measured under ``profile``.
+
+    ``artifact_input`` and ``item_shape`` (one item's shape, e.g. ``(3, 224, 224)``) give the
+    TensorRT provider's shape profile, as the onnxruntime backend built it when measuring.
+    Raises :class:`NotServable` for backends Triton cannot serve (``torch``) and
+    :class:`ServingMismatch` for measured settings Triton cannot reproduce.
+    """
+    platform = platform_for(profile.backend)
+    opts = backend_options(profile)
+    gpu = profile.device == "cuda"
+    kind: Kind = "KIND_GPU" if gpu else "KIND_CPU"
+    gpus = (int(opts.get("device_id", 0)),) if gpu else ()
+    measure = profile.measure
+    notes: list[str] = []
+    if platform == "tensorrt_plan":
+        if not gpu:
+            raise NotServable(
+                f"profile {profile.name!r} is a TensorRT profile on device 'cpu'",
+                "use device = 'cuda' for TensorRT profiles",
+            )
+        if measure.no_copy:
+            notes.append(
+                "measured without host<->device copies; Triton copies request tensors, so "
+                "served latency includes them"
+            )
+        return ServingSettings(
+            platform=platform,
+            kind=kind,
+            gpus=gpus,
+            cuda_graphs=bool(measure.cuda_graphs),
+            notes=tuple(notes),
+        )
+
+    provider = str(opts.get("provider", "auto"))
+    if provider == "auto":
+        provider = "cuda" if gpu else "cpu"
+    bound = provider != "cpu" and bool(opts.get("io_binding", True)) and measure.no_copy
+    if provider == "cuda" and measure.cuda_graphs and bound:
+        raise ServingMismatch(
+            f"profile {profile.name!r} measured ONNX Runtime with CUDA graph capture, which "
+            "Triton's onnxruntime backend cannot replay, so the served latency would differ",
+            "set [measure] cuda_graphs = false in the profile and re-measure, or use a "
+            "tensorrt profile",
+        )
+    if bound:
+        notes.append(
+            "measured with I/O bound on the device (no copies); Triton copies request tensors, "
+            "so served latency includes them"
+        )
+    parameters = {
+        "intra_op_thread_count": str(int(opts.get("intra_op_num_threads", 0))),
+        "inter_op_thread_count": str(int(opts.get("inter_op_num_threads", 0))),
+        "execution_mode": "1" if opts.get("execution_mode") == "parallel" else "0",
+    }
+    level_name = str(opts.get("graph_optimization_level", "all"))
+    graph_level = GRAPH_LEVELS.get(level_name)  # None for "all": the backend's default
+    accelerators: tuple[Accelerator, ...] = ()
+    if provider == "tensorrt":
+        trt: dict[str, str] = {
+            "max_workspace_size_bytes": str(int(opts.get("trt_workspace_mib", 4096)) * MIB),
+            "trt_builder_optimization_level": str(
+                int(opts.get("trt_builder_optimization_level", 3))
+            ),
+        }
+        if item_shape:
+            dims = "x".join(str(int(d)) for d in item_shape)
+            lo, opt, hi = min(profile.batch_sizes), profile.budget_batch_size, profile.max_batch
+            trt["trt_profile_min_shapes"] = f"{artifact_input}:{lo}x{dims}"
+            trt["trt_profile_opt_shapes"] = f"{artifact_input}:{opt}x{dims}"
+            trt["trt_profile_max_shapes"] = f"{artifact_input}:{hi}x{dims}"
+        accelerators = (Accelerator("tensorrt", tuple(sorted(trt.items()))),)
+        notes.append(
+            "the TensorRT provider's engine/timing caches are not configured (machine-local "
+            "paths; they change model load time, not latency)"
+        )
+    return ServingSettings(
+        platform=platform,
+        kind=kind,
+        gpus=gpus,
+        cuda_graphs=False,
+        graph_level=graph_level,
+        parameters=parameters,
+        gpu_accelerators=accelerators,
+        notes=tuple(notes),
+    )
+
+
+def publishable(profile: TargetProfile) -> str | None:
+    """``None`` when artifacts measured under ``profile`` can be published to Triton, else the
+    one-line reason (problem; fix). Cheap: meant for up-front checks before any work."""
+    try:
+        serving_settings(profile)
+    except (NotServable, ServingMismatch) as exc:
+        return exc.one_line()
+    return None
