@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import fake_tensorrt
+from fakes.fake_tensorrt import FakeCudaDevice
 
 import dcvit_deploy.envinfo
 from dcvit_deploy.backends import BuildError, get_backend
@@ -48,29 +49,18 @@ def trt_profile(**changes: object) -> TargetProfile:
 @pytest.fixture
 def tiny_onnx(tmp_path: Path) -> Path:
     """A two-node FP32 graph with the project's I/O contract (no torch export needed)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = numpy_helper.from_array(np.ones((3 * 32 * 32, 10), dtype=np.float32), "w")
-    graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        initializer=[weight],
-    )
-    path = tmp_path / "tiny.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    return fake_tensorrt.write_tiny_onnx(tmp_path / "tiny.onnx")
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fake GPU: the driver reports it and the backend's CUDA seam is the CPU fake."""
     monkeypatch.setattr(dcvit_deploy.envinfo, "cuda_device_count", lambda: 1)
-    monkeypatch.setattr(trt_backend, "device_identity", lambda device_id=0: ("Fake GPU", "9.0"))
+    backend = get_backend("tensorrt")
+    monkeypatch.setattr(
+        backend, "device_factory", lambda index: FakeCudaDevice(sys.modules["tensorrt"], index)
+    )
+    monkeypatch.setattr(backend, "_runner", None)
 
 
 # --------------------------------------------------------------------------- pure settings
@@ -148,7 +138,7 @@ def test_build_call_sequence_and_timing_cache(tiny_onnx: Path, tmp_path: Path) -
     plan, io = build_serialized_engine(trt, tiny_onnx, settings, candidate="c1")
     calls = trt.CALLS
     expected = [
-        "Builder",
+        "Builder(device=0)",
         "create_network(flags=1)",
         "OnnxParser",
         "parse_from_file(tiny.onnx)",
@@ -163,7 +153,8 @@ def test_build_call_sequence_and_timing_cache(tiny_onnx: Path, tmp_path: Path) -
         "build_serialized_network",
     ]
     assert calls[: len(expected)] == expected
-    assert plan.startswith(b"PLAN flags=1")
+    body = json.loads(plan[len(b"PLAN ") :])
+    assert body["flags"] == 1 and body["profiles"]["input"][1] == [8, 3, 32, 32]
     assert io[0] == {"name": "input", "mode": "input", "shape": [-1, 3, 32, 32], "dtype": "float"}
     assert io[1]["name"] == "logits" and io[1]["mode"] == "output"
     # The shared cache keeps the earlier entry and gains this build's.
@@ -235,7 +226,7 @@ def test_runner_refuses_engine_from_another_version(
     artifact = get_backend("tensorrt").build(tiny_onnx, trt_profile(), tmp_path, candidate="c1")
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_module(version="10.13.0.1"))
     with pytest.raises(EngineMismatch) as err:
-        TensorRTRunner(artifact)
+        TensorRTRunner(artifact, device=FakeCudaDevice(sys.modules["tensorrt"]))
     assert "10.9.0.34" in str(err.value) and "10.13.0.1" in str(err.value)
 
 
@@ -255,6 +246,40 @@ def test_import_failure_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(BackendUnavailable) as err:
         trt_backend.import_tensorrt()
     assert "TensorRT cannot be imported" in str(err.value) and "doctor" in str(err.value)
+
+
+def test_fake_runtime_keeps_the_documented_semantics() -> None:
+    """The fake is only worth testing against if it behaves like TensorRT where it matters."""
+    trt = fake_tensorrt.make_module()
+    seen: list[str] = []
+
+    class First(trt.ILogger):  # type: ignore[name-defined]
+        def log(self, severity: object, msg: str) -> None:
+            seen.append(msg)
+
+    runtime = trt.Runtime(First())
+    second = trt.Builder(trt.Logger())  # a second logger while the runtime lives: ignored
+    assert isinstance(trt.STATE.logger, First)
+    del second
+    assert runtime.deserialize_cuda_engine(b"junk") is None and "magic tag" in seen[-1]
+    body = {
+        "io": [
+            {"name": "input", "mode": "input", "shape": [-1, 3, 32, 32], "dtype": "FLOAT"},
+            {"name": "logits", "mode": "output", "shape": [-1, 10], "dtype": "FLOAT"},
+        ],
+        "profiles": {"input": [[1, 3, 32, 32], [1, 3, 32, 32], [4, 3, 32, 32]]},
+    }
+    engine = runtime.deserialize_cuda_engine(b"PLAN " + json.dumps(body).encode())
+    context = engine.create_execution_context()
+    assert tuple(context.get_tensor_shape("logits")) == (-1, 10)  # input shape not set yet
+    assert not context.execute_async_v3(0) and "not specified" in seen[-1]
+    assert not context.set_input_shape("input", (5, 3, 32, 32))  # outside the profile
+    assert context.set_input_shape("input", (2, 3, 32, 32))
+    assert tuple(context.get_tensor_shape("logits")) == (2, 10)
+    assert not context.execute_async_v3(0) and "address is not set" in seen[-1]
+    assert context.set_tensor_address("input", 1) and context.set_tensor_address("logits", 2)
+    assert context.execute_async_v3(0)
+    assert not context.set_tensor_address("nope", 3)
 
 
 # --------------------------------------------------------------------------- real TensorRT
