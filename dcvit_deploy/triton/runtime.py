@@ -80,10 +80,17 @@ class ServingSettings:
 def backend_options(profile: TargetProfile) -> dict[str, Any]:
     """The profile's ``[backend_options]``, validated, with the backend's defaults filled in."""
     from ..backends import get_backend
+    from ..errors import BackendUnavailable
 
-    # BackendBase.options validates against the backend's OPTIONS table; the Backend protocol
-    # does not require it, so a third-party backend without it passes its options through.
-    options = getattr(get_backend(profile.backend), "options", None)
+    # BackendBase.options validates against the backend's OPTIONS table (a ProfileError for a
+    # bad option propagates). Publishing needs no runtime: a backend that cannot be loaded on
+    # this machine, or one without ``options`` (not in the Backend protocol), passes the
+    # profile's options through and the defaults below apply.
+    try:
+        backend = get_backend(profile.backend)
+    except BackendUnavailable:
+        return dict(profile.backend_options)
+    options = getattr(backend, "options", None)
     if callable(options):
         return dict(options(profile))
     return dict(profile.backend_options)
