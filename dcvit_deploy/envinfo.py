@@ -278,3 +278,107 @@ def capture_environment(*, cuda: bool | None = None, device_index: int = 0) -> d
 
 capture = capture_environment
 """Short alias of :func:`capture_environment`."""
+
+
+# --------------------------------------------------------------------------- machine state
+
+BUSY_LOAD_PER_CORE = 0.5
+"""1-minute load average per usable core, not counting our own threads, above which the
+machine counts as busy for a CPU measurement."""
+
+ORT_THREAD_OPTIONS = (
+    "intra_op_num_threads",
+    "inter_op_num_threads",
+    "execution_mode",
+    "allow_spinning",
+    "intra_op_allow_spinning",
+    "inter_op_allow_spinning",
+)
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """``os.getloadavg()`` rounded to 2 decimals; ``None`` where the OS has none."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+    return (round(one, 2), round(five, 2), round(fifteen, 2))
+
+
+def cpu_pressure() -> float | None:
+    """Linux PSI ``some avg10`` for the CPU (% of the last 10 s some task waited for a CPU);
+    ``None`` where /proc/pressure/cpu is not readable."""
+    try:
+        with open("/proc/pressure/cpu", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("some "):
+                    for token in line.split():
+                        if token.startswith("avg10="):
+                            return float(token.removeprefix("avg10="))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def cpu_governor() -> str:
+    """The CPU frequency governor of cpu0 (``performance``, ``powersave``...), or
+    :data:`UNAVAILABLE` where cpufreq is not exposed (containers, VMs)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor", encoding="utf-8") as f:
+            return f.read().strip() or UNAVAILABLE
+    except OSError:
+        return UNAVAILABLE
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def runtime_threads(backend: str, backend_options: dict[str, Any]) -> dict[str, Any]:
+    """The thread settings a measurement ran with: the profile's ONNX Runtime / torch thread
+    options (as configured; 0 means the runtime's default) plus the thread environment."""
+    out: dict[str, Any] = {"backend": backend}
+    for key in (*ORT_THREAD_OPTIONS, "num_threads"):
+        if key in backend_options:
+            out[key] = backend_options[key]
+    out.update({k: v for k, v in threads().items() if v != ""})
+    return out
+
+
+def machine_state() -> dict[str, Any]:
+    """A cheap snapshot taken right before or after a measurement (no imports, a few reads)."""
+    return {
+        "load_avg": load_average(),
+        "cpu_pressure_avg10": cpu_pressure(),
+        "governor": cpu_governor(),
+        "usable_cores": usable_cores(),
+    }
+
+
+def busy_warning(
+    before: dict[str, Any], after: dict[str, Any], *, own_threads: int = 1
+) -> str | None:
+    """A warning when other processes loaded the machine during a measurement, else ``None``.
+
+    The 1-minute load average *before* counts only others; *after* includes up to
+    ``own_threads`` of ours (the average lags, so it is only partly ours). Busy when either,
+    less our share, exceeds :data:`BUSY_LOAD_PER_CORE` per usable core.
+    """
+    cores = int(before.get("usable_cores") or usable_cores())
+    limit = BUSY_LOAD_PER_CORE * cores
+    first = (before.get("load_avg") or (None,))[0]
+    last = (after.get("load_avg") or (None,))[0]
+    if first is None and last is None:
+        return None
+    others = max(first or 0.0, (last or 0.0) - own_threads)
+    if others <= limit:
+        return None
+    return (
+        f"the machine was busy: 1-minute load average {first} before and {last} after the "
+        f"measurement on {cores} usable core(s) (busy above {limit:g} besides our "
+        f"{own_threads} thread(s)); figures from a shared machine drift -- compare them only "
+        "with candidates measured in the same interleaved rounds"
+    )

@@ -14,12 +14,21 @@ The loop (the same rules as trtexec, Triton perf_analyzer and Model Navigator):
    is built or created inside the loop -- a backend creates sessions and engines before calling.
 2. **Windows** of ``window_iters`` steps, each extended until it lasts ``min_window_s`` seconds.
 3. **Stability**: the run is stable when the medians of the last :data:`STABILITY_WINDOWS`
-   windows satisfy ``max / min - 1 <= stability_tolerance`` (perf_analyzer's rule).
+   windows satisfy ``max / min - 1 <= stability_tolerance`` (perf_analyzer's rule) *and* the
+   samples the statistics are computed over have a coefficient of variation of at most
+   ``max_cov`` -- so the verdict agrees with what the report shows (window medians and
+   dispersion): a bimodal run whose medians happen to agree is not stable.
 4. **Stop** after a window when at least ``min_windows`` windows and ``min_duration_s`` seconds
    of windows have run and the run is stable; or, unconditionally, after ``max_windows`` windows.
    A run that stopped unstable is reported with ``stable=False`` and a warning -- never hidden.
-5. **Statistics** over every timed (post-warm-up) iteration of every window, so the raw samples
-   returned reproduce every reported number exactly.
+5. **Settling**: when the run is stable, leading windows whose median lies outside the
+   tolerance of the agreeing tail (a fast or slow phase right after warm-up: turbo clocks,
+   thread pools spinning up, caches) are left out of the statistics -- a warm-up extension --
+   and counted in ``settle_windows`` (with an entry in ``actions``).
+6. **Statistics** over every timed iteration of the settled windows (all windows when the
+   run is unstable). The raw samples returned hold every timed iteration of every window;
+   the first ``sum(window sizes[:settle_windows])`` of them are the settling ones, so the raw
+   file still reproduces every reported number exactly.
 
 Percentiles use linear interpolation between closest ranks (numpy's default ``"linear"``
 method); ``std`` is the population standard deviation; ``cov = std / mean``; throughput is
@@ -28,10 +37,11 @@ method); ``std`` is the population standard deviation; ``cov = std / mean``; thr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -230,9 +240,14 @@ def measure(
         warmup_done += 1
 
     k = min(STABILITY_WINDOWS, settings.max_windows)
+    tol = settings.stability_tolerance
     raw: list[float] = []
+    starts: list[int] = []  # index in raw of each window's first sample
     medians: list[float] = []
     stable = False
+    medians_agree = False
+    settle = 0
+    cov = 0.0
     t0 = timer.wall_ns()
     elapsed_ns = 0
     while True:
@@ -240,14 +255,20 @@ def measure(
         w0 = timer.wall_ns()
         while len(window) < settings.window_iters or timer.wall_ns() - w0 < window_ns:
             window.append(timer.time_ms(step))
+        starts.append(len(raw))
         raw.extend(window)
         medians.append(median(window))
         elapsed_ns = timer.wall_ns() - t0
-        stable = len(medians) >= k and within_tolerance(medians[-k:], settings.stability_tolerance)
+        medians_agree = len(medians) >= k and within_tolerance(medians[-k:], tol)
+        settle = settled_from(medians, tol, k) if medians_agree else 0
+        cov = _cov(raw[starts[settle] :])
+        stable = medians_agree and cov <= settings.max_cov
         enough = len(medians) >= settings.min_windows and elapsed_ns >= duration_ns
         if (enough and stable) or len(medians) >= settings.max_windows:
             break
     elapsed = elapsed_ns / 1e9
+    if not stable:
+        settle = 0  # nothing is "the settled part" of an unstable run: report all of it
 
     warnings: list[str] = []
     if k < STABILITY_WINDOWS:
@@ -255,12 +276,19 @@ def measure(
             f"stability judged over {k} window(s) only because max_windows={settings.max_windows}"
             f"; raise max_windows to at least {STABILITY_WINDOWS}"
         )
-    if not stable:
+    if not medians_agree:
         last = ", ".join(f"{m:.4g}" for m in medians[-k:])
         warnings.append(
             f"latency did not stabilise: the last {k} window medians ({last} ms) differ by "
             f"{spread(medians[-k:]):.1%} > {settings.stability_tolerance:.0%} after "
             f"{len(medians)} windows (max_windows); quiet the machine or raise max_windows"
+        )
+    elif not stable:
+        warnings.append(
+            f"latency did not stabilise: window medians agree but the samples' coefficient of "
+            f"variation is {cov:.1%} > max_cov {settings.max_cov:.0%} after {len(medians)} "
+            "windows (max_windows); the machine is probably busy -- quiet it, or measure in "
+            "interleaved rounds"
         )
     if elapsed_ns < duration_ns:
         warnings.append(
@@ -268,7 +296,7 @@ def measure(
             "because max_windows was reached; raise window_iters or max_windows"
         )
     stats = summarize(
-        raw,
+        raw[starts[settle] :],
         batch_size=batch_size,
         scope=scope,
         timer=timer.name,
@@ -277,6 +305,16 @@ def measure(
         warmup_iters=warmup_done,
         duration_s=elapsed,
     )
+    if settle:
+        early = ", ".join(f"{m:.4g}" for m in medians[:settle])
+        stats = dataclasses.replace(
+            stats,
+            settle_windows=settle,
+            actions=(
+                f"left {settle} leading window(s) out of the statistics (medians {early} ms) "
+                f"because they differ from the settled windows by more than {tol:.0%}",
+            ),
+        )
     if stats.cov > cov_warn:
         warnings.append(
             f"high variation: coefficient of variation {stats.cov:.1%} > {cov_warn:.0%}; "
@@ -289,14 +327,68 @@ def measure(
     return stats, raw
 
 
+def settled_from(medians: Sequence[float], tolerance: float, k: int = STABILITY_WINDOWS) -> int:
+    """Index of the first window of the longest suffix (at least ``k`` windows) whose medians
+    all lie within ``tolerance`` of each other; ``len(medians) - k`` when only the last ``k``
+    agree. Callers check that the last ``k`` agree first."""
+    start = max(len(medians) - k, 0)
+    while start > 0 and within_tolerance(medians[start - 1 :], tolerance):
+        start -= 1
+    return start
+
+
+def _cov(xs: Sequence[float]) -> float:
+    if not xs:
+        return 0.0
+    mean = math.fsum(xs) / len(xs)
+    if mean <= 0:
+        return 0.0
+    return math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / len(xs)) / mean
+
+
 def _ns(seconds: float) -> int:
     return round(seconds * 1e9)
 
 
 def _with_warnings(stats: LatencyStats, warnings: Sequence[str]) -> LatencyStats:
-    import dataclasses
-
     return dataclasses.replace(stats, warnings=tuple(stats.warnings) + tuple(warnings))
+
+
+# --------------------------------------------------------------------------- machine state
+
+
+def own_threads(backend_options: Mapping[str, Any]) -> int:
+    """How many CPU threads a measurement with these options keeps busy (0 = one per core)."""
+    from .envinfo import usable_cores
+
+    n = backend_options.get("intra_op_num_threads", backend_options.get("num_threads", 0))
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        n = 0
+    return n if n > 0 else usable_cores()
+
+
+def with_machine_state(
+    stats: LatencyStats,
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    *,
+    backend: str,
+    backend_options: Mapping[str, Any],
+) -> LatencyStats:
+    """``stats`` with ``machine`` = {before, after, threads} and a warning if the machine was
+    busy (:func:`dcvit_deploy.envinfo.busy_warning`)."""
+    from .envinfo import busy_warning, runtime_threads
+
+    machine = {
+        "before": dict(before),
+        "after": dict(after),
+        "threads": runtime_threads(backend, dict(backend_options)),
+    }
+    warning = busy_warning(dict(before), dict(after), own_threads=own_threads(backend_options))
+    warnings = tuple(stats.warnings) + ((warning,) if warning else ())
+    return dataclasses.replace(stats, machine=machine, warnings=warnings)
 
 
 # --------------------------------------------------------------------------- raw samples

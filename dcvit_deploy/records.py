@@ -113,6 +113,19 @@ def _build(tp: Any, value: Any) -> Any:
     return value
 
 
+def _iqr(values: tuple[float, ...]) -> float:
+    """Interquartile range (linear interpolation between closest ranks, like numpy)."""
+    xs = sorted(values)
+
+    def q(p: float) -> float:
+        pos = (len(xs) - 1) * p
+        lo = math.floor(pos)
+        hi = math.ceil(pos)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return q(0.75) - q(0.25)
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -236,7 +249,15 @@ class Candidate:
 
 @dataclass(frozen=True)
 class MeasureSettings:
-    """How the shared timing loop measures (see :mod:`dcvit_deploy.measure`)."""
+    """How the shared timing loop measures (see :mod:`dcvit_deploy.measure`).
+
+    ``max_cov``: a run is only ``stable`` when, besides its window medians agreeing within
+    ``stability_tolerance``, the coefficient of variation of the samples it reports is at most
+    this (a bimodal run on a busy machine can have agreeing medians and a CoV of 40 %).
+    ``min_rounds`` / ``max_rounds`` / ``round_windows``: interleaved rounds across candidates
+    (:mod:`dcvit_deploy.rounds`): at least ``min_rounds``, at most ``max_rounds`` rounds, each
+    running the loop with a warm-up and exactly ``round_windows`` windows per candidate.
+    """
 
     warmup_iters: int = 10
     warmup_min_s: float = 0.2
@@ -248,9 +269,17 @@ class MeasureSettings:
     min_duration_s: float = 1.0
     cuda_graphs: bool = False
     no_copy: bool = True
+    max_cov: float = 0.25
+    min_rounds: int = 3
+    max_rounds: int = 7
+    round_windows: int = 2
 
     def __post_init__(self) -> None:
         _check(self.warmup_iters >= 0, "warmup_iters must be >= 0")
+        _check(self.max_cov > 0, "max_cov must be > 0")
+        _check(self.min_rounds >= 1, "min_rounds must be >= 1")
+        _check(self.max_rounds >= self.min_rounds, "max_rounds must be >= min_rounds")
+        _check(self.round_windows >= 1, "round_windows must be >= 1")
         _check(self.window_iters >= 1, "window_iters must be >= 1")
         _check(self.min_windows >= 1, "min_windows must be >= 1")
         _check(self.max_windows >= self.min_windows, "max_windows must be >= min_windows")
@@ -294,7 +323,17 @@ class TargetProfile:
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Distribution of per-iteration latency for one artifact at one batch size (milliseconds)."""
+    """Distribution of per-iteration latency for one artifact at one batch size (milliseconds).
+
+    Measured in interleaved rounds (:mod:`dcvit_deploy.rounds`), every statistic figure is the
+    median over ``rounds`` rounds of that round's figure; ``round_figures`` keeps each
+    statistic's per-round values, ``round_medians`` each round's p50 and ``spread_ms`` the p50's
+    round-to-round spread (see :meth:`spread`). ``settle_windows``: leading windows left out of
+    the statistics because they had not settled yet (a warm-up extension, see
+    :func:`dcvit_deploy.measure.measure`). ``machine``: load average before/after, CPU governor,
+    runtime thread settings (:func:`dcvit_deploy.envinfo.machine_state`). ``actions``: what was
+    done about instability (more rounds, re-measurement), in order.
+    """
 
     batch_size: int
     iterations: int
@@ -316,10 +355,33 @@ class LatencyStats:
     warmup_iters: int
     duration_s: float
     warnings: tuple[str, ...] = ()
+    settle_windows: int = 0
+    rounds: int = 1
+    round_medians: tuple[float, ...] = ()
+    round_figures: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    spread_ms: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
+    actions: tuple[str, ...] = ()
 
     def stat(self, name: str) -> float:
         _check(name in STATISTICS, f"unknown statistic {name!r}; use one of {STATISTICS}")
         return float(getattr(self, name))
+
+    def spread(self, name: str) -> float:
+        """Uncertainty (ms) of statistic ``name``: the interquartile range of its per-round
+        values when measured in rounds, else of the window medians (``p50``) -- 0 when only one
+        value exists. Decisions treat ``stat(name) +- spread(name)`` as "within noise"."""
+        _check(name in STATISTICS, f"unknown statistic {name!r}; use one of {STATISTICS}")
+        values = self.round_figures.get(name)
+        if values is None and name == "p50" and self.round_medians:
+            values = self.round_medians
+        if values is None and self.rounds <= 1 and self.window_medians:
+            # Window medians scale with the statistic: the spread is relative to p50.
+            scale = self.stat(name) / self.p50 if self.p50 > 0 else 1.0
+            values = tuple(m * scale for m in self.window_medians)
+        if not values or len(values) < 2:
+            return self.spread_ms if name == "p50" else 0.0
+        return _iqr(values)
 
 
 @dataclass(frozen=True)
@@ -354,17 +416,42 @@ class Artifact:
 
 @dataclass(frozen=True)
 class LatencyBudget:
-    """``statistic`` of latency at ``batch_size``, plus ``margin`` (a fraction), must be <= ms."""
+    """``statistic`` of latency at ``batch_size``, plus ``margin`` (a fraction), must be <= ms.
+
+    A relative budget (:func:`dcvit_deploy.select.relative_budget`) records how ``ms`` was
+    derived: ``ms = reference_ms / speedup`` where ``reference_ms`` is candidate
+    ``reference``'s ``statistic`` measured in the same run, with round-to-round spread
+    ``reference_spread_ms`` (which makes the budget itself uncertain by
+    ``reference_spread_ms / speedup``). Absolute budgets leave these at their defaults.
+    """
 
     ms: float
     statistic: Statistic
     batch_size: int
     margin: float = 0.0
+    speedup: float | None = None
+    reference: str = ""
+    reference_ms: float | None = None
+    reference_spread_ms: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.ms > 0, "the latency budget must be > 0 ms")
         _check(0 <= self.margin < 1, "the margin must be a fraction in [0, 1)")
         _check(self.statistic in STATISTICS, f"statistic must be one of {STATISTICS}")
+        if self.speedup is not None:
+            _check(self.speedup > 0, "speedup must be > 0")
+            _check(bool(self.reference), "a relative budget names its reference candidate")
+            _check(self.reference_ms is not None, "a relative budget records reference_ms")
+        _check(self.reference_spread_ms >= 0, "reference_spread_ms must be >= 0")
+
+    @property
+    def relative(self) -> bool:
+        return self.speedup is not None
+
+    @property
+    def spread_ms(self) -> float:
+        """Uncertainty of ``ms`` itself: 0 for an absolute budget."""
+        return self.reference_spread_ms / self.speedup if self.speedup else 0.0
 
     def admits(self, stats: LatencyStats) -> bool:
         return stats.stat(self.statistic) * (1.0 + self.margin) <= self.ms
@@ -409,10 +496,24 @@ class CandidateOutcome:
 
 @dataclass(frozen=True)
 class Selection:
-    """The budget decision: the chosen candidate (or none) and a reason for every candidate."""
+    """The budget decision: the chosen candidate (or none) and a reason for every candidate.
+
+    ``prefer``: ``capacity`` chooses the densest candidate that fits, ``fidelity`` the highest
+    measured fidelity among those that fit (ties by capacity). ``figures``: per measured
+    candidate ``(figure ms, spread ms, rounds)`` of the budget statistic. ``uncertain``:
+    candidates within noise of the budget (re-measure before trusting accept/reject).
+    ``confirmed``: ``(figure, spread, rounds)`` re-measured in a fresh process (the chosen
+    candidate and its denser neighbour). ``notes``: what was done (re-measurements,
+    confirmations, a continued search), in order.
+    """
 
     budget: LatencyBudget
     chosen: str | None
     reasons: dict[str, str]
     search: Literal["all", "bisect"]
     measured: tuple[str, ...]
+    prefer: Literal["capacity", "fidelity"] = "capacity"
+    figures: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    uncertain: tuple[str, ...] = ()
+    confirmed: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()

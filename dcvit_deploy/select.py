@@ -20,32 +20,80 @@ Two entry points
     that wants both writes its reports from :func:`decide` and then calls
     :func:`raise_if_infeasible`.
 
+Uncertainty
+    Every figure comes with a spread (:meth:`LatencyStats.spread`: the round-to-round
+    interquartile range when measured in interleaved rounds, see :mod:`dcvit_deploy.rounds`),
+    and a relative budget with the spread of its reference (``LatencyBudget.spread_ms``).
+    *Fits* is decided on the figure itself (``figure * (1 + margin) <= ms``), so a decision
+    never depends on how noisy the run was; but a candidate whose interval
+    ``[figure - spread, figure + spread] * (1 + margin)`` overlaps ``ms +- budget spread`` is
+    *within noise* (:func:`within_noise`) and its fit is reported as uncertain: callers
+    re-measure those (:func:`needs_remeasure`, more interleaved rounds) before accepting or
+    rejecting them, and :func:`decisions_clear` is the stop rule for the rounds. A candidate
+    is *dominated* only when it is slower than a larger sibling beyond both spreads.
+
+Preference
+    ``prefer="capacity"`` (default) chooses the densest candidate that fits;
+    ``prefer="fidelity"`` the highest measured ``fidelity`` among those that fit (``None``
+    ranks last), ties broken by capacity order.
+
+Confirmation
+    :func:`select_confirmed` re-measures the choice (and its denser neighbour) through a
+    caller-supplied ``confirm`` function -- in practice a fresh process,
+    :func:`dcvit_deploy.confirm.confirm_in_fresh_process` -- and continues the search with the
+    next candidate when the confirmation no longer fits.
+
 Reason strings start with a stable prefix that tools may match on: ``chosen:``,
-``over budget:``, ``fits, but smaller than chosen``, ``dominated:``, ``verification failed:``,
-``export failed:``, ``build failed:``, ``profile failed:``, ``not measured``.
+``over budget:``, ``fits, but smaller than chosen``, ``fits, but lower fidelity than chosen``,
+``fits`` (nothing chosen), ``dominated:``, ``confirmation failed:``, ``verification failed:``,
+``export failed:``, ``build failed:``, ``profile failed:``, ``not measured``. A figure measured
+in rounds reads ``p50 4.70 ms +- 0.08 (5 rounds)``; a fit within noise ends with
+``; within noise of the budget``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 from .errors import BudgetInfeasible
-from .records import CandidateOutcome, LatencyBudget, Selection, Verification
+from .records import (
+    STATISTICS,
+    CandidateOutcome,
+    LatencyBudget,
+    LatencyStats,
+    Selection,
+    Statistic,
+    Verification,
+)
+
+Prefer = Literal["capacity", "fidelity"]
+PREFERENCES: tuple[str, ...] = ("capacity", "fidelity")
+ConfirmFn = Callable[[Sequence[str]], Mapping[str, LatencyStats]]
+"""``confirm(names)`` re-measures those candidates (in a fresh process) and returns their
+stats at the budget's batch size."""
 
 __all__ = [
     "BisectResult",
+    "ConfirmFn",
     "bisect_search",
     "capacity_order",
     "decide",
+    "decisions_clear",
     "dominated",
+    "fit_class",
     "infeasible_error",
+    "needs_remeasure",
     "pareto_front",
     "raise_if_infeasible",
+    "relative_budget",
     "select",
+    "select_confirmed",
+    "within_noise",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,11 +126,127 @@ def _latency(outcome: CandidateOutcome, batch_size: int, statistic: str) -> floa
     return value if math.isfinite(value) and value >= 0 else None
 
 
+def _spread(outcome: CandidateOutcome, batch_size: int, statistic: str) -> float:
+    """Round-to-round spread of the statistic (0 when unknown or not finite)."""
+    stats = outcome.latency_at(batch_size)
+    if stats is None:
+        return 0.0
+    value = stats.spread(statistic)
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def _rounds(outcome: CandidateOutcome, batch_size: int) -> int:
+    stats = outcome.latency_at(batch_size)
+    return stats.rounds if stats is not None else 0
+
+
 def _fits(outcome: CandidateOutcome, budget: LatencyBudget) -> bool:
     if _latency(outcome, budget.batch_size, budget.statistic) is None:
         return False
     stats = outcome.latency_at(budget.batch_size)
     return stats is not None and budget.admits(stats)
+
+
+FitClass = Literal["fits", "over", "noise"]
+
+
+def fit_class(outcome: CandidateOutcome, budget: LatencyBudget) -> FitClass | None:
+    """``fits`` / ``over`` when the whole interval ``figure +- spread`` (margin applied) is
+    below / above the budget ``ms +- budget.spread_ms``; ``noise`` when they overlap;
+    ``None`` for an outcome that cannot be selected or was not measured."""
+    lat = _latency(outcome, budget.batch_size, budget.statistic)
+    if lat is None:
+        return None
+    spr = _spread(outcome, budget.batch_size, budget.statistic)
+    g = 1.0 + budget.margin
+    if (lat + spr) * g <= budget.ms - budget.spread_ms:
+        return "fits"
+    if (lat - spr) * g > budget.ms + budget.spread_ms:
+        return "over"
+    return "noise"
+
+
+def within_noise(outcomes: Iterable[CandidateOutcome], budget: LatencyBudget) -> tuple[str, ...]:
+    """Candidates (densest first) whose fit is within noise of the budget: re-measure them
+    before accepting or rejecting them."""
+    return tuple(o.candidate for o in capacity_order(outcomes) if fit_class(o, budget) == "noise")
+
+
+def needs_remeasure(
+    outcomes: Iterable[CandidateOutcome], budget: LatencyBudget, *, prefer: Prefer = "capacity"
+) -> tuple[str, ...]:
+    """The within-noise candidates whose fit could change the choice, densest first.
+
+    ``capacity``: those at least as dense as the densest candidate that clearly fits (a
+    smaller one cannot be chosen either way). ``fidelity``: every within-noise candidate.
+    """
+    ordered = capacity_order(outcomes)
+    noisy = [o for o in ordered if fit_class(o, budget) == "noise"]
+    if prefer == "fidelity":
+        return tuple(o.candidate for o in noisy)
+    clear = next((o for o in ordered if fit_class(o, budget) == "fits"), None)
+    if clear is None:
+        return tuple(o.candidate for o in noisy)
+    limit = _capacity_key(clear)
+    return tuple(o.candidate for o in noisy if _capacity_key(o) >= limit)
+
+
+def decisions_clear(
+    outcomes: Iterable[CandidateOutcome],
+    budgets: Sequence[LatencyBudget]
+    | Callable[[Sequence[CandidateOutcome]], Sequence[LatencyBudget]],
+    *,
+    prefer: Prefer = "capacity",
+) -> bool:
+    """True when no budget's choice depends on a candidate within noise (the early-stop rule
+    for interleaved rounds). ``budgets`` may be a function of the outcomes, for relative
+    budgets whose reference is being measured in the same rounds."""
+    items = list(outcomes)
+    resolved = budgets(items) if callable(budgets) else budgets
+    return all(not needs_remeasure(items, b, prefer=prefer) for b in resolved)
+
+
+def relative_budget(
+    speedup: float,
+    reference: LatencyStats | float,
+    *,
+    statistic: Statistic,
+    batch_size: int,
+    margin: float = 0.0,
+    reference_name: str = "original",
+    reference_spread_ms: float | None = None,
+) -> LatencyBudget:
+    """The budget "at least ``speedup`` times faster than ``reference_name``": ``ms`` is the
+    reference's ``statistic`` divided by ``speedup``. ``reference`` is the reference's stats
+    measured in the same run (its spread makes the budget uncertain by spread / speedup) or a
+    bare figure in ms (spread ``reference_spread_ms`` or 0)."""
+    if not (isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 0):
+        raise ValueError(f"speedup must be a positive number, not {speedup!r}")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}")
+    if isinstance(reference, LatencyStats):
+        if reference.batch_size != batch_size:
+            raise ValueError(
+                f"the reference was measured at batch {reference.batch_size}, "
+                f"the budget is for batch {batch_size}"
+            )
+        ref_ms = reference.stat(statistic)
+        spread = reference.spread(statistic) if reference_spread_ms is None else reference_spread_ms
+    else:
+        ref_ms = float(reference)
+        spread = reference_spread_ms or 0.0
+    if not (math.isfinite(ref_ms) and ref_ms > 0):
+        raise ValueError(f"the reference figure must be a positive number of ms, not {ref_ms}")
+    return LatencyBudget(
+        ms=ref_ms / speedup,
+        statistic=statistic,
+        batch_size=batch_size,
+        margin=margin,
+        speedup=float(speedup),
+        reference=reference_name,
+        reference_ms=ref_ms,
+        reference_spread_ms=max(0.0, float(spread)),
+    )
 
 
 def _decimals(value: float) -> int:
@@ -104,12 +268,26 @@ def _margin_text(margin: float) -> str:
     return f"margin {margin * 100:g}%"
 
 
-def _budget_expr(value: float, budget: LatencyBudget) -> str:
-    """``p50 6.10 ms x1.05 = 6.41`` (or ``p50 6.10 ms`` without a margin)."""
+def _budget_expr(value: float, budget: LatencyBudget, spread: float = 0.0, rounds: int = 1) -> str:
+    """``p50 6.10 ms x1.05 = 6.41`` (or ``p50 6.10 ms`` without a margin); with a spread or
+    rounds: ``p50 6.10 ms +- 0.08 (5 rounds)``."""
+    figure = f"{budget.statistic} {_ms(value)} ms"
+    if spread > 0 or rounds > 1:
+        figure += f" +- {_ms(spread)}" + (f" ({rounds} rounds)" if rounds > 1 else "")
     if budget.margin > 0:
         guarded = value * (1.0 + budget.margin)
-        return f"{budget.statistic} {_ms(value)} ms x{1.0 + budget.margin:.2f} = {_ms(guarded)}"
-    return f"{budget.statistic} {_ms(value)} ms"
+        return f"{figure} x{1.0 + budget.margin:.2f} = {_ms(guarded)}"
+    return figure
+
+
+def _budget_text(budget: LatencyBudget) -> str:
+    """``5.00 ms`` or, relative, ``5.00 ms (original 6.50 ms / 1.3)``."""
+    if budget.relative and budget.reference_ms is not None:
+        return (
+            f"{_ms(budget.ms)} ms ({budget.reference} {_ms(budget.reference_ms)} ms / "
+            f"{budget.speedup:g})"
+        )
+    return f"{_ms(budget.ms)} ms"
 
 
 def _verification_text(v: Verification | None) -> str:
@@ -159,21 +337,23 @@ def _check_unique(names: Iterable[str]) -> None:
 def dominated(
     outcomes: Iterable[CandidateOutcome], batch_size: int, statistic: str
 ) -> dict[str, str]:
-    """Candidates that are not faster than a strictly larger sibling.
+    """Candidates slower than a strictly larger sibling beyond both spreads.
 
-    Returns ``{dominated name: sibling name}`` where the sibling is the fastest candidate with a
-    strictly larger capacity key (``retained``, then ``fidelity``) whose latency is ``<=`` the
-    dominated one's. Only selectable outcomes measured at ``batch_size`` take part. A dominated
-    candidate can never be the best choice under any budget: the sibling is at least as fast
-    and denser.
+    Returns ``{dominated name: sibling name}``: ``o`` is dominated by a sibling ``s`` with a
+    strictly larger capacity key (``retained``, then ``fidelity``) when
+    ``lat(o) - spread(o) > lat(s) + spread(s)``; the sibling named is the one with the lowest
+    ``lat + spread``. Equal figures, or intervals that overlap, are not dominance: on a noisy
+    machine such a difference says nothing about the models. Only selectable outcomes
+    measured at ``batch_size`` take part. A dominated candidate can never be the best choice
+    under any budget: the sibling is faster and denser.
     """
     eligible = [
-        (o, lat)
+        (o, lat, _spread(o, batch_size, statistic))
         for o in capacity_order(outcomes)
         if (lat := _latency(o, batch_size, statistic)) is not None
     ]
     out: dict[str, str] = {}
-    best: tuple[float, str] | None = None  # fastest among strictly larger groups
+    best: tuple[float, str] | None = None  # lowest upper bound among strictly larger groups
     i = 0
     while i < len(eligible):
         key = _capacity_key(eligible[i][0])
@@ -181,12 +361,12 @@ def dominated(
         while j < len(eligible) and _capacity_key(eligible[j][0]) == key:
             j += 1
         group = eligible[i:j]
-        for o, lat in group:
-            if best is not None and best[0] <= lat:
+        for o, lat, spr in group:
+            if best is not None and lat - spr > best[0]:
                 out[o.candidate] = best[1]
-        for o, lat in group:
-            if best is None or lat < best[0]:
-                best = (lat, o.candidate)
+        for o, lat, spr in group:
+            if best is None or lat + spr < best[0]:
+                best = (lat + spr, o.candidate)
         i = j
     return out
 
@@ -212,13 +392,26 @@ def pareto_front(
 # --------------------------------------------------------------------------- decide / select
 
 
+def _choose(
+    ordered: Sequence[CandidateOutcome], budget: LatencyBudget, prefer: Prefer
+) -> CandidateOutcome | None:
+    fitting = [o for o in ordered if _fits(o, budget)]
+    if not fitting:
+        return None
+    if prefer == "fidelity":
+        # max() keeps the first of equals: ordered is capacity order, so ties go to capacity.
+        return max(fitting, key=lambda o: o.fidelity if o.fidelity is not None else -math.inf)
+    return fitting[0]
+
+
 def _reasons(
-    outcomes: Sequence[CandidateOutcome], budget: LatencyBudget
+    outcomes: Sequence[CandidateOutcome], budget: LatencyBudget, prefer: Prefer = "capacity"
 ) -> tuple[str | None, dict[str, str]]:
     ordered = capacity_order(outcomes)
-    chosen: CandidateOutcome | None = next((o for o in ordered if _fits(o, budget)), None)
+    chosen = _choose(ordered, budget, prefer)
     beaten = dominated(ordered, budget.batch_size, budget.statistic)
     by_name = {o.candidate: o for o in ordered}
+    limit = _budget_text(budget)
     reasons: dict[str, str] = {}
     for o in ordered:
         failure = _failure_reason(o, budget.batch_size)
@@ -227,33 +420,60 @@ def _reasons(
             continue
         lat = _latency(o, budget.batch_size, budget.statistic)
         assert lat is not None  # guaranteed by _failure_reason returning None
-        expr = _budget_expr(lat, budget)
+        spr = _spread(o, budget.batch_size, budget.statistic)
+        expr = _budget_expr(lat, budget, spr, _rounds(o, budget.batch_size))
+        noise = "; within noise of the budget" if fit_class(o, budget) == "noise" else ""
         if chosen is not None and o.candidate == chosen.candidate:
-            reasons[o.candidate] = (
-                f"chosen: densest verified candidate within budget (retained {o.retained:.1%} "
-                f"MACs); {expr} <= {_ms(budget.ms)} ms"
-            )
+            if prefer == "fidelity":
+                fid = f"fidelity {o.fidelity:.1%}" if o.fidelity is not None else "no fidelity"
+                why = f"highest-fidelity verified candidate within budget ({fid}, retained "
+            else:
+                why = "densest verified candidate within budget (retained "
+            reasons[o.candidate] = f"chosen: {why}{o.retained:.1%} MACs); {expr} <= {limit}{noise}"
             continue
         if _fits(o, budget):
-            status = f"fits ({expr} <= {_ms(budget.ms)} ms)"
+            status = f"fits ({expr} <= {limit})"
             if chosen is not None:
-                status = (
-                    f"fits, but smaller than chosen {chosen.candidate} "
-                    f"({expr} <= {_ms(budget.ms)} ms)"
-                )
+                rel = "smaller than"
+                if prefer == "fidelity" and (o.fidelity or -math.inf) < (
+                    chosen.fidelity or -math.inf
+                ):
+                    rel = "lower fidelity than"
+                status = f"fits, but {rel} chosen {chosen.candidate} ({expr} <= {limit})"
         else:
-            status = f"over budget: {expr} > {_ms(budget.ms)} ms"
+            status = f"over budget: {expr} > {limit}"
+        status += noise
         if o.candidate in beaten:
             sibling = beaten[o.candidate]
-            sib_lat = _latency(by_name[sibling], budget.batch_size, budget.statistic)
+            sib = by_name[sibling]
+            sib_lat = _latency(sib, budget.batch_size, budget.statistic)
             assert sib_lat is not None
+            sib_spr = _spread(sib, budget.batch_size, budget.statistic)
+            both = (
+                f" beyond both spreads (+-{_ms(spr)}, +-{_ms(sib_spr)})" if spr or sib_spr else ""
+            )
             reasons[o.candidate] = (
                 f"dominated: not faster than larger sibling {sibling} ({budget.statistic} "
-                f"{_ms(lat)} ms vs {_ms(sib_lat)} ms); {status}"
+                f"{_ms(lat)} ms vs {_ms(sib_lat)} ms{both}); {status}"
             )
         else:
             reasons[o.candidate] = status
     return (chosen.candidate if chosen is not None else None), reasons
+
+
+def _figures(
+    outcomes: Sequence[CandidateOutcome], budget: LatencyBudget
+) -> dict[str, tuple[float, float, int]]:
+    out: dict[str, tuple[float, float, int]] = {}
+    for o in capacity_order(outcomes):
+        lat = _latency(o, budget.batch_size, budget.statistic)
+        if lat is not None:
+            out[o.candidate] = (
+                lat,
+                _spread(o, budget.batch_size, budget.statistic),
+                _rounds(o, budget.batch_size),
+            )
+    return out
 
 
 def decide(
@@ -262,20 +482,33 @@ def decide(
     *,
     search: Literal["all", "bisect"] = "all",
     measured: Sequence[str] | None = None,
+    prefer: Prefer = "capacity",
 ) -> Selection:
-    """Choose the densest selectable outcome that the budget admits; never raises for that.
+    """Choose the preferred selectable outcome that the budget admits; never raises for that.
 
-    ``chosen`` is ``None`` when nothing fits; every outcome gets a reason either way.
-    ``measured`` defaults to every outcome whose status is not ``not_measured``.
-    Raises ``ValueError`` (a caller bug) when two outcomes share a name.
+    ``prefer="capacity"``: the densest; ``"fidelity"``: the highest fidelity, ties by
+    capacity. ``chosen`` is ``None`` when nothing fits; every outcome gets a reason either
+    way; ``figures`` holds (figure, spread, rounds) per measured candidate and ``uncertain``
+    the candidates within noise of the budget. ``measured`` defaults to every outcome whose
+    status is not ``not_measured``. Raises ``ValueError`` (a caller bug) when two outcomes
+    share a name or ``prefer`` is unknown.
     """
+    if prefer not in PREFERENCES:
+        raise ValueError(f"prefer must be one of {PREFERENCES}, not {prefer!r}")
     items = list(outcomes)
     _check_unique(o.candidate for o in items)
-    chosen, reasons = _reasons(items, budget)
+    chosen, reasons = _reasons(items, budget, prefer)
     if measured is None:
         measured = [o.candidate for o in items if o.status != "not_measured"]
     return Selection(
-        budget=budget, chosen=chosen, reasons=reasons, search=search, measured=tuple(measured)
+        budget=budget,
+        chosen=chosen,
+        reasons=reasons,
+        search=search,
+        measured=tuple(measured),
+        prefer=prefer,
+        figures=_figures(items, budget),
+        uncertain=within_noise(items, budget),
     )
 
 
@@ -331,12 +564,129 @@ def raise_if_infeasible(selection: Selection, outcomes: Iterable[CandidateOutcom
         raise infeasible_error(selection, outcomes)
 
 
-def select(outcomes: Iterable[CandidateOutcome], budget: LatencyBudget) -> Selection:
+def select(
+    outcomes: Iterable[CandidateOutcome], budget: LatencyBudget, *, prefer: Prefer = "capacity"
+) -> Selection:
     """:func:`decide` over all outcomes, raising ``BudgetInfeasible`` (exit 3) if none fits."""
     items = list(outcomes)
-    selection = decide(items, budget)
+    selection = decide(items, budget, prefer=prefer)
     raise_if_infeasible(selection, items)
     return selection
+
+
+# --------------------------------------------------------------------------- confirmation
+
+
+def denser_neighbour(
+    outcomes: Iterable[CandidateOutcome], name: str, budget: LatencyBudget
+) -> str | None:
+    """The next denser selectable candidate measured at the budget's batch size, if any."""
+    ordered = [
+        o
+        for o in capacity_order(outcomes)
+        if _latency(o, budget.batch_size, budget.statistic) is not None
+    ]
+    names = [o.candidate for o in ordered]
+    if name not in names:
+        return None
+    i = names.index(name)
+    return names[i - 1] if i > 0 else None
+
+
+def select_confirmed(
+    outcomes: Iterable[CandidateOutcome],
+    budget: LatencyBudget,
+    confirm: ConfirmFn,
+    *,
+    prefer: Prefer = "capacity",
+    search: Literal["all", "bisect"] = "all",
+    measured: Sequence[str] | None = None,
+    max_confirmations: int = 3,
+) -> Selection:
+    """:func:`decide`, then confirm the choice; continue the search while confirmation fails.
+
+    ``confirm(names)`` re-measures the chosen candidate and its denser neighbour (when there
+    is one not confirmed yet) -- in a fresh process, :mod:`dcvit_deploy.confirm` -- and
+    returns their stats at ``budget.batch_size``. The choice stands when the budget admits
+    the confirmed figure; otherwise the candidate is excluded with a ``confirmation failed:``
+    reason and the decision is repeated without it, up to ``max_confirmations`` calls (then
+    nothing is chosen: never publish a model that missed its budget twice). Both figures
+    are recorded in ``Selection.confirmed`` and every step in ``notes``. A denser neighbour
+    that fits in its confirmation is noted but not chosen: one fresh measurement does not
+    overturn the rounds' median. Pure apart from calling ``confirm``.
+    """
+    if max_confirmations < 1:
+        raise ValueError("max_confirmations must be >= 1")
+    items = list(outcomes)
+    _check_unique(o.candidate for o in items)
+    excluded: dict[str, str] = {}
+    confirmed: dict[str, tuple[float, float, int]] = {}
+    notes: list[str] = []
+    calls = 0
+    while True:
+        pool = [o for o in items if o.candidate not in excluded]
+        sel = decide(pool, budget, search=search, measured=measured, prefer=prefer)
+        chosen = sel.chosen
+        if chosen is None:
+            if excluded:
+                notes.append("no remaining candidate fits after failed confirmation(s)")
+            break
+        if calls >= max_confirmations:
+            notes.append(
+                f"gave up after {calls} failed confirmation(s); not choosing {chosen} "
+                "unconfirmed"
+            )
+            excluded[chosen] = (
+                f"not confirmed: the search stopped after {calls} failed confirmation(s)"
+            )
+            sel = dataclasses.replace(sel, chosen=None)
+            break
+        names = [chosen]
+        neighbour = denser_neighbour(items, chosen, budget)
+        if neighbour is not None and neighbour not in confirmed:
+            names.append(neighbour)
+        results = confirm(names)
+        calls += 1
+        for name in names:
+            if name in results:
+                st = results[name]
+                confirmed[name] = (
+                    st.stat(budget.statistic),
+                    st.spread(budget.statistic),
+                    st.rounds,
+                )
+        if chosen not in results:
+            raise ValueError(f"confirm({names}) returned no stats for {chosen!r}")
+        stats = results[chosen]
+        expr = _budget_expr(
+            stats.stat(budget.statistic), budget, stats.spread(budget.statistic), stats.rounds
+        )
+        if neighbour is not None and neighbour in results:
+            nb = results[neighbour]
+            nb_fits = budget.admits(nb)
+            notes.append(
+                f"denser neighbour {neighbour} re-measured in a fresh process: "
+                f"{_budget_expr(nb.stat(budget.statistic), budget)} "
+                + ("fits too (kept the rounds' decision)" if nb_fits else "still over budget")
+            )
+        if budget.admits(stats):
+            notes.append(f"confirmed {chosen} in a fresh process: {expr} <= {_budget_text(budget)}")
+            break
+        excluded[chosen] = (
+            f"confirmation failed: re-measured in a fresh process at {expr} > "
+            f"{_budget_text(budget)}; the search continued with the next candidate"
+        )
+        notes.append(f"confirmation of {chosen} failed ({expr}); continuing the search")
+    reasons = dict(sel.reasons)
+    reasons.update(excluded)
+    return dataclasses.replace(
+        sel,
+        reasons={o.candidate: reasons[o.candidate] for o in capacity_order(items)},
+        figures=_figures(items, budget),
+        uncertain=within_noise(items, budget),
+        confirmed=confirmed,
+        notes=tuple(notes),
+    )
 
 
 # --------------------------------------------------------------------------- bisect
@@ -355,6 +705,9 @@ def bisect_search(
     budget: LatencyBudget,
     *,
     tolerance: float = 0.05,
+    remeasure: Callable[[Sequence[str]], Mapping[str, CandidateOutcome]] | None = None,
+    max_remeasures: int = 2,
+    prefer: Prefer = "capacity",
 ) -> BisectResult:
     """Find the densest fitting candidate while measuring only O(log N) of them.
 
@@ -381,6 +734,15 @@ def bisect_search(
     exhaustive search when such plateaus matter. Raises ``ValueError`` (a caller bug) on
     duplicate names, a mislabelled outcome, or measured ``retained`` values that contradict
     the given order.
+
+    Uncertainty (the rules of :func:`decide`): "clearly over" uses the lower end of a
+    candidate's interval (``figure - spread``), and "dominated" needs a difference beyond
+    both spreads. With ``remeasure``, the measured candidates :func:`needs_remeasure` names
+    are re-measured together (``remeasure(names)`` returns fresh outcomes, e.g. more
+    interleaved rounds of those artifacts, :func:`dcvit_deploy.rounds.measure_rounds` with
+    ``prior``) up to ``max_remeasures`` times before deciding; the re-measurements are noted
+    in the chosen candidate's reason. ``prefer="fidelity"`` chooses among the *measured*
+    candidates only (bisect measures few; use exhaustive search for a fidelity choice).
     """
     names = list(ordered_candidates)
     _check_unique(names)
@@ -425,9 +787,10 @@ def bisect_search(
         v = lat(i)
         if v is None:
             return False
+        low = v - _spread(get(i), budget.batch_size, budget.statistic)
         worst = violation()
         tol = max(tolerance, worst[0] if worst else 0.0)
-        return v * (1.0 + budget.margin) > budget.ms * (1.0 + tol)
+        return low * (1.0 + budget.margin) > (budget.ms + budget.spread_ms) * (1.0 + tol)
 
     # 1. Binary search for the first fitting index, assuming monotone latency.
     lo, hi = 0, n
@@ -473,6 +836,23 @@ def bisect_search(
         i -= 1
     top = i  # last index examined by the walk (-1 when it reached the densest candidate)
 
+    # 4. Re-measure the measured candidates within noise of the budget (same rule as decide).
+    remeasured: list[str] = []
+    if remeasure is not None:
+        for _ in range(max_remeasures):
+            noisy = needs_remeasure([cache[k] for k in sorted(cache)], budget, prefer=prefer)
+            if not noisy:
+                break
+            fresh = remeasure(noisy)
+            index = {name: k for k, name in enumerate(names)}
+            for name, outcome in fresh.items():
+                if outcome.candidate != name or name not in index or index[name] not in cache:
+                    raise ValueError(
+                        f"remeasure returned an outcome for {name!r} it was not asked for"
+                    )
+                cache[index[name]] = outcome
+            remeasured.extend(noisy)
+
     outcomes = [cache[k] for k in sorted(cache)]
     retained = [o.retained for o in outcomes]
     if any(b > a + 1e-12 for a, b in itertools.pairwise(retained)):
@@ -481,8 +861,13 @@ def bisect_search(
             f"measured retained values in the given order: {retained}"
         )
 
-    selection = decide(outcomes, budget, search="bisect", measured=measured_order)
+    selection = decide(outcomes, budget, search="bisect", measured=measured_order, prefer=prefer)
     reasons = dict(selection.reasons)
+    notes: list[str] = []
+    if remeasured:
+        notes.append(
+            f"re-measured within noise of the budget: {', '.join(dict.fromkeys(remeasured))}"
+        )
 
     worst = violation()
     if worst is not None and worst[0] > tolerance:
@@ -509,11 +894,10 @@ def bisect_search(
             why = "skipped by the search"
         reasons[name] = f"not measured (bisect): {why}"
 
-    result = Selection(
-        budget=budget,
-        chosen=selection.chosen,
+    result = dataclasses.replace(
+        selection,
         reasons=reasons,
-        search="bisect",
         measured=tuple(measured_order),
+        notes=tuple(notes),
     )
     return BisectResult(result, tuple(outcomes))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
@@ -16,22 +17,38 @@ from dcvit_deploy.records import (
     MacCount,
     Selection,
     Verification,
+    from_dict,
+    to_dict,
 )
 from dcvit_deploy.select import (
     bisect_search,
     capacity_order,
     decide,
+    decisions_clear,
     dominated,
+    fit_class,
     infeasible_error,
+    needs_remeasure,
     pareto_front,
     raise_if_infeasible,
+    relative_budget,
     select,
+    select_confirmed,
+    within_noise,
 )
 
 BASE_MACS = 1_000_000
 
 
-def stats(batch: int, p50: float) -> LatencyStats:
+def stats(batch: int, p50: float, rounds: Sequence[float] = ()) -> LatencyStats:
+    """Fake stats; ``rounds``: per-round p50s (figure = their median, spread = their IQR)."""
+    if rounds:
+        return dataclasses.replace(
+            stats(batch, p50),
+            rounds=len(rounds),
+            round_medians=tuple(rounds),
+            round_figures={"p50": tuple(rounds)},
+        )
     return LatencyStats(
         batch_size=batch,
         iterations=100,
@@ -65,6 +82,7 @@ def outcome(
     passed: bool = True,
     batch: int = 1,
     error: str = "",
+    rounds: Sequence[float] = (),
 ) -> CandidateOutcome:
     macs = int(BASE_MACS * retained)
     verification = Verification(
@@ -84,7 +102,7 @@ def outcome(
         macs=MacCount(linear_norm=macs, full=int(macs * 1.05), params=macs // 10),
         status=status,  # type: ignore[arg-type]
         verification=verification if status in ("ok", "verify_failed") else None,
-        latency=(stats(batch, p50),) if p50 is not None and status == "ok" else (),
+        latency=(stats(batch, p50, rounds),) if p50 is not None and status == "ok" else (),
         fidelity=fidelity,
         error=error,
     )
@@ -204,14 +222,14 @@ def test_dominated_and_pareto_front() -> None:
         outcome("c100", 1.0, 6.0),
         outcome("c90", 0.9, 5.0),
         outcome("c80", 0.8, 5.2),  # slower than denser c90 -> dominated
-        outcome("c70", 0.7, 5.0),  # equal to c90 -> not faster -> dominated
+        outcome("c70", 0.7, 5.0),  # equal to c90: not slower beyond the spreads -> kept
         outcome("c60", 0.6, 4.0),
         outcome("bad", 0.5, 1.0, passed=False),  # unselectable: not part of the front
     ]
     dom = dominated(outs, 1, "p50")
-    assert dom == {"c80": "c90", "c70": "c90"}
+    assert dom == {"c80": "c90"}
     front = pareto_front(outs, 1, "p50")
-    assert [o.candidate for o in front] == ["c100", "c90", "c60"]
+    assert [o.candidate for o in front] == ["c100", "c90", "c70", "c60"]
     sel = decide(outs, LatencyBudget(5.5, "p50", 1))
     assert sel.chosen == "c90"
     assert sel.reasons["c80"].startswith("dominated: not faster than larger sibling c90")
@@ -374,3 +392,189 @@ def test_bisect_rejects_misordered_or_mislabelled_candidates() -> None:
     wrong: Callable[[str], CandidateOutcome] = lambda name: outs[0]  # noqa: E731
     with pytest.raises(ValueError, match="returned the outcome"):
         bisect_search(["big", "mid"], wrong, BUDGET)
+
+
+# --------------------------------------------------------------------------- uncertainty (issue 11)
+
+
+def test_dominated_needs_a_difference_beyond_both_spreads() -> None:
+    # The README demo on a busy machine: a smaller candidate measured during a burst of load.
+    # Its rounds say 2.3, 6.8, 2.4 ms (median 2.4): it overlaps the denser one -> not dominated.
+    noisy = [
+        outcome("c100", 1.0, 2.68, rounds=(2.6, 2.68, 2.7)),
+        outcome("c90", 0.9, 2.40, rounds=(2.3, 6.8, 2.4)),
+    ]
+    assert dominated(noisy, 1, "p50") == {}
+    # Clearly slower beyond both spreads: dominated, and the reason shows both spreads.
+    clear = [
+        outcome("c100", 1.0, 2.68, rounds=(2.66, 2.68, 2.70)),
+        outcome("c90", 0.9, 3.50, rounds=(3.45, 3.50, 3.55)),
+    ]
+    assert dominated(clear, 1, "p50") == {"c90": "c100"}
+    reason = decide(clear, LatencyBudget(4.0, "p50", 1)).reasons["c90"]
+    assert reason.startswith("dominated: not faster than larger sibling c100")
+    assert "beyond both spreads (+-0.050, +-0.020)" in reason
+    assert "p50 3.50 ms +- 0.050 (3 rounds)" in reason
+
+
+def test_within_noise_of_the_budget_is_flagged_for_remeasurement() -> None:
+    outs = [
+        outcome("c100", 1.0, 6.0, rounds=(5.9, 6.0, 6.1)),  # clearly over 5.0
+        outcome("c90", 0.9, 4.95, rounds=(4.7, 4.95, 5.3)),  # fits, but within noise
+        outcome("c80", 0.8, 4.0, rounds=(3.95, 4.0, 4.05)),  # clearly fits
+        outcome("c70", 0.7, 4.9, rounds=(4.6, 4.9, 5.2)),  # noise, smaller than c80
+    ]
+    budget = LatencyBudget(5.0, "p50", 1)
+    assert [fit_class(o, budget) for o in outs] == ["over", "noise", "fits", "noise"]
+    assert within_noise(outs, budget) == ("c90", "c70")
+    # Only c90 can change a capacity choice (c70 is smaller than the clearly fitting c80).
+    assert needs_remeasure(outs, budget) == ("c90",)
+    assert needs_remeasure(outs, budget, prefer="fidelity") == ("c90", "c70")
+    assert not decisions_clear(outs, [budget])
+    assert decisions_clear(outs, [LatencyBudget(8.0, "p50", 1)])
+    sel = decide(outs, budget)
+    assert sel.chosen == "c90"  # the figure decides; the uncertainty is reported
+    assert sel.uncertain == ("c90", "c70")
+    assert sel.reasons["c90"].endswith("; within noise of the budget")
+    assert sel.figures["c90"] == pytest.approx((4.95, 0.3, 3))
+
+
+def test_prefer_fidelity_chooses_highest_fidelity_that_fits() -> None:
+    outs = [
+        outcome("c100", 1.0, 6.0, fidelity=1.0),
+        outcome("c80", 0.8, 4.5, fidelity=0.90),
+        outcome("c70", 0.7, 4.0, fidelity=0.95),
+        outcome("c60", 0.6, 3.5, fidelity=0.95),  # tie with c70: capacity decides
+        outcome("c50", 0.5, 3.0),  # no fidelity: ranks last
+    ]
+    budget = LatencyBudget(5.0, "p50", 1)
+    assert decide(outs, budget).chosen == "c80"
+    sel = decide(outs, budget, prefer="fidelity")
+    assert sel.chosen == "c70" and sel.prefer == "fidelity"
+    assert sel.reasons["c70"].startswith("chosen: highest-fidelity verified candidate")
+    assert sel.reasons["c80"].startswith("fits, but lower fidelity than chosen c70")
+    assert sel.reasons["c60"].startswith("fits, but smaller than chosen c70")
+    with pytest.raises(ValueError, match="prefer"):
+        decide(outs, budget, prefer="speed")  # type: ignore[arg-type]
+
+
+def test_relative_budget_from_the_original_measured_in_the_same_run() -> None:
+    original = stats(1, 6.5, rounds=(6.3, 6.5, 6.9))
+    budget = relative_budget(1.3, original, statistic="p50", batch_size=1, margin=0.05)
+    assert budget.ms == pytest.approx(5.0)
+    assert budget.relative and budget.speedup == 1.3 and budget.reference == "original"
+    assert budget.reference_ms == 6.5
+    assert budget.spread_ms == pytest.approx(0.3 / 1.3)  # the reference's own uncertainty
+    outs = [outcome("c90", 0.9, 4.7), outcome("c80", 0.8, 4.0)]
+    sel = decide(outs, budget)
+    assert sel.chosen == "c90"  # 4.7 * 1.05 = 4.94 <= 5.00 by figure...
+    # ...but within the budget's own uncertainty (the original's spread / 1.3): flagged.
+    assert sel.uncertain == ("c90",)
+    assert "<= 5.00 ms (original 6.50 ms / 1.3); within noise" in sel.reasons["c90"]
+    # A bare figure works too, and a record round-trips through JSON.
+    plain = relative_budget(2.0, 8.0, statistic="p90", batch_size=4)
+    assert plain.ms == 4.0 and plain.spread_ms == 0.0 and plain.statistic == "p90"
+    assert from_dict(LatencyBudget, to_dict(budget)) == budget
+    with pytest.raises(ValueError):
+        relative_budget(0.0, original, statistic="p50", batch_size=1)
+    with pytest.raises(ValueError, match="batch"):
+        relative_budget(1.3, original, statistic="p50", batch_size=8)
+    with pytest.raises(ValueError):
+        LatencyBudget(5.0, "p50", 1, speedup=1.3)  # relative without its reference
+
+
+def test_relative_budget_uncertainty_widens_within_noise() -> None:
+    outs = [outcome("c90", 0.9, 4.9)]
+    absolute = LatencyBudget(5.0, "p50", 1)
+    relative = relative_budget(
+        1.3, 6.5, statistic="p50", batch_size=1, reference_spread_ms=0.4
+    )
+    assert fit_class(outs[0], absolute) == "fits"
+    assert fit_class(outs[0], relative) == "noise"
+
+
+class FakeConfirm:
+    """confirm(names) from a table of fresh-process figures; records every call."""
+
+    def __init__(self, figures: Mapping[str, float]) -> None:
+        self.figures = figures
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, names: Sequence[str]) -> dict[str, LatencyStats]:
+        self.calls.append(tuple(names))
+        return {n: stats(1, self.figures[n], rounds=(self.figures[n],) * 3) for n in names}
+
+
+def test_failed_confirmation_continues_the_search() -> None:
+    outs = [
+        outcome("c100", 1.0, 6.0),
+        outcome("c90", 0.9, 4.9),  # chosen by the rounds...
+        outcome("c80", 0.8, 4.4),
+        outcome("c70", 0.7, 4.0),
+    ]
+    budget = LatencyBudget(5.0, "p50", 1)
+    fake = FakeConfirm({"c100": 6.2, "c90": 5.3, "c80": 4.6, "c70": 4.1})  # ...but misses it
+    sel = select_confirmed(outs, budget, fake)
+    assert sel.chosen == "c80"
+    # c90 with its denser neighbour c100; then c80 (its neighbour c90 was confirmed already).
+    assert fake.calls == [("c90", "c100"), ("c80",)]
+    assert sel.reasons["c90"].startswith("confirmation failed: re-measured in a fresh process")
+    assert sel.reasons["c80"].startswith("chosen: ")
+    assert sel.confirmed["c90"][0] == 5.3 and sel.confirmed["c80"][0] == 4.6
+    assert sel.confirmed["c100"][0] == 6.2
+    assert any("continuing the search" in n for n in sel.notes)
+    assert sel.notes[-1].startswith("confirmed c80 in a fresh process")
+    assert from_dict(Selection, to_dict(sel)) == sel
+
+
+def test_confirmation_gives_up_rather_than_publish_a_miss() -> None:
+    outs = [outcome(f"c{i}", 1.0 - i / 10, 4.0 - 0.1 * i) for i in range(6)]
+    fake = FakeConfirm({f"c{i}": 9.0 for i in range(6)})
+    sel = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), fake, max_confirmations=2)
+    assert sel.chosen is None and len(fake.calls) == 2
+    assert sel.reasons["c2"].startswith("not confirmed")
+    assert sum(r.startswith("confirmation failed") for r in sel.reasons.values()) == 2
+
+
+def test_confirmation_that_fits_keeps_the_choice() -> None:
+    outs = [outcome("c100", 1.0, 6.0), outcome("c90", 0.9, 4.9)]
+    fake = FakeConfirm({"c100": 4.95, "c90": 4.8})
+    sel = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), fake)
+    assert sel.chosen == "c90" and fake.calls == [("c90", "c100")]
+    assert any("c100 re-measured" in n and "fits too" in n for n in sel.notes)
+
+
+def test_bisect_remeasures_candidates_within_noise() -> None:
+    # c3's rounds straddle the budget; re-measuring it (more rounds) says it clearly fits.
+    lat = [9.0, 8.0, 7.0, 5.05, 4.0, 3.0]
+    outs = [
+        outcome(f"c{i}", 1.0 - 0.1 * i, v, rounds=(v - 0.3, v, v + 0.3))
+        for i, v in enumerate(lat)
+    ]
+    better = dataclasses.replace(
+        outs[3], latency=(stats(1, 4.9, rounds=(4.88, 4.9, 4.9, 4.91, 4.92)),)
+    )
+    asked: list[tuple[str, ...]] = []
+
+    def remeasure(names: Sequence[str]) -> dict[str, CandidateOutcome]:
+        asked.append(tuple(names))
+        return {n: better for n in names if n == "c3"}
+
+    budget = LatencyBudget(5.0, "p50", 1)
+    plain = bisect_search([o.candidate for o in outs], FakeMeasure(outs), budget)
+    assert plain.selection.chosen == "c4"
+    sel, _ = bisect_search(
+        [o.candidate for o in outs], FakeMeasure(outs), budget, remeasure=remeasure
+    )
+    assert asked == [("c3",)]
+    assert sel.chosen == "c3" and sel.notes == ("re-measured within noise of the budget: c3",)
+
+
+def test_measurement_records_round_trip() -> None:
+    s = stats(1, 5.0, rounds=(4.9, 5.0, 5.2))
+    s = dataclasses.replace(s, machine={"before": {"load_avg": [1.0, 0.5, 0.2]}}, spread_ms=0.15)
+    assert from_dict(LatencyStats, to_dict(s)) == s
+    old = to_dict(stats(1, 5.0))
+    for key in ("rounds", "round_medians", "round_figures", "spread_ms", "machine", "actions"):
+        old.pop(key)
+    assert from_dict(LatencyStats, old).rounds == 1  # files written before the fields exist

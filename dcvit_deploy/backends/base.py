@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from ..envinfo import machine_state
 from ..errors import BackendUnavailable, ProfileError
-from ..measure import Timer, measure, save_raw
+from ..measure import Timer, measure, save_raw, with_machine_state
 from ..records import Artifact, LatencyStats, TargetProfile
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -151,6 +152,45 @@ class Backend(Protocol):
         ...
 
 
+class OpenMeasurement(Protocol):
+    """An artifact kept ready for timing across interleaved rounds (see
+    :mod:`dcvit_deploy.rounds`): ``step`` runs one inference of the batch it was opened for,
+    ``timer`` times one step, ``close`` releases the session/engine and buffers.
+
+    Optional for backends: one that has ``open_measurement(artifact, profile, batch_size)``
+    returning this lets rounds keep one session per candidate open and run only the shared
+    loop per round; without it, rounds fall back to :meth:`Backend.measure` per round
+    (a new session and warm-up each round, not timed).
+    """
+
+    step: Callable[[], None]
+    timer: Timer
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ReadyMeasurement:
+    """The plain :class:`OpenMeasurement` backends return."""
+
+    step: Callable[[], None]
+    timer: Timer
+    closer: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
+            self.closer = None
+
+
+def opener(
+    backend: object,
+) -> Callable[[Artifact, TargetProfile, int], OpenMeasurement] | None:
+    """``backend.open_measurement`` when the backend offers it, else ``None``."""
+    method = getattr(backend, "open_measurement", None)
+    return method if callable(method) else None
+
+
 REQUIRED_ATTRIBUTES: tuple[str, ...] = (
     "name",
     "availability",
@@ -217,8 +257,16 @@ def timed(
     settings = profile.measure
     if settings_override:
         settings = dataclasses.replace(settings, **settings_override)
+    before = machine_state()
     stats, raw = measure(
         step, settings=settings, batch_size=batch_size, scope=profile.scope, timer=timer
+    )
+    stats = with_machine_state(
+        stats,
+        before,
+        machine_state(),
+        backend=profile.backend,
+        backend_options=profile.backend_options,
     )
     if raw_path is not None:
         save_raw(
@@ -233,6 +281,8 @@ def timed(
                 "scope": profile.scope,
                 "timer": timer.name,
                 "window_iters": settings.window_iters,
+                "settle_windows": stats.settle_windows,
+                "machine": stats.machine,
             },
         )
     return stats

@@ -29,6 +29,7 @@ from .base import (
     Availability,
     BackendBase,
     OptionSpec,
+    ReadyMeasurement,
     check_batch,
     cuda_availability,
     module_found,
@@ -202,6 +203,42 @@ class TorchBackend(BackendBase):
             timer=timer,
             raw_path=raw_path,
         )
+
+    def open_measurement(
+        self, artifact: Artifact, profile: TargetProfile, batch_size: int
+    ) -> ReadyMeasurement:
+        """Load the artifact into its own module (not the one-module cache, so several can be
+        open in interleaved rounds) and return its step and timer, as :meth:`measure` times
+        them. On CPU, ``num_threads`` is applied now and restored by ``close``."""
+        import torch
+
+        self._require(profile)
+        check_batch(artifact, profile, batch_size)
+        opts = self.options(profile)
+        device = _device(profile, opts)
+        dtype = _dtype(profile.precision)
+        module = torch.export.load(artifact.path).module().to(device=device, dtype=dtype)
+        x = torch.randn(batch_size, *artifact.input_shape, device=device).to(dtype)
+        if device.type == "cpu":
+            previous = torch.get_num_threads()
+            if opts["num_threads"]:
+                torch.set_num_threads(int(opts["num_threads"]))
+
+            def step() -> None:
+                with torch.inference_mode():
+                    module(x)
+
+            return ReadyMeasurement(
+                step, HostTimer(name="host"), lambda: torch.set_num_threads(previous)
+            )
+        stream = torch.cuda.Stream(device)
+        cuda_step = _cuda_step(module, x, stream, cuda_graph=profile.measure.cuda_graphs)
+        timer: Timer
+        if profile.scope == "host":
+            timer = HostTimer(sync=stream.synchronize, name="host")
+        else:
+            timer = CudaEventTimer(stream)
+        return ReadyMeasurement(cuda_step, timer)
 
     def run(self, artifact: Artifact, profile: TargetProfile, inputs: np.ndarray) -> np.ndarray:
         import torch
