@@ -30,6 +30,14 @@ class UserInputError(DcvitError):
     """Bad option, file, folder or value given by the user."""
 
 
+class OptionError(UserInputError):
+    """An option value is out of range or contradicts another option (found before any work)."""
+
+
+class PathNotWritable(UserInputError):
+    """An output location (run directory, Triton repository) cannot be created or written."""
+
+
 class UnsupportedModelError(UserInputError):
     """The model's layout is not one DC-ViT surgery supports."""
 
