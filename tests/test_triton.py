@@ -261,8 +261,9 @@ def test_bad_settings_are_user_errors(
 def test_bad_model_name_and_backend(tiny_onnx: Path, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="not a valid directory name"):
         write_model_repository(tmp_path, "../escape", onnx_artifact(tiny_onnx))
-    with pytest.raises(UserInputError, match="backend 'torch'"):
+    with pytest.raises(UserInputError, match="backend 'torch' artifacts") as info:
         write_model_repository(tmp_path, "m", onnx_artifact(tiny_onnx, backend="torch"))
+    assert "fix: publish from an onnxruntime or tensorrt profile" in str(info.value)
 
 
 # --------------------------------------------------------------------------- TensorRT
@@ -377,6 +378,8 @@ def test_validate_config_is_skipped_without_tritonclient(
 def test_importing_writers_stays_cheap() -> None:
     code = (
         "import sys, dcvit_deploy.select, dcvit_deploy.triton, dcvit_deploy.report\n"
+        "import dcvit_deploy.triton.config, dcvit_deploy.triton.repository\n"
+        "import dcvit_deploy.triton.runtime\n"
         "heavy = ('onnx', 'matplotlib', 'tritonclient', 'torch', 'onnxruntime')\n"
         "print([m for m in heavy if m in sys.modules])\n"
     )

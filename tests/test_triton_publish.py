@@ -40,7 +40,9 @@ def cpu_profile(**options: Any) -> TargetProfile:
     )
 
 
-def trt_profile(*, cuda_graphs: bool = True, device_id: int = 0, max_batch: int = 16) -> TargetProfile:
+def trt_profile(
+    *, cuda_graphs: bool = True, device_id: int = 0, max_batch: int = 16
+) -> TargetProfile:
     return TargetProfile(
         name="h100-trt-fp16",
         backend="tensorrt",
@@ -286,7 +288,9 @@ def test_torch_profile_is_refused_with_one_line(tmp_path: Path) -> None:
         build_seconds=1.0,
     )  # fmt: skip
     reason = publishable(profile)
-    assert reason is not None and "\n" not in reason and "fix: publish from an onnxruntime" in reason
+    assert (
+        reason is not None and "\n" not in reason and "fix: publish from an onnxruntime" in reason
+    )
     with pytest.raises(NotServable, match="no Triton platform that serves them as measured"):
         publish(tmp_path / "repo", "m", artifact, profile)
     assert not (tmp_path / "repo").exists()
