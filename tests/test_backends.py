@@ -359,3 +359,179 @@ def test_availability_reports_a_broken_probe_instead_of_raising(monkeypatch) -> 
     monkeypatch.setattr(backend, "_probe", broken)
     a = backend.availability(None)
     assert not a.ok and "availability check failed: libonnxruntime.so" in a.reason and a.fix
+
+
+# --------------------------------------------------------------------------- ORT GPU paths, mocked
+
+
+class _FakeValue:
+    """An OrtValue on a fake device: a shape and a unique address."""
+
+    _next = 0x1000
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        _FakeValue._next += 0x1000
+        self._shape, self.address = tuple(shape), _FakeValue._next
+
+    def shape(self) -> list[int]:
+        return list(self._shape)
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+class _FakeArg:
+    def __init__(self, name: str, shape: list[object]) -> None:
+        self.name, self.type, self.shape = name, "tensor(float)", shape
+
+
+class _FakeBinding:
+    def __init__(self) -> None:
+        self.inputs: dict[str, _FakeValue] = {}
+        self.outputs: dict[str, _FakeValue] = {}
+
+    def bind_ortvalue_input(self, name: str, value: _FakeValue) -> None:
+        self.inputs[name] = value
+
+    def bind_ortvalue_output(self, name: str, value: _FakeValue) -> None:
+        self.outputs[name] = value
+
+
+class _FakeCudaGraphSession:
+    """ONNX Runtime's CUDA-graph contract: per graph id, a few regular runs, then one capture
+    with the bound buffers; every later run replays that capture whatever is bound now."""
+
+    WARMUP_RUNS = 2
+
+    def __init__(self, provider: str, cuda_graph: bool) -> None:
+        self.provider, self.cuda_graph = provider, cuda_graph
+        self.runs: dict[int, int] = {}
+        self.graphs: dict[int, tuple[int, ...]] = {}
+        self.wrong_replays: list[str] = []
+
+    def get_providers(self) -> list[str]:
+        return [PROVIDERS_BY_KEY[self.provider], "CPUExecutionProvider"]
+
+    def get_inputs(self) -> list[_FakeArg]:
+        return [_FakeArg("input", ["batch", 3, 32, 32])]
+
+    def get_outputs(self) -> list[_FakeArg]:
+        return [_FakeArg("logits", ["batch", 10])]
+
+    def io_binding(self) -> _FakeBinding:
+        return _FakeBinding()
+
+    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.zeros((feed["input"].shape[0], 10), np.float32)]
+
+    def run_with_iobinding(self, binding: _FakeBinding, run_options: object = None) -> None:
+        graph_id = 0
+        if run_options is not None:
+            entry = run_options.get_run_config_entry("gpu_graph_id")  # type: ignore[attr-defined]
+            graph_id = int(entry) if entry else 0
+        bound = (
+            binding.inputs["input"]._shape[0],
+            binding.inputs["input"].address,
+            binding.outputs["logits"].address,
+        )
+        if not self.cuda_graph or graph_id == -1:
+            return
+        if graph_id in self.graphs:
+            if self.graphs[graph_id] != bound:
+                self.wrong_replays.append(f"graph {graph_id} captured {self.graphs[graph_id]}")
+            return
+        self.runs[graph_id] = self.runs.get(graph_id, 0) + 1
+        if self.runs[graph_id] > self.WARMUP_RUNS:
+            self.graphs[graph_id] = bound
+
+
+PROVIDERS_BY_KEY = {
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+@pytest.fixture
+def fake_ort_gpu(monkeypatch: pytest.MonkeyPatch) -> list[_FakeCudaGraphSession]:
+    """A GPU machine as far as the ONNX Runtime backend can tell: sessions come from the fake."""
+    import onnxruntime as ort
+
+    import dcvit_deploy.backends.onnxruntime as ortb
+    import dcvit_deploy.envinfo
+
+    sessions: list[_FakeCudaGraphSession] = []
+
+    def create_session(path: Path, *, provider: str, cuda_graph: bool = False, **_: object):
+        sessions.append(_FakeCudaGraphSession(provider, cuda_graph))
+        return sessions[-1]
+
+    monkeypatch.setattr(dcvit_deploy.envinfo, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(ortb, "package_version", lambda name: "1.31.1")
+    monkeypatch.setattr(ortb, "_tensorrt_libraries_found", lambda: True)
+    monkeypatch.setattr(ortb, "create_session", create_session)
+    monkeypatch.setattr(
+        ort.OrtValue,
+        "ortvalue_from_numpy",
+        staticmethod(lambda x, device="cpu", device_id=0: _FakeValue(x.shape)),
+    )
+    monkeypatch.setattr(
+        ort.OrtValue,
+        "ortvalue_from_shape_and_type",
+        staticmethod(lambda shape, dtype, device="cpu", device_id=0: _FakeValue(tuple(shape))),
+    )
+    backend = get_backend("onnxruntime")
+    for attr in ("_cache_key", "_cache_session"):
+        monkeypatch.setattr(backend, attr, None, raising=False)
+    return sessions
+
+
+def ort_gpu_profile(**changes: object) -> TargetProfile:
+    data: dict[str, object] = {
+        "name": "test-ort-gpu",
+        "backend": "onnxruntime",
+        "device": "cuda",
+        "precision": "fp32",
+        "batch_sizes": [1, 3],
+        "statistic": "p50",
+        "scope": "host",
+        "measure": {**FAST_MEASURE, "no_copy": True, "cuda_graphs": True},
+        "backend_options": {"provider": "cuda"},
+    }
+    data.update(changes)
+    return profile_from_dict(data)
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_ort_cuda_graph_replays_the_capture_of_the_measured_batch(
+    fake_ort_gpu: list[_FakeCudaGraphSession], tmp_path: Path, provider: str
+) -> None:
+    from fakes.fake_tensorrt import write_tiny_onnx
+
+    backend = get_backend("onnxruntime")
+    profile = ort_gpu_profile(backend_options={"provider": provider})
+    artifact = backend.build(write_tiny_onnx(tmp_path / "t.onnx"), profile, tmp_path, candidate="c")
+    for batch in (1, 3, 1, 3):  # measured in turn, as rounds across batch sizes do
+        assert backend.measure(artifact, profile, batch).p50 >= 0
+    graph_sessions = [s for s in fake_ort_gpu if s.cuda_graph]
+    assert graph_sessions, "cuda_graphs was dropped for this provider"
+    assert all(s.provider == provider for s in graph_sessions)
+    wrong = [w for s in graph_sessions for w in s.wrong_replays]
+    assert not wrong, wrong
+    captured = {g[0] for s in graph_sessions for g in s.graphs.values()}
+    assert captured == {1, 3}
+
+
+def test_ort_refuses_scopes_it_cannot_time() -> None:
+    with pytest.raises(ProfileError) as err:
+        ort_gpu_profile(scope="device_with_copies")
+    assert "device_with_copies" in str(err.value) and "host" in str(err.value)
+    with pytest.raises(ProfileError) as err:
+        ort_gpu_profile(backend_options={"provider": "cuda", "io_binding": False})
+    assert "cuda_graphs" in str(err.value) and "io_binding" in str(err.value)
+
+
+def test_provider_list_keeps_cuda_graphs_for_the_tensorrt_provider() -> None:
+    trt = provider_list("tensorrt", {}, cuda_graph=True)
+    assert trt[0][1]["trt_cuda_graph_enable"] == "True"
+    assert "trt_cuda_graph_enable" not in provider_list("tensorrt", {})[0][1]

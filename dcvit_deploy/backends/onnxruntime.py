@@ -16,9 +16,18 @@ Rules this backend keeps:
   a warning) is refused with :class:`BackendUnavailable`, detected through
   ``session.get_providers()``: CPU numbers must never be reported as GPU numbers.
 * On CUDA with ``io_binding`` and ``measure.no_copy``, inputs and outputs are bound on the device
-  so the timed region has no host copies; ``measure.cuda_graphs`` additionally enables ONNX
-  Runtime's CUDA graph capture (needs those fixed device buffers).
-* Timing is host wall time around ``run`` (scope ``host``): ONNX Runtime runs on its own stream.
+  so the timed region has no host copies. ``measure.cuda_graphs`` enables ONNX Runtime's CUDA
+  graph capture on the CUDA provider (``enable_cuda_graph``) and on the TensorRT provider
+  (``trt_cuda_graph_enable``); it needs those fixed device buffers, so a profile asking for graphs
+  without ``io_binding`` and ``no_copy`` is refused rather than silently timed without them.
+* A captured graph replays the shapes and buffer addresses it was captured with. ONNX Runtime's
+  CUDA provider can keep several graphs per session (run option ``gpu_graph_id``) but its
+  TensorRT provider captures one per session, so with graphs every batch size gets its own
+  session, and the buffers bound for it stay bound for the session's life (measuring the same
+  batch size again reuses them).
+* Timing is host wall time around ``run`` (scope ``host``): ONNX Runtime runs on its own stream,
+  so the device scopes (``device_compute``, ``device_with_copies``) cannot be bracketed by CUDA
+  events and are refused. Host time with copies is scope ``host`` with ``measure.no_copy = false``.
 """
 
 from __future__ import annotations
@@ -96,8 +105,10 @@ class OnnxRuntimeBackend(BackendBase):
     def __init__(self) -> None:
         # One cached session: measuring several batch sizes of one artifact reuses it, and
         # holding at most one bounds memory when a family of candidates is measured in turn.
+        # With CUDA graphs the session is per batch size and keeps its bound step (buffers).
         self._cache_key: tuple[Any, ...] | None = None
         self._cache_session: onnxruntime.InferenceSession | None = None
+        self._cache_step: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ profile & availability
 
@@ -122,12 +133,23 @@ class OnnxRuntimeBackend(BackendBase):
                 f"precision = {profile.precision!r} is not supported by backend 'onnxruntime'",
                 "use fp32 or fp16 (an FP16 ONNX graph from export_onnx(precision='fp16'))",
             )
-        if profile.scope == "device_compute":
+        if profile.scope != "host":
             raise ProfileError(
-                "scope = 'device_compute' is not measurable with backend 'onnxruntime' "
-                "(it runs on its own CUDA stream)",
-                "use scope 'host' or 'device_with_copies', or the tensorrt backend",
+                f"scope = {profile.scope!r} is not measurable with backend 'onnxruntime' "
+                "(it runs on its own CUDA stream, so no CUDA events can bracket its work)",
+                "use scope 'host' (with measure.no_copy = false to include the copies), or the "
+                "tensorrt backend for device scopes",
             )
+        if profile.measure.cuda_graphs:
+            opts = self.options(profile)
+            if provider == "cpu" or not opts["io_binding"] or not profile.measure.no_copy:
+                raise ProfileError(
+                    "measure.cuda_graphs needs a GPU provider with fixed device buffers: "
+                    f"provider = {provider!r}, io_binding = {opts['io_binding']}, "
+                    f"measure.no_copy = {profile.measure.no_copy}",
+                    "use provider 'cuda' or 'tensorrt' with io_binding = true and "
+                    "measure.no_copy = true, or set measure.cuda_graphs = false",
+                )
 
     def _probe(self, profile: TargetProfile | None) -> Availability:
         if not module_found("onnxruntime"):
@@ -258,12 +280,22 @@ class OnnxRuntimeBackend(BackendBase):
         profile: TargetProfile,
         *,
         cuda_graph: bool = False,
+        batch_size: int | None = None,
     ) -> onnxruntime.InferenceSession:
+        """The cached session for ``artifact``; with ``cuda_graph`` one per ``batch_size``."""
         opts = self.options(profile)
-        key = (artifact.path, artifact.sha256, profile.name, repr(sorted(opts.items())), cuda_graph)
+        graph_batch = batch_size if cuda_graph else None
+        key = (
+            artifact.path,
+            artifact.sha256,
+            profile.name,
+            repr(sorted(opts.items())),
+            cuda_graph,
+            graph_batch,
+        )
         if self._cache_key == key and self._cache_session is not None:
             return self._cache_session
-        self._cache_key, self._cache_session = None, None
+        self._cache_key, self._cache_session, self._cache_step = None, None, None
         session = create_session(
             Path(artifact.path),
             provider=self.provider(profile),
@@ -301,12 +333,17 @@ class OnnxRuntimeBackend(BackendBase):
         provider = self.provider(profile)
         settings = profile.measure
         bind = provider != "cpu" and bool(opts["io_binding"]) and settings.no_copy
-        cuda_graph = provider == "cuda" and settings.cuda_graphs and bind
-        session = self._session(artifact, profile, cuda_graph=cuda_graph)
+        cuda_graph = bind and settings.cuda_graphs  # validate_profile refused graphs otherwise
+        session = self._session(artifact, profile, cuda_graph=cuda_graph, batch_size=batch_size)
         dtype = _ORT_TYPES.get(session.get_inputs()[0].type, "float32")
         x = random_inputs((batch_size, *artifact.input_shape), dtype)
-        if bind:
+        step: Callable[[], None]
+        if cuda_graph and self._cache_step is not None:
+            step = self._cache_step  # the buffers this session's graph was captured with
+        elif bind:
             step = _bound_step(session, artifact, x, device_id=int(opts["device_id"]))
+            if cuda_graph:
+                self._cache_step = step
         else:
             feed = {artifact.input_name: x}
             names = [artifact.output_name]
@@ -399,9 +436,12 @@ def provider_list(
 ) -> list[Any]:
     """The ``providers=`` list for an InferenceSession (pure; tested without a GPU)."""
     device_id = int(options.get("device_id", 0))
+    # With the TensorRT provider the graph is captured by it (trt_cuda_graph_enable); the CUDA
+    # provider behind it only runs what TensorRT does not take, and captures nothing.
+    cuda_captures = cuda_graph and provider == "cuda"
     cuda: tuple[str, dict[str, str]] = (
         PROVIDERS["cuda"],
-        {"device_id": str(device_id), "enable_cuda_graph": "1" if cuda_graph else "0"},
+        {"device_id": str(device_id), "enable_cuda_graph": "1" if cuda_captures else "0"},
     )
     if provider == "cpu":
         return [PROVIDERS["cpu"]]
@@ -416,6 +456,8 @@ def provider_list(
         ),
         "trt_max_workspace_size": str(int(options.get("trt_workspace_mib", 4096)) * (1 << 20)),
     }
+    if cuda_graph:
+        trt["trt_cuda_graph_enable"] = "True"
     if cache_dir is not None:
         trt["trt_engine_cache_path"] = str(Path(cache_dir) / "ort_trt_cache")
         trt["trt_timing_cache_path"] = str(Path(cache_dir) / "ort_trt_cache")
