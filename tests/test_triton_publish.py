@@ -312,3 +312,29 @@ def test_default_model_name(model: str, name: str) -> None:
 def test_default_model_name_needs_something() -> None:
     with pytest.raises(UserInputError, match="cannot derive a Triton model name"):
         default_model_name("hf-hub:timm/...")
+
+
+def test_static_batch_artifact_is_published_without_batching(tmp_path: Path) -> None:
+    artifact = candidate(tmp_path, "c60", batch=1)
+    profile = dataclasses.replace(cpu_profile(), batch_sizes=(1,))
+    published = publish(tmp_path / "repo", "m", artifact, profile)
+    config = parse(published.config_path.read_text())
+    assert config.max_batch_size == 0 and "max_batch_size: 0\n" in published.config_path.read_text()
+    assert list(config.input[0].dims) == [1, 3, 8, 8]
+    assert not config.HasField("dynamic_batching")
+    assert validate_config(published.model_dir).ok
+
+
+def test_a_single_version_model_counts_for_idempotency(tmp_path: Path) -> None:
+    """A model written by the single-version writer is recognised: same file, no new version."""
+    from dcvit_deploy.triton import write_model_repository
+
+    artifact = candidate(tmp_path, "c60")
+    write_model_repository(
+        tmp_path / "repo", "m", artifact, max_batch_size=4, preferred_batch_sizes=(1, 4),
+        kind="KIND_CPU",
+    )  # fmt: skip
+    again = publish(tmp_path / "repo", "m", artifact, cpu_profile())
+    assert (again.version, again.created) == (1, False)
+    newer = publish(tmp_path / "repo", "m", candidate(tmp_path, "c40", seed=1), cpu_profile())
+    assert newer.version == 2 and validate_config(tmp_path / "repo" / "m").ok

@@ -422,6 +422,26 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
+def _remove_model(model_dir: Path) -> None:
+    """Hide the version folders first (Triton only reads numeric ones), then delete the model:
+    a model directory never has a config over half-deleted versions."""
+    for vdir in version_dirs(model_dir):
+        _remove_tree(vdir)
+    shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def _version_sha256(model_dir: Path, vdir: Path) -> str | None:
+    """The sha256 recorded for a version: ``<N>/deploy.json``, or for a model written by
+    :func:`write_model_repository` (no per-version facts) the model's ``deploy.json``."""
+    facts = _read_json(vdir / "deploy.json")
+    if facts is None:
+        facts = _read_json(model_dir / "deploy.json")
+        if not facts or str(facts.get("version")) != vdir.name:
+            return None
+    sha = facts.get("sha256")
+    return sha if isinstance(sha, str) else None
+
+
 def _version_number(model_dir: Path) -> int:
     """The next version: one past every numeric entry (folders Triton would read included)."""
     numbers = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
@@ -526,8 +546,7 @@ def publish(
         latest = int(versions[-1].name) if versions else None
         if not incompatible:
             for vdir in reversed(versions):
-                facts = _read_json(vdir / "deploy.json")
-                if facts and facts.get("sha256") == digest:
+                if _version_sha256(model_dir, vdir) == digest:
                     return _republished(
                         model_name, model_dir, int(vdir.name), latest, text, digest, settings
                     )
@@ -699,8 +718,9 @@ def clear_stale(
     Never deletes: anything when ``repo`` is not inside ``run_root`` (a user's ``--triton-repo``
     is refused with :class:`UserInputError`, so models published there are never removed by a
     later run); model directories not written by dcvit-deploy (no ``deploy.json`` of ours);
-    files at the repository's top level. Each removed model is first renamed to a hidden name,
-    so Triton never sees a half-deleted model.
+    files at the repository's top level. A removed model's version folders are hidden first
+    (renamed to non-numeric names, which Triton ignores), so Triton never loads a half-deleted
+    version.
     """
     repo = Path(repo)
     root = Path(run_root).resolve()
@@ -722,7 +742,7 @@ def clear_stale(
             facts = _read_json(model_dir / "deploy.json")
             if not facts or facts.get("kind") != MODEL_KIND:
                 continue
-            _remove_tree(model_dir)
+            _remove_model(model_dir)
             removed.append(model_dir.name)
     return removed
 
