@@ -246,6 +246,9 @@ def test_a_failed_copy_leaves_no_version_folder(
     with pytest.raises(OSError, match="disk full"):
         publish(repo, "m", candidate(tmp_path, "b", seed=1), cpu_profile())
     assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "config.pbtxt", "deploy.json"]
+    with pytest.raises(OSError, match="disk full"):  # a new model: no empty directory left
+        publish(repo, "fresh", candidate(tmp_path, "b", seed=1), cpu_profile())
+    assert not (repo / "fresh").exists()
 
 
 # --------------------------------------------------------------------------- stale & torch

@@ -172,8 +172,12 @@ def _resolve(
     preferred_batch_sizes: Sequence[int],
     cuda_graphs: bool | None,
     warmup_batch_sizes: Sequence[int] | None,
+    onnx_model: Any = None,
 ) -> _Plan:
-    """Read the artifact's I/O and decide/check every setting against it (no writes)."""
+    """Read the artifact's I/O and decide/check every setting against it (no writes).
+
+    ``onnx_model``: the artifact's already loaded ``onnx.ModelProto`` (loaded here otherwise).
+    """
     if instance_count < 1:
         raise UserInputError("instance_count must be >= 1", "pass instance_count=1 or more")
     if kind not in ("KIND_GPU", "KIND_CPU"):
@@ -186,7 +190,6 @@ def _resolve(
             "rebuild the candidate's artifact",
         )
 
-    onnx_model: Any = None
     if platform == "tensorrt_plan":
         io = read_engine_io(engine_meta_path(src, artifact.meta))
         if kind == "KIND_CPU":
@@ -194,7 +197,8 @@ def _resolve(
                 "a TensorRT plan cannot run on KIND_CPU instances", "use kind='KIND_GPU'"
             )
     else:
-        onnx_model = _load_onnx(src)
+        if onnx_model is None:
+            onnx_model = _load_onnx(src)
         io = read_onnx_io(src, model=onnx_model)
 
     input_names = [t.name for t in io.inputs]
@@ -502,8 +506,10 @@ def publish(
         stats = tuple(latency)
 
     src = Path(artifact.path)
+    onnx_model: Any = None
     if platform == "onnxruntime_onnx" and src.is_file():
-        head = read_onnx_io(src)
+        onnx_model = _load_onnx(src)
+        head = read_onnx_io(src, model=onnx_model)
         batch_dynamic = all(t.shape and t.shape[0] == -1 for t in head.inputs)
         item = next((t.shape[1:] for t in head.inputs if t.name == artifact.input_name), ())
     else:
@@ -522,6 +528,7 @@ def publish(
         preferred_batch_sizes=profile.batch_sizes if batch_dynamic else (),
         cuda_graphs=settings.cuda_graphs,
         warmup_batch_sizes=None,
+        onnx_model=onnx_model,
     )
     digest = _verify_digest(plan.src, artifact)
     source = source_candidate or artifact.candidate
@@ -551,6 +558,7 @@ def publish(
                         model_name, model_dir, int(vdir.name), latest, text, digest, settings
                     )
 
+        new_model = not model_dir.exists()
         model_dir.mkdir(parents=True, exist_ok=True)
         version = _version_number(model_dir)
         model_file = f"model{_MODEL_SUFFIX[plan.platform]}"
@@ -604,6 +612,8 @@ def publish(
             os.rename(staging, model_dir / str(version))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            if new_model:  # no empty model directory left for Triton to trip over
+                shutil.rmtree(model_dir, ignore_errors=True)
             raise
         # The config last: for a new model its presence makes the model loadable.
         config_path = model_dir / "config.pbtxt"
