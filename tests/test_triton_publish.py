@@ -341,3 +341,12 @@ def test_a_single_version_model_counts_for_idempotency(tmp_path: Path) -> None:
     assert (again.version, again.created) == (1, False)
     newer = publish(tmp_path / "repo", "m", candidate(tmp_path, "c40", seed=1), cpu_profile())
     assert newer.version == 2 and validate_config(tmp_path / "repo" / "m").ok
+
+
+@pytest.mark.parametrize("bad", ["../escape", "", "a b", ".hidden"])
+def test_model_names_are_checked_up_front(bad: str) -> None:
+    from dcvit_deploy.triton import check_model_name
+
+    with pytest.raises(UserInputError, match="Triton model name"):
+        check_model_name(bad)
+    check_model_name(default_model_name("deit_small_patch16_224"))

@@ -30,6 +30,7 @@ from .config import (
 from .repository import (
     Published,
     RepositoryConflict,
+    check_model_name,
     clear_stale,
     default_model_name,
     publish,
@@ -47,6 +48,7 @@ __all__ = [
     "ServingMismatch",
     "ServingSettings",
     "TensorSpec",
+    "check_model_name",
     "clear_stale",
     "default_model_name",
     "engine_meta_path",

@@ -67,6 +67,7 @@ from .runtime import ServingSettings, serving_settings
 __all__ = [
     "Published",
     "RepositoryConflict",
+    "check_model_name",
     "clear_stale",
     "default_model_name",
     "publish",
@@ -92,6 +93,12 @@ def _check_name(value: str, what: str) -> None:
             f"{what} {value!r} is not a valid directory name",
             "use letters, digits, '_', '-' and '.', starting with a letter or digit",
         )
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`UserInputError` (one line) unless ``name`` is a usable Triton model name:
+    for up-front option checks (``--triton-model-name``) before any work is done."""
+    _check_name(name, "Triton model name")
 
 
 def default_model_name(model: str) -> str:
@@ -584,6 +591,7 @@ def publish(
             "serving": settings.describe(),
             **_build_facts(plan, artifact),
             "engine_profile_max_batch": plan.io.max_batch,
+            # The engine builder writes one optimisation profile (min/opt/max batch).
             "engine_profiles": 1 if plan.platform == "tensorrt_plan" else None,
             "max_batch_size": plan.max_batch_size,
             "signature": new_signature,
