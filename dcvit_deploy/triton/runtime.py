@@ -5,22 +5,18 @@ Triton must serve what was measured, so the settings in ``config.pbtxt`` come fr
 validated ``[backend_options]`` (defaults filled in by the backend's own option table) and the
 ``[measure]`` settings.
 
-=====================================  ===================================================
-profile                                 config.pbtxt
-=====================================  ===================================================
-``device = "cpu"`` / ``"cuda"``         ``instance_group { kind: KIND_CPU }`` /
-                                        ``{ kind: KIND_GPU gpus: [device_id] }``
-onnxruntime ``intra_op_num_threads``    ``parameters { key: "intra_op_thread_count" }``
-onnxruntime ``inter_op_num_threads``    ``parameters { key: "inter_op_thread_count" }``
-onnxruntime ``execution_mode``          ``parameters { key: "execution_mode" }`` (0 / 1)
-onnxruntime ``graph_optimization_level``  ``optimization { graph { level } }`` (omitted for
-                                        ``all``, the backend's default; basic -1,
-                                        extended 1, disable 2)
-onnxruntime ``provider = "tensorrt"``   ``gpu_execution_accelerator [{ name: "tensorrt" }]``
-                                        with the workspace, builder optimisation level and
-                                        min/opt/max shapes the session measured with
-tensorrt ``measure.cuda_graphs``        ``optimization { cuda { graphs: true } }``
-=====================================  ===================================================
+* ``device = "cpu"`` -> ``instance_group { kind: KIND_CPU }``; ``"cuda"`` ->
+  ``{ kind: KIND_GPU gpus: [device_id] }``.
+* onnxruntime ``intra_op_num_threads`` / ``inter_op_num_threads`` -> ``parameters``
+  ``intra_op_thread_count`` / ``inter_op_thread_count`` (0 is ONNX Runtime's default in both).
+* onnxruntime ``execution_mode`` -> ``parameters { key: "execution_mode" }`` (0 / 1).
+* onnxruntime ``graph_optimization_level`` -> ``optimization { graph { level } }``: basic -1,
+  extended 1, disable 2; omitted for ``all``, the Triton backend's default.
+* onnxruntime ``provider = "tensorrt"`` -> ``optimization { execution_accelerators {
+  gpu_execution_accelerator [{ name: "tensorrt" ... }] } }`` with the workspace, builder
+  optimisation level and min/opt/max shapes the measuring session used.
+* tensorrt ``[measure] cuda_graphs`` -> ``optimization { cuda { graphs: true } }``, exactly
+  when measured with CUDA graphs.
 
 Refused (:class:`ServingMismatch`, one line with a fix), because Triton cannot reproduce them:
 ONNX Runtime measured with CUDA graph capture (Triton's onnxruntime backend has no CUDA graph
