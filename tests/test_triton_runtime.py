@@ -115,11 +115,22 @@ def test_ort_cuda_graph_measurement_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "repo" / "m").exists()
 
 
-def test_ort_cuda_graphs_without_io_binding_were_not_measured(tmp_path: Path) -> None:
-    """The backend only captures CUDA graphs with bound device buffers; without them the
-    measurement ran plain sessions, which Triton reproduces."""
-    profile = gpu_ort_profile(provider="cuda", cuda_graphs=True, io_binding=False)
-    assert not published_config(tmp_path, profile).optimization.cuda.graphs
+def test_ort_cuda_graphs_without_io_binding_are_the_backends_profile_error() -> None:
+    """The backend refuses to measure graphs without bound buffers: nothing to publish."""
+    with pytest.raises(ProfileError, match="cuda_graphs"):
+        serving_settings(gpu_ort_profile(provider="cuda", cuda_graphs=True, io_binding=False))
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_ort_tensorrt_provider_cuda_graphs_exactly_when_measured(
+    tmp_path: Path, graphs: bool
+) -> None:
+    config = published_config(tmp_path, gpu_ort_profile(provider="tensorrt", cuda_graphs=graphs))
+    (acc,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert ("trt_cuda_graph_enable" in acc.parameters) is graphs
+    if graphs:
+        assert acc.parameters["trt_cuda_graph_enable"] == "1"
+    assert not config.optimization.cuda.graphs  # the TensorRT backend's switch, not ORT's
 
 
 def test_bad_backend_option_is_the_profile_error(tmp_path: Path) -> None:

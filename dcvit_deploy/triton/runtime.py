@@ -16,11 +16,13 @@ validated ``[backend_options]`` (defaults filled in by the backend's own option 
   gpu_execution_accelerator [{ name: "tensorrt" ... }] } }`` with the workspace, builder
   optimisation level and min/opt/max shapes the measuring session used.
 * tensorrt ``[measure] cuda_graphs`` -> ``optimization { cuda { graphs: true } }``, exactly
-  when measured with CUDA graphs.
+  when measured with CUDA graphs; onnxruntime with ``provider = "tensorrt"`` and
+  ``[measure] cuda_graphs`` -> the accelerator's ``trt_cuda_graph_enable: "1"``.
 
 Refused (:class:`ServingMismatch`, one line with a fix), because Triton cannot reproduce them:
-ONNX Runtime measured with CUDA graph capture (Triton's onnxruntime backend has no CUDA graph
-option; its sessions do not run from fixed bound buffers). Not mirrored, and recorded in
+ONNX Runtime's CUDA provider measured with CUDA graph capture (Triton's onnxruntime backend has
+no such option for it). Profiles the backend itself refuses (``validate_profile``) raise its
+:class:`~dcvit_deploy.errors.ProfileError`. Not mirrored, and recorded in
 ``notes``: I/O binding / ``no_copy`` (Triton always copies request tensors, so served latency
 includes copies the measurement may have left out) and the TensorRT provider's engine and
 timing cache paths (machine-local; they change load time, not latency).
@@ -74,7 +76,8 @@ class ServingSettings:
 
 
 def backend_options(profile: TargetProfile) -> dict[str, Any]:
-    """The profile's ``[backend_options]``, validated, with the backend's defaults filled in."""
+    """The profile's ``[backend_options]``, validated by the backend (``validate_profile``),
+    with the backend's defaults filled in."""
     from ..backends import get_backend
     from ..errors import BackendUnavailable
 
@@ -86,6 +89,11 @@ def backend_options(profile: TargetProfile) -> dict[str, Any]:
         backend = get_backend(profile.backend)
     except BackendUnavailable:
         return dict(profile.backend_options)
+    # The backend's own profile check first: a profile it would refuse to measure (say, CUDA
+    # graphs without bound buffers) has no measured settings to publish.
+    validate = getattr(backend, "validate_profile", None)
+    if callable(validate):
+        validate(profile)
     options = getattr(backend, "options", None)
     if callable(options):
         return dict(options(profile))
@@ -134,10 +142,11 @@ def serving_settings(
     bound = provider != "cpu" and bool(opts.get("io_binding", True)) and measure.no_copy
     if provider == "cuda" and measure.cuda_graphs and bound:
         raise ServingMismatch(
-            f"profile {profile.name!r} measured ONNX Runtime with CUDA graph capture, which "
-            "Triton's onnxruntime backend cannot replay, so the served latency would differ",
-            "set [measure] cuda_graphs = false in the profile and re-measure, or use a "
-            "tensorrt profile",
+            f"profile {profile.name!r} measured ONNX Runtime's CUDA provider with CUDA graph "
+            "capture, which Triton's onnxruntime backend does not offer, so the served latency "
+            "would differ",
+            "set [measure] cuda_graphs = false in the profile and re-measure, or use provider "
+            "'tensorrt' or a tensorrt profile",
         )
     if bound:
         notes.append(
@@ -165,6 +174,14 @@ def serving_settings(
             trt["trt_profile_min_shapes"] = f"{artifact_input}:{lo}x{dims}"
             trt["trt_profile_opt_shapes"] = f"{artifact_input}:{opt}x{dims}"
             trt["trt_profile_max_shapes"] = f"{artifact_input}:{hi}x{dims}"
+        if measure.cuda_graphs and bound:
+            # The measuring session captured through the provider (trt_cuda_graph_enable).
+            trt["trt_cuda_graph_enable"] = "1"
+            notes.append(
+                "CUDA graphs: Triton passes trt_cuda_graph_enable to the TensorRT provider, but "
+                "binds each request's buffers, not the fixed ones the graph was measured with; "
+                "confirm the served latency with perf_analyzer"
+            )
         accelerators = (Accelerator("tensorrt", tuple(sorted(trt.items()))),)
         notes.append(
             "the TensorRT provider's engine/timing caches are not configured (machine-local "
