@@ -7,15 +7,36 @@ budget, 4: regression against a baseline); Ctrl-C leaves a resumable run and exi
 
 from __future__ import annotations
 
-import json
+import os
+import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, TypeVar
 
-import click
+INTERRUPTED = "interrupted: rerun the same command to resume"
 
-from .errors import DcvitError
+
+def _interrupted_while_importing(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C while this module is still importing (the first tenth of a second of the
+    console script): no traceback, the same line and exit code as later."""
+    sys.stderr.write(f"{INTERRUPTED}\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+try:  # restored at the end of this module
+    _SIGINT_BEFORE_IMPORT: Any = signal.signal(signal.SIGINT, _interrupted_while_importing)
+except ValueError:  # imported outside the main thread: signals are not ours to handle
+    _SIGINT_BEFORE_IMPORT = None
+
+import errno  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+
+from .errors import DcvitError, OptionError, UserInputError  # noqa: E402
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,7 +108,10 @@ COMPRESS_OPTIONS = _options(
         help="MAC reductions: '16.6%,25%' or a range 'start:stop:step'.",
     ),
     click.option(
-        "--method", type=click.Choice(["dcvit", "practise"]), default="dcvit", show_default=True
+        "--method",
+        default="dcvit",
+        show_default=True,
+        help="Compression method(s), comma-separated: dcvit, practise, or dcvit,practise.",
     ),
     click.option(
         "--round-to",
@@ -167,6 +191,19 @@ BUDGET_OPTIONS = _options(
     ),
     click.option("--latency-ms", type=float, help="Latency budget in milliseconds."),
     click.option(
+        "--speedup",
+        type=float,
+        help="Relative budget: at least X times faster than the original (e.g. 1.5); "
+        "instead of --latency-ms.",
+    ),
+    click.option(
+        "--prefer",
+        type=click.Choice(["capacity", "fidelity"]),
+        default="capacity",
+        show_default=True,
+        help="Among candidates that fit: the densest, or the most faithful to the original.",
+    ),
+    click.option(
         "--statistic",
         type=click.Choice(["mean", "p50", "p90", "p95", "p99"]),
         help="Budget statistic (default: the profile's).",
@@ -188,6 +225,16 @@ BUDGET_OPTIONS = _options(
         show_default=True,
         help="Measure every candidate, or O(log N) of them by bisection.",
     ),
+    click.option(
+        "--no-confirm",
+        is_flag=True,
+        help="Do not re-measure the chosen candidate in a fresh process before deploying it.",
+    ),
+    click.option(
+        "--allow-other-device",
+        is_flag=True,
+        help="Measure even when this machine's device differs from the profile's.",
+    ),
 )
 DEPLOY_OPTIONS = _options(
     click.option(
@@ -196,12 +243,21 @@ DEPLOY_OPTIONS = _options(
         help="Triton model repository (default: RUN/triton).",
     ),
     click.option(
+        "--triton-model-name",
+        help="Model name in the Triton repository (default: derived from --model).",
+    ),
+    click.option(
         "--triton-pareto",
         is_flag=True,
         help="Also write every Pareto-optimal candidate to the repository.",
     ),
     click.option("--opset", type=int, default=17, show_default=True),
     click.option("--no-simplify", is_flag=True, help="Skip ONNX graph simplification."),
+)
+DRY_RUN_OPTION = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Run every check and print the plan (targets -> structures); do no work.",
 )
 RUN_OPTIONS = _options(
     click.option(
@@ -243,8 +299,6 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError as exc:
-        from .errors import UserInputError
-
         raise UserInputError(
             f"--{name} {text!r} is not a comma-separated list of numbers",
             f"write e.g. --{name} 0.5,0.5,0.5",
@@ -252,33 +306,52 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 
 
 def _blocks(text: str | None) -> tuple[int, ...] | None:
-    from .errors import UserInputError
+    """``--blocks 1-10`` / ``2,3,5`` / ``1-3,7``; ``None`` when not given (the default set)."""
+    from .validate import MAX_BLOCK_INDEX
 
-    if not text:
+    if text is None:
         return None
-    out: list[int] = []
-    try:
-        for part in text.split(","):
+    out: set[int] = set()
+    example = "write e.g. --blocks 1-10 or --blocks 2,3,5"
+    for part in text.split(","):
+        try:
             if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
+                a, b = (int(v) for v in part.split("-"))
+                if a > b:
+                    raise OptionError(f"--blocks range {part.strip()!r} is empty", example)
+                bounds = (a, b)
             else:
-                out.append(int(part))
-    except ValueError as exc:
-        raise UserInputError(
-            f"--blocks {text!r} is not a block list", "write e.g. --blocks 1-10 or --blocks 2,3,5"
-        ) from exc
-    return tuple(sorted(set(out)))
+                bounds = (int(part), int(part))
+        except ValueError as exc:
+            raise OptionError(f"--blocks {text!r} is not a block list", example) from exc
+        if bounds[1] > MAX_BLOCK_INDEX:
+            raise OptionError(
+                f"--blocks {text!r} names block {bounds[1]}; no ViT has that many blocks",
+                "use the model's block indices (0 = first block)",
+            )
+        out.update(range(bounds[0], bounds[1] + 1))
+    return tuple(sorted(out))
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    from .options import METHODS
+
+    names = tuple(m.strip() for m in text.split(","))
+    for m in names:
+        if m not in METHODS:
+            raise OptionError(
+                f"unknown --method {m!r}",
+                f"use {', '.join(METHODS)}, or both comma-separated (dcvit,practise)",
+            )
+    return names
 
 
 def _margin(text: str) -> float:
-    from .errors import UserInputError
-
     t = text.strip()
     try:
         value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError as exc:
-        raise UserInputError(
+        raise OptionError(
             f"--margin {text!r} is not a number", "write e.g. --margin 5% or --margin 0.05"
         ) from exc
     if value >= 1 and not t.endswith("%"):
@@ -287,10 +360,11 @@ def _margin(text: str) -> float:
 
 
 def compress_options(kw: dict[str, Any]) -> Any:
-    from .options import CompressOptions
-    from .compress.plan import parse_targets
+    """The :class:`~dcvit_deploy.options.CompressOptions` of a command's parsed options."""
     from .data import DataOverrides
     from .models import parse_model_kwargs
+    from .options import CompressOptions
+    from .validate import targets_from_text
 
     overrides = None
     if any(kw.get(k) is not None for k in ("img_size", "mean", "std", "interpolation", "crop_pct")):
@@ -312,8 +386,8 @@ def compress_options(kw: dict[str, Any]) -> Any:
         num_samples=kw.get("num_samples"),
         holdout=kw.get("holdout", 32),
         data_overrides=overrides,
-        targets=tuple(parse_targets(kw["targets"])),
-        methods=(kw["method"],),
+        targets=targets_from_text(kw["targets"]),
+        methods=_methods(kw["method"]),
         round_to=kw["round_to"],
         neuron_choice=kw["neuron_choice"],
         reuse=kw["reuse"],
@@ -334,20 +408,92 @@ def compress_options(kw: dict[str, Any]) -> Any:
 
 
 def deploy_options(kw: dict[str, Any]) -> Any:
+    """The :class:`~dcvit_deploy.options.DeployOptions` of a command's parsed options."""
     from .options import DeployOptions
 
     return DeployOptions(
         profile=kw.get("profile", "cpu-ort"),
         latency_ms=kw.get("latency_ms"),
+        speedup=kw.get("speedup"),
         statistic=kw.get("statistic"),
         margin=_margin(kw.get("margin", "0%")),
         batch_size=kw.get("batch_size"),
         search=kw.get("search", "all"),
+        prefer=kw.get("prefer", "capacity"),
+        confirm=not kw.get("no_confirm", False),
+        allow_other_device=kw.get("allow_other_device", False),
         triton_repo=kw.get("triton_repo"),
+        triton_model_name=kw.get("triton_model_name"),
         triton_pareto=kw.get("triton_pareto", False),
         opset=kw.get("opset", 17),
         simplify=not kw.get("no_simplify", False),
     )
+
+
+def _warn(lines: Any) -> None:
+    """Notes that do not stop a run, on stderr (stdout stays clean for --json)."""
+    for line in lines:
+        if line:
+            click.echo(f"note: {line}", err=True)
+
+
+def _result_notes(result: Any, shown: set[str]) -> list[str]:
+    """The data notes a pipeline result carries (skipped images, a short held-out set), minus
+    those already printed by the up-front checks."""
+    notes = [str(n) for n in getattr(result, "notes", ()) or ()]
+    return [n for n in notes if n and n not in shown]
+
+
+def _plan_payload(v: Any, copts: Any, dopts: Any, out: str) -> dict[str, Any]:
+    import dataclasses
+
+    facts = v.model
+    return {
+        "dry_run": True,
+        "out": str(Path(out).expanduser().absolute()),
+        "model": {
+            "name": facts.name,
+            "model_kwargs": facts.model_kwargs,
+            "depth": facts.depth,
+            "input_size": list(facts.input_size),
+            "patch_size": list(facts.patch_size),
+            "candidate_blocks": list(facts.candidate_blocks),
+            "feasible": list(facts.feasible),
+        },
+        "images": v.image_count,
+        "profile": v.profile.name if v.profile else None,
+        "budget": dataclasses.asdict(v.budget) if v.budget else None,
+        "speedup": getattr(dopts, "speedup", None) if dopts else None,
+        "plan": [dataclasses.asdict(p) for p in v.plan],
+        "notes": list(v.notes),
+    }
+
+
+def _plan_text(v: Any, copts: Any, dopts: Any, out: str) -> str:
+    facts = v.model
+    c, h, w = facts.input_size
+    lo, hi = facts.feasible
+    lines = [
+        "dry run: every check passed; nothing was done",
+        f"model: {facts.name} (depth {facts.depth}, input {c}x{h}x{w}, "
+        f"patch {facts.patch_size[0]}x{facts.patch_size[1]})",
+        f"images: {v.image_count} in {copts.data}",
+        f"candidate blocks: {', '.join(map(str, facts.candidate_blocks))} "
+        f"(DC-ViT reaches {lo:.2%}..{hi:.2%} MAC reduction)",
+    ]
+    if v.profile is not None:
+        b = v.budget
+        if b is not None:
+            budget = f"{b.statistic} x(1+{b.margin:.0%}) <= {b.ms} ms at batch {b.batch_size}"
+        elif dopts is not None and dopts.speedup is not None:
+            budget = f"at least {dopts.speedup}x faster than the original"
+        else:
+            budget = "none (measure only)"
+        lines.append(f"profile: {v.profile.name}; budget: {budget}")
+    lines.append(f"run directory: {Path(out).expanduser().absolute()}")
+    lines.append("plan (target -> structure):")
+    lines += [f"  {p.describe()}" for p in v.plan]
+    return "\n".join(lines)
 
 
 def _progress(as_json: bool) -> Any:
@@ -383,6 +529,8 @@ def _result_payload(result: Any) -> dict[str, Any]:
         ],
         "reports": {k: str(v) for k, v in result.reports.items()},
         "triton": str(result.triton) if result.triton else None,
+        "notes": [str(n) for n in getattr(result, "notes", ()) or ()],
+        "skipped_images": [str(n) for n in getattr(result, "skipped_images", ()) or ()],
     }
 
 
@@ -427,19 +575,47 @@ def cli() -> None:
 @BUDGET_OPTIONS
 @DEPLOY_OPTIONS
 @RUN_OPTIONS
+@DRY_RUN_OPTION
 def compress_cmd(**kw: Any) -> None:
     """The whole job: compress, export/verify, build, profile, select, Triton + reports."""
+    _compress_or_family(kw, stages=("compress", "deploy"))
+
+
+def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
+    """Check everything up front (:func:`dcvit_deploy.validate.validate_run`), then run, or
+    with ``--dry-run`` print the plan and stop."""
+    from .options import DeployOptions
+    from .validate import validate_run
+
+    copts = compress_options(kw)
+    dopts = deploy_options(kw) if "deploy" in stages else DeployOptions()
+    checked = validate_run(copts, dopts, kw["out"], stages=stages)
+    if kw.get("dry_run"):
+        if not kw["as_json"]:
+            _warn(checked.notes)
+        _emit(
+            kw["as_json"],
+            _plan_payload(checked, copts, dopts, kw["out"]),
+            _plan_text(checked, copts, dopts, kw["out"]),
+        )
+        return
+    _warn(checked.notes)
     from .api import run_pipeline
 
     result = run_pipeline(
-        compress_options(kw),
-        deploy_options(kw),
+        copts,
+        dopts,
         kw["out"],
         overwrite=kw["overwrite"],
         resume=kw["resume"],
         progress=_progress(kw["as_json"]),
+        stop_after="deploy" if "deploy" in stages else "compress",
     )
-    _finish(result, kw["as_json"])
+    _warn(_result_notes(result, set(checked.notes)))
+    if "deploy" in stages:
+        _finish(result, kw["as_json"])
+        return
+    _family_listing(kw)
 
 
 @cli.command("family")
@@ -447,19 +623,13 @@ def compress_cmd(**kw: Any) -> None:
 @DATA_OPTIONS
 @COMPRESS_OPTIONS
 @RUN_OPTIONS
+@DRY_RUN_OPTION
 def family_cmd(**kw: Any) -> None:
     """Compression only: the dense candidate family (safetensors + JSON specs) in RUN/family."""
-    from .options import DeployOptions, run_pipeline
+    _compress_or_family(kw, stages=("compress",))
 
-    run_pipeline(
-        compress_options(kw),
-        DeployOptions(),
-        kw["out"],
-        overwrite=kw["overwrite"],
-        resume=kw["resume"],
-        progress=_progress(kw["as_json"]),
-        stop_after="compress",
-    )
+
+def _family_listing(kw: dict[str, Any]) -> None:
     from .compress.family import load_family
 
     fam = load_family(Path(kw["out"]) / "family")
@@ -486,7 +656,9 @@ def family_cmd(**kw: Any) -> None:
 
 def _stage(kw: dict[str, Any], until: Literal["export", "build", "profile"]) -> None:
     from .api import stage_over_run
+    from .validate import validate_stage
 
+    validate_stage(kw["out"], deploy_options(kw), need_backend=until != "export")
     result = stage_over_run(
         kw["out"], deploy_options(kw), until=until, progress=_progress(kw["as_json"])
     )
@@ -548,12 +720,11 @@ def profile_cmd(**kw: Any) -> None:
 def select_cmd(**kw: Any) -> None:
     """Select from measured outcomes under a budget; write the Triton repository and reports."""
     from .api import select_over_run
+    from .validate import validate_stage
 
-    if kw.get("latency_ms") is None:
-        from .errors import UserInputError
-
-        raise UserInputError("select needs a budget", "pass --latency-ms MS")
-    _finish(select_over_run(kw["out"], deploy_options(kw)), kw["as_json"])
+    dopts = deploy_options(kw)
+    validate_stage(kw["out"], dopts, need_budget=True, need_backend=False)
+    _finish(select_over_run(kw["out"], dopts), kw["as_json"])
 
 
 @cli.command("triton")
@@ -574,8 +745,11 @@ def triton_cmd(**kw: Any) -> None:
 def report_cmd(**kw: Any) -> None:
     """Rewrite report.json, candidates.csv, SUMMARY.md and pareto.png from a run's outcomes."""
     from .api import report_over_run
+    from .validate import validate_stage
 
-    paths = report_over_run(kw["out"], deploy_options(kw))
+    dopts = deploy_options(kw)
+    validate_stage(kw["out"], dopts, need_backend=False)
+    paths = report_over_run(kw["out"], dopts)
     _emit(
         kw["as_json"],
         {k: str(v) for k, v in paths.items()},
@@ -589,7 +763,9 @@ def report_cmd(**kw: Any) -> None:
 def status_cmd(out: str, as_json: bool) -> None:
     """Show the steps and candidates of a run directory and where it stopped."""
     from .api import status
+    from .validate import check_manifest
 
+    check_manifest(out)
     s = status(out)
     lines = [f"run: {s['run']}  model: {s['identity'].get('model')}"]
     lines += [f"  step {k}: {v}" for k, v in s["steps"].items()]
@@ -677,14 +853,43 @@ def compare_cmd(
     """CI gate: compare a report with a baseline; exit 4 on a latency or fidelity regression."""
     import dataclasses
 
+    from .errors import RegressionDetected
     from .report import check_regression
+    from .validate import check_report_file, check_writable_dir
 
-    result = check_regression(
-        Path(report),
-        Path(baseline),
-        tolerance=tolerance,
-        out_dir=Path(out_dir) if out_dir else None,
-    )
+    if not tolerance > 0 or tolerance != tolerance or tolerance == float("inf"):
+        raise OptionError(
+            f"--tolerance must be a finite fraction > 0, got {tolerance!r}",
+            "pass e.g. --tolerance 0.10 (10%)",
+        )
+    check_report_file(report, "report")
+    check_report_file(baseline, "baseline")
+    if out_dir:
+        check_writable_dir(out_dir, "--out")
+    try:
+        result = check_regression(
+            Path(report),
+            Path(baseline),
+            tolerance=tolerance,
+            out_dir=Path(out_dir) if out_dir else None,
+        )
+    except RegressionDetected as exc:
+        # Point at the comparison only where this command wrote one.
+        where = (
+            f"inspect {Path(out_dir) / 'COMPARISON.md'}"
+            if out_dir
+            else "rerun with --out DIR to write COMPARISON.md with every finding"
+        )
+        raise RegressionDetected(
+            exc.problem,
+            f"{where}; if the change is intended, replace the baseline with this report.json",
+        ) from exc
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserInputError(
+            f"cannot compare {report} with the baseline {baseline}: the reports differ in "
+            f"structure ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+            "regenerate both reports with this version of dcvit-deploy",
+        ) from exc
     payload = dataclasses.asdict(result)
     text = [
         f"no regression against {baseline} ({result.statistic} at batch {result.batch_size}, "
@@ -705,25 +910,86 @@ def demo_data_cmd(out_dir: str, count: int) -> None:
     click.echo(f"wrote {len(paths)} images to {out_dir}")
 
 
+ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOTDIR", "EISDIR",
+                 "ENAMETOOLONG", "EMFILE", "ENFILE", "EFBIG", "ELOOP", "EXDEV")
+    if hasattr(errno, name)
+)  # fmt: skip
+"""OSErrors a user or their machine causes (permissions, read-only or full disks, bad paths):
+printed as one line. Any other OSError is a bug here and keeps its traceback."""
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """True when ``exc`` is, or was raised while handling, a Ctrl-C (e.g. an ImportError left
+    behind by an interrupted ``import torch``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (KeyboardInterrupt, click.exceptions.Abort)):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _fail(message: str, code: int) -> None:
+    """Print ``message`` as the one line on stderr and exit with ``code`` (a second Ctrl-C
+    while printing is ignored, so the line and the code are always what the user gets)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        click.echo(" ".join(message.split()), err=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors as one line, exit codes per :mod:`dcvit_deploy.errors`."""
+    """Console entry point: user errors as one line, exit codes per :mod:`dcvit_deploy.errors`.
+
+    0 ok; 1 a user or environment error, including command-line usage errors (one line:
+    problem; fix); 3 no candidate meets the budget; 4 a regression in ``compare``;
+    130 interrupted. Anything else is a bug and keeps its traceback.
+    """
     try:
         cli.main(args=argv, prog_name="dcvit-deploy", standalone_mode=False)
+    except click.exceptions.Exit as exc:  # --help, --version
+        sys.exit(exc.exit_code)
     except DcvitError as exc:
-        click.echo(f"error: {exc.one_line()}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("interrupted: rerun the same command to resume", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted: rerun the same command to resume", err=True)
-        sys.exit(130)
+        _fail(f"error: {exc.one_line()}", exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(0)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "dcvit-deploy"
+        _fail(f"error: {exc.format_message()}; fix: see `{command} --help`", 1)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        _fail(f"error: {exc.format_message()}", 1)
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            if _caused_by_interrupt(exc):
+                _fail(INTERRUPTED, 130)
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(
+            f"error: {exc.strerror or exc}{where}; fix: check that the path exists, is "
+            "writable and that its file system has free space",
+            1,
+        )
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        if _caused_by_interrupt(exc):
+            _fail(INTERRUPTED, 130)
+        raise
 
+
+if _SIGINT_BEFORE_IMPORT is not None:  # the import is over: Ctrl-C is main()'s to handle
+    signal.signal(signal.SIGINT, _SIGINT_BEFORE_IMPORT)
 
 if __name__ == "__main__":
     main()

@@ -361,16 +361,131 @@ def build_transforms(
 # --------------------------------------------------------------------------- decoding
 
 
+SIXTEEN_BIT_MODES: frozenset[str] = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+"""PIL modes of 16-bit single-channel images (16-bit grayscale PNG and TIFF)."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image | str:
+    """``img`` as 8-bit RGB, or a one-line reason it cannot be converted faithfully.
+
+    PIL's own ``convert("RGB")`` *clips* 16- and 32-bit integer pixels to 255 (a 16-bit photo
+    becomes mostly white), so those are scaled instead: 16-bit values by 255/65535; 32-bit
+    integer images (mode ``I``, how some PIL versions open 16-bit PNGs) are taken as 16-bit
+    when their values fit 0..65535 and as 8-bit when they fit 0..255. Floating-point images
+    (mode ``F``) have no agreed range and are refused by name.
+    """
+    from PIL import Image
+
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        import numpy as np
+
+        arr = np.asarray(img).astype(np.int64)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            return (
+                f"{mode} image with values {lo}..{hi} outside the 16-bit range; "
+                "convert it to 8-bit first"
+            )
+        scale = 1.0 if mode == "I" and hi <= 255 else 255.0 / 65535.0
+        eight = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    if mode == "F":
+        return "32-bit floating-point image (PIL mode F) has no defined range; convert it to 8-bit"
+    return img.convert("RGB")
+
+
 def _decode(path: Path) -> Image.Image | str:
-    """The fully decoded RGB image, or a one-line reason it cannot be decoded."""
+    """The fully decoded 8-bit RGB image, or a one-line reason it cannot be decoded."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # convert() decodes every pixel, so truncation shows here
+            img.load()  # decodes every pixel, so truncation shows here
+            return _to_rgb(img)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         reason = str(exc).splitlines()[0] if str(exc) else ""
         return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+def skipped_summary(skipped: Sequence[tuple[Path, str]], total: int, limit: int = 3) -> str:
+    """One line for the console and ``SUMMARY.md``: how many images were skipped and why.
+
+    Empty when nothing was skipped. Names at most ``limit`` files (by file name) with their
+    reasons.
+    """
+    if not skipped:
+        return ""
+    shown = "; ".join(f"{Path(p).name}: {reason}" for p, reason in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"{len(skipped)} of {total} images could not be used and were skipped ({shown}{more})"
+
+
+@dataclass(frozen=True)
+class HoldoutSplit:
+    """The held-out images (verification and fidelity) and a note when they fall short.
+
+    ``paths`` are the candidates in their seeded order: the caller uses the first
+    ``requested`` that decode (as :func:`load_eval_tensor` with ``max_images`` does). ``note``
+    is empty when ``requested`` images were available outside the few-shot set;
+    otherwise it says what was used instead (for the console and ``SUMMARY.md``).
+    """
+
+    paths: tuple[Path, ...]
+    requested: int
+    note: str = ""
+
+
+def split_holdout(
+    all_paths: Sequence[Path], train: Sequence[Path], holdout: int, seed: int
+) -> HoldoutSplit:
+    """Up to ``holdout`` images not in ``train``, in a seeded order; falls back to ``train``.
+
+    With no image left over, the training images are used and the note says so; with fewer
+    than ``holdout`` left over, all of them are used and the note says how many. The order is
+    the one this project has always used (``random.Random(seed + 1)`` shuffle), so resumed
+    runs keep their held-out set.
+    """
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 1:
+        raise UserInputError(
+            f"--holdout must be a positive integer, got {holdout!r}", "pass e.g. --holdout 32"
+        )
+    chosen = set(train)
+    rest = [p for p in all_paths if p not in chosen]
+    random.Random(seed + 1).shuffle(rest)
+    if not rest:
+        return HoldoutSplit(
+            paths=tuple(train),
+            requested=holdout,
+            note=(
+                "no images left over for a held-out set: fidelity and verification use "
+                "training images (add images or lower --num-samples)"
+            ),
+        )
+    note = ""
+    if len(rest) < holdout:
+        note = (
+            f"--holdout {holdout} asked for more held-out images than the {len(rest)} left "
+            f"after the {len(chosen)} few-shot samples; using {len(rest)}"
+        )
+    return HoldoutSplit(paths=tuple(rest), requested=holdout, note=note)
+
+
+def holdout_note(available: int, num_samples: int | None, holdout: int) -> str:
+    """The note :func:`split_holdout` will give for these counts, without listing any file."""
+    train = available if num_samples is None else min(num_samples, available)
+    rest = available - train
+    if rest <= 0:
+        return (
+            "no images left over for a held-out set: fidelity and verification use "
+            "training images (add images or lower --num-samples)"
+        )
+    if rest < holdout:
+        return (
+            f"--holdout {holdout} asked for more held-out images than the {rest} left "
+            f"after the {train} few-shot samples; using {rest}"
+        )
+    return ""
 
 
 class FewShotImages(Dataset[Any]):

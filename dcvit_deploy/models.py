@@ -79,10 +79,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign files surface many exception types
-        raise UserInputError(
-            f"cannot read checkpoint {p.name}: {type(exc).__name__}: {str(exc)[:200]}",
-            "pass a torch state dict saved with torch.save or a safetensors file",
-        ) from exc
+        raise _unreadable(p, exc) from exc
     for _ in range(3):
         if isinstance(sd, Mapping):
             wrapped = [k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)]
@@ -97,6 +94,56 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         if isinstance(v, torch.Tensor):
             clean[k[len("module.") :] if k.startswith("module.") else k] = v
     return clean
+
+
+def _unreadable(path: Path, exc: Exception) -> UserInputError:
+    """The one-line error for a checkpoint torch or safetensors cannot read.
+
+    A pickle that ``torch.load(weights_only=True)`` refuses keeps torch's own explanation (the
+    ``WeightsUnpickler error`` sentence: which global was refused) in full; it is the part that
+    says what is in the file.
+    """
+    text = _one_line(str(exc))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        explanation = text[text.index(marker) + len(marker) :].strip()
+        explanation = explanation.split(" Check the documentation of torch.load")[0].strip()
+        return UserInputError(
+            f"checkpoint {path.name} holds pickled Python objects besides tensors, which are "
+            f"not loaded for safety (torch: {explanation})",
+            "re-save only the weights, e.g. torch.save(model.state_dict(), 'w.pth') or "
+            "safetensors.torch.save_file(model.state_dict(), 'w.safetensors')",
+        )
+    if len(text) > 600:
+        text = text[:600] + " ..."
+    return UserInputError(
+        f"cannot read checkpoint {path.name}: {type(exc).__name__}: {text}",
+        "pass a torch state dict saved with torch.save or a safetensors file",
+    )
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict holding NaN or infinite values, naming the first such tensor.
+
+    Such weights make every candidate fail verification after minutes of work; this check
+    costs one pass over the tensors.
+    """
+    import torch
+
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        if value.device.type == "meta":
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            kind = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+            raise CheckpointMismatchError(
+                f"checkpoint {source} has {kind} values: tensor {key!r} "
+                f"({bad} of {value.numel()} values are not finite)",
+                "use weights saved before training diverged, or re-export the checkpoint",
+            )
 
 
 def infer_kwargs_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -134,26 +181,91 @@ def infer_kwargs_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, An
     return out
 
 
+SUPPORTED_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+"""timm modules whose models are plain ViT/DeiT candidates (each is still checked when built)."""
+
+
 def create_model(
     name: str, model_kwargs: Mapping[str, Any] | None = None, *, pretrained: bool = False
 ) -> nn.Module:
-    """``timm.create_model`` with user errors for unknown names and bad kwargs."""
+    """``timm.create_model`` with user errors for unknown names and bad kwargs.
+
+    Any error the constructor raises for the given kwargs (``TypeError`` for an unknown name,
+    ``AssertionError`` for e.g. ``embed_dim`` not divisible by ``num_heads``) becomes a
+    :class:`UserInputError` naming the kwargs. Works inside ``torch.device("meta")`` to check a
+    structure without allocating weights.
+    """
     import timm
 
     kwargs = dict(model_kwargs or {})
     if not timm.is_model(name):
-        close = sorted(timm.list_models(f"*{name.split('_')[0]}*"))[:8]
+        close = supported_model_suggestions(name)
         raise UserInputError(
             f"unknown timm model {name!r}",
             "pick a plain ViT/DeiT name" + (f", e.g. {', '.join(close)}" if close else ""),
         )
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as exc:
+    except Exception as exc:
+        if pretrained and not isinstance(exc, (TypeError, AssertionError)):
+            raise  # hub/cache errors: the caller words them
+        shown = " ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "(none)"
+        reason = _one_line(str(exc)) or type(exc).__name__
         raise UserInputError(
-            f"timm model {name} does not accept these kwargs {kwargs}: {exc}",
-            "check --model-kwargs names against the model's constructor",
+            f"timm cannot build {name} with --model-kwargs {shown}: {type(exc).__name__}: {reason}",
+            "check the --model-kwargs names and values against the model's constructor "
+            "(e.g. embed_dim must be divisible by num_heads)",
         ) from exc
+
+
+def supported_model_suggestions(name: str, limit: int = 8) -> list[str]:
+    """Up to ``limit`` timm model names close to ``name`` that this tool supports.
+
+    Only names from timm's plain ViT/DeiT modules are considered, and each suggestion is built
+    on the ``meta`` device (no memory, no download) and passed through :func:`check_supported`,
+    so a suggestion is never a model the tool would then refuse.
+    """
+    import difflib
+
+    import timm
+    import torch
+
+    try:
+        from timm.models._registry import model_entrypoint
+    except ImportError:  # pragma: no cover - older/newer timm layouts
+        return []
+    pool = [
+        n
+        for n in timm.list_models()
+        if getattr(model_entrypoint(n), "__module__", "") in SUPPORTED_MODULES
+        and not n.startswith("test_")
+    ]
+    head = name.split("_")[0]
+
+    def score(candidate: str) -> float:
+        same_family = candidate.split("_")[0] == head
+        return difflib.SequenceMatcher(None, name, candidate).ratio() + (0.5 if same_family else 0)
+
+    out: list[str] = []
+    for candidate in sorted(pool, key=lambda c: (-score(c), c))[: 3 * limit]:
+        try:
+            # one block is enough to see the block, attention, MLP and head types
+            with torch.device("meta"):
+                model = timm.create_model(candidate, pretrained=False, depth=1)
+            check_supported(model, candidate)
+        except Exception:  # unsupported or unbuildable here: never suggest it
+            continue
+        out.append(candidate)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _one_line(text: str) -> str:
+    """``text`` without ANSI colour codes, on one line (whitespace runs collapsed)."""
+    import re
+
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
 
 
 def check_supported(model: nn.Module, name: str = "") -> None:
@@ -236,14 +348,8 @@ def load_model(
     inferred: dict[str, Any] = {}
     if checkpoint is not None:
         sd = read_state_dict(checkpoint)
-        guessed = infer_kwargs_from_state_dict(sd)
-        # Fill only head size and input geometry from the checkpoint; depth/width stay as the
-        # named model defines them, so a wrong model name is reported as a key/shape mismatch
-        # instead of silently building a different architecture.
-        for key in ("num_classes", "img_size", "patch_size", "in_chans"):
-            if key in guessed and key not in kwargs:
-                inferred[key] = guessed[key]
-        kwargs_full = {**inferred, **kwargs}
+        check_finite(sd, Path(checkpoint).name)
+        kwargs_full, inferred = checkpoint_kwargs(sd, kwargs)
         model = create_model(name, kwargs_full)
         check_supported(model, name)
         _load_into(model, sd, checkpoint)
@@ -262,6 +368,7 @@ def load_model(
                 "pass --checkpoint FILE with local weights",
             ) from exc
         check_supported(model, name)
+        check_finite(model.state_dict(), f"{name} (hub cache)")
         source = "hub-cache"
     else:
         model = create_model(name, kwargs)
@@ -276,6 +383,38 @@ def load_model(
 def _load_into(
     model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str]
 ) -> None:
+    model.load_state_dict(matching_state_dict(model, sd, path), strict=True)
+
+
+def checkpoint_kwargs(
+    sd: Mapping[str, torch.Tensor], model_kwargs: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(kwargs to build the model with, the part inferred from the checkpoint).
+
+    Only head size and input geometry are filled from the checkpoint (``num_classes``,
+    ``img_size``, ``patch_size``, ``in_chans``) and only where ``model_kwargs`` does not set
+    them; depth and width stay as the named model defines them, so a wrong model name is
+    reported as a key/shape mismatch instead of silently building another architecture.
+    """
+    kwargs = dict(model_kwargs or {})
+    guessed = infer_kwargs_from_state_dict(sd)
+    inferred: dict[str, Any] = {
+        key: guessed[key]
+        for key in ("num_classes", "img_size", "patch_size", "in_chans")
+        if key in guessed and key not in kwargs
+    }
+    return {**inferred, **kwargs}, inferred
+
+
+def matching_state_dict(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str]
+) -> dict[str, torch.Tensor]:
+    """``sd`` adapted to ``model`` (timm's filter: position-embedding resampling, ...), or
+    :class:`CheckpointMismatchError` listing missing/unexpected keys and shape mismatches.
+
+    Only shapes are compared, so ``model`` may live on the ``meta`` device (an up-front check
+    without allocating the model).
+    """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
@@ -305,7 +444,7 @@ def _load_into(
             "pick the model name the weights were trained with, or pass --model-kwargs "
             "(e.g. depth=, embed_dim=, num_classes=, img_size=)",
         )
-    model.load_state_dict(filtered, strict=True)
+    return filtered
 
 
 def geometry_kwargs(model: nn.Module) -> dict[str, Any]:
