@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .atomic import atomic_write_bytes, sha256_file
 from .errors import ExportError, UserInputError
+from .fp16 import DEFAULT_FP32_OPS, convert_to_fp16
 from .records import Verification
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -50,16 +51,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 17
-DEFAULT_FP32_OPS: tuple[str, ...] = ("LayerNormalization", "Softmax")
-"""Ops the FP16 variant keeps in FP32: the ones known to overflow or lose accuracy in FP16 ViTs
-(norm statistics, attention logits). opset >= 17 exports LayerNorm as one op, so this list
-covers it; add ``ReduceMean``/``Pow``/``Sqrt`` for graphs with decomposed norms."""
-
-# Inputs that the ONNX spec fixes to float32 whatever the data type (roi/scales of Resize).
-_FP32_ONLY_INPUTS: dict[str, frozenset[int]] = {
-    "Resize": frozenset({1, 2}),
-    "Upsample": frozenset({1}),
-}
 _META_PRECISION = "dcvit_deploy.precision"
 _META_FP32_OPS = "dcvit_deploy.fp32_ops"
 _META_EXPORTER = "dcvit_deploy.exporter"
@@ -359,157 +350,6 @@ def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     first = lines[0] if lines else ""
     return f"{type(root).__name__}: {first}"[:300] if first else type(root).__name__
-
-
-# --------------------------------------------------------------------------- FP16 variant
-
-
-def convert_to_fp16(
-    model: onnx.ModelProto,
-    *,
-    fp32_ops: Sequence[str] = DEFAULT_FP32_OPS,
-    keep_io_types: bool = True,
-    notes: list[str] | None = None,
-) -> onnx.ModelProto:
-    """FP16 copy of a float32 graph: every float32 tensor becomes float16 except the inputs and
-    outputs of ``fp32_ops`` nodes, with Casts at each boundary (shared per tensor).
-
-    Initializers are converted in place of a Cast (one copy per precision actually used);
-    ``Cast(to=float)``, ``Constant`` and ``ConstantOfShape`` values inside FP16 regions are
-    retyped. Float32 values beyond the FP16 range are clipped to +/-65504 (noted). Graphs with
-    control-flow subgraphs are refused.
-    """
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, numpy_helper
-
-    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
-    notes = notes if notes is not None else []
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    for node in g.node:
-        if any(
-            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-            for a in node.attribute
-        ):
-            raise ExportError(
-                f"cannot make an FP16 variant of a graph with control flow ({node.op_type})",
-                "export with precision='fp32'",
-            )
-    del g.value_info[:]  # stale after retyping; re-inferred below
-    inferred = onnx.shape_inference.infer_shapes(out)
-    types: dict[str, int] = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        types[vi.name] = vi.type.tensor_type.elem_type
-    inits = {t.name: t for t in g.initializer}
-    for name, t in inits.items():
-        types[name] = t.data_type
-    keep = frozenset(fp32_ops)
-    clipped = 0
-
-    def to_half(t: onnx.TensorProto, name: str) -> onnx.TensorProto:
-        nonlocal clipped
-        arr = numpy_helper.to_array(t)
-        finite = np.isfinite(arr)
-        big = finite & (np.abs(arr) > 65504.0)
-        clipped += int(big.sum())
-        half = np.where(big, np.sign(arr) * 65504.0, arr).astype(np.float16)
-        return numpy_helper.from_array(half, name)
-
-    native: dict[str, int] = {}  # float tensor -> its element type after conversion
-    for inp in g.input:
-        if types.get(inp.name) == FLOAT:
-            native[inp.name] = FLOAT if keep_io_types else HALF
-            if not keep_io_types:
-                inp.type.tensor_type.elem_type = HALF
-    for name, t in inits.items():
-        if t.data_type == FLOAT:
-            native[name] = FLOAT
-
-    new_nodes: list[onnx.NodeProto] = []
-    new_inits: list[onnx.TensorProto] = []
-    casts: dict[tuple[str, int], str] = {}
-
-    def want(name: str, dtype: int) -> str:
-        if native.get(name, dtype) == dtype:
-            return name
-        key = (name, dtype)
-        if key not in casts:
-            suffix = "fp16" if dtype == HALF else "fp32"
-            new_name = f"{name}__{suffix}"
-            if name in inits:
-                new_inits.append(to_half(inits[name], new_name))
-            else:
-                new_nodes.append(
-                    onnx.helper.make_node(
-                        "Cast", [name], [new_name], to=dtype, name=f"cast_{new_name}"
-                    )
-                )
-            casts[key] = new_name
-        return casts[key]
-
-    for node in g.node:
-        target = FLOAT if node.op_type in keep else HALF
-        fixed32 = _FP32_ONLY_INPUTS.get(node.op_type, frozenset())
-        for i, name in enumerate(node.input):
-            if name and types.get(name) == FLOAT:
-                node.input[i] = want(name, FLOAT if i in fixed32 else target)
-        if target == HALF:
-            for attr in node.attribute:
-                if (
-                    attr.name in ("to", "dtype")
-                    and attr.type == onnx.AttributeProto.INT
-                    and attr.i == FLOAT
-                ):
-                    attr.i = HALF
-                elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT:
-                    attr.t.CopyFrom(to_half(attr.t, attr.t.name))
-        new_nodes.append(node)
-        for o in node.output:
-            if types.get(o) == FLOAT:
-                native[o] = target
-
-    # Graph outputs: float32 outside (keep_io_types) means one final Cast per FP16 output.
-    for output in g.output:
-        if types.get(output.name) != FLOAT or native.get(output.name) != HALF:
-            continue
-        if not keep_io_types:
-            output.type.tensor_type.elem_type = HALF
-            continue
-        inner = f"{output.name}__fp16"
-        for node in new_nodes:
-            for i, name in enumerate(node.input):
-                if name == output.name:
-                    node.input[i] = inner
-            for i, name in enumerate(node.output):
-                if name == output.name:
-                    node.output[i] = inner
-        new_nodes.append(
-            onnx.helper.make_node(
-                "Cast", [inner], [output.name], to=FLOAT, name=f"cast_{output.name}"
-            )
-        )
-
-    del g.node[:]
-    g.node.extend(new_nodes)
-    used = {name for node in g.node for name in node.input}
-    kept_inits = [t for t in g.initializer if t.name in used] + [
-        t for t in new_inits if t.name in used
-    ]
-    del g.initializer[:]
-    g.initializer.extend(kept_inits)
-    if clipped:
-        notes.append(f"fp16 conversion clipped {clipped} value(s) beyond +/-65504")
-    try:
-        out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
-        onnx.checker.check_model(out)
-    except Exception as exc:
-        raise ExportError(
-            f"the FP16 variant of the graph is invalid: {_first_line(exc)}",
-            "export with precision='fp32' or add the failing op to fp32_ops",
-        ) from exc
-    return out
 
 
 # --------------------------------------------------------------------------- inspection
