@@ -125,11 +125,18 @@ def round_settings(settings: MeasureSettings) -> MeasureSettings:
 
 
 def rounds_stable(
-    estimates: Mapping[str, tuple[LatencyStats, ...]], statistic: str = "p50"
+    estimates: Mapping[str, tuple[LatencyStats, ...]],
+    tolerance: float = 0.10,
+    statistic: str = "p50",
 ) -> bool:
-    """Default stop rule: every candidate's combined stats are ``stable``
-    (:func:`combine_rounds`)."""
-    return all(s.stable for stats in estimates.values() for s in stats)
+    """Default stop rule: for every candidate the round-to-round spread of ``statistic`` is at
+    most ``tolerance`` of its figure (the profile's ``stability_tolerance``). Dispersion within
+    rounds does not keep the rounds going: more rounds do not make a busy machine quiet."""
+    return all(
+        s.spread(statistic) <= tolerance * s.stat(statistic)
+        for stats in estimates.values()
+        for s in stats
+    )
 
 
 # --------------------------------------------------------------------------- combining
@@ -295,7 +302,8 @@ def measure_rounds(
         raw_path = _default_raw_path(Path(raw_dir), profile)
     per_round = round_settings(settings)
     round_profile = dataclasses.replace(profile, measure=per_round)
-    stop_rule = stop if stop is not None else rounds_stable
+    tol = settings.stability_tolerance
+    stop_rule = stop if stop is not None else (lambda est: rounds_stable(est, tol))
     options = dict(profile.backend_options)
 
     start_round = prior.rounds if prior is not None else 0
@@ -326,18 +334,16 @@ def measure_rounds(
         acts = list(earlier_actions.get(name, {}).get(b, ()))
         if final and name in artifacts:
             n_new = done
+            goal = "the decisions were clear" if stop is not None else "the rounds agreed"
             if prior is not None and name in prior.stats:
                 acts.append(
                     f"re-measured in {n_new} more interleaved round(s)"
                     + (f" ({reason})" if reason else "")
                 )
-            elif n_new > lo:
-                acts.append(
-                    f"ran {n_new} interleaved rounds (more than min_rounds={lo}) until "
-                    + ("the decisions were clear" if stop is not None else "the rounds agreed")
-                )
-            elif n_new >= hi and not stopped_early:
-                acts.append(f"stopped at max_rounds={hi}")
+            elif stopped_early and n_new > lo:
+                acts.append(f"ran {n_new} interleaved rounds (min_rounds={lo}) until {goal}")
+            elif not stopped_early and n_new >= hi and hi > lo:
+                acts.append(f"stopped at max_rounds={hi} interleaved rounds before {goal}")
         return combine_rounds(
             records[name][b],
             settings,

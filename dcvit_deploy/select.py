@@ -633,8 +633,7 @@ def select_confirmed(
             break
         if calls >= max_confirmations:
             notes.append(
-                f"gave up after {calls} failed confirmation(s); not choosing {chosen} "
-                "unconfirmed"
+                f"gave up after {calls} failed confirmation(s); not choosing {chosen} unconfirmed"
             )
             excluded[chosen] = (
                 f"not confirmed: the search stopped after {calls} failed confirmation(s)"

@@ -486,9 +486,7 @@ def test_relative_budget_from_the_original_measured_in_the_same_run() -> None:
 def test_relative_budget_uncertainty_widens_within_noise() -> None:
     outs = [outcome("c90", 0.9, 4.9)]
     absolute = LatencyBudget(5.0, "p50", 1)
-    relative = relative_budget(
-        1.3, 6.5, statistic="p50", batch_size=1, reference_spread_ms=0.4
-    )
+    relative = relative_budget(1.3, 6.5, statistic="p50", batch_size=1, reference_spread_ms=0.4)
     assert fit_class(outs[0], absolute) == "fits"
     assert fit_class(outs[0], relative) == "noise"
 
@@ -548,8 +546,7 @@ def test_bisect_remeasures_candidates_within_noise() -> None:
     # c3's rounds straddle the budget; re-measuring it (more rounds) says it clearly fits.
     lat = [9.0, 8.0, 7.0, 5.05, 4.0, 3.0]
     outs = [
-        outcome(f"c{i}", 1.0 - 0.1 * i, v, rounds=(v - 0.3, v, v + 0.3))
-        for i, v in enumerate(lat)
+        outcome(f"c{i}", 1.0 - 0.1 * i, v, rounds=(v - 0.3, v, v + 0.3)) for i, v in enumerate(lat)
     ]
     better = dataclasses.replace(
         outs[3], latency=(stats(1, 4.9, rounds=(4.88, 4.9, 4.9, 4.91, 4.92)),)
