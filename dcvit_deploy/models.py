@@ -251,7 +251,7 @@ def supported_model_suggestions(name: str, limit: int = 8) -> list[str]:
         try:
             # one block is enough to see the block, attention, MLP and head types
             with torch.device("meta"):
-                model = timm.create_model(candidate, pretrained=False, depth=1)
+                model = timm.create_model(candidate, pretrained=False, depth=1, weight_init="skip")
             check_supported(model, candidate)
         except Exception:  # unsupported or unbuildable here: never suggest it
             continue
@@ -259,6 +259,34 @@ def supported_model_suggestions(name: str, limit: int = 8) -> list[str]:
         if len(out) >= limit:
             break
     return out
+
+
+def create_structure(name: str, model_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """The model's structure on the ``meta`` device: shapes and module types, no memory.
+
+    Plain ViT/DeiT models skip their weight initialisation (slow on ``meta`` and meaningless
+    there); errors are those of :func:`create_model`.
+    """
+    import torch
+
+    kwargs = dict(model_kwargs or {})
+    if "weight_init" not in kwargs and _is_supported_family(name):
+        kwargs["weight_init"] = "skip"
+    with torch.device("meta"):
+        return create_model(name, kwargs)
+
+
+def _is_supported_family(name: str) -> bool:
+    import timm
+
+    try:
+        from timm.models._registry import model_entrypoint
+
+        return timm.is_model(name) and (
+            getattr(model_entrypoint(name), "__module__", "") in SUPPORTED_MODULES
+        )
+    except Exception:  # registry layout of another timm version: build without the shortcut
+        return False
 
 
 def _one_line(text: str) -> str:

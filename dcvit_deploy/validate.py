@@ -354,6 +354,7 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> Path:
             errno.EROFS: "the file system is read-only",
             errno.ENOSPC: "the file system is full",
             errno.EDQUOT: "the disk quota is exhausted",
+            errno.ENOENT: "it does not accept new files",
         }.get(exc.errno or 0, "")
         raise PathNotWritable(
             f"{flag} {target} is not writable: {base} refuses new files ({hint or reason})",
@@ -479,19 +480,17 @@ def check_model(
     whose keys/shapes do not match, an input size the patch embedding cannot take, mean/std of
     the wrong length, candidate blocks that do not exist, ``--round-to`` wider than the MLP.
     """
-    import torch
 
     from .compress.macs import geometry_of
     from .compress.plan import feasible_range
     from .compress.recoverability import default_candidate_blocks
     from .data import resolve_data_config
-    from .models import check_supported, checkpoint_kwargs, create_model, matching_state_dict
+    from .models import check_supported, checkpoint_kwargs, create_structure, matching_state_dict
 
     kwargs = dict(opts.model_kwargs)
     if state_dict is not None:
         kwargs, _ = checkpoint_kwargs(state_dict, kwargs)
-    with torch.device("meta"):
-        model = create_model(opts.model, kwargs)
+    model = create_structure(opts.model, kwargs)
     check_supported(model, opts.model)
     if state_dict is not None:
         matching_state_dict(model, state_dict, opts.checkpoint or "checkpoint")
@@ -573,9 +572,9 @@ def plan_targets(opts: CompressOptions, facts: ModelFacts) -> tuple[PlannedTarge
                 if not lo - 1e-9 <= t <= hi + 1e-9:
                     more = "" if opts.candidate_blocks is None else ", or allow more --blocks"
                     raise OptionError(
-                        f"target {t:.2%} is outside the MAC reductions DC-ViT can reach on "
-                        f"{opts.model} with {len(facts.candidate_blocks)} candidate blocks "
-                        f"({lo:.2%}..{hi:.2%})",
+                        f"target {t:.2%} is outside the feasible range {lo:.2%}..{hi:.2%} "
+                        f"of DC-ViT on {opts.model} with {len(facts.candidate_blocks)} "
+                        "candidate blocks",
                         f"choose targets between {lo:.2%} and {hi:.2%}{more}",
                     )
                 p = plan_structure(
