@@ -15,12 +15,15 @@ from dcvit_deploy.data import (
     FewShotImages,
     ImageList,
     build_transforms,
+    holdout_note,
     input_fingerprint,
     list_images,
     load_eval_tensor,
     resolve_data_config,
     sample_images,
     sampling_note,
+    skipped_summary,
+    split_holdout,
     write_demo_images,
 )
 from dcvit_deploy.errors import DataError, EnvironmentProblem, UserInputError
@@ -145,6 +148,65 @@ def test_corrupt_files_skipped_and_counted(mixed_dir: Path) -> None:
     assert set(skipped) == {"garbage.jpg", "truncated.png"}
     assert all(reason for reason in skipped.values())
     assert ds[0].mode == "RGB"  # transform=None returns the decoded PIL image
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """A 16-bit grayscale PNG (PIL mode I;16) used to be clipped by ``convert("RGB")``: 90% of
+    the pixels of a full-range gradient became 255. Now values are scaled by 255/65535."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    rgb = np.asarray(FewShotImages([tmp_path / "deep.png"])[0])
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert (rgb == 255).mean() < 0.01
+    expected = np.rint(ramp.astype(np.float64) * 255 / 65535)
+    assert np.abs(rgb[..., 0].astype(np.float64) - expected).max() <= 1
+    assert abs(float(rgb.mean()) - 127.5) < 1.0
+
+
+def test_32_bit_integer_and_float_images(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    small = (np.arange(64, dtype=np.int32).reshape(8, 8) * 4).astype(np.int32)  # 0..252
+    Image.fromarray(small, mode="I").save(tmp_path / "small.tif")
+    wide = np.full((8, 8), 70000, dtype=np.int32)
+    Image.fromarray(wide, mode="I").save(tmp_path / "wide.tif")
+    Image.fromarray(np.ones((8, 8), dtype=np.float32), mode="F").save(tmp_path / "float.tif")
+    ds = FewShotImages(list_images(tmp_path))
+    assert [p.name for p in ds.paths] == ["small.tif"]
+    assert np.array_equal(np.asarray(ds[0])[..., 0], small.astype(np.uint8))  # 8-bit values kept
+    reasons = {p.name: r for p, r in ds.skipped}
+    assert "outside the 16-bit range" in reasons["wide.tif"]
+    assert "mode F" in reasons["float.tif"]
+
+
+def test_skipped_summary_is_one_line(mixed_dir: Path) -> None:
+    ds = FewShotImages(list_images(mixed_dir))
+    line = skipped_summary(ds.skipped, 8)
+    assert line.startswith("2 of 8 images could not be used") and "garbage.jpg" in line
+    assert "\n" not in line and skipped_summary([], 8) == ""
+    many = [(Path(f"{i}.png"), "broken") for i in range(5)]
+    assert skipped_summary(many, 9).endswith("and 2 more)")
+
+
+def test_holdout_split_and_its_note() -> None:
+    paths = [Path(f"{i}.png") for i in range(6)]
+    train = sample_images(paths, 4, seed=0)
+    split = split_holdout(paths, train, 2, seed=0)
+    assert len(split.paths) == 2 and not set(split.paths) & set(train) and split.note == ""
+    short = split_holdout(paths, train, 1000, seed=0)
+    assert "--holdout 1000" in short.note and "using 2" in short.note
+    assert short.note == holdout_note(6, 4, 1000)
+    none_left = split_holdout(paths, paths, 2, seed=0)
+    assert none_left.paths == tuple(paths) and "no images left over" in none_left.note
+    assert none_left.note == holdout_note(6, 6, 2) == holdout_note(6, None, 2)
+    assert holdout_note(6, 4, 2) == ""
+    with pytest.raises(UserInputError, match="--holdout"):
+        split_holdout(paths, train, 0, seed=0)
 
 
 def test_nothing_decodable_raises(tmp_path: Path) -> None:
