@@ -1,13 +1,9 @@
 """FP16 ONNX graphs for strongly typed TensorRT builds, and the check that they are clean.
 
-:func:`convert_to_fp16` makes the FP16 variant of an exported float32 graph with a maintained
-converter, ``onnxconverter-common``'s ``float16.convert_float_to_float16``: every float tensor
-becomes float16 except around the ops in ``fp32_ops`` (LayerNormalization and Softmax by
-default: norm statistics and attention logits overflow or lose accuracy in FP16 ViTs) and the
-converter's own block list, with explicit Casts at each boundary. It replaced ~150 hand-written
-lines after both were compared on this project's exported ViTs: same verification numbers on
-real photos, both strongly-typed-clean, the library one Cast more (it does not share the input's
-Cast between consumers).
+:func:`convert_to_fp16` makes the FP16 variant of an exported float32 graph: every float32
+tensor becomes float16 except the inputs and outputs of the ops in ``fp32_ops``
+(LayerNormalization and Softmax by default: norm statistics and attention logits overflow or
+lose accuracy in FP16 ViTs), with one explicit Cast per tensor and target type at each boundary.
 
 :func:`check_strongly_typed` is the ONNX-level stand-in for TensorRT's strongly typed parser,
 which is not available here: TensorRT 11 (and TensorRT 10 with ``STRONGLY_TYPED``) takes every
@@ -21,12 +17,20 @@ reports, per node and tensor:
 * graphs whose type inference fails in strict mode.
 
 So type changes can only happen in explicit ``Cast``/``CastLike`` nodes, which it counts. Every
-FP16 graph :func:`convert_to_fp16` returns has passed it.
+graph :func:`convert_to_fp16` returns has passed it.
+
+Why a converter of our own. ``onnxconverter-common`` 1.16 (``float16.convert_float_to_float16``
+with LayerNormalization and Softmax added to its block list) was measured against this one. On
+the dynamo-exported, simplified ViTs both graphs pass the check and verify identically, but on
+a TorchScript-exported graph (the exporter's fallback) whose LayerNorm weights are shared
+through ``Identity`` nodes, its graph fails the check (49 problems: annotations declaring float16
+where float32 is produced, and Adds mixing a float32 bias with a float16 MatMul) and ONNX Runtime
+refuses to load it; with ``keep_io_types`` it also turns a float32 graph output into float16 when
+the last op is a blocked one. So this module keeps its converter and gates it with the check.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,10 +45,11 @@ DEFAULT_FP32_OPS: tuple[str, ...] = ("LayerNormalization", "Softmax")
 (norm statistics, attention logits). opset >= 17 exports LayerNorm as one op, so this list
 covers it; add ``ReduceMean``/``Pow``/``Sqrt`` for graphs with decomposed norms."""
 
-FP16_MAX = 65504.0
-"""The largest finite float16; float32 weights beyond it are clipped to it."""
-FP16_MIN_SUBNORMAL = 2.0**-24
-"""The smallest positive float16; smaller non-zero weights are raised to it (not flushed)."""
+# Inputs that the ONNX spec fixes to float32 whatever the data type (roi/scales of Resize).
+_FP32_ONLY_INPUTS: dict[str, frozenset[int]] = {
+    "Resize": frozenset({1, 2}),
+    "Upsample": frozenset({1}),
+}
 _CAST_OPS = frozenset({"Cast", "CastLike"})
 
 
@@ -63,53 +68,17 @@ def convert_to_fp16(
     keep_io_types: bool = True,
     notes: list[str] | None = None,
 ) -> onnx.ModelProto:
-    """FP16 copy of a float32 graph, ``fp32_ops`` kept in FP32 behind explicit Casts.
+    """FP16 copy of a float32 graph with ``fp32_ops`` kept in FP32 behind explicit Casts.
 
-    Made by ``onnxconverter_common.float16.convert_float_to_float16`` with ``fp32_ops`` added to
-    its default block list (ops it never converts, e.g. Resize, TopK, Range) and the FP16 range
-    as its clipping bounds; ``keep_io_types`` keeps the graph's inputs and outputs float32. The
-    result must pass the ONNX checker, strict type inference and :func:`check_strongly_typed`,
-    else :class:`ExportError`. Float32 weights beyond +/-65504 are clipped and non-zero ones
-    below the smallest FP16 subnormal raised to it (both counted in ``notes``). ``model`` is
-    not modified.
+    ``keep_io_types`` keeps the graph's inputs and outputs float32 (Casts inside). The result
+    must keep the I/O types promised, pass :func:`check_strongly_typed`, strict type inference
+    and the ONNX checker, else :class:`ExportError`. Float32 values beyond the FP16 range are
+    clipped to +/-65504 (counted in ``notes``). ``model`` is not modified.
     """
     import onnx
 
-    try:
-        from onnxconverter_common import float16
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise ExportError(
-            f"the FP16 converter is not installed: {_first_line(exc)}",
-            "pip install onnxconverter-common (a dependency of dcvit-deploy)",
-        ) from exc
-    notes = notes if notes is not None else []
-    source = onnx.ModelProto()
-    source.CopyFrom(model)
-    clipped, tiny = _outside_fp16(source)
-    block = list(dict.fromkeys([*float16.DEFAULT_OP_BLOCK_LIST, *fp32_ops]))
-    try:
-        # The converter warns per tensor it clips; those are counted in the notes instead.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = float16.convert_float_to_float16(
-                source,
-                keep_io_types=keep_io_types,
-                op_block_list=block,
-                min_positive_val=FP16_MIN_SUBNORMAL,
-                max_finite_val=FP16_MAX,
-            )
-    except Exception as exc:
-        raise ExportError(
-            f"the FP16 converter failed on this graph: {_first_line(exc)}",
-            "export with precision='fp32' or add the failing op to fp32_ops",
-        ) from exc
-    if clipped:
-        notes.append(f"fp16 conversion clipped {clipped} value(s) beyond +/-{FP16_MAX:g}")
-    if tiny > 0:
-        notes.append(f"fp16 conversion raised {tiny} tiny value(s) to +/-{FP16_MIN_SUBNORMAL:.3g}")
-    if keep_io_types:
-        _restore_float_outputs(source, out, notes)
-    _check_io_types(source, out, keep_io_types)
+    out = _convert_graph(model, fp32_ops=fp32_ops, keep_io_types=keep_io_types, notes=notes)
+    _check_io_types(model, out, keep_io_types)
     require_strongly_typed(out)  # before anything else reads the (maybe stale) annotations
     try:
         out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
@@ -122,67 +91,148 @@ def convert_to_fp16(
     return out
 
 
-def _restore_float_outputs(source: onnx.ModelProto, out: onnx.ModelProto, notes: list[str]) -> None:
-    """Give back float32 graph outputs the converter turned into float16.
+def _convert_graph(
+    model: onnx.ModelProto,
+    *,
+    fp32_ops: Sequence[str] = DEFAULT_FP32_OPS,
+    keep_io_types: bool = True,
+    notes: list[str] | None = None,
+) -> onnx.ModelProto:
+    """The conversion itself (see :func:`convert_to_fp16`): every float32 tensor becomes float16
+    except the inputs and outputs of ``fp32_ops`` nodes, with Casts at each boundary (shared per
+    tensor).
 
-    onnxconverter-common 1.16 does that, despite ``keep_io_types``, when an output is made by
-    a blocked (FP32) op: it appends ``Cast(to=float16)`` and declares the output float16. The
-    FP32 result is handed out directly instead (the Cast removed); any other float16 output
-    gets a final ``Cast(to=float)``.
+    Initializers are converted in place of a Cast (one copy per precision actually used);
+    ``Cast(to=float)``, ``Constant`` and ``ConstantOfShape`` values inside FP16 regions are
+    retyped. Float32 values beyond the FP16 range are clipped to +/-65504 (noted). Graphs with
+    control-flow subgraphs are refused.
     """
+    import numpy as np
     import onnx
-    from onnx import TensorProto
+    from onnx import TensorProto, numpy_helper
 
-    wanted = {o.name: o.type.tensor_type.elem_type for o in source.graph.output}
-    graph = out.graph
-    inferred = onnx.shape_inference.infer_shapes(out).graph
-    made = {
-        vi.name: vi.type.tensor_type.elem_type
-        for vi in [*inferred.input, *inferred.value_info, *inferred.output]
-    }
-    for output in graph.output:
-        tensor_type = output.type.tensor_type
-        if (
-            wanted.get(output.name) != TensorProto.FLOAT
-            or tensor_type.elem_type != TensorProto.FLOAT16
+    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+    notes = notes if notes is not None else []
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for node in g.node:
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
         ):
-            continue
-        producer = next((n for n in graph.node if output.name in n.output), None)
-        if (
-            producer is not None
-            and producer.op_type == "Cast"
-            and made.get(producer.input[0]) == TensorProto.FLOAT
-        ):
-            inner = producer.input[0]
-            graph.node.remove(producer)
-            _rename(graph, inner, output.name)
-        else:
-            inner = f"{output.name}_fp16"
-            _rename(graph, output.name, inner)
-            graph.node.append(
-                onnx.helper.make_node(
-                    "Cast", [inner], [output.name], to=TensorProto.FLOAT, name=f"{inner}_to_fp32"
-                )
+            raise ExportError(
+                f"cannot make an FP16 variant of a graph with control flow ({node.op_type})",
+                "export with precision='fp32'",
             )
-        tensor_type.elem_type = TensorProto.FLOAT
-        notes.append(f"fp16 conversion: output {output.name!r} kept float32")
-    used = {name for n in graph.node for name in (*n.input, *n.output)}
-    kept = [vi for vi in graph.value_info if vi.name in used]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
+    del g.value_info[:]  # stale after retyping; re-inferred below
+    inferred = onnx.shape_inference.infer_shapes(out)
+    types: dict[str, int] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        types[vi.name] = vi.type.tensor_type.elem_type
+    inits = {t.name: t for t in g.initializer}
+    for name, t in inits.items():
+        types[name] = t.data_type
+    keep = frozenset(fp32_ops)
+    clipped = 0
 
+    def to_half(t: onnx.TensorProto, name: str) -> onnx.TensorProto:
+        nonlocal clipped
+        arr = numpy_helper.to_array(t)
+        finite = np.isfinite(arr)
+        big = finite & (np.abs(arr) > 65504.0)
+        clipped += int(big.sum())
+        half = np.where(big, np.sign(arr) * 65504.0, arr).astype(np.float16)
+        return numpy_helper.from_array(half, name)
 
-def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
+    native: dict[str, int] = {}  # float tensor -> its element type after conversion
+    for inp in g.input:
+        if types.get(inp.name) == FLOAT:
+            native[inp.name] = FLOAT if keep_io_types else HALF
+            if not keep_io_types:
+                inp.type.tensor_type.elem_type = HALF
+    for name, t in inits.items():
+        if t.data_type == FLOAT:
+            native[name] = FLOAT
+
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    casts: dict[tuple[str, int], str] = {}
+
+    def want(name: str, dtype: int) -> str:
+        if native.get(name, dtype) == dtype:
+            return name
+        key = (name, dtype)
+        if key not in casts:
+            suffix = "fp16" if dtype == HALF else "fp32"
+            new_name = f"{name}__{suffix}"
+            if name in inits:
+                new_inits.append(to_half(inits[name], new_name))
+            else:
+                new_nodes.append(
+                    onnx.helper.make_node(
+                        "Cast", [name], [new_name], to=dtype, name=f"cast_{new_name}"
+                    )
+                )
+            casts[key] = new_name
+        return casts[key]
+
+    for node in g.node:
+        target = FLOAT if node.op_type in keep else HALF
+        fixed32 = _FP32_ONLY_INPUTS.get(node.op_type, frozenset())
         for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for i, name in enumerate(node.output):
-            if name == old:
-                node.output[i] = new
-    for vi in graph.value_info:
-        if vi.name == old:
-            vi.name = new
+            if name and types.get(name) == FLOAT:
+                node.input[i] = want(name, FLOAT if i in fixed32 else target)
+        if target == HALF:
+            for attr in node.attribute:
+                if (
+                    attr.name in ("to", "dtype")
+                    and attr.type == onnx.AttributeProto.INT
+                    and attr.i == FLOAT
+                ):
+                    attr.i = HALF
+                elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT:
+                    attr.t.CopyFrom(to_half(attr.t, attr.t.name))
+        new_nodes.append(node)
+        for o in node.output:
+            if types.get(o) == FLOAT:
+                native[o] = target
+
+    # Graph outputs: float32 outside with keep_io_types, float16 without; one final Cast per
+    # output whose producer computes in the other type (an FP16 op, or a kept FP32 op).
+    wanted = FLOAT if keep_io_types else HALF
+    for output in g.output:
+        made = native.get(output.name)
+        if types.get(output.name) != FLOAT or made is None:
+            continue
+        output.type.tensor_type.elem_type = wanted
+        if made == wanted:
+            continue
+        inner = f"{output.name}__{'fp16' if made == HALF else 'fp32'}"
+        for node in new_nodes:
+            for i, name in enumerate(node.input):
+                if name == output.name:
+                    node.input[i] = inner
+            for i, name in enumerate(node.output):
+                if name == output.name:
+                    node.output[i] = inner
+        new_nodes.append(
+            onnx.helper.make_node(
+                "Cast", [inner], [output.name], to=wanted, name=f"cast_{output.name}"
+            )
+        )
+
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {name for node in g.node for name in node.input}
+    kept_inits = [t for t in g.initializer if t.name in used] + [
+        t for t in new_inits if t.name in used
+    ]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    if clipped:
+        notes.append(f"fp16 conversion clipped {clipped} value(s) beyond +/-65504")
+    return out
 
 
 def _check_io_types(source: onnx.ModelProto, out: onnx.ModelProto, keep_io_types: bool) -> None:
@@ -208,25 +258,6 @@ def _check_io_types(source: onnx.ModelProto, out: onnx.ModelProto, keep_io_types
                 f"{_type_name(want)} (keep_io_types={keep_io_types})",
                 "report this with the model; export with precision='fp32' meanwhile",
             )
-
-
-def _outside_fp16(model: onnx.ModelProto) -> tuple[int, int]:
-    """Float32 initializer/Constant values the conversion changes: (finite values beyond the
-    FP16 range, clipped to it; non-zero values below its smallest subnormal, raised to it)."""
-    import numpy as np
-    from onnx import AttributeProto, TensorProto, numpy_helper
-
-    tensors = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
-                tensors.append(attr.t)
-    big = tiny = 0
-    for t in tensors:
-        magnitude = np.abs(numpy_helper.to_array(t))
-        big += int((np.isfinite(magnitude) & (magnitude > FP16_MAX)).sum())
-        tiny += int(((magnitude > 0) & (magnitude < FP16_MIN_SUBNORMAL)).sum())
-    return big, tiny
 
 
 # --------------------------------------------------------------------------- strong typing

@@ -24,6 +24,7 @@ from dcvit_deploy.export import (
     onnx_precision,
     verify_onnx,
 )
+from dcvit_deploy.fp16 import check_strongly_typed
 
 
 class FFNOnly(nn.Module):
@@ -143,6 +144,10 @@ def test_fp16_variant_keeps_norms_and_softmax_in_fp32(
     assert any(types[w] == fp16 for w in matmul_weights if w in types)
     # keep_io_types: float32 at the boundary, FP16 inside.
     assert types["input"] == fp32 and types["logits"] == fp32
+    # What TensorRT's strongly typed parser needs: one type per edge, every change a Cast.
+    check = check_strongly_typed(onnx.load(result.path))
+    assert check.ok, check.problems
+    assert check.casts >= len(kept)
     v = verify_onnx(compressed_vit, result.path, photos)
     assert v.passed, v.reason
     assert 0 < v.max_abs < 0.05 and v.cosine > 0.999
