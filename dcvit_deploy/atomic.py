@@ -1,7 +1,8 @@
 """Atomic file writes and content fingerprints.
 
-Every file this project persists is written to ``<name>.partial`` and renamed into place, so a
-crash or Ctrl-C never leaves a half-written file under the final name.
+Every file this project persists is written to a temporary sibling named for its writer
+(``.<name>.<pid>.<random>.partial``) and renamed into place, so a crash or Ctrl-C never leaves
+a half-written file under the final name, and two writers never share a temporary file.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it onto ``path``, else remove it."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + ".partial")
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     try:
         yield tmp
         os.replace(tmp, final)

@@ -416,6 +416,14 @@ def _summary_text(
                 warnings.append(f"`{name}`: {reason[reason.index('warning:') :]}")
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {_md(w)}" for w in warnings]
+    notes = [str(n) for n in run_meta.get("notes") or ()]
+    superseded = list(run_meta.get("superseded") or ())
+    if superseded:
+        notes.append(
+            "superseded (no longer in the family, never selectable): " + ", ".join(superseded)
+        )
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {_md(n)}" for n in notes]
     env_rows = [(k, v) for k, v in env.items() if isinstance(v, (str, int, float, bool))]
     if env_rows:
         lines += ["", "## Environment", "", "| key | value |", "|---|---|"]

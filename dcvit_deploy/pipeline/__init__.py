@@ -1,0 +1,14 @@
+"""The pipeline as step units over a locked run directory.
+
+Each step is a unit with declared inputs (fingerprinted by content), a typed result, a status
+and recorded outputs (checksummed): :mod:`.family` (compress the family; also the run's one
+source of truth), :mod:`.export`, :mod:`.build`, :mod:`.profile`, :mod:`.select`,
+:mod:`.publish`, :mod:`.report`. :mod:`.runner` executes them, skipping a unit only when its
+fingerprint is unchanged and its outputs are intact; :mod:`.job` orders them.
+"""
+
+from __future__ import annotations
+
+from .job import JobResult, run_job, stage_job, status_of
+
+__all__ = ["JobResult", "run_job", "stage_job", "status_of"]

@@ -1,0 +1,366 @@
+"""The job: the units in order over one locked run directory.
+
+``compress`` runs family → (per candidate) export → build → profile → select → publish →
+report; the stage commands run the tail of that sequence over an existing run. Everything that
+can be checked is checked before any unit runs (options, paths, profile, budget, device,
+targets), and the run directory is locked for the whole job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import BudgetInfeasible, UserInputError
+from ..progress import ProgressFn, quiet
+from ..rundir import RunDir
+from .build import BuildUnit, build_facts, build_unit_id
+from .context import JobContext, Prepared, identity_of, prepare
+from .export import ExportUnit, export_facts, onnx_precision_for
+from .family import FamilyUnit, current_family, superseded
+from .outcomes import outcomes_for
+from .profile import ProfileUnit, check_device
+from .publish import PublishUnit, unpublish_stale
+from .runner import Runner, terminate_as_interrupt
+from .select import SelectUnit, budget_batch, selection_of
+
+if TYPE_CHECKING:
+    from ..options import CompressOptions, DeployOptions
+    from ..records import Artifact, CandidateOutcome, Selection, TargetProfile
+    from .family import Family
+
+Until = Literal["export", "build", "profile", "select"]
+
+
+@dataclass
+class JobResult:
+    """What a job did: the decision, every candidate's outcome, files written, notes."""
+
+    selection: Selection | None
+    outcomes: list[CandidateOutcome]
+    reports: dict[str, Path] = field(default_factory=dict)
+    triton: Path | None = None
+    infeasible: BudgetInfeasible | None = None
+    notes: list[str] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)
+    confirmations: dict[str, Any] = field(default_factory=dict)
+    published: dict[str, Any] = field(default_factory=dict)
+
+
+def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
+    """Profile, budget batch, backend and device: everything about the target that can fail
+    before any work."""
+    from ..backends import get_backend
+
+    budget_batch(profile, dopts)
+    backend = get_backend(profile.backend)
+    backend.validate_profile(profile)
+    backend.availability(profile).require(profile.backend)
+    check_device(profile, dopts.allow_other_device)
+
+
+def _validate_up_front(copts: CompressOptions, dopts: DeployOptions, out: str | Path) -> None:
+    """The option, path and model checks of :mod:`dcvit_deploy.validate`, when present."""
+    try:
+        from .. import validate
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return
+    fn = getattr(validate, "validate_run", None)
+    if fn is not None:
+        fn(copts, dopts, out)
+
+
+def run_job(
+    copts: CompressOptions,
+    dopts: DeployOptions,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: ProgressFn = quiet,
+    stop_after: Literal["family", "deploy"] = "deploy",
+) -> JobResult:
+    """The main job: family → export/verify → build/verify → profile → select → publish →
+    report."""
+    from ..profiles import load_profile
+
+    profile = None
+    if stop_after == "deploy":
+        profile = load_profile(dopts.profile)
+        check_target(profile, dopts)
+        if dopts.speedup is not None and not copts.include_original:
+            raise UserInputError(
+                "--speedup is relative to the original, but --no-original leaves it out",
+                "drop --no-original or give an absolute --latency-ms",
+            )
+    _validate_up_front(copts, dopts, out)
+    prep = prepare(copts)
+    collapsed = check_targets(copts, prep)
+    with (
+        terminate_as_interrupt(),
+        RunDir.open(out, identity_of(copts, prep), overwrite=overwrite, must_exist=resume) as run,
+    ):
+        ctx = JobContext(run, copts, dopts, profile, progress, _prep=prep)
+        for n in run.notes + collapsed:
+            ctx.note(n)
+        run.set_inputs(
+            compress_options=json.loads(json.dumps(asdict(copts), default=str)),
+            deploy_options=asdict(dopts),
+        )
+        runner = Runner(ctx)
+        runner.run(FamilyUnit())
+        family = current_family(run)
+        if profile is None:
+            return JobResult(selection=None, outcomes=[], notes=list(ctx.notes))
+        return deploy(ctx, runner, family, profile)
+
+
+def check_targets(copts: CompressOptions, prep: Prepared) -> list[str]:
+    """Refuse DC-ViT targets that plan to the same structure as another target (they would
+    add no candidate); return notes for block-dropping targets that do (block dropping only
+    has whole-block sizes, so that is expected)."""
+    from ..compress.family import preview_family
+    from .family import family_config
+
+    preview = preview_family(prep.teacher, family_config(copts, len(prep.train_paths)))
+    dups: dict[str, list[str]] = {}
+    for key, name in preview.duplicates.items():
+        method, target = key.split("@", 1)
+        dups.setdefault(method, []).append(f"{float(target):.4%} -> {name}")
+    if dups.get("dcvit"):
+        shown = ", ".join(dups["dcvit"][:3]) + (" ..." if len(dups["dcvit"]) > 3 else "")
+        raise UserInputError(
+            f"{len(dups['dcvit'])} DC-ViT target(s) plan to the same structure as a smaller "
+            f"target ({shown})",
+            "drop those targets or use a coarser --targets step",
+        )
+    return [
+        f"block dropping: target {t} gives the same model as a smaller target"
+        for t in dups.get("practise", [])
+    ]
+
+
+def _capacity_names(family: Family) -> list[str]:
+    return [c.name for c in sorted(family.candidates, key=lambda c: (-c.retained, c.name))]
+
+
+def deploy(
+    ctx: JobContext,
+    runner: Runner,
+    family: Family,
+    profile: TargetProfile,
+    *,
+    until: Until | None = None,
+) -> JobResult:
+    """Export, build, profile, select, publish and report the current family on ``profile``."""
+    from ..select import capacity_order
+
+    run = ctx.run
+    ctx = ctx.with_profile(profile)
+    runner = Runner(ctx)
+    precision = onnx_precision_for(profile.precision)
+    artifacts: dict[str, Artifact] = {}
+    for cand in family.candidates:
+        if not runner.run(ExportUnit(cand, precision)).ok:
+            runner.skip(build_unit_id(profile.name, cand.name), "export failed")
+            continue
+        onnx_path, verification = export_facts(run, precision, cand.name)
+        if until == "export":
+            continue
+        if onnx_path is None or verification is None or not verification.passed:
+            runner.skip(build_unit_id(profile.name, cand.name), "ONNX verification failed")
+            continue
+        if runner.run(BuildUnit(cand, profile, onnx_path)).ok:
+            artifact, built, _ = build_facts(run, profile.name, cand.name)
+            if artifact is not None and built is not None and built.passed:
+                artifacts[cand.name] = artifact
+    result = JobResult(selection=None, outcomes=[], notes=ctx.notes)
+    result.superseded = superseded(run, family)
+    if until in ("export", "build"):
+        result.outcomes = capacity_order(outcomes_for(run, family, profile))
+        return result
+    bisect = None
+    if ctx.dopts.search == "bisect" and ctx.dopts.has_budget:
+        from .bisect import BisectPlan
+
+        bisect = BisectPlan(ctx.dopts, profile, family)
+    runner.run(ProfileUnit(profile, artifacts, _capacity_names(family), bisect=bisect))
+    _remember_profile(run, profile, ctx.dopts.profile)
+    return decide_and_publish(ctx, runner, family, profile)
+
+
+def _remember_profile(run: RunDir, profile: TargetProfile, source: str) -> None:
+    """Record the profiles this run was measured with (the last one is the run's current)."""
+    inputs = run.manifest["inputs"]
+    measured = [p for p in inputs.get("profiles", []) if p != profile.name]
+    sources = {**inputs.get("profile_sources", {}), profile.name: source}
+    run.set_inputs(profiles=[*measured, profile.name], profile_sources=sources)
+
+
+def profile_source(run: RunDir, name: str) -> str:
+    """What to load a profile the run was measured with from (a built-in name or a file)."""
+    return str(run.manifest.get("inputs", {}).get("profile_sources", {}).get(name, name))
+
+
+def decide_and_publish(
+    ctx: JobContext, runner: Runner, family: Family, profile: TargetProfile
+) -> JobResult:
+    """Select (pure, confirmed), publish to Triton, write the reports."""
+    from ..select import capacity_order, infeasible_error
+
+    run = ctx.run
+    outcomes = capacity_order(outcomes_for(run, family, profile))
+    result = JobResult(selection=None, outcomes=outcomes, notes=ctx.notes)
+    result.superseded = superseded(run, family)
+    if ctx.dopts.has_budget:
+        res = runner.run(SelectUnit(profile, outcomes)).result
+        result.selection = selection_of(res)
+        result.budget = dict(res.get("budget", {}))
+        result.confirmations = dict(res.get("confirmations", {}))
+        set_aside = res.get("set_aside", {})
+        if set_aside:
+            import dataclasses
+
+            result.outcomes = [
+                dataclasses.replace(o, status="profile_failed", error=set_aside[o.candidate])
+                if o.candidate in set_aside
+                else o
+                for o in outcomes
+            ]
+    sel = result.selection
+    if sel is not None and sel.chosen is not None:
+        pub = runner.run(PublishUnit(profile, sel, result.outcomes, family))
+        result.published = pub.result
+        result.triton = Path(pub.result["repository"]) if pub.ok else None
+    elif sel is not None:
+        result.infeasible = infeasible_error(sel, result.outcomes)
+        removed = unpublish_stale(ctx)
+        if removed:
+            ctx.note(f"removed {removed} from the run's Triton repository: nothing fits now")
+    from .report import write_run_reports
+
+    result.reports = write_run_reports(ctx, family, profile, result)
+    return result
+
+
+# ----------------------------------------------------------------- commands over an existing run
+
+
+def reopen(out: str | Path, *, lock: bool = True) -> tuple[RunDir, CompressOptions]:
+    """An existing run and the compression options it was made with."""
+    run = RunDir.load(out, lock=lock)
+    try:
+        return run, options_from_manifest(run)
+    except BaseException:
+        run.close()
+        raise
+
+
+def options_from_manifest(run: RunDir) -> CompressOptions:
+    from ..data import DataOverrides
+    from ..options import CompressOptions
+
+    raw = dict(run.manifest.get("inputs", {}).get("compress_options") or {})
+    if not raw:
+        raise UserInputError(
+            f"{run.root} has no recorded compression options", "run `dcvit-deploy compress` first"
+        )
+    ov = raw.pop("data_overrides", None)
+    overrides = (
+        DataOverrides(**{k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()})
+        if isinstance(ov, dict)
+        else None
+    )
+    for key in ("targets", "methods", "candidate_blocks"):
+        if raw.get(key) is not None:
+            raw[key] = tuple(raw[key])
+    raw["device"] = "auto"
+    return CompressOptions(**raw, data_overrides=overrides)
+
+
+def run_profiles(run: RunDir, requested: str | None) -> list[str]:
+    """The profile(s) a command that reads ``run`` uses: the one asked for, else the one the
+    run was last measured with."""
+    if requested:
+        return [requested]
+    measured = list(run.manifest.get("inputs", {}).get("profiles", []))
+    if not measured:
+        raise UserInputError(
+            f"{run.root} has not been measured on any profile yet",
+            "run `dcvit-deploy profile --out RUN` (or the whole `compress`) first",
+        )
+    return measured[-1:]
+
+
+def stage_job(
+    out: str | Path,
+    dopts: DeployOptions,
+    *,
+    until: Until,
+    progress: ProgressFn = quiet,
+    profile_given: bool = True,
+) -> JobResult:
+    """``export``/``build``/``profile``/``select`` over an existing run's current family."""
+    from ..profiles import load_profile
+
+    run, copts = reopen(out)
+    with terminate_as_interrupt(), run:
+        name = dopts.profile if profile_given else profile_source(run, run_profiles(run, None)[0])
+        profile = load_profile(name)
+        if until != "export":
+            check_target(profile, dopts)
+        family = current_family(run)
+        ctx = JobContext(run, copts, dopts, profile, progress)
+        runner = Runner(ctx)
+        if until == "select":
+            if not run.unit(f"profile/{profile.name}"):
+                raise UserInputError(
+                    f"{out} has not been measured on profile {profile.name}",
+                    "run `dcvit-deploy profile` first, or pass the --profile it was measured with",
+                )
+            return decide_and_publish(ctx, runner, family, profile)
+        return deploy(ctx, runner, family, profile, until=None if until == "profile" else until)
+
+
+def status_of(out: str | Path) -> dict[str, Any]:
+    """Units, candidates and outputs of a run, read without taking its lock."""
+    from .runner import outputs_problem
+
+    run = RunDir.load(out, lock=False)
+    units = {}
+    for uid, rec in sorted(run.units().items()):
+        status = rec.get("status")
+        if status == "ok":
+            problem = outputs_problem(run, rec.get("outputs", {}))
+            if problem:
+                status = f"stale ({problem})"
+        units[uid] = {"status": status, "reason": rec.get("reason", "")}
+    try:
+        family = current_family(run)
+        names = list(family.names)
+        gone = superseded(run, family)
+    except UserInputError as exc:
+        names, gone = [], []
+        units.setdefault("family", {"status": "not ok", "reason": exc.one_line()})
+    outcomes: dict[str, dict[str, str]] = {}
+    if names:
+        from ..profiles import load_profile
+
+        for name in run.manifest.get("inputs", {}).get("profiles", []):
+            try:
+                prof = load_profile(profile_source(run, name))
+            except UserInputError:
+                continue
+            outcomes[name] = {o.candidate: o.status for o in outcomes_for(run, family, prof)}
+    return {
+        "run": str(run.root),
+        "identity": run.manifest.get("identity"),
+        "units": units,
+        "outcomes": outcomes,
+        "family": names,
+        "superseded": gone,
+        "profiles": run.manifest.get("inputs", {}).get("profiles", []),
+    }

@@ -1,0 +1,85 @@
+"""The reports of a job: ``report.json``, ``candidates.csv``, ``SUMMARY.md`` and
+``pareto.png`` for one profile, written to ``RUN/reports/<profile>/`` and, for the run's
+current profile, to ``RUN/`` -- always from the current family's outcomes, so a report never
+lists a superseded candidate as selectable and is never replaced by one with less."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..atomic import atomic_write_with
+from ..records import to_dict
+
+if TYPE_CHECKING:
+    from ..records import TargetProfile
+    from .context import JobContext
+    from .family import Family
+    from .job import JobResult
+
+
+def run_meta(ctx: JobContext, family: Family, result: JobResult) -> dict[str, Any]:
+    run = ctx.run
+    info = family.info
+    notes = list(result.notes)
+    skipped = info.get("skipped_images") or []
+    if skipped:
+        notes.append(f"{len(skipped)} image(s) skipped: " + "; ".join(skipped[:5]))
+    if info.get("holdout_note"):
+        notes.append(str(info["holdout_note"]))
+    if result.budget.get("kind") == "relative":
+        b = result.budget
+        notes.append(
+            f"budget relative to the original: {b['original_ms']:.4g} ms / {b['speedup']:g} = "
+            f"{b['ms']:.4g} ms"
+        )
+    for name, conf in result.confirmations.items():
+        verdict = "fits" if conf["fits"] else "does not fit; search continued"
+        notes.append(f"{name} re-measured in a fresh process: {conf['ms']:.4g} ms ({verdict})")
+    for pub in result.published.get("models", []):
+        notes.append(
+            f"published {pub['candidate']} as Triton model {pub['model']} version {pub['version']}"
+            + ("" if pub["created"] else " (already there)")
+        )
+    return {
+        "run_dir": run.root.name,
+        "model": ctx.copts.model,
+        "identity": run.manifest.get("identity"),
+        "images": info.get("images"),
+        "skipped_images": skipped,
+        "holdout": info.get("holdout"),
+        "holdout_note": info.get("holdout_note", ""),
+        "notes": notes,
+        "superseded": list(result.superseded),
+        "budget_basis": result.budget,
+        "confirmations": result.confirmations,
+        "published": result.published,
+    }
+
+
+def write_run_reports(
+    ctx: JobContext, family: Family, profile: TargetProfile, result: JobResult
+) -> dict[str, Path]:
+    from ..envinfo import capture_environment
+    from ..report import write_reports
+
+    run = ctx.run
+    folder = run.sub(f"reports/{profile.name}")
+    paths = write_reports(
+        folder,
+        run_meta=run_meta(ctx, family, result),
+        outcomes=list(result.outcomes),
+        selection=result.selection,
+        profile_dict=to_dict(profile),
+        env_dict=capture_environment(),
+    )
+    current = run.manifest["inputs"].get("profiles", [profile.name])[-1]
+    if current != profile.name:
+        return paths
+    top = {}
+    for key, path in paths.items():
+        dest = run.root / path.name
+        atomic_write_with(dest, lambda tmp, src=path: shutil.copyfile(src, tmp))
+        top[key] = dest
+    return top
