@@ -306,3 +306,32 @@ def test_measure_scopes_and_cuda_graphs_through_the_fake(
     assert backend.measure(artifact, host, 1).timer == "host"
     meta = json.loads(Path(artifact.path + ".json").read_text())
     assert meta["io"][0]["dtype"] == "float"
+
+
+# --------------------------------------------------------------------------- real TensorRT
+
+from test_tensorrt_seam import _TRT_OK, _TRT_WHY  # noqa: E402 - shared probe, one reason
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif(not _TRT_OK, reason=_TRT_WHY or "tensorrt unavailable")
+def test_real_runner_rebinds_graphs_across_batch_sizes(tiny_onnx: Path, tmp_path: Path) -> None:
+    """On hardware: graphs at two batch sizes in turn, then real inputs at both, all correct."""
+    backend = get_backend("tensorrt")
+    profile = trt_profile(
+        measure={**FAST_MEASURE, "cuda_graphs": True},
+        backend_options={"workspace_mib": 256, "tf32": False},  # exact FP32 for the check
+    )
+    artifact = backend.build(tiny_onnx, profile, tmp_path, candidate="real")
+    assert artifact.meta["timing_cache"] in ("new", "reused")
+    for batch in (8, 1, 8):
+        assert backend.measure(artifact, profile, batch).p50 > 0
+    weight = np.ones((3 * 32 * 32, 10), np.float32)  # the tiny graph: flatten @ ones
+    for batch in (1, 8):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+        out = backend.run(artifact, profile, x)
+        np.testing.assert_allclose(out, x.reshape(batch, -1) @ weight, rtol=1e-3, atol=1e-2)
