@@ -905,7 +905,9 @@ def compare_cmd(
 def demo_data_cmd(out_dir: str, count: int) -> None:
     """Write real photos bundled with scikit-image (plus crops/flips) for a download-free demo."""
     from .data import write_demo_images
+    from .validate import check_writable_dir
 
+    check_writable_dir(out_dir, "demo-data DIR")
     paths = write_demo_images(out_dir, count)
     click.echo(f"wrote {len(paths)} images to {out_dir}")
 
@@ -966,9 +968,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "dcvit-deploy"
-        _fail(f"error: {exc.format_message()}; fix: see `{command} --help`", 1)
+        _fail(f"error: {exc.format_message().rstrip('.')}; fix: see `{command} --help`", 1)
     except click.ClickException as exc:
-        _fail(f"error: {exc.format_message()}", 1)
+        _fail(f"error: {exc.format_message().rstrip('.')}", 1)
     except OSError as exc:
         if exc.errno not in ENVIRONMENT_ERRNOS:
             if _caused_by_interrupt(exc):

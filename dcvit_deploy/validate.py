@@ -354,10 +354,10 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> Path:
             errno.EROFS: "the file system is read-only",
             errno.ENOSPC: "the file system is full",
             errno.EDQUOT: "the disk quota is exhausted",
-            errno.ENOENT: "it does not accept new files",
+            errno.ENOENT: "no files can be created there",
         }.get(exc.errno or 0, "")
         raise PathNotWritable(
-            f"{flag} {target} is not writable: {base} refuses new files ({hint or reason})",
+            f"{flag} {target} is not writable ({base}: {hint or reason})",
             f"pass a writable location to {flag}",
         ) from exc
     try:

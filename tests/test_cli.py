@@ -422,3 +422,14 @@ def test_ctrl_c_in_the_first_second_is_one_line_exit_130(
         return
     assert proc.returncode == 130, (proc.returncode, err)
     assert err.strip().splitlines()[-1] == "interrupted: rerun the same command to resume"
+
+
+def test_demo_data_into_an_unwritable_folder_is_one_line() -> None:
+    code, out, err = run_cli(["demo-data", "/proc/demo"])
+    assert_one_line_error(code, out, err, "/proc/demo", "not writable")
+
+
+def test_usage_errors_are_one_line_exit_1() -> None:
+    code, out, err = run_cli(["compare", "missing.json", "--baseline", "missing.json"])
+    line = assert_one_line_error(code, out, err, "does not exist", "dcvit-deploy compare --help")
+    assert ".;" not in line
