@@ -62,7 +62,9 @@ def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
     check_device(profile, dopts.allow_other_device)
 
 
-def _validate_up_front(copts: CompressOptions, dopts: DeployOptions, out: str | Path) -> None:
+def _validate_up_front(
+    copts: CompressOptions, dopts: DeployOptions, out: str | Path, *, deploying: bool
+) -> None:
     """The option, path and model checks of :mod:`dcvit_deploy.validate`, when present."""
     try:
         from .. import validate
@@ -70,7 +72,7 @@ def _validate_up_front(copts: CompressOptions, dopts: DeployOptions, out: str | 
         return
     fn = getattr(validate, "validate_run", None)
     if fn is not None:
-        fn(copts, dopts, out)
+        fn(copts, dopts, out, stages=("compress", "deploy") if deploying else ("compress",))
 
 
 def run_job(
@@ -96,7 +98,7 @@ def run_job(
                 "--speedup is relative to the original, but --no-original leaves it out",
                 "drop --no-original or give an absolute --latency-ms",
             )
-    _validate_up_front(copts, dopts, out)
+    _validate_up_front(copts, dopts, out, deploying=profile is not None)
     prep = prepare(copts)
     collapsed = check_targets(copts, prep)
     with (

@@ -135,26 +135,66 @@ class ProfileUnit:
         errors: dict[str, str],
         files: list[Path],
     ) -> None:
-        """Measure ``names`` at every batch size of the profile (failures are recorded)."""
+        """Measure ``names`` at every batch size of the profile in interleaved rounds (order
+        shuffled per round, seeded), so no candidate gets a luckier moment than another; a
+        candidate whose measurement fails is then measured alone to record its error."""
         from ..backends import get_backend
-        from ..errors import DcvitError
         from ..progress import ProgressEvent
+        from ..rounds import measure_rounds
 
+        if not names:
+            return
         backend = get_backend(self.profile.backend)
-        for i, name in enumerate(names, start=1):
-            ctx.progress(ProgressEvent(stage="profile", item=i, items=len(names), message=name))
-            stats = []
-            try:
-                for b in self.profile.batch_sizes:
-                    path = raw_path(ctx, self.profile, name, b)
-                    stats.append(
-                        backend.measure(self.artifacts[name], self.profile, b, raw_path=path)
-                    )
-                    files.append(path)
-            except DcvitError as exc:
-                errors[name] = exc.one_line()
-                continue
-            except Exception as exc:
-                errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                continue
-            latency[name] = stats
+        profile = self.profile
+
+        def where(name: str, batch: int) -> Path:
+            return raw_path(ctx, profile, name, batch)
+
+        def say(text: str) -> None:
+            ctx.progress(ProgressEvent(stage="profile", message=text))
+
+        try:
+            result = measure_rounds(
+                backend,
+                {n: self.artifacts[n] for n in names},
+                profile,
+                profile.batch_sizes,
+                raw_path=where,
+                seed=ctx.copts.seed,
+                progress=say,
+            )
+        except Exception:
+            if len(names) == 1:
+                self._measure_alone(ctx, backend, names[0], latency, errors, files)
+                return
+            for name in names:
+                self.measure(ctx, [name], latency, errors, files)
+            return
+        for name in names:
+            latency[name] = list(result.latency(name))
+            files += [where(name, b) for b in profile.batch_sizes if where(name, b).is_file()]
+
+    def _measure_alone(
+        self,
+        ctx: JobContext,
+        backend: Any,
+        name: str,
+        latency: dict[str, list[LatencyStats]],
+        errors: dict[str, str],
+        files: list[Path],
+    ) -> None:
+        from ..errors import DcvitError
+
+        stats = []
+        try:
+            for b in self.profile.batch_sizes:
+                path = raw_path(ctx, self.profile, name, b)
+                stats.append(backend.measure(self.artifacts[name], self.profile, b, raw_path=path))
+                files.append(path)
+        except DcvitError as exc:
+            errors[name] = exc.one_line()
+            return
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            return
+        latency[name] = stats
