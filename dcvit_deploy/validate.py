@@ -645,7 +645,7 @@ def check_profile(
     return profile, budget
 
 
-def check_device(device: str) -> None:
+def check_train_device(device: str) -> None:
     """``--device cuda`` needs a CUDA device torch can see."""
     if device != "cuda":
         return
@@ -696,7 +696,7 @@ def validate_run(
     facts = check_model(copts, sd)
     del sd
     plan = plan_targets(copts, facts)
-    check_device(copts.device)
+    check_train_device(copts.device)
     profile = budget = None
     if deploying and dopts is not None:
         profile, budget = check_profile(dopts)
