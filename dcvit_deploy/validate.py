@@ -429,12 +429,14 @@ def check_manifest(out: str | os.PathLike[str]) -> None:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise RunDirError(
             f"{path} is corrupt ({type(exc).__name__}: {exc})",
-            "restore it, or start anew with --overwrite (the old run is moved aside)",
+            "restore it from a backup, or start anew with `dcvit-deploy compress ... --overwrite` "
+            "(the old run is moved aside)",
         ) from exc
     if not isinstance(data, dict) or not isinstance(data.get("steps", {}), dict):
         raise RunDirError(
             f"{path} is not a dcvit-deploy manifest (unexpected structure)",
-            "restore it, or start anew with --overwrite (the old run is moved aside)",
+            "restore it from a backup, or start anew with `dcvit-deploy compress ... --overwrite` "
+            "(the old run is moved aside)",
         )
 
 
@@ -686,8 +688,9 @@ def validate_run(
                 "--speedup is relative to the original model, but --no-original leaves it out",
                 "drop --no-original or give an absolute --latency-ms",
             )
+    # A corrupt manifest in ``out`` is not refused here: ``--overwrite`` moves such a run aside
+    # (RunDir.open refuses it, with that fix, before any work otherwise).
     check_writable_dir(out, "--out")
-    check_manifest(out)
     if deploying and dopts is not None and dopts.triton_repo:
         check_writable_dir(dopts.triton_repo, "--triton-repo")
     images = check_images(copts.data)

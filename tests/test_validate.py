@@ -380,3 +380,14 @@ def test_model_kwargs_timm_rejects_are_named() -> None:
         create_model(MODEL, {"embed_dim": 64, "num_heads": 3})
     line = info.value.one_line()
     assert "embed_dim=64 num_heads=3" in line and "AssertionError" in line
+
+
+def test_a_corrupt_run_can_still_be_overwritten(tmp_path: Path, photo_dir: Path) -> None:
+    """validate_run leaves a corrupt manifest to the run directory (``--overwrite`` moves it
+    aside); the stage commands, which have no such option, refuse it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text("{")
+    validate_run(copts(data=str(photo_dir)), None, run, stages=("compress",))
+    with pytest.raises(RunDirError, match="corrupt"):
+        validate_stage(run, DeployOptions(), need_backend=False)
