@@ -594,6 +594,46 @@ def _outcome_stat(o: CandidateOutcome, batch: int, statistic: str) -> float | No
     return _stat_of(o, batch, statistic) if o.selectable else None
 
 
+_RUNTIMES = ("onnxruntime", "tensorrt", "torch")
+
+
+def target_of(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What a report's latencies were measured on: the profile (name, backend, precision,
+    device), the device (CPU model, GPU name) and the runtime versions."""
+
+    def table(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    env = table(report.get("environment"))
+    prof = table(report.get("profile"))
+    cuda = table(env.get("cuda"))
+    packages = table(env.get("packages"))
+    cpu = env.get("cpu")
+    return {
+        "profile": prof.get("name"),
+        "backend": prof.get("backend"),
+        "precision": prof.get("precision"),
+        "device": prof.get("device"),
+        "cpu": table(cpu).get("model") if isinstance(cpu, Mapping) else cpu,
+        "gpu": cuda.get("name") if prof.get("device") == "cuda" else None,
+        "runtime": {k: packages.get(k) for k in _RUNTIMES if packages.get(k)},
+    }
+
+
+def check_same_target(current: Mapping[str, Any], base: Mapping[str, Any]) -> None:
+    """Refuse to compare latencies measured on different targets (one line naming the
+    difference); :class:`UserInputError`."""
+    now, before = target_of(current), target_of(base)
+    diff = [k for k in now if now[k] != before[k]]
+    if diff:
+        shown = "; ".join(f"{k}: {before[k]} -> {now[k]}" for k in diff[:3])
+        raise UserInputError(
+            f"the baseline was measured on another target ({shown})",
+            "compare reports of the same profile, device and runtime, or pass "
+            "--allow-other-device to compare anyway",
+        )
+
+
 def compare_to_baseline(
     report: str | os.PathLike[str] | Mapping[str, Any],
     baseline_report: str | os.PathLike[str] | Mapping[str, Any],
@@ -602,6 +642,7 @@ def compare_to_baseline(
     statistic: str | None = None,
     batch_size: int | None = None,
     fidelity_tolerance: float = 0.01,
+    allow_other_device: bool = False,
 ) -> ComparisonResult:
     """Compare ``report`` with ``baseline_report`` (paths, folders or loaded dicts).
 
@@ -611,7 +652,8 @@ def compare_to_baseline(
     drops by more than ``fidelity_tolerance`` (absolute), or when it was selectable in the
     baseline and is not now. Losing the only feasible choice under the same budget is a
     regression too. New and missing candidates, a changed choice and clear speed-ups are
-    notes. Exact numbers are never compared.
+    notes. Exact numbers are never compared. Reports measured on another profile, device or
+    runtime version are refused unless ``allow_other_device`` (then noted).
     """
     if tolerance <= 0 or fidelity_tolerance < 0:
         raise UserInputError(
@@ -620,6 +662,14 @@ def compare_to_baseline(
         )
     current = load_report(report)
     base = load_report(baseline_report)
+    target_note = ""
+    if allow_other_device:
+        try:
+            check_same_target(current, base)
+        except UserInputError as exc:
+            target_note = exc.problem + " (compared anyway: --allow-other-device)"
+    else:
+        check_same_target(current, base)
     budget = from_dict(LatencyBudget, current["budget"]) if current.get("budget") else None
     base_budget = from_dict(LatencyBudget, base["budget"]) if base.get("budget") else None
     axis = current.get("axis") or {}
@@ -695,6 +745,8 @@ def compare_to_baseline(
             notes.append(f"chosen candidate changed: {base_chosen} -> {chosen}")
     if not same_budget:
         notes.append("the budgets differ between the reports; the choices are not comparable")
+    if target_note:
+        notes.append(target_note)
     if (statistic, batch) != (axis.get("statistic"), axis.get("batch_size")):
         notes.append(f"compared {statistic} at batch {batch} (not the report's own axis)")
     return ComparisonResult(
@@ -771,6 +823,7 @@ def check_regression(
     batch_size: int | None = None,
     fidelity_tolerance: float = 0.01,
     out_dir: str | os.PathLike[str] | None = None,
+    allow_other_device: bool = False,
 ) -> ComparisonResult:
     """CI entry point: compare, write the comparison (when ``out_dir``), raise on regression.
 
@@ -784,6 +837,7 @@ def check_regression(
         statistic=statistic,
         batch_size=batch_size,
         fidelity_tolerance=fidelity_tolerance,
+        allow_other_device=allow_other_device,
     )
     if out_dir is not None:
         write_comparison(out_dir, result)

@@ -309,3 +309,18 @@ def test_bad_baseline_is_a_user_error(tmp_path: Path) -> None:
     base = write(tmp_path / "base", family())["paths"]["json"]
     with pytest.raises(UserInputError, match="unknown statistic"):
         compare_to_baseline(base, base, statistic="p42")
+
+
+def test_baseline_from_another_device_or_runtime_is_refused_unless_allowed(tmp_path: Path) -> None:
+    base = load_report(write(tmp_path / "base", family())["paths"]["json"])
+    base["environment"] = {"cpu": {"model": "CPU A"}, "packages": {"onnxruntime": "1.20.0"}}
+    other = json.loads(json.dumps(base))
+    other["environment"] = {"cpu": {"model": "CPU B"}, "packages": {"onnxruntime": "1.31.0"}}
+    with pytest.raises(UserInputError, match=r"another target \(cpu: CPU A -> CPU B; runtime"):
+        compare_to_baseline(other, base)
+    allowed = compare_to_baseline(other, base, allow_other_device=True)
+    assert any("--allow-other-device" in n for n in allowed.notes)
+    other_profile = json.loads(json.dumps(base))
+    other_profile["profile"] = {**base["profile"], "name": "h100-trt-fp16"}
+    with pytest.raises(UserInputError, match="profile"):
+        compare_to_baseline(other_profile, base)

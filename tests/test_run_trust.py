@@ -1,0 +1,381 @@
+"""A run you can trust: one regression test per defect reproduced on the run directory (the
+family as the one source of truth, content fingerprints, the lock, unique names, a seeded
+random teacher, repair of missing or corrupted artifacts, dead ends, per-profile reports)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_pipeline import FAST, MODEL, run_cli
+
+from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
+from conftest import TINY_VIT_KWARGS
+
+PROFILE = """
+name = "trust-cpu"
+backend = "onnxruntime"
+device = "cpu"
+precision = "fp32"
+batch_sizes = [1]
+budget_batch_size = 1
+statistic = "p50"
+scope = "host"
+
+[measure]
+warmup_iters = 2
+warmup_min_s = 0.0
+window_iters = 5
+min_window_s = 0.0
+min_windows = 2
+max_windows = 3
+min_duration_s = 0.0
+
+[backend_options]
+intra_op_num_threads = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory: pytest.TempPathFactory) -> str:
+    p = tmp_path_factory.mktemp("prof") / "trust-cpu.toml"
+    p.write_text(PROFILE)
+    return str(p)
+
+
+def copts(data: Path, **kw: object) -> CompressOptions:
+    base: dict[str, object] = {
+        "model": "vit_tiny_patch16_224",
+        "data": str(data),
+        "random_init": True,
+        "model_kwargs": dict(TINY_VIT_KWARGS),
+        "num_samples": 4,
+        "holdout": 2,
+        "targets": (0.10, 0.25),
+        "schedule": "tiny",
+        "iterations": 2,
+        "inversion_iterations": 2,
+    }
+    base.update(kw)
+    return CompressOptions(**base)  # type: ignore[arg-type]
+
+
+def dopts(profile: str, **kw: object) -> DeployOptions:
+    return DeployOptions(profile=profile, confirm=False, **kw)  # type: ignore[arg-type]
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def family_names(out: Path) -> list[str]:
+    return [c["name"] for c in manifest(out)["units"]["family"]["result"]["candidates"]]
+
+
+def p50s(result) -> dict[str, float]:
+    return {o.candidate: o.latency_at(1).p50 for o in result.outcomes if o.latency_at(1)}
+
+
+# ----------------------------------------------------------------------------- 1 source of truth
+
+
+def test_superseded_candidate_is_never_chosen_and_triton_holds_one_model(
+    tmp_path, photo_dir, profile
+):
+    out = tmp_path / "r"
+    first = run_pipeline(copts(photo_dir), dopts(profile), out)
+    assert "original" in p50s(first)
+    second = run_pipeline(
+        copts(photo_dir, targets=(0.15,), include_original=False), dopts(profile), out
+    )
+    assert family_names(out) == [o.candidate for o in second.outcomes]
+    assert "original" not in family_names(out)
+    only = second.outcomes[0].candidate
+    # a budget between the measured figure and twice it: the only candidate fits
+    budget = p50s(second)[only] * 1.5
+    code, text = run_cli(
+        ["select", "--out", str(out), "--profile", profile, "--latency-ms", f"{budget:.6f}",
+         "--no-confirm", "--json"]
+    )  # fmt: skip
+    assert code == 0, text
+    payload = json.loads(text[text.index("{") :])
+    assert payload["chosen"] == only != "original"
+    report = json.loads((out / "report.json").read_text())
+    assert [c["candidate"] for c in report["candidates"]] == [only]
+    assert "original" in report["run"]["superseded"]
+    models = [p.name for p in (out / "triton").iterdir() if not p.name.startswith(".")]
+    assert models == ["dcvit_vit_tiny_patch16_224"]
+
+
+# ----------------------------------------------------------------------------- 2 fingerprints
+
+
+def test_changed_image_content_redoes_compression(tmp_path, photo_dir, profile):
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    shutil.copytree(photo_dir, data)
+    out = tmp_path / "r"
+    run_pipeline(copts(data, targets=(0.25,)), dopts(profile), out, stop_after="family")
+    fp = manifest(out)["units"]["family"]["fingerprint"]
+    victim = sorted(data.glob("*.png"))[0]
+    img = Image.open(victim).convert("RGB")
+    img.rotate(90).save(victim)  # same path, same name, new content
+    run_pipeline(copts(data, targets=(0.25,)), dopts(profile), out, stop_after="family")
+    assert manifest(out)["units"]["family"]["fingerprint"] != fp
+
+
+def test_runtime_versions_enter_build_and_profile_but_not_compression():
+    from dcvit_deploy.pipeline.context import RUNTIME_PACKAGES, TRAIN_PACKAGES
+
+    assert not set(RUNTIME_PACKAGES) & set(TRAIN_PACKAGES)
+    import inspect
+
+    from dcvit_deploy.pipeline import build, family, profile
+
+    assert "RUNTIME_PACKAGES" not in inspect.getsource(family)
+    assert "RUNTIME_PACKAGES" in inspect.getsource(build)
+    assert "RUNTIME_PACKAGES" in inspect.getsource(profile)
+
+
+# ----------------------------------------------------------------------------- 3 lock
+
+
+def test_second_process_is_refused_naming_the_holder_and_first_results_stay(
+    tmp_path, photo_dir, profile
+):
+    out = tmp_path / "r"
+    args = ["compress", *MODEL, "--data", str(photo_dir), *FAST, "--iterations", "30",
+            "--targets", "10%,25%", "--profile", profile, "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dcvit_deploy.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / ".lock.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.poll() is None, "the first run ended before the second could start"
+    second = subprocess.run(
+        [sys.executable, "-m", "dcvit_deploy.cli", *args[:-2], "--targets", "30%", "--out",
+         str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert second.returncode == 1, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "in use" in lines[0]
+    first_out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, first_out
+    assert len(family_names(out)) == 3  # original + the first run's two targets, intact
+    assert not list(out.rglob("*.partial"))
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    from dcvit_deploy.rundir import RunDir
+
+    out = tmp_path / "r"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock.json").write_text(json.dumps({"pid": dead.pid, "host": "x"}))
+    with RunDir.open(out, {"model": "m", "weights": "w"}) as run:
+        assert any(str(dead.pid) in n for n in run.notes)
+
+
+def test_temporary_files_are_unique_per_writer(tmp_path):
+    from dcvit_deploy.atomic import atomic_path
+
+    with atomic_path(tmp_path / "x.json") as a, atomic_path(tmp_path / "x.json") as b:
+        assert a != b
+        a.write_text("first")
+        b.write_text("second")
+    assert (tmp_path / "x.json").read_text() == "first"  # the last rename wins, both whole
+
+
+# ----------------------------------------------------------------------------- 4 names
+
+
+def test_targets_that_collapse_to_one_structure_are_refused_in_one_line(tmp_path, photo_dir):
+    code, text = run_cli(
+        ["compress", *MODEL, "--data", str(photo_dir), *FAST, "--targets", "20.08%,20.09%",
+         "--out", str(tmp_path / "r")]
+    )  # fmt: skip
+    assert code == 1, text
+    assert len(text.strip().splitlines()) == 1 and "same structure" in text and "fix:" in text
+    assert not (tmp_path / "r" / "manifest.json").exists()
+
+
+def test_candidate_names_are_unique_at_fine_target_resolution():
+    from dcvit_deploy.compress.family import candidate_name, structure_tag
+
+    a = candidate_name("dcvit", 0.0808, structure_tag("dcvit", 1, 200))
+    b = candidate_name("dcvit", 0.0809, structure_tag("dcvit", 1, 199))
+    assert a != b
+
+
+# ----------------------------------------------------------------------------- 5 seeded teacher
+
+
+def test_random_init_is_seeded_and_the_seed_is_part_of_the_identity(photo_dir):
+    from dcvit_deploy.pipeline.context import identity_of, prepare
+
+    a, b, c = (copts(photo_dir, seed=s) for s in (0, 0, 1))
+    ia, ib, ic = (identity_of(o, prepare(o)) for o in (a, b, c))
+    assert ia == ib and ia["weights"] != ic["weights"]
+
+
+# ----------------------------------------------------------------------------- 6 repair
+
+
+def test_missing_or_corrupted_artifacts_are_rebuilt_on_rerun(tmp_path, photo_dir, profile):
+    from dcvit_deploy.api import status
+
+    out = tmp_path / "r"
+    options = copts(photo_dir, targets=(0.25,))
+    run_pipeline(options, dopts(profile), out)
+    name = family_names(out)[-1]
+    weights = out / "family" / f"{name}.safetensors"
+    good = weights.read_bytes()
+    blob = bytearray(good)
+    blob[len(blob) // 2] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    assert "stale" in status(out)["units"]["family"]["status"]
+    result = run_pipeline(options, dopts(profile), out)
+    assert any(name in n and "rebuilding" in n for n in result.notes)
+    rec = manifest(out)["units"]["family"]["result"]["candidates"]
+    from dcvit_deploy.atomic import sha256_file
+
+    assert sha256_file(weights) == next(c for c in rec if c["name"] == name)["weights_sha256"]
+    onnx = out / "onnx" / "fp32" / f"{name}.onnx"
+    onnx.unlink()
+    weights.unlink()
+    result = run_pipeline(options, dopts(profile), out)
+    assert onnx.is_file() and weights.is_file()
+    assert {o.candidate: o.status for o in result.outcomes}[name] == "ok"
+
+
+# ----------------------------------------------------------------------------- 7 dead ends
+
+
+@pytest.mark.parametrize("content", ['{"schema": 2, "ident', "[]"])
+def test_corrupt_manifest_one_line_then_overwrite_moves_it_aside(
+    tmp_path, photo_dir, profile, content
+):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "manifest.json").write_text(content)
+    code, text = run_cli(["status", "--out", str(out)])
+    assert code == 1 and "corrupt" in text and "--overwrite" in text and "Traceback" not in text
+    args = [
+        "compress",
+        *MODEL,
+        "--data",
+        str(photo_dir),
+        *FAST,
+        "--targets",
+        "25%",
+        "--profile",
+        profile,
+        "--latency-ms",
+        "1000",
+        "--no-confirm",
+        "--out",
+        str(out),
+    ]
+    code, text = run_cli([*args, "--overwrite"])  # fmt: skip
+    assert code == 0, text
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+    assert len(moved) == 1 and (moved[0] / "manifest.json").read_text() == content
+
+
+def test_overwrite_moves_nothing_when_the_command_is_invalid(tmp_path, photo_dir, profile):
+    out = tmp_path / "r"
+    run_pipeline(copts(photo_dir, targets=(0.25,)), dopts(profile), out, stop_after="family")
+    code, text = run_cli(
+        ["compress", *MODEL, "--data", str(photo_dir), *FAST, "--targets", "25%",
+         "--profile", "no-such-profile", "--out", str(out), "--overwrite"]
+    )  # fmt: skip
+    assert code == 1 and "no-such-profile" in text
+    assert (out / "manifest.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+
+
+def test_mistyped_checkpoint_does_not_lock_the_run_to_it(tmp_path, photo_dir, profile):
+    out = tmp_path / "r"
+    code, text = run_cli(
+        ["compress", "--model", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "typo.pt"),
+         "--model-kwargs", "img_size=32 patch_size=8 embed_dim=64 depth=4 num_heads=2",
+         "--data", str(photo_dir), *FAST, "--targets", "25%", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 1 and "typo.pt" in text
+    assert not (out / "manifest.json").exists()
+    code, text = run_cli(
+        ["compress", *MODEL, "--data", str(photo_dir), *FAST, "--targets", "25%",
+         "--profile", profile, "--latency-ms", "1000", "--no-confirm", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0, text
+
+
+# ----------------------------------------------------------------------------- 8 per profile
+
+
+def test_report_without_profile_keeps_the_runs_profile_and_profiles_do_not_clobber(
+    tmp_path, photo_dir, profile
+):
+    out = tmp_path / "r"
+    options = copts(photo_dir, targets=(0.25,))
+    run_pipeline(options, dopts(profile), out)
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["candidates"]) == 2
+    code, text = run_cli(["report", "--out", str(out)])
+    assert code == 0, text
+    again = json.loads((out / "report.json").read_text())
+    assert again["profile"]["name"] == "trust-cpu" and len(again["candidates"]) == 2
+
+    second = Path(profile).with_name("trust-cpu-2.toml")
+    second.write_text(PROFILE.replace('"trust-cpu"', '"trust-cpu-2"'))
+    exports = {
+        k: v["finished"] for k, v in manifest(out)["units"].items() if k.startswith("export")
+    }
+    run_pipeline(options, dopts(str(second)), out)
+    units = manifest(out)["units"]
+    # switching profiles (same precision) reuses the exports; raw files are kept per profile
+    assert {k: units[k]["finished"] for k in exports} == exports
+    assert (out / "raw" / "trust-cpu").is_dir() and (out / "raw" / "trust-cpu-2").is_dir()
+    assert (out / "reports" / "trust-cpu" / "report.json").is_file()
+
+
+def test_sigterm_marks_the_unit_interrupted_and_the_rerun_resumes(tmp_path, photo_dir, profile):
+    out = tmp_path / "r"
+    args = ["compress", *MODEL, "--data", str(photo_dir), *FAST, "--iterations", "25",
+            "--targets", "10%,20%,30%", "--profile", profile, "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcvit_deploy.cli", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (out / "manifest.json").is_file() and manifest(out)["units"].get("family"):
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the run ended before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert manifest(out)["units"]["family"]["status"] == "interrupted"
+    code, text = run_cli([*args, "--latency-ms", "1000", "--no-confirm"])
+    assert code == 0, text
+    assert manifest(out)["units"]["family"]["status"] == "ok"
