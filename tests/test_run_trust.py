@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_VIT_KWARGS
 from test_pipeline import FAST, MODEL, run_cli
 
 from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
-from conftest import TINY_VIT_KWARGS
 
 PROFILE = """
 name = "trust-cpu"
