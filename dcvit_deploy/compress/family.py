@@ -126,6 +126,8 @@ class FamilyConfig:
     # > 0: finetune on a fixed bank of this many passes of augmented views with the teacher's
     # features computed once (TeacherFeatureBank); 0: fresh views and a teacher pass every step.
     bank_views: int = 0
+    # Rank blocks once, at the middle candidate's width, even without ``reuse``.
+    shared_ranking: bool = False
 
     def __post_init__(self) -> None:
         for m in (self.method, *self.methods):
@@ -337,8 +339,27 @@ class _Family:
         if key_width in self.rankings:
             return self.rankings[key_width]
         t0 = time.perf_counter()
-        key = fingerprint({**self.common, "hidden": key_width, "blocks": list(self.blocks)})
-        cache = self.out / f"ranking-{self.cfg.method}-{key_width}.json"
+        cfg = self.cfg
+        rank_cfg = {  # only what the ranking depends on, so families can share it
+            "method": cfg.method,
+            "criterion": cfg.rank_criterion if cfg.method == "dcvit" else "adaptor",
+            "schedule": to_dict(cfg.ranking_schedule) if cfg.method == "dcvit" else None,
+            "adaptor_steps": cfg.practise_adaptor_steps if cfg.method == "practise" else None,
+            "neuron_choice": cfg.neuron_choice,
+            "seed": cfg.seed,
+            "ridge": cfg.refit_ridge if cfg.rank_criterion != "finetune" else None,
+        }
+        key = fingerprint(
+            {
+                "teacher": self.common["teacher"],
+                "data": self.common["data"],
+                "metric": self.common["metric"],
+                "rank": rank_cfg,
+                "hidden": key_width,
+                "blocks": list(self.blocks),
+            }
+        )
+        cache = self.out / f"ranking-{self.cfg.method}-{key_width}-{key[:8]}.json"
         if self.cfg.method == "dcvit":
             r = rank_blocks(
                 self.teacher,
@@ -618,7 +639,7 @@ def compress_family(
             prev: tuple[Candidate, nn.Module] | None = None
             for plan in unique:
                 item += 1
-                width = rank_width if fam.cfg.reuse else plan.hidden
+                width = rank_width if (fam.cfg.reuse or fam.cfg.shared_ranking) else plan.hidden
                 prev = fam.dcvit_target(plan, width, prev, item, items)
                 cands.append(prev[0])
         else:
