@@ -957,6 +957,26 @@ def main(argv: list[str] | None = None) -> None:
     problem; fix); 3 no candidate meets the budget; 4 a regression in ``compare``;
     130 interrupted. Anything else is a bug and keeps its traceback.
     """
+    interrupts: list[int] = []
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        # Remember the Ctrl-C: a C extension interrupted while it imports (numpy under torch)
+        # can swallow the KeyboardInterrupt and fail with an unrelated ImportError instead.
+        interrupts.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        _main(argv, interrupts)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None, interrupts: list[int]) -> None:
     try:
         cli.main(args=argv, prog_name="dcvit-deploy", standalone_mode=False)
     except click.exceptions.Exit as exc:  # --help, --version
@@ -973,7 +993,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"error: {exc.format_message().rstrip('.')}", 1)
     except OSError as exc:
         if exc.errno not in ENVIRONMENT_ERRNOS:
-            if _caused_by_interrupt(exc):
+            if interrupts or _caused_by_interrupt(exc):
                 _fail(INTERRUPTED, 130)
             raise
         where = f": {exc.filename}" if exc.filename else ""
@@ -985,7 +1005,7 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
-        if _caused_by_interrupt(exc):
+        if interrupts or _caused_by_interrupt(exc):
             _fail(INTERRUPTED, 130)
         raise
 
