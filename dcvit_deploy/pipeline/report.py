@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..atomic import atomic_write_with
 from ..records import to_dict
+from .build import build_unit_id
+from .export import export_unit_id, onnx_precision_for
 
 if TYPE_CHECKING:
     from ..records import TargetProfile
@@ -19,7 +21,12 @@ if TYPE_CHECKING:
     from .job import JobResult
 
 
-def run_meta(ctx: JobContext, family: Family, result: JobResult) -> dict[str, Any]:
+def run_meta(
+    ctx: JobContext, family: Family, profile: TargetProfile, result: JobResult
+) -> dict[str, Any]:
+    """What the reports say about the run besides the outcomes: inputs, notes (skipped
+    images, held-out set, budget basis, confirmations, publishing, FP16 loss), superseded
+    candidates, and which artifact was verified with which runtime."""
     run = ctx.run
     info = family.info
     notes = list(result.notes)
@@ -42,8 +49,31 @@ def run_meta(ctx: JobContext, family: Family, result: JobResult) -> dict[str, An
             f"published {pub['candidate']} as Triton model {pub['model']} version {pub['version']}"
             + ("" if pub["created"] else " (already there)")
         )
+    verified: dict[str, Any] = {}
+    precision = onnx_precision_for(profile.precision)
+    for cand in family.candidates:
+        export = run.unit(export_unit_id(precision, cand.name)) or {}
+        built = run.unit(build_unit_id(profile.name, cand.name)) or {}
+        entry: dict[str, Any] = {}
+        if export.get("status") == "ok":
+            res = export["result"]
+            entry["onnx"] = f"{res['path']} with onnxruntime (CPU) against PyTorch"
+            if "fp16_top1_loss" in res:
+                loss = float(res["fp16_top1_loss"])
+                entry["fp16_top1_loss"] = loss
+                if loss > 0:
+                    notes.append(
+                        f"{cand.name}: the FP16 graph agrees with PyTorch on {loss:.1%} fewer "
+                        "held-out images than the FP32 graph"
+                    )
+        if built.get("status") == "ok":
+            entry["artifact"] = (
+                f"{built['result']['artifact']['path']} with {built['result']['verified_with']}"
+            )
+        verified[cand.name] = entry
     return {
         "run_dir": run.root.name,
+        "verified": verified,
         "model": ctx.copts.model,
         "identity": run.manifest.get("identity"),
         "images": info.get("images"),
@@ -68,7 +98,7 @@ def write_run_reports(
     folder = run.sub(f"reports/{profile.name}")
     paths = write_reports(
         folder,
-        run_meta=run_meta(ctx, family, result),
+        run_meta=run_meta(ctx, family, profile, result),
         outcomes=list(result.outcomes),
         selection=result.selection,
         profile_dict=to_dict(profile),
