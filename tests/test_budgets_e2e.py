@@ -39,7 +39,7 @@ def select(out: Path, profile: str, *extra: str) -> dict:
 
 
 def test_mixed_family_holds_both_methods(mixed_run):
-    out, _, figures, _ = mixed_run
+    _, _, figures, _ = mixed_run
     methods = {n.split("-")[0] for n in figures}
     assert {"original", "dcvit", "practise"} <= methods
 
