@@ -7,11 +7,9 @@ budget, 4: regression against a baseline); Ctrl-C leaves a resumable run and exi
 
 from __future__ import annotations
 
+import _signal  # the builtin behind `signal`: installing a handler imports nothing
 import os
-import signal
 import sys
-from types import FrameType
-from typing import Any, Literal, TypeVar
 
 INTERRUPTED = "interrupted: rerun the same command to resume"
 
@@ -24,15 +22,19 @@ def _interrupted_while_importing(signum: int, frame: FrameType | None) -> None:
     os._exit(130)
 
 
-try:  # restored at the end of this module
-    _SIGINT_BEFORE_IMPORT: Any = signal.signal(signal.SIGINT, _interrupted_while_importing)
+# Installed before anything slow is imported, restored at the end of this module.
+try:
+    _SIGINT_BEFORE_IMPORT: Any = _signal.signal(_signal.SIGINT, _interrupted_while_importing)
 except ValueError:  # imported outside the main thread: signals are not ours to handle
     _SIGINT_BEFORE_IMPORT = None
 
 import errno  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import FrameType  # noqa: E402
+from typing import Any, Literal, TypeVar  # noqa: E402
 
 import click  # noqa: E402
 

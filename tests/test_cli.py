@@ -391,16 +391,20 @@ def test_result_notes_are_printed_once(
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.parametrize("delay", [0.02, 0.2, 1.0])
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.2, 1.0])
 def test_ctrl_c_in_the_first_second_is_one_line_exit_130(
     tmp_path: Path, photo_dir: Path, delay: float
 ) -> None:
     """SIGINT while the CLI module imports click, while the command imports torch and timm,
-    or during the checks: exit 130, one line, no traceback. The script signals readiness just
-    before importing the CLI module, so the interrupt never lands in Python's own start-up
-    (which no code of ours can cover)."""
+    or during the checks: exit 130, one line, no traceback. The child says "ready" (through an
+    audit hook) when the CLI module starts importing click, so the signal never lands in
+    Python's own start-up or before the module's first line, which no code of ours can cover."""
     script = (
-        "import sys, dcvit_deploy; sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+        "import sys\n"
+        "def hook(event, args):\n"
+        "    if event == 'import' and args[0] == 'click' and 'dcvit_deploy.cli' in sys.modules:\n"
+        "        sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+        "sys.addaudithook(hook)\n"
         "from dcvit_deploy.cli import main\n"
         "main(sys.argv[1:])\n"
     )
