@@ -10,7 +10,8 @@ The checks are grouped by what they need:
   :func:`check_deploy_options`, :func:`targets_from_text`;
 * **the file system**: :func:`check_images` (count images without decoding them),
   :func:`check_writable_dir` (``--out``, ``--triton-repo``: creatable, writable, not full),
-  :func:`check_checkpoint` (exists, readable, every tensor finite), :func:`check_manifest`,
+  :func:`check_checkpoint` (exists, readable, every tensor finite),
+  :func:`check_pretrained_cache`, :func:`check_manifest`,
   :func:`check_report_file`;
 * **the model's geometry** (cheap: the structure is built on the ``meta`` device, no weights
   are allocated): :func:`check_model` (kwargs timm accepts, supported layout, checkpoint shapes,
@@ -418,6 +419,37 @@ def check_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_pretrained_cache(name: str) -> None:
+    """``--pretrained-cache``: the model's Hugging Face weights are in the local hub cache.
+
+    Checked without network and without reading the weights (the loader checks them). Models
+    whose weights timm fetches from a plain URL, and timm versions whose config cannot be read,
+    are left to the loader.
+    """
+    try:
+        import huggingface_hub
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    except Exception:  # no hub client, or another timm layout: the loader decides
+        return
+    if not repo:
+        return
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        try:
+            found = huggingface_hub.try_to_load_from_cache(repo, filename)
+        except Exception:  # malformed repo id or cache: the loader decides
+            return
+        if isinstance(found, str):
+            return
+    raise UserInputError(
+        f"--pretrained-cache: the weights of {name} ({repo}) are not in the local Hugging "
+        "Face hub cache, and nothing is downloaded",
+        "pass --checkpoint FILE with local weights, or fill the cache on a machine with network",
+    )
+
+
 def check_manifest(out: str | os.PathLike[str]) -> None:
     """An existing run's ``manifest.json`` parses as a JSON object (a run directory that a
     crash, a full disk or a hand edit left corrupt is named, with the fix)."""
@@ -696,6 +728,8 @@ def validate_run(
     images = check_images(copts.data)
     notes = holdout_notes(len(images), copts.num_samples, copts.holdout)
     sd = check_checkpoint(copts.checkpoint) if copts.checkpoint is not None else None
+    if copts.pretrained_cache:
+        check_pretrained_cache(copts.model)
     facts = check_model(copts, sd)
     del sd
     plan = plan_targets(copts, facts)

@@ -391,3 +391,17 @@ def test_a_corrupt_run_can_still_be_overwritten(tmp_path: Path, photo_dir: Path)
     validate_run(copts(data=str(photo_dir)), None, run, stages=("compress",))
     with pytest.raises(RunDirError, match="corrupt"):
         validate_stage(run, DeployOptions(), need_backend=False)
+
+
+def test_pretrained_cache_must_hold_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    from dcvit_deploy.validate import check_pretrained_cache
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    with pytest.raises(UserInputError, match=r"not in the local Hugging Face hub cache"):
+        check_pretrained_cache("vit_tiny_patch16_224")
+    monkeypatch.setattr(
+        huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}"
+    )
+    check_pretrained_cache("vit_tiny_patch16_224")
