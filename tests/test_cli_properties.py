@@ -93,9 +93,11 @@ def value(pair: tuple[list[str], list[str]]) -> st.SearchStrategy[str]:
 def command_lines(draw: st.DrawFn) -> list[tuple[str, ...]]:
     """A ``compress`` command line as (option, value...) groups; paths are templates."""
     groups: list[tuple[str, ...]] = [("--model", draw(value(MODELS)))]
-    weights = draw(st.sampled_from(["random"] * 12 + ["checkpoint", "both", "none"]))
+    weights = draw(st.sampled_from(["random"] * 12 + ["checkpoint", "both", "none", "cache"]))
     if weights in ("random", "both"):
         groups.append(("--random-init",))
+    if weights == "cache":  # nothing is in this machine's hub cache: refused up front
+        groups.append(("--pretrained-cache",))
     if weights in ("checkpoint", "both"):
         groups.append(("--checkpoint", draw(value(PATHS["--checkpoint"]))))
     # the default targets (5%:40%:5%) start below what the tiny ViT can reach: always given
