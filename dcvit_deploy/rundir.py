@@ -182,7 +182,7 @@ class RunDir:
         finished a unit (e.g. started with a wrong checkpoint) is replaced without asking.
         ``must_exist``: refuse to start a new run (``--resume`` of a run that is not there).
         """
-        path = Path(root)
+        path = Path(root).absolute()  # artifacts recorded relative to it resolve from any cwd
         if must_exist and not (path / MANIFEST).is_file():
             raise RunDirError(
                 f"there is no run to resume in {path}", "drop --resume to start a new run"
@@ -282,15 +282,16 @@ class RunDir:
 
         ``lock=False`` reads without locking (``status``), so it works while a run is going on.
         """
-        path = Path(root) / MANIFEST
+        base = Path(root).absolute()
+        path = base / MANIFEST
         if not path.is_file():
             raise RunDirError(
                 f"{root} is not a run directory (no {MANIFEST})",
                 "run `dcvit-deploy compress` first",
             )
-        held = RunLock(Path(root)).acquire() if lock else None
+        held = RunLock(base).acquire() if lock else None
         try:
-            return cls(Path(root), _read_manifest(path), held)
+            return cls(base, _read_manifest(path), held)
         except BaseException:
             if held is not None:
                 held.release()

@@ -329,12 +329,12 @@ def test_bisect_search_through_the_pipeline_matches_exhaustive(
         c["candidate"]: next(s["p50"] for s in c["latency"] if s["batch_size"] == 1)
         for c in report["candidates"]
     }
-    fastest = min(p50.values())
-    budget = fastest * 1.0001
+    first, second = sorted(p50.values())[:2]
+    budget = (first + second) / 2  # only the fastest candidate fits
     args = main_job(photo_dir, profile_file, out)
     args[args.index("--latency-ms") + 1] = f"{budget:.6f}"
     args[args.index("--margin") + 1] = "0%"
-    args.append("--no-confirm")  # the budget sits on the fastest figure: compare the searches
+    args.append("--no-confirm")  # compare the two searches on the run's own measurements
     code, text_all = run_cli(args)
     assert code == 0, text_all
     chosen_all = json.loads(text_all[text_all.index("{") :])["chosen"]

@@ -379,3 +379,11 @@ def test_sigterm_marks_the_unit_interrupted_and_the_rerun_resumes(tmp_path, phot
     code, text = run_cli([*args, "--latency-ms", "1000", "--no-confirm"])
     assert code == 0, text
     assert manifest(out)["units"]["family"]["status"] == "ok"
+
+
+def test_a_relative_out_directory_finds_its_artifacts(tmp_path, photo_dir, profile, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_pipeline(copts(photo_dir, targets=(0.25,)), dopts(profile, latency_ms=1000.0),
+                          "runs/rel")  # fmt: skip
+    assert {o.status for o in result.outcomes} == {"ok"} and result.selection is not None
+    assert result.selection.chosen == "original"

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserInputError
-from ..records import CandidateOutcome, LatencyBudget
-from .select import ORIGINAL, budget_batch
+from ..records import CandidateOutcome
+from .select import ORIGINAL, resolve_budget
 
 if TYPE_CHECKING:
     from ..options import DeployOptions
@@ -40,11 +40,7 @@ class BisectPlan:
     ) -> None:
         from ..select import bisect_search
 
-        by_name = {c.name: c for c in self.family.candidates}
         order = [n for n in unit.order if n in unit.artifacts]
-        batch = budget_batch(self.profile, self.dopts)
-        statistic = self.dopts.statistic or self.profile.statistic
-        ms = self.dopts.latency_ms
         if self.dopts.speedup is not None:
             if ORIGINAL not in unit.artifacts:
                 raise UserInputError(
@@ -61,15 +57,9 @@ class BisectPlan:
                     f"the original could not be measured: {errors.get(ORIGINAL)}",
                     "fix the measurement or use --latency-ms",
                 )
-            orig = next(s for s in latency[ORIGINAL] if s.batch_size == batch)
-            ms = orig.stat(statistic) / self.dopts.speedup
-        assert ms is not None
-        budget = LatencyBudget(
-            ms=ms,
-            statistic=statistic,
-            batch_size=batch,
-            margin=self.dopts.margin,  # type: ignore[arg-type]
-        )
+        original = self._outcome(unit, ORIGINAL, latency, errors) if ORIGINAL in latency else None
+        budget = resolve_budget(self.profile, self.dopts, [original] if original else [])
+        assert budget is not None
 
         def measure_one(name: str) -> CandidateOutcome:
             if name not in latency and name not in errors:
@@ -78,17 +68,26 @@ class BisectPlan:
                     latency[name] = earlier
                 else:
                     unit.measure(ctx, [name], latency, errors, files)
-            c = by_name[name]
-            base: dict[str, Any] = {
-                "candidate": name,
-                "method": c.method,
-                "retained": c.retained,
-                "macs": c.macs,
-                "fidelity": self.family.fidelity(name),
-                "artifact": unit.artifacts[name],
-            }
-            if name in latency:
-                return CandidateOutcome(**base, status="ok", latency=tuple(latency[name]))
-            return CandidateOutcome(**base, status="profile_failed", error=errors.get(name, ""))
+            return self._outcome(unit, name, latency, errors)
 
-        bisect_search(order, measure_one, budget, prefer=self.dopts.prefer)  # type: ignore[arg-type]
+        bisect_search(order, measure_one, budget, prefer=self.dopts.prefer)
+
+    def _outcome(
+        self,
+        unit: ProfileUnit,
+        name: str,
+        latency: dict[str, list[LatencyStats]],
+        errors: dict[str, str],
+    ) -> CandidateOutcome:
+        c = next(c for c in self.family.candidates if c.name == name)
+        base: dict[str, Any] = {
+            "candidate": name,
+            "method": c.method,
+            "retained": c.retained,
+            "macs": c.macs,
+            "fidelity": self.family.fidelity(name),
+            "artifact": unit.artifacts[name],
+        }
+        if name in latency:
+            return CandidateOutcome(**base, status="ok", latency=tuple(latency[name]))
+        return CandidateOutcome(**base, status="profile_failed", error=errors.get(name, ""))

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..atomic import sha256_file
 from ..errors import UserInputError
@@ -76,7 +76,7 @@ def family_config(opts: CompressOptions, n_images: int) -> Any:
         schedule=sched,
         rank_schedule=rank,
         targets=tuple(opts.targets),
-        method=opts.methods[0],
+        method=cast(Any, opts.methods[0]),
         methods=tuple(opts.methods),
         round_to=opts.round_to,
         candidate_blocks=opts.candidate_blocks,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from ..errors import BudgetInfeasible, UserInputError
 from ..progress import ProgressFn, quiet
@@ -24,7 +24,7 @@ from .outcomes import outcomes_for
 from .profile import ProfileUnit, check_device
 from .publish import PublishUnit, unpublish_stale
 from .runner import Runner, terminate_as_interrupt
-from .select import SelectUnit, budget_batch, selection_of
+from .select import SelectUnit, budget_batch, remeasured_of, selection_of
 
 if TYPE_CHECKING:
     from ..options import CompressOptions, DeployOptions
@@ -46,7 +46,6 @@ class JobResult:
     notes: list[str] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
     budget: dict[str, Any] = field(default_factory=dict)
-    confirmations: dict[str, Any] = field(default_factory=dict)
     published: dict[str, Any] = field(default_factory=dict)
 
 
@@ -221,14 +220,21 @@ def decide_and_publish(
         res = runner.run(SelectUnit(profile, outcomes)).result
         result.selection = selection_of(res)
         result.budget = dict(res.get("budget", {}))
-        result.confirmations = dict(res.get("confirmations", {}))
-        set_aside = res.get("set_aside", {})
-        if set_aside:
+        remeasured = remeasured_of(res)
+        if remeasured:  # the report shows the figures the decision was made on
             import dataclasses
 
             result.outcomes = [
-                dataclasses.replace(o, status="profile_failed", error=set_aside[o.candidate])
-                if o.candidate in set_aside
+                dataclasses.replace(
+                    o,
+                    latency=tuple(
+                        next(
+                            (r for r in remeasured[o.candidate] if r.batch_size == s.batch_size), s
+                        )
+                        for s in o.latency
+                    ),
+                )
+                if o.candidate in remeasured
                 else o
                 for o in outcomes
             ]
@@ -272,7 +278,11 @@ def options_from_manifest(run: RunDir) -> CompressOptions:
         )
     ov = raw.pop("data_overrides", None)
     overrides = (
-        DataOverrides(**{k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()})
+        DataOverrides(
+            **cast(
+                dict[str, Any], {k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}
+            )
+        )
         if isinstance(ov, dict)
         else None
     )

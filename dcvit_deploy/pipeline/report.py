@@ -41,9 +41,8 @@ def run_meta(
             f"budget relative to the original: {b['original_ms']:.4g} ms / {b['speedup']:g} = "
             f"{b['ms']:.4g} ms"
         )
-    for name, conf in result.confirmations.items():
-        verdict = "fits" if conf["fits"] else "does not fit; search continued"
-        notes.append(f"{name} re-measured in a fresh process: {conf['ms']:.4g} ms ({verdict})")
+    if result.selection is not None:
+        notes += list(result.selection.notes)
     for pub in result.published.get("models", []):
         notes.append(
             f"published {pub['candidate']} as Triton model {pub['model']} version {pub['version']}"
@@ -83,9 +82,16 @@ def run_meta(
         "notes": notes,
         "superseded": list(result.superseded),
         "budget_basis": result.budget,
-        "confirmations": result.confirmations,
+        "confirmations": dict(result.selection.confirmed) if result.selection else {},
         "published": result.published,
     }
+
+
+def _copy(src: Path, dest: Path) -> None:
+    def write(tmp: Path) -> None:
+        shutil.copyfile(src, tmp)
+
+    atomic_write_with(dest, write)
 
 
 def write_run_reports(
@@ -110,6 +116,6 @@ def write_run_reports(
     top = {}
     for key, path in paths.items():
         dest = run.root / path.name
-        atomic_write_with(dest, lambda tmp, src=path: shutil.copyfile(src, tmp))
+        _copy(path, dest)
         top[key] = dest
     return top

@@ -1,31 +1,33 @@
-"""The select unit: the budget decision over the family's measured outcomes, confirmed.
+"""The select unit: the budget decision over the family's measured outcomes, re-measured where
+it is within noise, and confirmed in a fresh process.
 
 Selection itself stays a pure function of measurements (:mod:`dcvit_deploy.select`). This unit
 resolves the budget (absolute ``--latency-ms``, or relative ``--speedup`` to the original
-measured in the same run), decides, and then re-measures the chosen artifact in a fresh
-process: if that confirmation no longer fits, the candidate is set aside with the reason and
-the search continues, so a model that misses its budget is never published.
+measured in the same run), re-measures in more interleaved rounds the candidates whose fit is
+within noise of the budget (:func:`~dcvit_deploy.select.needs_remeasure`), then decides and
+confirms the choice in a fresh process
+(:func:`~dcvit_deploy.select.select_confirmed`): a choice whose confirmation no longer fits is
+set aside with the figure as its reason and the search continues, so a model that misses its
+budget is never published.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserInputError
-from ..records import CandidateOutcome, LatencyBudget, Selection, from_dict, to_dict
+from ..records import CandidateOutcome, LatencyBudget, LatencyStats, Selection, from_dict, to_dict
 from .unit import UnitOutput
 
 if TYPE_CHECKING:
     from ..options import DeployOptions
-    from ..records import Artifact, LatencyStats, TargetProfile
+    from ..records import TargetProfile
     from .context import JobContext
 
 ORIGINAL = "original"
-
-ConfirmFn = Callable[["Artifact", int], "LatencyStats"]
-"""Re-measure an artifact at a batch size in a fresh process (the profile is bound)."""
+REMEASURE_PASSES = 2
 
 
 def select_unit_id(profile: str) -> str:
@@ -45,82 +47,61 @@ def budget_batch(profile: TargetProfile, dopts: DeployOptions) -> int:
 
 def resolve_budget(
     profile: TargetProfile, dopts: DeployOptions, outcomes: Sequence[CandidateOutcome]
-) -> tuple[LatencyBudget | None, dict[str, Any]]:
-    """The budget in milliseconds, and how it was derived (for the report).
+) -> LatencyBudget | None:
+    """The budget: ``--latency-ms``, or ``--speedup S`` = the original's figure measured in this
+    run (same batch size and statistic) / S, with the original's spread as its uncertainty."""
+    from ..select import relative_budget
 
-    ``--speedup S`` means: at most the original's measured figure / S, the original measured
-    in this run at the budget's batch size and statistic.
-    """
     if not dopts.has_budget:
-        return None, {}
+        return None
     batch = budget_batch(profile, dopts)
     statistic = dopts.statistic or profile.statistic
-    how: dict[str, Any] = {"kind": "absolute"}
-    ms = dopts.latency_ms
-    if dopts.speedup is not None:
-        orig = next((o for o in outcomes if o.candidate == ORIGINAL), None)
-        stats = orig.latency_at(batch) if orig is not None else None
-        if stats is None:
-            raise UserInputError(
-                "--speedup needs the original model measured in the same run, and it was not",
-                "keep the original in the family (drop --no-original) or use --latency-ms",
-            )
-        original_ms = stats.stat(statistic)
-        ms = original_ms / dopts.speedup
-        how = {"kind": "relative", "speedup": dopts.speedup, "original_ms": original_ms}
-    assert ms is not None
     try:
-        budget = LatencyBudget(ms=ms, statistic=statistic, batch_size=batch, margin=dopts.margin)  # type: ignore[arg-type]
+        if dopts.speedup is not None:
+            orig = next((o for o in outcomes if o.candidate == ORIGINAL), None)
+            stats = orig.latency_at(batch) if orig is not None and orig.selectable else None
+            if stats is None:
+                raise UserInputError(
+                    "--speedup needs the original model measured in the same run, and it was not",
+                    "keep the original in the family (drop --no-original) or use --latency-ms",
+                )
+            return relative_budget(
+                dopts.speedup,
+                stats,
+                statistic=statistic,  # type: ignore[arg-type]
+                batch_size=batch,
+                margin=dopts.margin,
+                reference_name=ORIGINAL,
+            )
+        assert dopts.latency_ms is not None
+        return LatencyBudget(
+            ms=dopts.latency_ms,
+            statistic=statistic,  # type: ignore[arg-type]
+            batch_size=batch,
+            margin=dopts.margin,
+        )
     except ValueError as exc:
         raise UserInputError(
-            f"invalid latency budget: {exc}", "see --latency-ms, --margin"
+            f"invalid latency budget: {exc}", "see --latency-ms, --speedup"
         ) from exc
-    how["ms"] = ms
-    return budget, how
 
 
-def _set_aside(outcome: CandidateOutcome, why: str) -> CandidateOutcome:
-    return dataclasses.replace(outcome, status="profile_failed", error=why)
-
-
-def decide_confirmed(
-    outcomes: Sequence[CandidateOutcome],
-    budget: LatencyBudget,
-    *,
-    prefer: str,
-    search: str,
-    confirm: ConfirmFn | None,
-    max_confirmations: int = 4,
-) -> tuple[Selection, list[CandidateOutcome], dict[str, Any]]:
-    """Decide; confirm the choice in a fresh process; on a failed confirmation set the choice
-    aside (with the measured figure as the reason) and decide again. Returns the selection,
-    the outcomes it was made over and the confirmations ``{name: {...}}``."""
-    from ..select import decide
-
-    items = list(outcomes)
-    confirmations: dict[str, Any] = {}
-    while True:
-        selection = decide(items, budget, search=search, prefer=prefer)  # type: ignore[arg-type]
-        chosen = selection.chosen
-        if chosen is None or confirm is None or len(confirmations) >= max_confirmations:
-            return selection, items, confirmations
-        outcome = next(o for o in items if o.candidate == chosen)
-        assert outcome.artifact is not None
-        stats = confirm(outcome.artifact, budget.batch_size)
-        figure = stats.stat(budget.statistic)
-        fits = budget.admits(stats)
-        confirmations[chosen] = {"ms": figure, "fits": fits, "stats": to_dict(stats)}
-        if fits:
-            return selection, items, confirmations
-        why = (
-            f"re-measured in a fresh process at {figure:.4g} ms {budget.statistic}, which no "
-            f"longer fits the budget of {budget.ms:.4g} ms"
-        )
-        items = [_set_aside(o, why) if o.candidate == chosen else o for o in items]
+def budget_basis(budget: LatencyBudget | None) -> dict[str, Any]:
+    """How the budget was derived, for the report."""
+    if budget is None:
+        return {}
+    if budget.relative:
+        return {
+            "kind": "relative",
+            "speedup": budget.speedup,
+            "original_ms": budget.reference_ms,
+            "ms": budget.ms,
+        }
+    return {"kind": "absolute", "ms": budget.ms}
 
 
 class SelectUnit:
-    """Decide under the budget for ``profile``; confirm the choice in a fresh process."""
+    """Decide under the budget for ``profile``; re-measure what is within noise; confirm."""
 
     optional = False
 
@@ -140,45 +121,87 @@ class SelectUnit:
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
-        budget, how = resolve_budget(self.profile, ctx.dopts, self.outcomes)
+        budget = resolve_budget(self.profile, ctx.dopts, self.outcomes)
         if budget is None:
-            return UnitOutput(result={"selection": None, "budget": how})
-        profile = self.profile
-
-        def confirm(artifact: Artifact, batch: int) -> LatencyStats:
-            return confirm_in_fresh_process(artifact, profile, batch)
-
-        selection, items, confirmations = decide_confirmed(
-            self.outcomes,
-            budget,
-            prefer=ctx.dopts.prefer,
-            search=ctx.dopts.search,
-            confirm=confirm if ctx.dopts.confirm and _confirm_available() else None,
-        )
+            return UnitOutput(result={"selection": None, "budget": {}})
+        items, remeasured = self._remeasure_within_noise(ctx, budget)
+        selection = self._decide(ctx, items, budget)
         return UnitOutput(
             result={
                 "selection": to_dict(selection),
-                "budget": how,
-                "confirmations": confirmations,
-                "set_aside": {o.candidate: o.error for o in items if o not in self.outcomes},
+                "budget": budget_basis(budget),
+                "remeasured": {n: [to_dict(s) for s in st] for n, st in remeasured.items()},
             }
         )
 
+    def _remeasure_within_noise(
+        self, ctx: JobContext, budget: LatencyBudget
+    ) -> tuple[list[CandidateOutcome], dict[str, list[LatencyStats]]]:
+        """More interleaved rounds for the candidates whose fit is within noise of the budget
+        (and could change the choice), up to :data:`REMEASURE_PASSES` times."""
+        from ..backends import get_backend
+        from ..rounds import measure_rounds
+        from ..select import needs_remeasure
 
-def confirm_in_fresh_process(
-    artifact: Artifact, profile: TargetProfile, batch_size: int
-) -> LatencyStats:
-    from ..confirm import confirm_in_fresh_process as confirm
+        items = list(self.outcomes)
+        if ctx.dopts.search == "bisect":
+            return items, {}
+        remeasured: dict[str, list[LatencyStats]] = {}
+        settings = self.profile.measure
+        for _ in range(REMEASURE_PASSES):
+            names = needs_remeasure(items, budget, prefer=ctx.dopts.prefer)
+            if not names:
+                break
+            by_name = {o.candidate: o for o in items}
+            artifacts = {n: by_name[n].artifact for n in names if by_name[n].artifact is not None}
+            result = measure_rounds(
+                get_backend(self.profile.backend),
+                artifacts,  # type: ignore[arg-type]
+                self.profile,
+                [budget.batch_size],
+                seed=ctx.copts.seed + 1,
+                min_rounds=settings.max_rounds,
+                max_rounds=settings.max_rounds,
+                reason="within noise of the budget",
+            )
+            for name in artifacts:
+                fresh = result.at(name, budget.batch_size)
+                remeasured[name] = [fresh]
+                o = by_name[name]
+                latency = tuple(
+                    fresh if s.batch_size == budget.batch_size else s for s in o.latency
+                )
+                by_name[name] = dataclasses.replace(o, latency=latency)
+            items = [by_name[o.candidate] for o in items]
+        return items, remeasured
 
-    return confirm(artifact, profile, batch_size)
+    def _decide(
+        self, ctx: JobContext, items: list[CandidateOutcome], budget: LatencyBudget
+    ) -> Selection:
+        from ..select import decide, select_confirmed
 
+        prefer = ctx.dopts.prefer
+        if not ctx.dopts.confirm:
+            return decide(items, budget, search=ctx.dopts.search, prefer=prefer)
+        from ..confirm import FreshProcessConfirm
 
-def _confirm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("dcvit_deploy.confirm") is not None
+        artifacts = {o.candidate: o.artifact for o in items if o.artifact is not None}
+        confirm = FreshProcessConfirm(
+            artifacts,
+            self.profile,
+            budget.batch_size,
+            anchor=budget.reference or None,
+        )
+        return select_confirmed(items, budget, confirm, prefer=prefer, search=ctx.dopts.search)
 
 
 def selection_of(result: dict[str, Any]) -> Selection | None:
     sel = result.get("selection")
     return from_dict(Selection, sel) if sel else None
+
+
+def remeasured_of(result: dict[str, Any]) -> dict[str, list[LatencyStats]]:
+    return {
+        n: [from_dict(LatencyStats, s) for s in st]
+        for n, st in result.get("remeasured", {}).items()
+    }
