@@ -170,10 +170,13 @@ def confirm_in_fresh_process(
 class FreshProcessConfirm:
     """A ``confirm(names) -> {name: stats}`` for :func:`dcvit_deploy.select.select_confirmed`.
 
-    Each call measures the names it has not measured yet, together, in one fresh process;
-    names measured by an earlier call are answered from that call (a candidate's confirmation
-    does not depend on the budget, so a sweep of budgets confirms each candidate once).
-    ``calls`` counts processes started; ``seconds`` their wall time.
+    ``names[0]`` (the chosen candidate) and ``anchor`` (the reference of relative budgets,
+    when asked for) are always answered from one process; a later call whose pair was already
+    measured together is answered from that process, other names (the denser neighbour, which
+    is informational) from the latest process that measured them -- so a sweep of budgets
+    starts few processes. Otherwise every name asked is measured together in a new fresh
+    process. ``calls`` counts processes started, ``seconds`` their wall time, ``latest`` holds
+    each candidate's most recent confirmation.
     """
 
     def __init__(
@@ -181,26 +184,52 @@ class FreshProcessConfirm:
         artifacts: Mapping[str, Artifact],
         profile: TargetProfile,
         batch_size: int,
+        *,
+        anchor: str | None = "original",
         **kwargs: Any,
     ) -> None:
         self.artifacts = dict(artifacts)
         self.profile = profile
         self.batch_size = batch_size
+        self.anchor = anchor
         self.kwargs = kwargs
-        self.cache: dict[str, LatencyStats] = {}
+        self.groups: list[dict[str, LatencyStats]] = []
         self.calls = 0
         self.seconds = 0.0
+
+    @property
+    def latest(self) -> dict[str, LatencyStats]:
+        out: dict[str, LatencyStats] = {}
+        for group in self.groups:
+            out.update(group)
+        return out
+
+    def latest_for(self, name: str, anchor: str) -> LatencyStats:
+        """``anchor``'s stats from the latest process that measured ``name`` with it."""
+        for group in reversed(self.groups):
+            if name in group and anchor in group:
+                return group[anchor]
+        raise KeyError(f"{name!r} and {anchor!r} were never confirmed together")
 
     def __call__(self, names: Sequence[str]) -> dict[str, LatencyStats]:
         import time
 
-        todo = {n: self.artifacts[n] for n in names if n not in self.cache}
-        if todo:
-            t0 = time.perf_counter()
-            self.cache.update(confirm_artifacts(todo, self.profile, self.batch_size, **self.kwargs))
-            self.calls += 1
-            self.seconds += time.perf_counter() - t0
-        return {n: self.cache[n] for n in names}
+        if not names:
+            return {}
+        must = [names[0]] + [n for n in names[1:] if n == self.anchor]
+        for group in reversed(self.groups):
+            if all(n in group for n in must):
+                latest = self.latest
+                out = {n: group[n] for n in must}
+                out.update({n: latest[n] for n in names if n not in out and n in latest})
+                return out
+        todo = {n: self.artifacts[n] for n in dict.fromkeys(names)}
+        t0 = time.perf_counter()
+        group = confirm_artifacts(todo, self.profile, self.batch_size, **self.kwargs)
+        self.calls += 1
+        self.seconds += time.perf_counter() - t0
+        self.groups.append(group)
+        return dict(group)
 
 
 # --------------------------------------------------------------------------- the child

@@ -369,16 +369,17 @@ class LatencyStats:
 
     def spread(self, name: str) -> float:
         """Uncertainty (ms) of statistic ``name``: the interquartile range of its per-round
-        values when measured in rounds, else of the window medians (``p50``) -- 0 when only one
-        value exists. Decisions treat ``stat(name) +- spread(name)`` as "within noise"."""
+        values when measured in rounds, else of the settled window medians (scaled from p50 to
+        the statistic) -- 0 when only one value exists. Decisions treat ``stat(name) +- spread(name)`` as "within noise"."""
         _check(name in STATISTICS, f"unknown statistic {name!r}; use one of {STATISTICS}")
         values = self.round_figures.get(name)
         if values is None and name == "p50" and self.round_medians:
             values = self.round_medians
-        if values is None and self.rounds <= 1 and self.window_medians:
+        settled = self.window_medians[self.settle_windows :]
+        if values is None and self.rounds <= 1 and settled:
             # Window medians scale with the statistic: the spread is relative to p50.
             scale = self.stat(name) / self.p50 if self.p50 > 0 else 1.0
-            values = tuple(m * scale for m in self.window_medians)
+            values = tuple(m * scale for m in settled)
         if not values or len(values) < 2:
             return self.spread_ms if name == "p50" else 0.0
         return _iqr(values)

@@ -593,6 +593,14 @@ def denser_neighbour(
     return names[i - 1] if i > 0 else None
 
 
+def _reference_of(items: Sequence[CandidateOutcome], budget: LatencyBudget) -> str | None:
+    """The reference candidate of a relative budget, when it is among the measured outcomes."""
+    if not budget.relative or not budget.reference:
+        return None
+    names = {o.candidate for o in items if _latency(o, budget.batch_size, budget.statistic)}
+    return budget.reference if budget.reference in names else None
+
+
 def select_confirmed(
     outcomes: Iterable[CandidateOutcome],
     budget: LatencyBudget,
@@ -613,7 +621,11 @@ def select_confirmed(
     nothing is chosen: never publish a model that missed its budget twice). Both figures
     are recorded in ``Selection.confirmed`` and every step in ``notes``. A denser neighbour
     that fits in its confirmation is noted but not chosen: one fresh measurement does not
-    overturn the rounds' median. Pure apart from calling ``confirm``.
+    overturn the rounds' median. A relative budget's reference (``budget.reference``, e.g. the
+    original) is re-measured in the same call, last in ``names``, and the confirmation is
+    judged against ``reference figure there / speedup`` -- the budget means the same thing in
+    the fresh process as in the run. ``confirm`` must measure ``names[0]`` and that reference
+    in one process; the other names are informational. Pure apart from calling ``confirm``.
     """
     if max_confirmations < 1:
         raise ValueError("max_confirmations must be >= 1")
@@ -644,8 +656,30 @@ def select_confirmed(
         neighbour = denser_neighbour(items, chosen, budget)
         if neighbour is not None and neighbour not in confirmed:
             names.append(neighbour)
+        reference = _reference_of(items, budget)
+        if reference is not None and reference not in names:
+            names.append(reference)
         results = confirm(names)
         calls += 1
+        check = budget
+        if reference is not None and reference in results:
+            # A relative budget is relative to the reference measured in the same run: the
+            # confirmation is a run of its own, so it re-measures the reference alongside
+            # and the budget follows (machine drift between the two runs cancels out).
+            ref_stats = results[reference]
+            check = relative_budget(
+                budget.speedup or 1.0,
+                ref_stats,
+                statistic=budget.statistic,
+                batch_size=budget.batch_size,
+                margin=budget.margin,
+                reference_name=reference,
+            )
+            notes.append(
+                f"{reference} re-measured in the same fresh process: "
+                f"{_ms(ref_stats.stat(budget.statistic))} ms, so the budget there is "
+                f"{_budget_text(check)}"
+            )
         for name in names:
             if name in results:
                 st = results[name]
@@ -668,12 +702,12 @@ def select_confirmed(
                 f"{_budget_expr(nb.stat(budget.statistic), budget)} "
                 + ("fits too (kept the rounds' decision)" if nb_fits else "still over budget")
             )
-        if budget.admits(stats):
-            notes.append(f"confirmed {chosen} in a fresh process: {expr} <= {_budget_text(budget)}")
+        if check.admits(stats):
+            notes.append(f"confirmed {chosen} in a fresh process: {expr} <= {_budget_text(check)}")
             break
         excluded[chosen] = (
             f"confirmation failed: re-measured in a fresh process at {expr} > "
-            f"{_budget_text(budget)}; the search continued with the next candidate"
+            f"{_budget_text(check)}; the search continued with the next candidate"
         )
         notes.append(f"confirmation of {chosen} failed ({expr}); continuing the search")
     reasons = dict(sel.reasons)

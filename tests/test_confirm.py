@@ -53,7 +53,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Artifact]
             "vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT_KWARGS, "depth": depth}
         ).eval()
         onnx_path = out / f"{name}.onnx"
-        export_onnx(model, onnx_path, input_shape=(3, 32, 32), simplify=False)
+        export_onnx(
+            model, onnx_path, input_shape=(3, 32, 32), simplify=False, exporter="torchscript"
+        )
         artifacts[name] = backend.build(onnx_path, profile, out / "artifacts", candidate=name)
     return artifacts, profile
 

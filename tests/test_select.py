@@ -575,3 +575,22 @@ def test_measurement_records_round_trip() -> None:
     for key in ("rounds", "round_medians", "round_figures", "spread_ms", "machine", "actions"):
         old.pop(key)
     assert from_dict(LatencyStats, old).rounds == 1  # files written before the fields exist
+
+
+def test_relative_confirmation_re_derives_the_budget_in_the_fresh_process() -> None:
+    # The fresh process runs 20 % slower than the run (another moment on a shared machine):
+    # against the run's 7.69 ms c90 would "fail"; against the original re-measured next to it
+    # (12.0 / 1.3 = 9.23 ms) it holds, which is what "1.3x faster than the original" means.
+    outs = [
+        outcome("original", 1.0, 10.0),
+        outcome("c90", 0.9, 7.6),
+        outcome("c80", 0.8, 7.0),
+    ]
+    budget = relative_budget(1.3, outs[0].latency[0], statistic="p50", batch_size=1)
+    fake = FakeConfirm({"original": 12.0, "c90": 9.12, "c80": 8.4})
+    sel = select_confirmed(outs, budget, fake)
+    assert sel.chosen == "c90" and fake.calls == [("c90", "original")]
+    assert any("original re-measured in the same fresh process" in n for n in sel.notes)
+    assert (
+        sel.notes[-1].startswith("confirmed c90") and "(original 12.00 ms / 1.3)" in sel.notes[-1]
+    )
