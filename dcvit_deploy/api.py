@@ -39,9 +39,11 @@ def run_pipeline(
     resume: bool = False,
     progress: ProgressFn = quiet,
     stop_after: Literal["compress", "family", "deploy"] = "deploy",
+    validated: bool = False,
 ) -> JobResult:
     """The main job: compress → export/verify → build/verify → profile → select (confirmed) →
-    publish to Triton → reports. Rerunning resumes; see :mod:`dcvit_deploy.pipeline`."""
+    publish to Triton → reports. Rerunning resumes; see :mod:`dcvit_deploy.pipeline`.
+    ``validated``: the caller already ran :func:`dcvit_deploy.validate.validate_run`."""
     return run_job(
         copts,
         dopts,
@@ -50,6 +52,7 @@ def run_pipeline(
         resume=resume,
         progress=progress,
         stop_after="deploy" if stop_after == "deploy" else "family",
+        validated=validated,
     )
 
 

@@ -612,6 +612,7 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         resume=kw["resume"],
         progress=_progress(kw["as_json"]),
         stop_after="deploy" if "deploy" in stages else "compress",
+        validated=True,  # validate_run above already checked everything it can
     )
     _warn(_result_notes(result, set(checked.notes)))
     if "deploy" in stages:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata as md
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,7 +88,13 @@ def prepare(opts: CompressOptions) -> Prepared:
     import torch
 
     from ..data import input_fingerprint as data_fp
-    from ..data import list_images, load_eval_tensor, resolve_data_config, sample_images
+    from ..data import (
+        list_images,
+        load_eval_tensor,
+        resolve_data_config,
+        sample_images,
+        split_holdout,
+    )
     from ..models import geometry_kwargs, load_model
 
     images = list_images(opts.data)  # fail fast on bad data before loading the model
@@ -105,16 +110,9 @@ def prepare(opts: CompressOptions) -> Prepared:
     dcfg = resolve_data_config(loaded.model, opts.data_overrides)
     all_paths = list(images)
     train = sample_images(all_paths, opts.num_samples, opts.seed)
-    chosen = set(train)
-    rest = [p for p in all_paths if p not in chosen]
-    random.Random(opts.seed + 1).shuffle(rest)
-    note = ""
-    if not rest:
-        rest = list(train)
-        note = (
-            "no images left over for a held-out set: fidelity and verification use training images"
-        )
-    holdout = load_eval_tensor(rest, dcfg, max_images=opts.holdout)
+    split = split_holdout(all_paths, train, opts.holdout, opts.seed)
+    note = split.note
+    holdout = load_eval_tensor(list(split.paths), dcfg, max_images=opts.holdout)
     return Prepared(
         teacher=loaded.model,
         weights_fp=weights_fingerprint(loaded.model),

@@ -193,7 +193,10 @@ class FamilyUnit:
         files = [run.family_dir / "family.json"]
         for c in cands:
             files += [run.family_dir / f"{c.name}.json", run.family_dir / c.weights]
+        from ..data import skipped_summary
+
         skipped = [f"{p}: {r}" for p, r in dataset.skipped]
+        summary = skipped_summary(dataset.skipped, len(prep.train_paths))
         return UnitOutput(
             result={
                 "candidates": [
@@ -211,6 +214,7 @@ class FamilyUnit:
                 "metric_set": metric.source,
                 "images": len(dataset),
                 "skipped_images": skipped,
+                "skipped_summary": summary,
                 "holdout": int(prep.holdout.shape[0]),
                 "holdout_note": prep.holdout_note,
             },

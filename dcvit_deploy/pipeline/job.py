@@ -47,6 +47,7 @@ class JobResult:
     superseded: list[str] = field(default_factory=list)
     budget: dict[str, Any] = field(default_factory=dict)
     published: dict[str, Any] = field(default_factory=dict)
+    skipped_images: list[str] = field(default_factory=list)
 
 
 def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
@@ -64,14 +65,10 @@ def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
 def _validate_up_front(
     copts: CompressOptions, dopts: DeployOptions, out: str | Path, *, deploying: bool
 ) -> None:
-    """The option, path and model checks of :mod:`dcvit_deploy.validate`, when present."""
-    try:
-        from .. import validate
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return
-    fn = getattr(validate, "validate_run", None)
-    if fn is not None:
-        fn(copts, dopts, out, stages=("compress", "deploy") if deploying else ("compress",))
+    """The option, path, model, profile and budget checks of :mod:`dcvit_deploy.validate`."""
+    from ..validate import validate_run
+
+    validate_run(copts, dopts, out, stages=("compress", "deploy") if deploying else ("compress",))
 
 
 def run_job(
@@ -83,21 +80,19 @@ def run_job(
     resume: bool = False,
     progress: ProgressFn = quiet,
     stop_after: Literal["family", "deploy"] = "deploy",
+    validated: bool = False,
 ) -> JobResult:
     """The main job: family → export/verify → build/verify → profile → select → publish →
     report."""
     from ..profiles import load_profile
 
+    deploying = stop_after == "deploy"
+    if not validated:
+        _validate_up_front(copts, dopts, out, deploying=deploying)
     profile = None
-    if stop_after == "deploy":
+    if deploying:
         profile = load_profile(dopts.profile)
-        check_target(profile, dopts)
-        if dopts.speedup is not None and not copts.include_original:
-            raise UserInputError(
-                "--speedup is relative to the original, but --no-original leaves it out",
-                "drop --no-original or give an absolute --latency-ms",
-            )
-    _validate_up_front(copts, dopts, out, deploying=profile is not None)
+        check_target(profile, dopts)  # the device identity (validation checked the rest)
     prep = prepare(copts)
     collapsed = check_targets(copts, prep)
     with (
@@ -105,8 +100,9 @@ def run_job(
         RunDir.open(out, identity_of(copts, prep), overwrite=overwrite, must_exist=resume) as run,
     ):
         ctx = JobContext(run, copts, dopts, profile, progress, _prep=prep)
-        for n in run.notes + collapsed:
-            ctx.note(n)
+        for n in [*run.notes, *collapsed, prep.holdout_note]:
+            if n:
+                ctx.note(n)
         run.set_inputs(
             compress_options=json.loads(json.dumps(asdict(copts), default=str)),
             deploy_options=asdict(dopts),
@@ -114,9 +110,15 @@ def run_job(
         runner = Runner(ctx)
         runner.run(FamilyUnit())
         family = current_family(run)
+        skipped = family.info.get("skipped_summary", "")
+        if skipped:
+            ctx.note(str(skipped))
         if profile is None:
-            return JobResult(selection=None, outcomes=[], notes=list(ctx.notes))
-        return deploy(ctx, runner, family, profile)
+            result = JobResult(selection=None, outcomes=[], notes=list(ctx.notes))
+        else:
+            result = deploy(ctx, runner, family, profile)
+        result.skipped_images = list(family.info.get("skipped_images", []))
+        return result
 
 
 def check_targets(copts: CompressOptions, prep: Prepared) -> list[str]:

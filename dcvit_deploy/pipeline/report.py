@@ -31,10 +31,9 @@ def run_meta(
     info = family.info
     notes = list(result.notes)
     skipped = info.get("skipped_images") or []
-    if skipped:
-        notes.append(f"{len(skipped)} image(s) skipped: " + "; ".join(skipped[:5]))
-    if info.get("holdout_note"):
-        notes.append(str(info["holdout_note"]))
+    for line in (info.get("skipped_summary"), info.get("holdout_note")):
+        if line and line not in notes:
+            notes.append(str(line))
     if result.budget.get("kind") == "relative":
         b = result.budget
         notes.append(
