@@ -849,9 +849,19 @@ def profiles_cmd(as_json: bool) -> None:
 @click.option(
     "--out", "out_dir", type=click.Path(file_okay=False), help="Write comparison.json/.md here."
 )
+@click.option(
+    "--allow-other-device",
+    is_flag=True,
+    help="Compare even when the baseline was measured on another profile, device or runtime.",
+)
 @JSON_OPTION
 def compare_cmd(
-    report: str, baseline: str, tolerance: float, out_dir: str | None, as_json: bool
+    report: str,
+    baseline: str,
+    tolerance: float,
+    out_dir: str | None,
+    as_json: bool,
+    allow_other_device: bool,
 ) -> None:
     """CI gate: compare a report with a baseline; exit 4 on a latency or fidelity regression."""
     import dataclasses
@@ -875,6 +885,7 @@ def compare_cmd(
             Path(baseline),
             tolerance=tolerance,
             out_dir=Path(out_dir) if out_dir else None,
+            allow_other_device=allow_other_device,
         )
     except RegressionDetected as exc:
         # Point at the comparison only where this command wrote one.
