@@ -867,7 +867,7 @@ def compare_cmd(
     import dataclasses
 
     from .errors import RegressionDetected
-    from .report import check_regression
+    from .compare import check_regression
     from .validate import check_report_file, check_writable_dir
 
     if not tolerance > 0 or tolerance != tolerance or tolerance == float("inf"):

@@ -19,14 +19,12 @@ from dcvit_deploy.records import (
     MacCount,
     Verification,
 )
+from dcvit_deploy.compare import check_regression, compare_to_baseline, write_comparison
 from dcvit_deploy.report import (
     CSV_COLUMNS,
-    check_regression,
-    compare_to_baseline,
     load_report,
     report_outcomes,
     report_selection,
-    write_comparison,
     write_reports,
 )
 from dcvit_deploy.select import decide

@@ -14,32 +14,12 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_VIT_KWARGS
-from test_pipeline import FAST, MODEL, run_cli
+from test_pipeline import FAST, FAST_PROFILE, MODEL, run_cli
 
 from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
 
-PROFILE = """
-name = "trust-cpu"
-backend = "onnxruntime"
-device = "cpu"
-precision = "fp32"
-batch_sizes = [1]
-budget_batch_size = 1
-statistic = "p50"
-scope = "host"
-
-[measure]
-warmup_iters = 2
-warmup_min_s = 0.0
-window_iters = 5
-min_window_s = 0.0
-min_windows = 2
-max_windows = 3
-min_duration_s = 0.0
-
-[backend_options]
-intra_op_num_threads = 1
-"""
+# the end-to-end tests' fast profile, at batch 1 only
+PROFILE = FAST_PROFILE.replace('"test-cpu"', '"trust-cpu"').replace("[1, 2]", "[1]")
 
 
 @pytest.fixture(scope="module")
