@@ -866,8 +866,8 @@ def compare_cmd(
     """CI gate: compare a report with a baseline; exit 4 on a latency or fidelity regression."""
     import dataclasses
 
-    from .errors import RegressionDetected
     from .compare import check_regression
+    from .errors import RegressionDetected
     from .validate import check_report_file, check_writable_dir
 
     if not tolerance > 0 or tolerance != tolerance or tolerance == float("inf"):

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from dcvit_deploy.compare import check_regression, compare_to_baseline, write_comparison
 from dcvit_deploy.errors import RegressionDetected, UserInputError
 from dcvit_deploy.records import (
     Artifact,
@@ -19,7 +20,6 @@ from dcvit_deploy.records import (
     MacCount,
     Verification,
 )
-from dcvit_deploy.compare import check_regression, compare_to_baseline, write_comparison
 from dcvit_deploy.report import (
     CSV_COLUMNS,
     load_report,
