@@ -367,3 +367,23 @@ def test_a_relative_out_directory_finds_its_artifacts(tmp_path, photo_dir, profi
                           "runs/rel")  # fmt: skip
     assert {o.status for o in result.outcomes} == {"ok"} and result.selection is not None
     assert result.selection.chosen == "original"
+
+
+def test_profile_naming_another_gpu_is_refused_unless_allowed(monkeypatch):
+    import dataclasses
+
+    from dcvit_deploy import envinfo
+    from dcvit_deploy.errors import EnvironmentProblem
+    from dcvit_deploy.pipeline import context, profile
+    from dcvit_deploy.profiles import load_profile
+
+    h100 = load_profile("h100-trt-fp16")
+    monkeypatch.setattr(envinfo, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(context, "device_identity", lambda p: {"gpu": "NVIDIA L4"})
+    monkeypatch.setattr(profile, "device_identity", lambda p: {"gpu": "NVIDIA L4"})
+    with pytest.raises(EnvironmentProblem, match=r"is for NVIDIA H100.*NVIDIA L4.*--allow-other"):
+        profile.check_device(h100, allow_other=False)
+    note = profile.check_device(h100, allow_other=True)
+    assert "measured on NVIDIA L4" in note
+    same = dataclasses.replace(h100, gpu="NVIDIA L4")
+    assert profile.check_device(same, allow_other=False) == ""
