@@ -249,6 +249,12 @@ DEPLOY_OPTIONS = _options(
         help="Model name in the Triton repository (default: derived from --model).",
     ),
     click.option(
+        "--triton-replace",
+        is_flag=True,
+        help="Replace an existing Triton model whose platform, I/O or max batch size differ "
+        "(its older versions are retired).",
+    ),
+    click.option(
         "--triton-pareto",
         is_flag=True,
         help="Also write every Pareto-optimal candidate to the repository.",
@@ -426,6 +432,7 @@ def deploy_options(kw: dict[str, Any]) -> Any:
         allow_other_device=kw.get("allow_other_device", False),
         triton_repo=kw.get("triton_repo"),
         triton_model_name=kw.get("triton_model_name"),
+        triton_replace=bool(kw.get("triton_replace", False)),
         triton_pareto=kw.get("triton_pareto", False),
         opset=kw.get("opset", 17),
         simplify=not kw.get("no_simplify", False),

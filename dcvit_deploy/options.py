@@ -81,6 +81,7 @@ class DeployOptions:
     allow_other_device: bool = False
     triton_repo: str | None = None
     triton_model_name: str | None = None
+    triton_replace: bool = False
     triton_pareto: bool = False
     opset: int = 17
     simplify: bool = True

@@ -245,6 +245,8 @@ def decide_and_publish(
         pub = runner.run(PublishUnit(profile, sel, result.outcomes, family))
         result.published = pub.result
         result.triton = Path(pub.result["repository"]) if pub.ok else None
+        if not pub.ok:
+            ctx.note(f"{sel.chosen} was chosen but NOT published to Triton: {pub.reason}")
     elif sel is not None:
         result.infeasible = infeasible_error(sel, result.outcomes)
         removed = unpublish_stale(ctx)

@@ -89,6 +89,7 @@ class PublishUnit:
                 for name, cand in self._names(ctx)
             ],
             "profile": to_dict(self.profile),
+            "replace": ctx.dopts.triton_replace,
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
@@ -110,6 +111,7 @@ class PublishUnit:
                 latency=outcome.latency,
                 source_candidate=cand,
                 run_meta={"run": ctx.run.root.name, "identity": ctx.run.manifest.get("identity")},
+                replace=ctx.dopts.triton_replace,
             )
             published.append(
                 {
