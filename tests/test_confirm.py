@@ -1,4 +1,4 @@
-"""Confirmation in a fresh process: a real child on CPU ONNX Runtime with a tiny ViT."""
+"""Confirmation in a fresh process: a real child on CPU ONNX Runtime with tiny ONNX models."""
 
 from __future__ import annotations
 
@@ -33,29 +33,47 @@ FAST = MeasureSettings(
 )
 
 
+def tiny_onnx(path: Path, hidden: int) -> Path:
+    """A tiny image classifier graph (Flatten -> MatMul -> Relu -> MatMul), dynamic batch.
+
+    Built directly with onnx.helper: the test is about the fresh process, not the exporter,
+    and exporting even a tiny ViT takes longer than the whole confirmation."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((192, hidden)).astype("float32"), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((hidden, 10)).astype("float32"), "w2")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["output"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Artifact], TargetProfile]:
-    import timm
-    import torch
-    from conftest import TINY_VIT_KWARGS
-
     from dcvit_deploy.backends import get_backend
-    from dcvit_deploy.export import export_onnx
     from dcvit_deploy.profiles import load_profile
 
     out = tmp_path_factory.mktemp("confirm")
     profile = dataclasses.replace(load_profile("cpu-ort"), measure=FAST)
     backend = get_backend("onnxruntime")
     artifacts = {}
-    for name, depth in (("dense", 4), ("small", 2)):
-        torch.manual_seed(0)
-        model = timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT_KWARGS, "depth": depth}
-        ).eval()
-        onnx_path = out / f"{name}.onnx"
-        export_onnx(
-            model, onnx_path, input_shape=(3, 32, 32), simplify=False, exporter="torchscript"
-        )
+    for name, hidden in (("dense", 256), ("small", 32)):
+        onnx_path = tiny_onnx(out / f"{name}.onnx", hidden)
         artifacts[name] = backend.build(onnx_path, profile, out / "artifacts", candidate=name)
     return artifacts, profile
 
