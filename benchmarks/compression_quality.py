@@ -70,6 +70,17 @@ MODEL_NAME = fmnist.TEACHER_ARCH
 ARCH = "p7d48"
 TEACHER_TRAIN = {"epochs": 4, "batch": 128, "lr": 1e-3, "warmup_steps": 100}
 FEWSHOT = 500
+REFIT_RANK: dict[str, Any] = {
+    "rank_criterion": "refit",
+    "rank_iterations": None,
+    "shared_ranking": False,
+    "refit": True,
+    "progressive": False,
+    "reuse": False,
+    "bank_views": 0,
+}
+"""The first cheap procedure measured (the ``dcvit_fast`` arm, curve and augmentation study):
+rank by the re-fit alone, at each candidate's width; one-shot re-fit; one finetune."""
 
 
 class Bench:
@@ -125,7 +136,8 @@ class Bench:
         total = self.geom.count(self.base_spec.blocks).linear_norm
         self.targets = [round(k * block / total, 6) for k in (2, 3, 4)]  # 16.6%, 25%, 33%
         self.work = cache / ("bench-quick" if args.quick else "bench")
-        shutil.rmtree(self.work, ignore_errors=True)  # time everything from scratch
+        if not getattr(args, "ablation_only", False):
+            shutil.rmtree(self.work, ignore_errors=True)  # time everything from scratch
         self.chooser = make_chooser("random", self.teacher, seed=0)
 
     # ------------------------------------------------------------------ evaluation
@@ -287,9 +299,10 @@ def ranking_study(b: Bench, ref: dict[str, Any], steps: int) -> dict[str, Any]:
         "width": plan.hidden,
         "reference": {"criterion": f"finetune-{b.args.rank_steps}", **ref},
     }
+    few = max(1, b.args.rank_steps // 3)
     variants = [
-        ("finetune-50", "finetune", 50),
-        ("refit_finetune-50", "refit_finetune", 50),
+        (f"finetune-{few}", "finetune", few),
+        (f"refit_finetune-{few}", "refit_finetune", few),
         (f"local-{b.args.rank_steps}", "local", b.args.rank_steps),
         ("refit", "refit", 1),
     ]
@@ -364,24 +377,44 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny schedules (smoke run)")
     ap.add_argument("--steps", type=int, default=200, help="finetune steps per stage")
-    ap.add_argument("--rank-steps", type=int, default=100, help="reference ranking steps/block")
-    ap.add_argument("--curve", default="100,600", help="extra step counts for the curve")
+    ap.add_argument("--rank-steps", type=int, default=60, help="reference ranking steps/block")
+    ap.add_argument("--curve", default="100,400", help="extra step counts for the curve")
     ap.add_argument("--family-targets", default="5:40:2.5", help="start:stop:step in percent")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--bank-views", type=int, default=8)
     ap.add_argument("--inversion-iterations", type=int, default=150)
-    ap.add_argument("--test-images", type=int, default=5000)
+    ap.add_argument("--test-images", type=int, default=4000)
     ap.add_argument("--sensitivity-images", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--adaptor-steps", type=int, default=50)
+    ap.add_argument("--paper-stage-steps", type=int, default=100, help="paper arm, per stage")
+    ap.add_argument("--family-steps", type=int, default=200)
+    ap.add_argument(
+        "--family-only",
+        action="store_true",
+        help="re-run only the default-family section into an existing results file",
+    )
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
+    ap.add_argument(
+        "--ablation-only",
+        action="store_true",
+        help="add the attention-only ablation and two procedure variants to an existing results "
+        "file (needs its main arms)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ablation_only:
+        ablation_only(args)
+        return
+    if args.family_only:
+        family_only(args)
+        return
     skip = {s for s in args.skip.split(",") if s}
     if args.quick:
         args.steps, args.rank_steps, args.inversion_iterations = 4, 3, 4
         args.curve, args.family_targets = "2", "5:15:5"
+        args.paper_stage_steps = args.family_steps = 3
         args.test_images, args.sensitivity_images = 500, 200
     t_all = time.perf_counter()
     b, setup_s = _timed(lambda: Bench(args))
@@ -427,7 +460,12 @@ def main() -> None:
     S = args.steps
     rank_sched = b.schedule(args.rank_steps)
     main_arms: dict[str, Any] = {}
-    sec["main"] = {"steps_per_stage": S, "arms": main_arms}
+    sec["main"] = {
+        "steps_per_stage": S,
+        "paper_stage_steps": args.paper_stage_steps,
+        "rank_steps": args.rank_steps,
+        "arms": main_arms,
+    }
     common = {"schedule": b.schedule(S), "targets": tuple(b.targets)}
     # Block dropping first: its adaptor ranking is shared by both trainable ranges.
     main_arms["blockdrop_all"] = b.family(
@@ -445,7 +483,7 @@ def main() -> None:
         "blockdrop_dcvit", method="practise", trainable="dcvit", **common
     )
     save()
-    main_arms["dcvit_fast"] = b.family("dcvit_fast", **PROCEDURES["default"], **common)
+    main_arms["dcvit_fast"] = b.family("dcvit_fast", **REFIT_RANK, **common)
     save()
     fast_rank = main_arms["dcvit_fast"]["rankings"][
         str(main_arms["dcvit_fast"]["candidates"][1]["hidden"])
@@ -458,32 +496,13 @@ def main() -> None:
             "dcvit_paper",
             **{**PROCEDURES["paper"], "shared_ranking": True},
             rank_schedule=rank_sched,
-            **common,
+            schedule=b.schedule(args.paper_stage_steps),
+            targets=tuple(b.targets),
         )
         save()
 
     if "family" not in skip:
-        start, stop, step = (float(x) / 100 for x in args.family_targets.split(":"))
-        n = round((stop - start) / step) + 1
-        targets = tuple(round(start + i * step, 6) for i in range(n))
-        fam = b.family(
-            "default_family",
-            **PROCEDURES["default"],
-            schedule=b.schedule(S),
-            targets=targets,
-            bank_views=args.bank_views,
-        )
-        step_s = paper_step_seconds(b)
-        paper_steps = iterations_for_epochs(2000, FEWSHOT, 64)
-        n_stages = plan_structure(b.geom, 12, b.targets[1], max_blocks=10).n_blocks
-        sec["family"] = {
-            **fam,
-            "targets": len(targets),
-            "paper_step_seconds": round(step_s, 4),
-            "paper_iterations_per_finetune": paper_steps,
-            "paper_finetunes_per_candidate": 10 + n_stages,
-            "paper_candidate_seconds": round(step_s * paper_steps * (10 + n_stages), 0),
-        }
+        sec["family"] = family_section(b, args)
         save()
 
     if "ranking" not in skip and "dcvit_paper" in main_arms:
@@ -507,11 +526,11 @@ def main() -> None:
         for steps in sorted(int(x) for x in args.curve.split(",") if x):
             one = {"schedule": b.schedule(steps), "targets": t25}
             if steps < S:
-                row = b.family(
-                    f"curve_surgery_{steps}", **{**PROCEDURES["default"], "refit": False}, **one
-                )["candidates"][0]
+                row = b.family(f"curve_surgery_{steps}", **{**REFIT_RANK, "refit": False}, **one)[
+                    "candidates"
+                ][0]
                 curve["dcvit_surgery"].append({"steps": steps, **row})
-            row = b.family(f"curve_refit_{steps}", **PROCEDURES["default"], **one)["candidates"][0]
+            row = b.family(f"curve_refit_{steps}", **REFIT_RANK, **one)["candidates"][0]
             curve["dcvit_refit"].append({"steps": steps, **row})
             share_drop_rank(f"curve_bd_{steps}")
             row = b.family(f"curve_bd_{steps}", method="practise", trainable="all", **one)[
@@ -522,9 +541,7 @@ def main() -> None:
                 v.sort(key=lambda row: row["steps"])
             save()
         one = {"schedule": b.schedule(S), "targets": t25}
-        row = b.family(f"curve_surgery_{S}", **{**PROCEDURES["default"], "refit": False}, **one)[
-            "candidates"
-        ]
+        row = b.family(f"curve_surgery_{S}", **{**REFIT_RANK, "refit": False}, **one)["candidates"]
         curve["dcvit_surgery"].append({"steps": S, **row[0]})
         curve["dcvit_surgery"].sort(key=lambda row: row["steps"])
         save()
@@ -534,14 +551,155 @@ def main() -> None:
         sec["augment"] = aug
         one = {"schedule": b.schedule(S), "targets": t25}
         for a in ("none", "light"):
-            aug[a] = b.family(f"aug_{a}", aug=a, **PROCEDURES["default"], **one)["candidates"][0]
+            aug[a] = b.family(f"aug_{a}", aug=a, **REFIT_RANK, **one)["candidates"][0]
             save()
         aug[f"paper_bank{args.bank_views}"] = b.family(
-            "aug_bank", **PROCEDURES["default"], bank_views=args.bank_views, **one
+            "aug_bank", **REFIT_RANK, bank_views=args.bank_views, **one
         )["candidates"][0]
         save()
     save()
     print(render_markdown(r))
+
+
+def family_section(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """The product's default procedure over >= 15 targets, and the paper candidate's cost."""
+    start, stop, step = (float(x) / 100 for x in args.family_targets.split(":"))
+    n = round((stop - start) / step) + 1
+    targets = tuple(round(start + i * step, 6) for i in range(n))
+    fam = b.family(
+        "default_family",
+        aug="none",
+        **PROCEDURES["default"],
+        schedule=b.schedule(args.family_steps),
+        targets=targets,
+    )
+    step_s = paper_step_seconds(b)
+    paper_steps = iterations_for_epochs(2000, FEWSHOT, 64)
+    n_stages = plan_structure(b.geom, 12, b.targets[1], max_blocks=10).n_blocks
+    return {
+        **fam,
+        "procedure": {k: v for k, v in PROCEDURES["default"].items()},
+        "steps": args.family_steps,
+        "targets": len(targets),
+        "paper_step_seconds": round(step_s, 4),
+        "paper_iterations_per_finetune": paper_steps,
+        "paper_finetunes_per_candidate": 10 + n_stages,
+        "paper_candidate_seconds": round(step_s * paper_steps * (10 + n_stages), 0),
+    }
+
+
+def family_only(args: argparse.Namespace) -> None:
+    """Re-run the default-family section (e.g. after the default procedure changed); the
+    previous family section is kept as ``family_previous``."""
+    import json
+
+    path = RESULTS / "compression_quality.json"
+    r = json.loads(path.read_text())
+    args.test_images = r["test_images"]
+    args.ablation_only = True  # keep the other sections' work folders
+    t0 = time.perf_counter()
+    b = Bench(args)
+    if "family" in r["sections"]:
+        r["sections"]["family_previous"] = r["sections"].pop("family")
+    shutil.rmtree(b.work / "default_family", ignore_errors=True)
+    r["sections"]["family"] = family_section(b, args)
+    r["total_seconds"] = round(r["total_seconds"] + time.perf_counter() - t0, 1)
+    _write(r)
+
+
+def ablation_only(args: argparse.Namespace) -> None:
+    """Does keeping a block's MLP help at all, once its attention is gone?
+
+    On exactly the blocks block dropping removed, remove only the attention (MLP kept at full
+    width, re-fitted) and finetune as block dropping did: if this costs as much as dropping the
+    blocks, their MLPs carry nothing the finetune cannot restore, and no MAC-matched DC-ViT
+    candidate (which removes the attention of one block more) can beat block dropping here.
+    """
+    import json
+
+    path = RESULTS / "compression_quality.json"
+    r = json.loads(path.read_text())
+    args.test_images = r["test_images"]
+    t0 = time.perf_counter()
+    b = Bench(args)
+    S = r["sections"]["main"]["steps_per_stage"]
+    rows = []
+    for drop_row in r["sections"]["main"]["arms"]["blockdrop_dcvit"]["candidates"]:
+        blocks = list(drop_row["blocks"])
+        spec = compress_blocks(b.base_spec, blocks, b.base_spec.base_mlp_hidden)
+        model = apply_spec(b.teacher, spec)
+        refit_blocks(model, b.teacher, b.plain_images)
+        before = b.eval(model)
+        res = feature_mimic(
+            model,
+            b.teacher,
+            b.dataset("paper"),
+            b.schedule(S),
+            trainable_upto=max(blocks),
+            seed=1,
+        )
+        macs = b.geom.count(spec.blocks).linear_norm / b.geom.count(b.base_spec.blocks).linear_norm
+        rows.append(
+            {
+                "blocks": blocks,
+                "reduction": round(100 * (1 - macs), 2),
+                "refit_only": before,
+                "finetuned": b.eval(model),
+                "steps": S,
+                "seconds": round(res.seconds, 1),
+                "blockdrop_top1": drop_row["top1"],
+            }
+        )
+        print("ablation", rows[-1], flush=True)
+    r["sections"]["attention_only"] = {"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    r["total_seconds"] = round(r["total_seconds"] + r["sections"]["attention_only"]["seconds"], 1)
+    _write(r)
+    # Procedure variants suggested by the ranking study: a short finetune ranking (re-fit first),
+    # once at the middle width, then one-shot or progressive compression with re-fits.
+    t1 = time.perf_counter()
+    main = r["sections"]["main"]
+    few = max(1, main["rank_steps"] // 3)
+    common = {
+        "targets": tuple(b.targets),
+        "rank_criterion": "refit_finetune",
+        "rank_schedule": b.schedule(few, lr_warmup_iterations=1),
+        "shared_ranking": True,
+        "refit": True,
+        "reuse": False,
+    }
+    # The augmentation study found RandAugment + random resized crop hurt feature mimicking on
+    # 28x28 inputs, so these variants (and a block-dropping arm, for fairness) use plain views.
+    main["arms"]["dcvit_rankft_oneshot"] = b.family(
+        "dcvit_rankft_oneshot", aug="none", progressive=False, schedule=b.schedule(S), **common
+    )
+    _write(r)
+    main["arms"]["dcvit_rankft_progressive"] = b.family(
+        "dcvit_rankft_progressive",
+        aug="none",
+        progressive=True,
+        schedule=b.schedule(main["paper_stage_steps"]),
+        **common,
+    )
+    _write(r)
+    drop_rank = next((b.work / "blockdrop_all").glob("ranking-practise-*.json"))
+    (b.work / "blockdrop_all_noaug").mkdir(parents=True, exist_ok=True)
+    shutil.copy(drop_rank, b.work / "blockdrop_all_noaug" / drop_rank.name)
+    main["arms"]["blockdrop_all_noaug"] = b.family(
+        "blockdrop_all_noaug",
+        aug="none",
+        method="practise",
+        trainable="all",
+        schedule=b.schedule(S),
+        targets=tuple(b.targets),
+    )
+    r["total_seconds"] = round(r["total_seconds"] + time.perf_counter() - t1, 1)
+    _write(r)
+
+
+def _write(r: dict[str, Any]) -> None:
+    r["summary"] = summarize(r)
+    atomic_write_json(RESULTS / "compression_quality.json", r)
+    atomic_write_text(RESULTS / "compression_quality.md", render_markdown(r))
 
 
 # --------------------------------------------------------------------------- report
@@ -557,24 +715,27 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     sec = r["sections"]
     arms = sec.get("main", {}).get("arms", {})
     if "blockdrop_all" in arms:
-        best_bd = [
-            max(_row(arms[a], i)["top1"] for a in ("blockdrop_all", "blockdrop_dcvit") if a in arms)
-            for i in range(3)
-        ]
+        bd = [a for a in arms if a.startswith("blockdrop")]
+        best_bd = [max(_row(arms[a], i)["top1"] for a in bd) for i in range(3)]
         s["blockdrop_sensitivity_16"] = round(t - best_bd[0], 2)
-        dc = [a for a in ("dcvit_paper", "dcvit_fast") if a in arms]
+        dc = [a for a in arms if a.startswith("dcvit")]
         if dc:
             best_dc = [max(_row(arms[a], i)["top1"] for a in dc) for i in range(3)]
             for i, pct in enumerate(("16", "25", "33")):
                 s[f"dcvit_minus_blockdrop_{pct}"] = round(best_dc[i] - best_bd[i], 2)
-            if "dcvit_paper" in arms and "dcvit_fast" in arms:
-                s["fast_minus_paper_setting"] = [
-                    round(
-                        _row(arms["dcvit_fast"], i)["top1"] - _row(arms["dcvit_paper"], i)["top1"],
-                        2,
-                    )
-                    for i in range(3)
-                ]
+            s["best_dcvit_arm"] = [
+                max(dc, key=lambda a: _row(arms[a], i)["top1"]) for i in range(3)
+            ]
+            s["best_blockdrop_top1"] = best_bd
+            if "dcvit_paper" in arms:
+                s["dcvit_minus_paper_setting"] = {
+                    a: [
+                        round(_row(arms[a], i)["top1"] - _row(arms["dcvit_paper"], i)["top1"], 2)
+                        for i in range(3)
+                    ]
+                    for a in dc
+                    if a != "dcvit_paper"
+                }
     if "family" in sec:
         f = sec["family"]
         s["family_candidates"] = len(f["candidates"])
@@ -631,10 +792,14 @@ def render_markdown(r: dict[str, Any]) -> str:
             "dcvit_fast": "DC-ViT, re-fit ranking + one-shot re-fit + one finetune",
             "blockdrop_all": "block dropping, train all (PRACTISE setting)",
             "blockdrop_dcvit": "block dropping, train blocks 0..deepest+1 (DC-ViT setting)",
+            "blockdrop_all_noaug": "block dropping, train all, plain views (no augmentation)",
+            "dcvit_rankft_oneshot": "DC-ViT, re-fit + short-finetune ranking, one-shot re-fit + one finetune, plain views",
+            "dcvit_rankft_progressive": "DC-ViT, re-fit + short-finetune ranking, progressive with re-fits, plain views",
         }
         L += [
             "",
-            f"## Main comparison ({m['steps_per_stage']} finetune steps per stage)",
+            f"## Main comparison ({m['steps_per_stage']} finetune steps per candidate; the paper "
+            f"procedure: {m['paper_stage_steps']} per stage, {m['rank_steps']} per ranked block)",
             "",
             "| target | method | achieved (lin+norm / full) | params M | blocks | steps | top-1 % | Δ teacher | agreement % | s |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -708,11 +873,31 @@ def render_markdown(r: dict[str, Any]) -> str:
             L.append(
                 f"| {k} | {row['top1']:.2f} | {row['agreement']:.2f} | {row['seconds'] or 0:.0f} |"
             )
+    if "attention_only" in sec:
+        L += [
+            "",
+            "## Ablation: remove only the attention of the blocks block dropping removed",
+            "",
+            "MLPs kept at full width and re-fitted, then the same finetune as block dropping "
+            "(blocks 0..deepest+1). If this is no better than dropping the blocks, their MLPs "
+            "carry nothing a finetune cannot restore.",
+            "",
+            "| blocks | MACs ↓ | re-fit only | finetuned | block dropping (same blocks) |",
+            "|---|---|---|---|---|",
+        ]
+        for row in sec["attention_only"]["rows"]:
+            L.append(
+                f"| {row['blocks']} | {row['reduction']:.1f}% | {row['refit_only']['top1']:.2f} | "
+                f"{row['finetuned']['top1']:.2f} | {row['blockdrop_top1']:.2f} |"
+            )
     if "family" in sec:
         f = sec["family"]
         L += [
             "",
             f"## Default family ({f['targets']} targets, {len(f['candidates'])} candidates)",
+            "",
+            f"Procedure: {f.get('procedure')}, {f.get('steps')} finetune steps per candidate, "
+            "plain views.",
             "",
             f"Wall time **{f['wall_seconds']} s** ({f['finetune_steps']} finetune steps; detail {f['seconds']}). "
             f"One candidate under the paper schedule: {f['paper_finetunes_per_candidate']} finetunes × "
@@ -726,6 +911,14 @@ def render_markdown(r: dict[str, Any]) -> str:
             L.append(
                 f"| {row['name']} | {row['reduction']:.1f}% | {row['top1']:.2f} | {row['agreement']:.2f} | {row['seconds'] or 0:.0f} |"
             )
+    if "family_previous" in sec:
+        f = sec["family_previous"]
+        tops = ", ".join(f"{row['top1']:.2f}" for row in f["candidates"])
+        L += [
+            "",
+            f"Earlier default (re-fit ranking at every width, 100 steps, RandAugment views in a "
+            f"bank of 8): {len(f['candidates'])} candidates in {f['wall_seconds']} s; top-1 {tops}.",
+        ]
     L += ["", f"Total benchmark wall time: {r.get('total_seconds')} s.", ""]
     return "\n".join(L)
 

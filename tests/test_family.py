@@ -35,7 +35,7 @@ def _run(tiny_vit, images, out, **cfg):
     )
 
 
-REUSE = {"reuse": True, "progressive": True, "rank_criterion": "finetune", "refit": False}
+REUSE = {**family_mod.procedure("paper"), "reuse": True}
 
 
 def test_dcvit_family_with_reuse_writes_rebuildable_candidates(tiny_vit, images, tmp_path):
@@ -101,30 +101,48 @@ def test_bad_config_errors():
         FamilyConfig(schedule=FinetuneSchedule.tiny(), targets=(0.1,), methods=("dcvit", "dcvit"))
 
 
-def test_default_procedure_refits_one_shot_and_ranks_without_training(
+def test_default_procedure_ranks_once_refits_one_shot_on_cached_features(
     tiny_vit, images, tmp_path, monkeypatch
 ):
-    calls = []
+    from dcvit_deploy.compress import recoverability
+    from dcvit_deploy.compress.finetune import TeacherFeatureBank
+
+    calls, rank_calls = [], []
     real = family_mod.feature_mimic
 
-    def counting(*a, **k):
-        calls.append(k["trainable_upto"])
+    def counting(student, teacher, data, *a, **k):
+        calls.append(type(data))
+        return real(student, teacher, data, *a, **k)
+
+    def rank_counting(*a, **k):
+        rank_calls.append(k["trainable_upto"])
         return real(*a, **k)
 
     monkeypatch.setattr(family_mod, "feature_mimic", counting)
-
-    def no_rank_training(*a, **k):
-        raise AssertionError("the default ranking must not finetune")
-
-    monkeypatch.setattr("dcvit_deploy.compress.recoverability.feature_mimic", no_rank_training)
+    monkeypatch.setattr(recoverability, "feature_mimic", rank_counting)
     res = _run(tiny_vit, images, tmp_path)
     dc = res.candidates[1:]
-    assert len(calls) == len(dc)  # one finetune per candidate, none for ranking
+    assert sorted(rank_calls) == [1, 2]  # one short finetune per candidate block, ranked once
+    assert len(res.rankings) == 1
+    assert next(iter(res.rankings.values())).criterion == "kl_after_refit_finetune"
+    assert calls == [TeacherFeatureBank] * len(dc)  # one finetune per candidate, cached teacher
     for c in dc:
         assert c.recipe["progressive"] is False and len(c.recipe["finetune"]) == 1
         assert [r["block"] for r in c.recipe["refit"]] == sorted(c.recipe["blocks"])
         assert all(r["mse_after"] < r["mse_before"] for r in c.recipe["refit"])
-    assert next(iter(res.rankings.values())).criterion == "kl_after_refit"
+
+
+def test_rank_iterations_shortens_the_ranking_schedule():
+    cfg = FamilyConfig(
+        schedule=FinetuneSchedule.tiny(iterations=50), targets=(0.1,), rank_iterations=5
+    )
+    assert cfg.ranking_schedule.iterations == 5
+    paper = FamilyConfig(
+        schedule=FinetuneSchedule.tiny(iterations=50),
+        targets=(0.1,),
+        **family_mod.procedure("paper"),
+    )
+    assert paper.ranking_schedule.iterations == 50 and paper.progressive and not paper.refit
 
 
 def test_mixed_family_holds_both_methods_with_unique_names(tiny_vit, images, tmp_path):

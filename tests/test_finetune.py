@@ -135,6 +135,8 @@ def test_paper_preset_matches_the_method() -> None:
     assert iterations_for_epochs(1.5, 100, 64) == 3
     d = FinetuneSchedule.default(500)
     assert d.iterations < s.iterations and d.lr > s.lr and d.preset == "default"
+    assert not d.augment and d.auto_augment is None  # RandAugment hurt on the benchmark
+    assert FinetuneSchedule.default(500, augment=True).auto_augment == s.auto_augment
 
 
 def test_schedule_curves_and_roundtrip() -> None:
