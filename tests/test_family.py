@@ -143,6 +143,10 @@ def test_rank_iterations_shortens_the_ranking_schedule():
         **family_mod.procedure("paper"),
     )
     assert paper.ranking_schedule.iterations == 50 and paper.progressive and not paper.refit
+    again = FamilyConfig.from_preset(
+        "paper", schedule=FinetuneSchedule.tiny(iterations=50), targets=(0.1,), reuse=True
+    )
+    assert again.progressive and again.bank_views == 0 and again.reuse
 
 
 def test_mixed_family_holds_both_methods_with_unique_names(tiny_vit, images, tmp_path):

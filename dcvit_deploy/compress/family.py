@@ -189,6 +189,12 @@ class FamilyConfig:
             )
         return self.schedule
 
+    @classmethod
+    def from_preset(cls, preset: str, **fields: Any) -> FamilyConfig:
+        """A config with the procedure of schedule preset ``preset`` (:func:`procedure`);
+        ``fields`` (schedule, targets, ...) are set on top and win over the procedure's."""
+        return cls(**{**procedure(preset), **fields})
+
     @property
     def all_methods(self) -> tuple[str, ...]:
         """The methods this family holds, in order."""
