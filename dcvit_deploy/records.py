@@ -370,7 +370,8 @@ class LatencyStats:
     def spread(self, name: str) -> float:
         """Uncertainty (ms) of statistic ``name``: the interquartile range of its per-round
         values when measured in rounds, else of the settled window medians (scaled from p50 to
-        the statistic) -- 0 when only one value exists. Decisions treat ``stat(name) +- spread(name)`` as "within noise"."""
+        the statistic) -- 0 when only one value exists. Decisions treat
+        ``stat(name) +- spread(name)`` as "within noise"."""
         _check(name in STATISTICS, f"unknown statistic {name!r}; use one of {STATISTICS}")
         values = self.round_figures.get(name)
         if values is None and name == "p50" and self.round_medians:

@@ -81,7 +81,7 @@ def run(
 
 def test_exact_statistics_exclude_warmup() -> None:
     warm = [500.0, 500.0]
-    windows = [*[10, 11, 12, 13], *[10, 12, 11, 20], *[11, 11, 12, 12]]  # three windows
+    windows: list[float] = [*[10, 11, 12, 13], *[10, 12, 11, 20], *[11, 11, 12, 12]]  # 3 windows
     timer = ScriptedTimer(warm + windows)
     stats, raw = measure(
         lambda: None,

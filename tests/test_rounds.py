@@ -11,7 +11,7 @@ import pytest
 
 from dcvit_deploy.backends.base import ReadyMeasurement, timed
 from dcvit_deploy.envinfo import busy_warning
-from dcvit_deploy.measure import load_raw
+from dcvit_deploy.measure import load_raw, summarize
 from dcvit_deploy.records import (
     Artifact,
     CandidateOutcome,
@@ -247,7 +247,7 @@ def test_early_stop_after_min_rounds_and_bound_otherwise() -> None:
 
 def test_stop_on_clear_decisions_with_a_budget() -> None:
     settings = dataclasses.replace(SETTINGS, min_rounds=2, max_rounds=6)
-    base = outcomes({n: LatencyStats(**_zero()) for n in BASE_MS})  # latencies replaced below
+    base = outcomes({n: _zero() for n in BASE_MS})  # latencies replaced below
     from dcvit_deploy.records import LatencyBudget
 
     budgets = [LatencyBudget(7.0, "p50", 1)]  # c60 (6 ms) clearly fits, c80 (8 ms) clearly not
@@ -260,12 +260,8 @@ def test_stop_on_clear_decisions_with_a_budget() -> None:
     assert decide(with_latency(base, result), budgets[0]).chosen == "c60"
 
 
-def _zero() -> dict[str, object]:
-    return dict(
-        batch_size=1, iterations=1, mean=1.0, std=0.0, cov=0.0, min=1.0, max=1.0, p50=1.0,
-        p90=1.0, p95=1.0, p99=1.0, throughput=1.0, scope="host", timer="x", windows=1,
-        window_medians=(1.0,), stable=True, warmup_iters=0, duration_s=0.0,
-    )  # fmt: skip
+def _zero() -> LatencyStats:
+    return summarize([1.0], batch_size=1, scope="host", timer="x")
 
 
 def test_raw_samples_per_profile_candidate_and_batch(tmp_path: Path) -> None:
