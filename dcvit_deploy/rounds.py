@@ -404,7 +404,9 @@ def measure_rounds(
                 if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
                     break
     finally:
-        for handle in opened.values():
+        # Last opened, first closed: a handle restoring global state (torch's thread count)
+        # restores what the one opened before it saw.
+        for handle in reversed(list(opened.values())):
             handle.close()
 
     elapsed = time.perf_counter() - t0 + (prior.seconds if prior is not None else 0.0)

@@ -294,6 +294,7 @@ def test_open_measurement_is_used_and_every_session_closed() -> None:
     result = measure_rounds(fake, ARTIFACTS, profile())
     assert fake.measure_calls == []  # one open session per candidate, no per-round measure()
     assert sorted(fake.opened) == sorted(BASE_MS) == sorted(fake.closed)
+    assert fake.closed == fake.opened[::-1]  # LIFO: global state is restored in order
     assert result.at("c80", 1).p50 == 8.0
 
 
