@@ -72,6 +72,11 @@ class BuildError(ExportError):
     still catches it."""
 
 
+class TrainingDiverged(DcvitError):
+    """A finetune's loss, or a score computed from its result, is not finite (NaN/Inf): the
+    unit stops with the step and settings rather than scoring a broken model as perfect."""
+
+
 class EngineMismatch(EnvironmentProblem):
     """A serialized engine was built by another TensorRT version or on another GPU."""
 

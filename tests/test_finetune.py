@@ -336,3 +336,29 @@ def test_train_transform_follows_the_schedule() -> None:
     views = [augmented(image) for _ in range(3)]
     assert all(v.shape == (3, 32, 32) for v in views)
     assert not torch.equal(views[0], views[1])
+
+
+def test_a_diverged_finetune_stops_with_the_step_instead_of_scoring_best(tiny_vit):
+    """A non-finite loss stops the finetune naming the step and lr (here one NaN weight, as a
+    huge --lr produces after some steps); a student with non-finite outputs is never scored
+    KL 0 (max(0.0, nan) is 0.0)."""
+    import copy
+
+    import torch
+
+    from dcvit_deploy.compress.finetune import FinetuneSchedule, feature_mimic, kl_score
+    from dcvit_deploy.errors import TrainingDiverged
+
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    student = copy.deepcopy(tiny_vit)
+    with torch.no_grad():
+        student.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    schedule = FinetuneSchedule.tiny(batch_size=2)
+    schedule = dataclasses.replace(schedule, iterations=5, lr_warmup_iterations=0)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+/5.*lr"):
+        feature_mimic(student, tiny_vit, images, schedule, trainable_upto="all", log_every=1)
+    broken = copy.deepcopy(tiny_vit)
+    with torch.no_grad():
+        broken.head.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="non-finite outputs"):
+        kl_score(broken, tiny_vit, images)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dcvit_deploy.errors import UnsupportedModelError
+from dcvit_deploy.errors import TrainingDiverged, UnsupportedModelError
 from dcvit_deploy.records import from_dict as _record_from_dict
 from dcvit_deploy.records import to_dict as _record_to_dict
 
@@ -655,6 +655,12 @@ def feature_mimic(
             report = step == 0 or steps_done % every == 0 or steps_done == total
             if report:
                 last_loss = float(mse.detach())
+                if not math.isfinite(last_loss):
+                    raise TrainingDiverged(
+                        f"the finetune diverged at step {steps_done}/{total}: feature loss "
+                        f"{last_loss} at lr {lr:.3g}",
+                        "lower --lr (the presets use 1e-4 and 3e-5) or use a --schedule preset",
+                    )
                 if step == 0:
                     initial_loss = last_loss
                 history.append((steps_done, last_loss))
@@ -722,6 +728,13 @@ def kl_score(
             log_t = F.log_softmax(teacher(x).float(), dim=-1)
             log_s = F.log_softmax(student(x).float(), dim=-1)
             total += float(F.kl_div(log_s, log_t, log_target=True, reduction="sum"))
+    if not math.isfinite(total):
+        # max(0.0, nan) is 0.0: a broken student would score as the best possible one.
+        raise TrainingDiverged(
+            f"the recoverability score (KL to the teacher) is {total}: the compressed model "
+            "produces non-finite outputs",
+            "lower --lr, or check the checkpoint and images for non-finite values",
+        )
     # KL is >= 0; rounding can leave a tiny negative sum for near-identical models.
     return max(0.0, total / images.shape[0])
 
