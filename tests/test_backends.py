@@ -115,6 +115,40 @@ def test_onnxruntime_cpu_build_measure_run(
     assert "batch size 4" in str(err.value)
 
 
+def test_onnxruntime_rounds_keep_one_session_per_candidate_open(
+    onnx_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interleaved rounds time warm sessions opened once per candidate (not a new session
+    and warm-up every round, which the one-slot cache forced), and spinning is configurable."""
+    import dataclasses
+
+    import dcvit_deploy.backends.onnxruntime as ortb
+    from dcvit_deploy.rounds import measure_rounds
+
+    backend = get_backend("onnxruntime")
+    profile = cpu_profile()
+    arts = {n: backend.build(onnx_file, profile, tmp_path / "art", candidate=n) for n in ("a", "b")}
+    created: list[dict] = []
+    real = ortb.create_session
+
+    def counting(path, **kw):  # type: ignore[no-untyped-def]
+        session = real(path, **kw)
+        created.append(
+            {"spin": session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning")}
+        )  # fmt: skip
+        return session
+
+    monkeypatch.setattr(ortb, "create_session", counting)
+    quiet = dataclasses.replace(
+        profile, backend_options={**profile.backend_options, "allow_spinning": False}
+    )
+    result = measure_rounds(backend, arts, quiet, [1], min_rounds=3, max_rounds=3)
+    assert result.rounds == 3 and set(result.stats) == {"a", "b"}
+    assert len(created) == 2  # one session per candidate for all three rounds
+    assert {c["spin"] for c in created} == {"0"}
+
+
 def test_onnxruntime_refuses_precision_mismatch(vit: torch.nn.Module, tmp_path: Path) -> None:
     fp16 = tmp_path / "fp16.onnx"
     export_onnx(

@@ -57,6 +57,12 @@ def test_ort_default_threads_are_written_as_zero(tmp_path: Path) -> None:
     assert config.parameters["inter_op_thread_count"].string_value == "0"
 
 
+def test_ort_spinning_off_cannot_be_mirrored_and_says_so(tmp_path: Path) -> None:
+    settings = serving_settings(cpu_profile(allow_spinning=False))
+    assert any("spinning off" in n for n in settings.notes)
+    assert not any("spinning" in n for n in serving_settings(cpu_profile()).notes)
+
+
 @pytest.mark.parametrize(("mode", "value"), [("sequential", "0"), ("parallel", "1")])
 def test_ort_execution_mode(tmp_path: Path, mode: str, value: str) -> None:
     config = published_config(tmp_path, cpu_profile(execution_mode=mode))

@@ -47,6 +47,7 @@ from .base import (
     Availability,
     BackendBase,
     OptionSpec,
+    ReadyMeasurement,
     check_batch,
     cuda_availability,
     module_found,
@@ -88,6 +89,11 @@ class OnnxRuntimeBackend(BackendBase):
         ),
         "execution_mode": OptionSpec(
             str, "sequential", "operator scheduling", choices=("sequential", "parallel")
+        ),
+        "allow_spinning": OptionSpec(
+            bool,
+            True,
+            "let idle pool threads spin for work (ONNX Runtime's default; off on shared runners)",
         ),
         "io_binding": OptionSpec(
             bool, True, "on GPU providers, bind device buffers (no copies when measure.no_copy)"
@@ -360,6 +366,43 @@ class OnnxRuntimeBackend(BackendBase):
             raw_path=raw_path,
         )
 
+    def open_measurement(
+        self, artifact: Artifact, profile: TargetProfile, batch_size: int
+    ) -> ReadyMeasurement:
+        """A session of its own, kept open across interleaved rounds (see
+        :mod:`dcvit_deploy.rounds`): created once per candidate and batch size, never timed,
+        and not the one-slot cache (which interleaving would empty every round)."""
+        self._require(profile)
+        check_batch(artifact, profile, batch_size)
+        opts = self.options(profile)
+        provider = self.provider(profile)
+        settings = profile.measure
+        bind = provider != "cpu" and bool(opts["io_binding"]) and settings.no_copy
+        session = create_session(
+            Path(artifact.path),
+            provider=provider,
+            options=opts,
+            profile=profile,
+            input_name=artifact.input_name,
+            input_shape=artifact.input_shape,
+            cuda_graph=bind and settings.cuda_graphs,
+            cache_dir=Path(artifact.path).parent,
+        )
+        dtype = _ORT_TYPES.get(session.get_inputs()[0].type, "float32")
+        x = random_inputs((batch_size, *artifact.input_shape), dtype)
+        step: Callable[[], None]
+        if bind:
+            step = _bound_step(session, artifact, x, device_id=int(opts["device_id"]))
+        else:
+            feed = {artifact.input_name: x}
+            names = [artifact.output_name]
+
+            def step() -> None:
+                session.run(names, feed)
+
+        holder: list[Any] = [session]
+        return ReadyMeasurement(step, HostTimer(name="host"), closer=holder.clear)
+
     def run(self, artifact: Artifact, profile: TargetProfile, inputs: np.ndarray) -> np.ndarray:
         self._require(profile)
         session = self._session(artifact, profile)
@@ -401,6 +444,9 @@ def create_session(
         else ort.ExecutionMode.ORT_SEQUENTIAL
     )
     so.log_severity_level = int(options.get("log_severity_level", 3))
+    spin = "1" if options.get("allow_spinning", True) else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     providers = provider_list(
         provider,
         options,

@@ -158,6 +158,11 @@ def serving_settings(
         "inter_op_thread_count": str(int(opts.get("inter_op_num_threads", 0))),
         "execution_mode": "1" if opts.get("execution_mode") == "parallel" else "0",
     }
+    if not opts.get("allow_spinning", True):
+        notes.append(
+            "measured with ONNX Runtime thread spinning off; Triton's onnxruntime backend has no "
+            "parameter for it and serves with ONNX Runtime's default (spinning on)"
+        )
     level_name = str(opts.get("graph_optimization_level", "all"))
     graph_level = GRAPH_LEVELS.get(level_name)  # None for "all": the backend's default
     accelerators: tuple[Accelerator, ...] = ()
