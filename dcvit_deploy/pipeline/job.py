@@ -9,11 +9,11 @@ targets), and the run directory is locked for the whole job.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from ..errors import BudgetInfeasible, UserInputError
+from ..errors import UserInputError
 from ..progress import ProgressFn, quiet
 from ..rundir import RunDir
 from .build import BuildUnit, build_facts, build_unit_id
@@ -23,31 +23,16 @@ from .family import FamilyUnit, current_family, superseded
 from .outcomes import outcomes_for
 from .profile import ProfileUnit, check_device
 from .publish import PublishUnit, unpublish_stale
+from .result import JobResult
 from .runner import Runner, terminate_as_interrupt
 from .select import SelectUnit, budget_batch, remeasured_of, selection_of
 
 if TYPE_CHECKING:
     from ..options import CompressOptions, DeployOptions
-    from ..records import Artifact, CandidateOutcome, Selection, TargetProfile
+    from ..records import Artifact, TargetProfile
     from .family import Family
 
 Until = Literal["export", "build", "profile", "select"]
-
-
-@dataclass
-class JobResult:
-    """What a job did: the decision, every candidate's outcome, files written, notes."""
-
-    selection: Selection | None
-    outcomes: list[CandidateOutcome]
-    reports: dict[str, Path] = field(default_factory=dict)
-    triton: Path | None = None
-    infeasible: BudgetInfeasible | None = None
-    notes: list[str] = field(default_factory=list)
-    superseded: list[str] = field(default_factory=list)
-    budget: dict[str, Any] = field(default_factory=dict)
-    published: dict[str, Any] = field(default_factory=dict)
-    skipped_images: list[str] = field(default_factory=list)
 
 
 def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..records import TargetProfile
     from .context import JobContext
     from .family import Family
-    from .job import JobResult
+    from .result import JobResult
 
 
 def run_meta(
