@@ -91,16 +91,19 @@ class Bench:
         self.args = args
         if args.quick:  # smoke run: an untrained teacher of the same shape
             torch.manual_seed(0)
-            self.teacher = fmnist.build_teacher(fmnist.TEACHERS[ARCH])
+            self.teacher = fmnist.build_teacher(
+                fmnist.TEACHERS[getattr(args, "arch", None) or ARCH]
+            )
             self.teacher_fp, self.train_seconds = "quick-untrained", 0.0
         else:
-            self.teacher, info = fmnist.train_teacher(
-                arch=ARCH, threads=args.threads, **TEACHER_TRAIN
-            )
+            arch = getattr(args, "arch", None) or ARCH
+            train = {**TEACHER_TRAIN, **getattr(args, "teacher_train", {})}
+            self.teacher, info = fmnist.train_teacher(arch=arch, threads=args.threads, **train)
             self.teacher_fp = f"fmnist-teacher-{info.config.key()}"
             self.train_seconds = info.train_seconds
         self.teacher.eval()
-        self.kwargs = fmnist.TEACHERS[ARCH]
+        self.arch = getattr(args, "arch", None) or ARCH
+        self.kwargs = fmnist.TEACHERS[self.arch]
         self.dcfg = fmnist.data_config_of(self.teacher)
         test_x, test_y = fmnist.load_fmnist("test")
         n = args.test_images
@@ -121,7 +124,7 @@ class Bench:
         inv = InversionSettings.fast(iterations=args.inversion_iterations)
         t0 = time.perf_counter()
         self.metric = load_or_synthesize(
-            cache / ("metric_set-quick" if args.quick else f"metric_set-{ARCH}"),
+            cache / ("metric_set-quick" if args.quick else f"metric_set-{self.arch}"),
             self.teacher_fp,
             self.teacher,
             self.dcfg["input_size"],
@@ -137,6 +140,8 @@ class Bench:
         total = self.geom.count(self.base_spec.blocks).linear_norm
         self.targets = [round(k * block / total, 6) for k in (2, 3, 4)]  # 16.6%, 25%, 33%
         self.work = cache / ("bench-quick" if args.quick else "bench")
+        if self.arch != ARCH:
+            self.work = cache / f"bench-{self.arch}"
         if not getattr(args, "ablation_only", False):
             shutil.rmtree(self.work, ignore_errors=True)  # time everything from scratch
         self.chooser = make_chooser("random", self.teacher, seed=0)
@@ -392,6 +397,12 @@ def main() -> None:
     ap.add_argument("--paper-stage-steps", type=int, default=100, help="paper arm, per stage")
     ap.add_argument("--family-steps", type=int, default=200)
     ap.add_argument(
+        "--probe",
+        default="",
+        help="ARCH:EPOCHS -- add a short probe of another teacher (sensitivity, block dropping "
+        "and DC-ViT default at 2 blocks' worth of MACs) to an existing results file",
+    )
+    ap.add_argument(
         "--family-only",
         action="store_true",
         help="re-run only the default-family section into an existing results file",
@@ -410,6 +421,9 @@ def main() -> None:
         return
     if args.family_only:
         family_only(args)
+        return
+    if args.probe:
+        probe(args)
         return
     skip = {s for s in args.skip.split(",") if s}
     if args.quick:
@@ -555,7 +569,7 @@ def main() -> None:
             aug[a] = b.family(f"aug_{a}", aug=a, **REFIT_RANK, **one)["candidates"][0]
             save()
         aug[f"paper_bank{args.bank_views}"] = b.family(
-            "aug_bank", **REFIT_RANK, bank_views=args.bank_views, **one
+            "aug_bank", **{**REFIT_RANK, "bank_views": args.bank_views}, **one
         )["candidates"][0]
         save()
     save()
@@ -590,6 +604,38 @@ def family_section(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "paper_finetunes_per_candidate": 10 + n_stages,
         "paper_candidate_seconds": round(step_s * paper_steps * (10 + n_stages), 0),
     }
+
+
+def probe(args: argparse.Namespace) -> None:
+    """Is another teacher less redundant? Per-block sensitivity, then block dropping and the
+    default DC-ViT procedure at 2 blocks' worth of MACs (plain views, same steps)."""
+    import json
+
+    path = RESULTS / "compression_quality.json"
+    r = json.loads(path.read_text())
+    arch, epochs = args.probe.split(":")
+    args.arch, args.teacher_train = arch, {"epochs": int(epochs)}
+    args.test_images = r["test_images"]
+    args.ablation_only = True
+    t0 = time.perf_counter()
+    b = Bench(args)
+    S = r["sections"]["main"]["steps_per_stage"]
+    one = {"schedule": b.schedule(S), "targets": (b.targets[0],)}
+    out: dict[str, Any] = {
+        "arch": arch,
+        "kwargs": b.kwargs,
+        "train": {**TEACHER_TRAIN, "epochs": int(epochs)},
+        "teacher": b.eval(b.teacher),
+        "sensitivity": sensitivity(b),
+    }
+    bd = b.family("probe_blockdrop", aug="none", method="practise", trainable="all", **one)
+    dc = b.family("probe_dcvit", aug="none", **PROCEDURES["default"], **one)
+    out["blockdrop"] = {**bd["candidates"][0], "wall_seconds": bd["wall_seconds"]}
+    out["dcvit_default"] = {**dc["candidates"][0], "wall_seconds": dc["wall_seconds"]}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    r["sections"][f"probe_{arch}"] = out
+    r["total_seconds"] = round(r["total_seconds"] + out["seconds"], 1)
+    _write(r)
 
 
 def family_only(args: argparse.Namespace) -> None:
@@ -968,6 +1014,25 @@ def render_markdown(r: dict[str, Any]) -> str:
                 f"| {row['blocks']} | {row['reduction']:.1f}% | {row['refit_only']['top1']:.2f} | "
                 f"{row['finetuned']['top1']:.2f} | {row['blockdrop_top1']:.2f} |"
             )
+    for key, pr in sec.items():
+        if not key.startswith("probe_"):
+            continue
+        se = pr["sensitivity"]
+        worst = sorted(se["teacher_top1"] - row["drop"] for row in se["rows"])
+        L += [
+            "",
+            f"## Probe: teacher `{pr['arch']}` {pr['kwargs']}, trained {pr['train']}",
+            "",
+            f"Teacher top-1 {pr['teacher']['top1']:.2f}. Dropping one block without finetuning "
+            f"costs {worst[0]:.1f} to {worst[-1]:.1f} points ({se['test_images']} images; "
+            f"blocks costing >= 1.5: {sum(w >= 1.5 for w in worst)} of 12). At "
+            f"{pr['blockdrop']['target']}% MACs, {pr['blockdrop']['steps']} steps, plain views: "
+            f"block dropping {pr['blockdrop']['top1']:.2f} "
+            f"({pr['blockdrop']['top1'] - pr['teacher']['top1']:+.2f}), DC-ViT default "
+            f"{pr['dcvit_default']['top1']:.2f} "
+            f"({pr['dcvit_default']['top1'] - pr['teacher']['top1']:+.2f}); "
+            f"{pr['seconds']} s in all.",
+        ]
     if "family" in sec:
         f = sec["family"]
         L += [
