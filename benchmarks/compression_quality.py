@@ -823,8 +823,11 @@ def findings(r: dict[str, Any]) -> list[str]:
         f"{r['targets_pct'][0]}% after the same finetune (target: >= 1.5 — missed). Without any "
         f"finetune, dropping one block costs < 1.5 points for {cheap_blocks} of 12 blocks (worst: "
         f"block {costs[-1][1]}, {costs[-1][0]:.1f} points). A 12-block, width-48 ViT trained 4 epochs on Fashion-MNIST "
-        "has spare depth; the 50-token teacher the issue suggests did not fit the time on this "
-        "shared machine (`fmnist.DENSE_KWARGS` is there to rerun with).",
+        "has spare depth. The 50-token teacher the issue suggests did not fit the time for the "
+        "full benchmark on this shared machine (`fmnist.DENSE_KWARGS`); its short probe (last "
+        "finding) has blocks that matter before finetuning but not after it: on Fashion-MNIST "
+        "a 200-step feature-mimicking finetune on 500 images restores dropped blocks almost "
+        "fully.",
         f"- **DC-ViT does not beat block dropping here**: best DC-ViT minus best block dropping "
         f"is {s['dcvit_minus_blockdrop_16']:+.2f} / {s['dcvit_minus_blockdrop_25']:+.2f} / "
         f"{s['dcvit_minus_blockdrop_33']:+.2f} points at the three targets (target: >= +2 at "
@@ -869,7 +872,24 @@ def findings(r: dict[str, Any]) -> list[str]:
         f"({s['family_over_paper_candidate']:.4f}x; target <= 2x — met).",
         "- Block dropping trains equally well with either trainable range (all vs blocks "
         "0..deepest+1).",
+        *_probe_findings(sec),
     ]
+
+
+def _probe_findings(sec: dict[str, Any]) -> list[str]:
+    out = []
+    for key, pr in sec.items():
+        if not key.startswith("probe_"):
+            continue
+        bd, dc, t = pr["blockdrop"], pr["dcvit_default"], pr["teacher"]["top1"]
+        out.append(
+            f"- **Probe, 50-token teacher** (`{pr['arch']}`, {pr['train']['epochs']} epochs, "
+            f"top-1 {t:.2f}): at {bd['target']}% MACs block dropping loses "
+            f"{t - bd['top1']:.2f} point(s) and the default DC-ViT {t - dc['top1']:.2f} "
+            f"(DC-ViT minus block dropping {dc['top1'] - bd['top1']:+.2f}); see its section. "
+            "Too short a run to replace the main teacher."
+        )
+    return out
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -1072,7 +1092,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         "produced in three steps on a shared 2-core machine: the main run, then "
         "`--ablation-only` (ablation + variants + the plain-view block-dropping arm), then "
         "`--family-only` after the default procedure was changed to the winning variant (the "
-        "earlier default's family is kept above for comparison).",
+        "earlier default's family is kept above for comparison); the probe section comes from "
+        "`--probe p4d48:2`.",
         "",
     ]
     return "\n".join(L)
