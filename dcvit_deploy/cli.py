@@ -130,9 +130,9 @@ COMPRESS_OPTIONS = _options(
     ),
     click.option(
         "--reuse/--no-reuse",
-        default=True,
-        show_default=True,
-        help="Rank blocks once and warm-start neighbours.",
+        default=None,
+        help="Warm-start each target from its finetuned neighbour (default: the --schedule "
+        "preset's procedure decides).",
     ),
     click.option(
         "--warm-fraction",

@@ -43,7 +43,7 @@ class CompressOptions:
     methods: tuple[str, ...] = ("dcvit",)
     round_to: int = 1
     neuron_choice: str = "random"
-    reuse: bool = True
+    reuse: bool | None = None  # None: the schedule preset's procedure decides
     warm_fraction: float = 0.5
     schedule: str = "default"
     iterations: int | None = None

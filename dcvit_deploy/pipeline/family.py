@@ -69,23 +69,29 @@ def schedules(opts: CompressOptions, n_images: int) -> tuple[Any, Any]:
 
 
 def family_config(opts: CompressOptions, n_images: int) -> Any:
+    """The family engine's config: the schedule preset's procedure (how blocks are ranked,
+    re-fit, progressive or one-shot; see :data:`dcvit_deploy.compress.family.PROCEDURES`) with
+    the user's explicit options on top."""
     from ..compress.family import FamilyConfig
 
     sched, rank = schedules(opts, n_images)
-    return FamilyConfig(
-        schedule=sched,
-        rank_schedule=rank,
-        targets=tuple(opts.targets),
-        method=cast(Any, opts.methods[0]),
-        methods=tuple(opts.methods),
-        round_to=opts.round_to,
-        candidate_blocks=opts.candidate_blocks,
-        neuron_choice=opts.neuron_choice,
-        reuse=opts.reuse,
-        warm_fraction=opts.warm_fraction,
-        seed=opts.seed,
-        include_original=opts.include_original,
-    )
+    fields: dict[str, Any] = {
+        "schedule": sched,
+        "targets": tuple(opts.targets),
+        "method": cast(Any, opts.methods[0]),
+        "methods": tuple(opts.methods),
+        "round_to": opts.round_to,
+        "candidate_blocks": opts.candidate_blocks,
+        "neuron_choice": opts.neuron_choice,
+        "warm_fraction": opts.warm_fraction,
+        "seed": opts.seed,
+        "include_original": opts.include_original,
+    }
+    if rank is not None:
+        fields["rank_schedule"] = rank
+    if opts.reuse is not None:
+        fields["reuse"] = opts.reuse
+    return FamilyConfig.from_preset(opts.schedule, **fields)
 
 
 def _repair(family_dir: Path) -> list[str]:
