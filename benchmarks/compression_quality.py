@@ -913,7 +913,8 @@ def findings(r: dict[str, Any]) -> list[str]:
         + " / ".join(f"{g:+.2f}" for g in paper_gap)
         + " points against the paper procedure at the three targets (within 0.3 or better; the "
         "paper arm keeps the paper's RandAugment and is scaled down to 100 steps per stage and 60 "
-        "per ranked block), at a fraction of its time. Its {s['family_candidates']}-candidate family took "
+        "per ranked block), at a fraction of its time. Its "
+        f"{s['family_candidates']}-candidate family took "
         f"{fam['wall_seconds']} s; one candidate under the paper schedule "
         f"(2000 epochs per finetune, {fam['paper_finetunes_per_candidate']} finetunes) is "
         f"{fam['paper_candidate_seconds']:.0f} s by measured step time "
