@@ -325,6 +325,19 @@ class OnnxRuntimeBackend(BackendBase):
 
     # ------------------------------------------------------------------ measure & run
 
+    def _timing_setup(
+        self, artifact: Artifact, profile: TargetProfile, batch_size: int
+    ) -> tuple[dict[str, Any], str, bool, bool]:
+        """Options, provider, whether I/O is bound on the device, whether CUDA graphs are used
+        (validate_profile refused graphs without bound buffers)."""
+        self._require(profile)
+        check_batch(artifact, profile, batch_size)
+        opts = self.options(profile)
+        provider = self.provider(profile)
+        settings = profile.measure
+        bind = provider != "cpu" and bool(opts["io_binding"]) and settings.no_copy
+        return opts, provider, bind, bind and settings.cuda_graphs
+
     def measure(
         self,
         artifact: Artifact,
@@ -333,30 +346,14 @@ class OnnxRuntimeBackend(BackendBase):
         *,
         raw_path: Path | None = None,
     ) -> LatencyStats:
-        self._require(profile)
-        check_batch(artifact, profile, batch_size)
-        opts = self.options(profile)
-        provider = self.provider(profile)
-        settings = profile.measure
-        bind = provider != "cpu" and bool(opts["io_binding"]) and settings.no_copy
-        cuda_graph = bind and settings.cuda_graphs  # validate_profile refused graphs otherwise
+        opts, _, bind, cuda_graph = self._timing_setup(artifact, profile, batch_size)
         session = self._session(artifact, profile, cuda_graph=cuda_graph, batch_size=batch_size)
-        dtype = _ORT_TYPES.get(session.get_inputs()[0].type, "float32")
-        x = random_inputs((batch_size, *artifact.input_shape), dtype)
-        step: Callable[[], None]
         if cuda_graph and self._cache_step is not None:
             step = self._cache_step  # the buffers this session's graph was captured with
-        elif bind:
-            step = _bound_step(session, artifact, x, device_id=int(opts["device_id"]))
+        else:
+            step = _timing_step(session, artifact, batch_size, bind, int(opts["device_id"]))
             if cuda_graph:
                 self._cache_step = step
-        else:
-            feed = {artifact.input_name: x}
-            names = [artifact.output_name]
-
-            def step() -> None:
-                session.run(names, feed)
-
         return timed(
             step,
             profile=profile,
@@ -372,12 +369,7 @@ class OnnxRuntimeBackend(BackendBase):
         """A session of its own, kept open across interleaved rounds (see
         :mod:`dcvit_deploy.rounds`): created once per candidate and batch size, never timed,
         and not the one-slot cache (which interleaving would empty every round)."""
-        self._require(profile)
-        check_batch(artifact, profile, batch_size)
-        opts = self.options(profile)
-        provider = self.provider(profile)
-        settings = profile.measure
-        bind = provider != "cpu" and bool(opts["io_binding"]) and settings.no_copy
+        opts, provider, bind, cuda_graph = self._timing_setup(artifact, profile, batch_size)
         session = create_session(
             Path(artifact.path),
             provider=provider,
@@ -385,21 +377,10 @@ class OnnxRuntimeBackend(BackendBase):
             profile=profile,
             input_name=artifact.input_name,
             input_shape=artifact.input_shape,
-            cuda_graph=bind and settings.cuda_graphs,
+            cuda_graph=cuda_graph,
             cache_dir=Path(artifact.path).parent,
         )
-        dtype = _ORT_TYPES.get(session.get_inputs()[0].type, "float32")
-        x = random_inputs((batch_size, *artifact.input_shape), dtype)
-        step: Callable[[], None]
-        if bind:
-            step = _bound_step(session, artifact, x, device_id=int(opts["device_id"]))
-        else:
-            feed = {artifact.input_name: x}
-            names = [artifact.output_name]
-
-            def step() -> None:
-                session.run(names, feed)
-
+        step = _timing_step(session, artifact, batch_size, bind, int(opts["device_id"]))
         holder: list[Any] = [session]
         return ReadyMeasurement(step, HostTimer(name="host"), closer=holder.clear)
 
@@ -410,6 +391,28 @@ class OnnxRuntimeBackend(BackendBase):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _timing_step(
+    session: onnxruntime.InferenceSession,
+    artifact: Artifact,
+    batch_size: int,
+    bind: bool,
+    device_id: int,
+) -> Callable[[], None]:
+    """One timed inference at ``batch_size`` on random inputs: through device-bound buffers
+    when ``bind``, else a plain ``session.run``."""
+    dtype = _ORT_TYPES.get(session.get_inputs()[0].type, "float32")
+    x = random_inputs((batch_size, *artifact.input_shape), dtype)
+    if bind:
+        return _bound_step(session, artifact, x, device_id=device_id)
+    feed = {artifact.input_name: x}
+    names = [artifact.output_name]
+
+    def step() -> None:
+        session.run(names, feed)
+
+    return step
 
 
 def create_session(

@@ -614,8 +614,8 @@ def feature_mimic(
         teacher.eval()
         generator = torch.Generator().manual_seed(seed)
         bank = data if isinstance(data, TeacherFeatureBank) else None
-        if bank is not None:
-            stream = _batches(torch.arange(len(bank)), schedule.batch_size, generator)
+        if isinstance(data, TeacherFeatureBank):
+            stream = _batches(torch.arange(len(data)), schedule.batch_size, generator)
         else:
             stream = _batches(data, schedule.batch_size, generator)
         start = time.perf_counter()

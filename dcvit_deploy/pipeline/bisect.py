@@ -41,17 +41,24 @@ class BisectPlan:
         from ..select import bisect_search
 
         order = [n for n in unit.order if n in unit.artifacts]
+
+        def measure_once(name: str) -> None:
+            """An earlier measurement with the same artifact and basis, else a new one."""
+            if name in latency or name in errors:
+                return
+            earlier = unit.reusable(ctx, name)
+            if earlier is not None:
+                latency[name] = earlier
+            else:
+                unit.measure(ctx, [name], latency, errors, files)
+
         if self.dopts.speedup is not None:
             if ORIGINAL not in unit.artifacts:
                 raise UserInputError(
                     "--speedup needs the original model built and verified in this run",
                     "keep the original in the family (drop --no-original) or use --latency-ms",
                 )
-            earlier = unit.reusable(ctx, ORIGINAL)
-            if earlier is not None:
-                latency[ORIGINAL] = earlier
-            else:
-                unit.measure(ctx, [ORIGINAL], latency, errors, files)
+            measure_once(ORIGINAL)
             if ORIGINAL not in latency:
                 raise UserInputError(
                     f"the original could not be measured: {errors.get(ORIGINAL)}",
@@ -62,12 +69,7 @@ class BisectPlan:
         assert budget is not None
 
         def measure_one(name: str) -> CandidateOutcome:
-            if name not in latency and name not in errors:
-                earlier = unit.reusable(ctx, name)
-                if earlier is not None:
-                    latency[name] = earlier
-                else:
-                    unit.measure(ctx, [name], latency, errors, files)
+            measure_once(name)
             return self._outcome(unit, name, latency, errors)
 
         bisect_search(order, measure_one, budget, prefer=self.dopts.prefer)
