@@ -81,7 +81,11 @@ def test_relative_budget_between_measured_figures(mixed_run):
     want = expected(decided_on(out), retained_of(out), ms)
     assert payload["chosen"] == want and want != "original"
     assert report["run"]["budget_basis"]["kind"] == "relative"
-    assert report["selection"]["budget"]["ms"] == pytest.approx(original / speedup, rel=1e-5)
+    budget = report["selection"]["budget"]
+    # relative to the original's figure the decision was made on (it may have been re-measured)
+    assert budget["reference"] == "original"
+    assert budget["reference_ms"] == pytest.approx(decided_on(out)["original"], rel=1e-9)
+    assert budget["ms"] == pytest.approx(budget["reference_ms"] / float(f"{speedup:.6f}"))
 
 
 def test_prefer_fidelity_picks_the_most_faithful_candidate_that_fits(mixed_run):

@@ -125,6 +125,8 @@ class SelectUnit:
         if budget is None:
             return UnitOutput(result={"selection": None, "budget": {}})
         items, remeasured = self._remeasure_within_noise(ctx, budget)
+        if budget.relative:  # the original may have been re-measured: its figure moved the budget
+            budget = resolve_budget(self.profile, ctx.dopts, items) or budget
         selection = self._decide(ctx, items, budget)
         return UnitOutput(
             result={
@@ -138,7 +140,8 @@ class SelectUnit:
         self, ctx: JobContext, budget: LatencyBudget
     ) -> tuple[list[CandidateOutcome], dict[str, list[LatencyStats]]]:
         """More interleaved rounds for the candidates whose fit is within noise of the budget
-        (and could change the choice), up to :data:`REMEASURE_PASSES` times."""
+        (and could change the choice), up to :data:`REMEASURE_PASSES` times. A relative
+        budget's reference is re-measured in the same rounds and the budget follows it."""
         from ..backends import get_backend
         from ..rounds import measure_rounds
         from ..select import needs_remeasure
@@ -152,6 +155,8 @@ class SelectUnit:
             names = needs_remeasure(items, budget, prefer=ctx.dopts.prefer)
             if not names:
                 break
+            if budget.relative and budget.reference and budget.reference not in names:
+                names = (*names, budget.reference)
             by_name = {o.candidate: o for o in items}
             artifacts = {n: by_name[n].artifact for n in names if by_name[n].artifact is not None}
             result = measure_rounds(
@@ -173,6 +178,8 @@ class SelectUnit:
                 )
                 by_name[name] = dataclasses.replace(o, latency=latency)
             items = [by_name[o.candidate] for o in items]
+            if budget.relative:
+                budget = resolve_budget(self.profile, ctx.dopts, items) or budget
         return items, remeasured
 
     def _decide(
