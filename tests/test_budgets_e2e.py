@@ -116,11 +116,14 @@ def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixe
     out, profile, figures, _ = mixed_run
     generous = max(figures.values()) * 2
     ordered = sorted(figures.values())
-    tight = (ordered[0] + ordered[1]) / 2
+    compressed = sorted(v for n, v in figures.items() if n != "original")
+    if figures["original"] <= compressed[0]:
+        pytest.skip("the original measured fastest on this machine: no second pick to publish")
+    tight = (compressed[0] + figures["original"]) / 2  # the original misses, a smaller one fits
     picks = [
         select(out, profile, "--latency-ms", f"{ms:.6f}")["chosen"] for ms in (generous, tight)
     ]
-    assert picks[0] != picks[1]
+    assert picks[0] == "original" and picks[1] not in (None, "original"), picks
     models = [p for p in (out / "triton").iterdir() if not p.name.startswith(".")]
     assert [m.name for m in models] == ["dcvit_vit_tiny_patch16_224"]
     model = models[0]
@@ -133,9 +136,10 @@ def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixe
         }
 
     served = versions()
-    # every pick is one numbered version of the one model, never twice the same candidate
-    assert set(picks) <= set(served.values()) and len(set(served.values())) == len(served)
-    assert served[max(served, key=int)] == picks[1]  # the newest version is the latest pick
+    # every pick is a numbered version of the one model, and the newest is the latest pick
+    # (a pick an older version holds is published again, so it is what Triton serves)
+    assert set(picks) <= set(served.values())
+    assert served[max(served, key=int)] == picks[1]
     check = validate_config(model / "config.pbtxt", model_dir=model)
     assert check.status == "ok", check.messages
     select(out, profile, "--latency-ms", f"{tight:.6f}")  # the same pick again adds nothing

@@ -135,15 +135,19 @@ def test_same_artifact_again_is_idempotent(tmp_path: Path) -> None:
     assert first.config_path.read_bytes() == config_before
 
 
-def test_republishing_an_older_version_reports_it_is_not_served(tmp_path: Path) -> None:
+def test_picking_an_older_version_again_publishes_it_as_the_newest(tmp_path: Path) -> None:
+    """A pick that only an older version holds becomes version N+1, so Triton serves it (a
+    rerun that picks the served version again adds nothing)."""
     repo = tmp_path / "repo"
     a = candidate(tmp_path, "a")
     publish(repo, "m", a, cpu_profile())
     publish(repo, "m", candidate(tmp_path, "b", seed=1), cpu_profile())
     again = publish(repo, "m", a, cpu_profile())
-    assert (again.version, again.created, again.served) == (1, False, False)
-    assert any("Triton serves version 2" in n for n in again.notes)
-    assert [p.name for p in version_dirs(repo / "m")] == ["1", "2"]
+    assert (again.version, again.created, again.served) == (3, True, True)
+    assert [p.name for p in version_dirs(repo / "m")] == ["1", "2", "3"]
+    rerun = publish(repo, "m", a, cpu_profile())
+    assert (rerun.version, rerun.created, rerun.served) == (3, False, True)
+    assert [p.name for p in version_dirs(repo / "m")] == ["1", "2", "3"]
 
 
 def test_changed_runtime_settings_refresh_the_served_config(tmp_path: Path) -> None:

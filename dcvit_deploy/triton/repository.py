@@ -13,9 +13,10 @@ Publishing into an existing model adds version N+1 beside the older ones, and th
 config, which holds the runtime settings, always describes the version that is served). A
 model whose platform, inputs/outputs or ``max_batch_size`` differ is refused unless
 ``replace=True``, which publishes the new version and then retires the older ones. Publishing
-an artifact (same sha256) that a version already holds creates nothing and reports that
-version. A version folder is staged under a unique hidden name inside the model directory and
-renamed into place, so Triton never sees a half-written version and two writers never share a
+the artifact (same sha256) the served (newest) version holds creates nothing and reports that
+version; an artifact only an older version holds is published again as N+1, so it is served.
+A version folder is staged under a unique hidden name inside the model directory and renamed
+into place, so Triton never sees a half-written version and two writers never share a
 temporary path; publishers of one repository take turns through a file lock on
 ``<repo>/.dcvit-publish.lock``.
 
@@ -484,9 +485,10 @@ def publish(
     * ``max_batch_size`` is the profile's largest batch (0 when the artifact's batch dimension
       is static), with dynamic batching preferring the profile's batch sizes.
     * Versions: a new model gets version 1; an existing compatible model gets N+1 and Triton
-      serves the newest (``version_policy latest 1``). Same sha256 as an existing version:
-      nothing new is written (the config is refreshed when that version is the served one and
-      its settings changed) and that version is reported with ``created=False``.
+      serves the newest (``version_policy latest 1``). Same sha256 as the newest version:
+      nothing new is written (the config is refreshed when its settings changed) and that
+      version is reported with ``created=False``; same sha256 as an older version only: it is
+      published again as N+1, so the pick is what Triton serves.
     * Refused with :class:`RepositoryConflict` (one line: problem; fix) when the existing model
       has another platform, I/O or ``max_batch_size``, unless ``replace=True``: then the new
       version is published and the older versions are retired.
@@ -562,12 +564,12 @@ def publish(
             )
         versions = version_dirs(model_dir)
         latest = int(versions[-1].name) if versions else None
-        if not incompatible:
-            for vdir in reversed(versions):
-                if _version_sha256(model_dir, vdir) == digest:
-                    return _republished(
-                        model_name, model_dir, int(vdir.name), latest, text, digest, settings
-                    )
+        if not incompatible and versions and _version_sha256(model_dir, versions[-1]) == digest:
+            # The served version already holds this artifact: an idempotent rerun. An artifact
+            # that only an *older* version holds is published again as N+1, so that the pick
+            # is what Triton serves (versions are immutable; serving one means being newest).
+            assert latest is not None
+            return _republished(model_name, model_dir, latest, text, digest, settings)
 
         new_model = not model_dir.exists()
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -684,27 +686,20 @@ def _republished(
     model_name: str,
     model_dir: Path,
     version: int,
-    latest: int | None,
     text: str,
     digest: str,
     settings: ServingSettings,
 ) -> Published:
-    """The artifact is already ``version``: write nothing new (refresh the served config)."""
+    """The served ``version`` already holds the artifact: write nothing new, but refresh the
+    config when the measured runtime settings changed."""
     config_path = model_dir / "config.pbtxt"
-    served = version == latest
     notes = list(settings.notes)
-    if served:
-        current = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
-        # Same artifact, same interface; only the comment or runtime settings can differ.
-        if current is not None and _strip_comments(current) != _strip_comments(text):
-            _write_text_unique(config_path, text)
-            notes.append("runtime settings changed since that version was published; "
-                         "config.pbtxt now has the ones just measured")  # fmt: skip
-    else:
-        notes.append(
-            f"version {version} already holds this artifact, but Triton serves version {latest}; "
-            "publish under replace=True or remove the newer versions to serve it"
-        )
+    current = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+    # Same artifact, same interface; only the comment or runtime settings can differ.
+    if current is not None and _strip_comments(current) != _strip_comments(text):
+        _write_text_unique(config_path, text)
+        notes.append("runtime settings changed since that version was published; "
+                     "config.pbtxt now has the ones just measured")  # fmt: skip
     return Published(
         model_name=model_name,
         model_dir=model_dir,
@@ -712,7 +707,7 @@ def _republished(
         config_path=config_path,
         sha256=digest,
         created=False,
-        served=served,
+        served=True,
         notes=tuple(notes),
         settings=settings.describe(),
     )
