@@ -352,14 +352,6 @@ class RunDir:
         self.manifest["units"][unit_id] = record
         self.save()
 
-    def forget_units(self, prefix: str) -> None:
-        """Drop the records of units whose id starts with ``prefix`` (e.g. a superseded
-        candidate's)."""
-        units = self.manifest["units"]
-        for key in [k for k in units if k.startswith(prefix)]:
-            del units[key]
-        self.save()
-
     def log(self, name: str, text: str) -> Path:
         """Append ``text`` to the candidate's log (kept across reruns)."""
         path = self.sub("logs") / f"{name}.log"

@@ -79,7 +79,6 @@ class Prepared:
     holdout_fp: str
     holdout_note: str
     input_fp: str
-    images_available: int
 
 
 def prepare(opts: CompressOptions) -> Prepared:
@@ -123,7 +122,6 @@ def prepare(opts: CompressOptions) -> Prepared:
         holdout_fp=tensor_fingerprint(holdout),
         holdout_note=note,
         input_fp=data_fp(train),
-        images_available=len(all_paths),
     )
 
 
