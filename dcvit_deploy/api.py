@@ -68,25 +68,21 @@ def stage_over_run(
     return stage_job(out, dopts, until=until, progress=progress)
 
 
-def _profile_given(out: str | Path, dopts: DeployOptions) -> bool:
-    """Whether ``dopts.profile`` names a profile the run was measured with; the default profile
-    is replaced by the run's own when the run was measured with another one only."""
-    from .pipeline.job import reopen
-
-    run, _ = reopen(out, lock=False)
-    measured = run.manifest.get("inputs", {}).get("profiles", [])
-    return dopts.profile in measured or not measured or dopts.profile != DeployOptions().profile
-
-
-def select_over_run(out: str | Path, dopts: DeployOptions) -> JobResult:
+def select_over_run(
+    out: str | Path, dopts: DeployOptions, *, profile_given: bool = True
+) -> JobResult:
     """Select among the measured outcomes of a run's current family under a budget; publish and
-    write the reports."""
-    return stage_job(out, dopts, until="select", profile_given=_profile_given(out, dopts))
+    write the reports. ``profile_given=False``: use the profile the run was last measured with
+    instead of ``dopts.profile``."""
+    return stage_job(out, dopts, until="select", profile_given=profile_given)
 
 
-def report_over_run(out: str | Path, dopts: DeployOptions) -> dict[str, Path]:
-    """Rewrite the reports of a run, for the profile it was measured with (never with less)."""
-    return stage_job(out, dopts, until="select", profile_given=_profile_given(out, dopts)).reports
+def report_over_run(
+    out: str | Path, dopts: DeployOptions, *, profile_given: bool = True
+) -> dict[str, Path]:
+    """Rewrite the reports of a run (never with less: see :func:`select_over_run` for
+    ``profile_given``)."""
+    return stage_job(out, dopts, until="select", profile_given=profile_given).reports
 
 
 def status(out: str | Path) -> dict[str, Any]:

@@ -192,7 +192,9 @@ COMPRESS_OPTIONS = _options(
 )
 BUDGET_OPTIONS = _options(
     click.option(
-        "--profile", default="cpu-ort", show_default=True, help="Target profile name or .toml path."
+        "--profile",
+        help="Target profile name or .toml path (default: cpu-ort; select and report: the "
+        "profile the run was last measured with).",
     ),
     click.option("--latency-ms", type=float, help="Latency budget in milliseconds."),
     click.option(
@@ -423,7 +425,7 @@ def deploy_options(kw: dict[str, Any]) -> Any:
     from .options import DeployOptions
 
     return DeployOptions(
-        profile=kw.get("profile", "cpu-ort"),
+        profile=kw.get("profile") or "cpu-ort",
         latency_ms=kw.get("latency_ms"),
         speedup=kw.get("speedup"),
         statistic=kw.get("statistic"),
@@ -737,7 +739,8 @@ def select_cmd(**kw: Any) -> None:
 
     dopts = deploy_options(kw)
     validate_stage(kw["out"], dopts, need_budget=True, need_backend=False)
-    _finish(select_over_run(kw["out"], dopts), kw["as_json"])
+    given = kw.get("profile") is not None
+    _finish(select_over_run(kw["out"], dopts, profile_given=given), kw["as_json"])
 
 
 @cli.command("triton")
@@ -762,7 +765,7 @@ def report_cmd(**kw: Any) -> None:
 
     dopts = deploy_options(kw)
     validate_stage(kw["out"], dopts, need_backend=False)
-    paths = report_over_run(kw["out"], dopts)
+    paths = report_over_run(kw["out"], dopts, profile_given=kw.get("profile") is not None)
     _emit(
         kw["as_json"],
         {k: str(v) for k, v in paths.items()},
