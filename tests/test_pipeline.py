@@ -118,13 +118,42 @@ def test_main_job_writes_manifest_reports_and_triton_repo(finished_run):
         assert built["verification"]["passed"] and "onnxruntime" in built["verified_with"]
     assert (out / "candidates.csv").read_text().count("\n") == len(names) + 1
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The densest candidate that fits is chosen and the budget arithmetic holds.
-    chosen = payload["chosen"]
-    assert chosen == "original"
-    outcome = next(o for o in report["candidates"] if o["candidate"] == chosen)
-    p50 = next(s["p50"] for s in outcome["latency"] if s["batch_size"] == 1)
-    assert p50 * 1.05 <= 1000
-    assert "chosen" in (out / "SUMMARY.md").read_text()
+    # The fixture's generous budget only measures; the choice is exercised below and in the
+    # budget tests, with budgets placed between the run's own figures.
+    assert payload["chosen"] is not None and "chosen" in (out / "SUMMARY.md").read_text()
+
+
+def test_budget_between_measured_figures_picks_the_densest_that_fits(finished_run, profile_file):
+    """The original misses a budget set half-way to the fastest smaller candidate; the densest
+    candidate whose figure (x 1.05 margin) fits on the figures the decision was made on is
+    chosen."""
+    out, _ = finished_run
+    report = json.loads((out / "report.json").read_text())
+    p50 = {
+        c["candidate"]: next(s["p50"] for s in c["latency"] if s["batch_size"] == 1)
+        for c in report["candidates"]
+    }
+    smaller = min(v for n, v in p50.items() if n != "original")
+    if p50["original"] <= smaller:
+        pytest.skip("the original measured fastest on this machine: no budget separates them")
+    ms = float(f"{(p50['original'] + smaller) / 2 * 1.05:.6f}")
+    code, text = run_cli(
+        ["select", "--out", str(out), "--profile", str(profile_file), "--latency-ms", str(ms),
+         "--margin", "5%", "--no-confirm", "--json"]
+    )  # fmt: skip
+    assert code in (0, 3), text
+    payload, _ = json.JSONDecoder().raw_decode(text[text.index("{") :])
+    decided = json.loads((out / "report.json").read_text())
+    figures = {
+        c["candidate"]: (
+            c["retained"],
+            next(s["p50"] for s in c["latency"] if s["batch_size"] == 1),
+        )
+        for c in decided["candidates"]
+    }
+    fitting = [n for n, (_, f) in figures.items() if f * 1.05 <= ms]
+    want = max(fitting, key=lambda n: (figures[n][0], n)) if fitting else None
+    assert payload["chosen"] == want
 
 
 def test_triton_repository_parses_and_onnx_matches_pytorch(finished_run):
@@ -239,8 +268,6 @@ def test_kill_during_finetuning_then_resume(tmp_path, photo_dir, profile_file):
         "--no-original",
         "--profile",
         str(profile_file),
-        "--latency-ms",
-        "1000",
         "--out",
         str(out),
         "--json",
@@ -274,11 +301,8 @@ def test_kill_during_finetuning_then_resume(tmp_path, photo_dir, profile_file):
     code, text = run_cli(args)
     assert code == 0, text
     assert first.stat().st_mtime_ns == kept  # finished work was not redone
-    resumed = json.loads(text[text.index("{") :])
     code, text = run_cli([*args[:-3], "--out", str(tmp_path / "straight"), "--json"])
     assert code == 0, text
-    straight = json.loads(text[text.index("{") :])
-    assert resumed["chosen"] == straight["chosen"]
     # the resumed family is the same family, weight for weight (one seeded random teacher)
 
     def checksums(run: Path) -> dict[str, str]:
