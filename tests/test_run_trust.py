@@ -113,17 +113,31 @@ def test_changed_image_content_redoes_compression(tmp_path, photo_dir, profile):
     assert manifest(out)["units"]["family"]["fingerprint"] != fp
 
 
-def test_runtime_versions_enter_build_and_profile_but_not_compression():
-    from dcvit_deploy.pipeline.context import RUNTIME_PACKAGES, TRAIN_PACKAGES
+def test_runtime_versions_enter_build_and_profile_but_not_compression(monkeypatch, profile):
+    """Upgrading ONNX Runtime keeps the finetuned family (its fingerprint is unchanged) but
+    re-measures (the profile unit's basis changes)."""
+    import importlib.metadata as md
+    from types import SimpleNamespace
 
-    assert not set(RUNTIME_PACKAGES) & set(TRAIN_PACKAGES)
-    import inspect
+    from dcvit_deploy.atomic import fingerprint
+    from dcvit_deploy.pipeline.family import FamilyUnit
+    from dcvit_deploy.pipeline.profile import ProfileUnit
+    from dcvit_deploy.profiles import load_profile
 
-    from dcvit_deploy.pipeline import build, family, profile
+    prep = SimpleNamespace(weights_fp="w", model_kwargs={}, input_fp="i", holdout_fp="h",
+                           data_config={})  # fmt: skip
+    ctx = SimpleNamespace(prep=lambda: prep, copts=copts(Path("imgs")))
+    target = ProfileUnit(load_profile(profile), {}, [])
+    real = md.version
 
-    assert "RUNTIME_PACKAGES" not in inspect.getsource(family)
-    assert "RUNTIME_PACKAGES" in inspect.getsource(build)
-    assert "RUNTIME_PACKAGES" in inspect.getsource(profile)
+    def with_ort(v: str):  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(md, "version", lambda p: v if p.startswith("onnxruntime") else real(p))
+        return fingerprint(FamilyUnit().inputs(ctx)), target.basis()  # type: ignore[arg-type]
+
+    family_old, basis_old = with_ort("1.20.0")
+    family_new, basis_new = with_ort("1.31.0")
+    assert family_old == family_new
+    assert basis_old != basis_new
 
 
 # ----------------------------------------------------------------------------- 3 lock
