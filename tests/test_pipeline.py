@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,11 +124,21 @@ def test_main_job_writes_manifest_reports_and_triton_repo(finished_run):
     assert payload["chosen"] is not None and "chosen" in (out / "SUMMARY.md").read_text()
 
 
-def test_budget_between_measured_figures_picks_the_densest_that_fits(finished_run, profile_file):
+def copy_of_run(finished: Path, tmp_path: Path) -> Path:
+    """A private copy of the shared run, for a test whose decision rewrites ``triton/`` (a run
+    directory is movable: its manifest records paths relative to its root)."""
+    out = tmp_path / "r"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns(".lock", ".lock.json"))
+    return out
+
+
+def test_budget_between_measured_figures_picks_the_densest_that_fits(
+    finished_run, profile_file, tmp_path
+):
     """The original misses a budget set half-way to the fastest smaller candidate; the densest
     candidate whose figure (x 1.05 margin) fits on the figures the decision was made on is
     chosen."""
-    out, _ = finished_run
+    out = copy_of_run(finished_run[0], tmp_path)
     report = json.loads((out / "report.json").read_text())
     p50 = {
         c["candidate"]: next(s["p50"] for s in c["latency"] if s["batch_size"] == 1)
@@ -191,8 +202,8 @@ def test_rerun_resumes_without_redoing_work(finished_run, photo_dir, profile_fil
     assert {p.name: p.stat().st_mtime_ns for p in (out / "raw").rglob("*.json")} == raw_before
 
 
-def test_infeasible_budget_exits_3_naming_fastest(finished_run, profile_file):
-    out, _ = finished_run
+def test_infeasible_budget_exits_3_naming_fastest(finished_run, profile_file, tmp_path):
+    out = copy_of_run(finished_run[0], tmp_path)
     code, text = run_cli(
         ["select", "--out", str(out), "--profile", str(profile_file), "--latency-ms", "0.0001"]
     )
