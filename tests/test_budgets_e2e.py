@@ -114,36 +114,51 @@ def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixe
     from dcvit_deploy.triton import validate_config
 
     out, profile, figures, _ = mixed_run
-    generous = max(figures.values()) * 2
+    generous = f"{max(figures.values()) * 2:.6f}"
     ordered = sorted(figures.values())
-    compressed = sorted(v for n, v in figures.items() if n != "original")
-    if figures["original"] <= compressed[0]:
-        pytest.skip("the original measured fastest on this machine: no second pick to publish")
-    tight = (compressed[0] + figures["original"]) / 2  # the original misses, a smaller one fits
-    picks = [
-        select(out, profile, "--latency-ms", f"{ms:.6f}")["chosen"] for ms in (generous, tight)
-    ]
-    assert picks[0] == "original" and picks[1] not in (None, "original"), picks
-    models = [p for p in (out / "triton").iterdir() if not p.name.startswith(".")]
-    assert [m.name for m in models] == ["dcvit_vit_tiny_patch16_224"]
-    model = models[0]
+    model = out / "triton" / "dcvit_vit_tiny_patch16_224"
 
-    def versions() -> dict[str, str]:
+    def versions() -> dict[int, str]:
         return {
-            v.name: json.loads((v / "deploy.json").read_text())["source"]["candidate"]
+            int(v.name): json.loads((v / "deploy.json").read_text())["source"]["candidate"]
             for v in model.iterdir()
             if v.is_dir() and v.name.isdigit()
         }
 
+    def newest() -> str:
+        served = versions()
+        return served[max(served)]
+
+    assert select(out, profile, "--latency-ms", generous)["chosen"] == "original"
+    assert newest() == "original"
     served = versions()
+    select(out, profile, "--latency-ms", generous)  # the same pick again adds nothing
+    assert versions() == served
+    # A budget half-way between the original and the fastest smaller candidate, on the figures
+    # the last decision was made on. Candidates of this tiny model lie close together, so on a
+    # busy machine a re-measurement can move them across it: try again from the new figures.
+    for _attempt in range(3):
+        now = decided_on(out)
+        compressed = min(v for n, v in now.items() if n != "original")
+        if now["original"] <= compressed:
+            continue
+        tight = float(f"{(compressed + now['original']) / 2:.6f}")
+        smaller = select(out, profile, "--latency-ms", str(tight))["chosen"]
+        assert smaller == expected(decided_on(out), retained_of(out), tight)
+        if smaller not in (None, "original"):
+            break
+    else:
+        pytest.skip("no budget separated the original from a smaller candidate in 3 tries")
     # every pick is a numbered version of the one model, and the newest is the latest pick
-    # (a pick an older version holds is published again, so it is what Triton serves)
-    assert set(picks) <= set(served.values())
-    assert served[max(served, key=int)] == picks[1]
+    assert [p.name for p in (out / "triton").iterdir() if not p.name.startswith(".")] == [
+        model.name
+    ]
+    assert newest() == smaller and len(versions()) == len(served) + 1
     check = validate_config(model / "config.pbtxt", model_dir=model)
     assert check.status == "ok", check.messages
-    select(out, profile, "--latency-ms", f"{tight:.6f}")  # the same pick again adds nothing
-    assert versions() == served
+    # a pick that only an older version holds is published again, so it is what Triton serves
+    assert select(out, profile, "--latency-ms", generous)["chosen"] == "original"
+    assert newest() == "original" and len(versions()) == len(served) + 2
     # a budget nothing meets: exit 3, and the run's own repository serves nothing stale
     code, text = run_cli(
         ["select", "--out", str(out), "--profile", profile, "--no-confirm", "--latency-ms",
