@@ -498,7 +498,9 @@ def _plan_text(v: Any, copts: Any, dopts: Any, out: str) -> str:
     if v.profile is not None:
         b = v.budget
         if b is not None:
-            budget = f"{b.statistic} x(1+{b.margin:.0%}) <= {b.ms} ms at batch {b.batch_size}"
+            from .select import budget_summary
+
+            budget = budget_summary(b)
         elif dopts is not None and dopts.speedup is not None:
             budget = f"at least {dopts.speedup}x faster than the original"
         else:
@@ -552,10 +554,9 @@ def _result_text(result: Any) -> str:
     sel = result.selection
     lines = []
     if sel is not None:
-        b = sel.budget
-        lines.append(
-            f"budget: {b.statistic} x(1+{b.margin:.0%}) <= {b.ms} ms at batch {b.batch_size}"
-        )
+        from .select import budget_summary
+
+        lines.append(f"budget: {budget_summary(sel.budget)}")
         lines.append(f"chosen: {sel.chosen}" if sel.chosen else "chosen: none")
         for name, reason in sel.reasons.items():
             lines.append(f"  {name}: {reason}")

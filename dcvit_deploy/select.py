@@ -86,6 +86,7 @@ __all__ = [
     "BisectResult",
     "ConfirmFn",
     "bisect_search",
+    "budget_summary",
     "capacity_order",
     "decide",
     "decisions_clear",
@@ -293,6 +294,15 @@ def _budget_text(budget: LatencyBudget) -> str:
             f"{budget.speedup:g})"
         )
     return f"{_ms(budget.ms)} ms"
+
+
+def budget_summary(budget: LatencyBudget) -> str:
+    """One line for the console: ``p50 x(1+5%) <= 5.00 ms at batch 1`` or, relative,
+    ``p50 x(1+0%) <= 1.60 ms (original 1.84 ms / 1.15) at batch 1``."""
+    return (
+        f"{budget.statistic} x(1+{budget.margin * 100:g}%) <= {_budget_text(budget)} "
+        f"at batch {budget.batch_size}"
+    )
 
 
 def _verification_text(v: Verification | None) -> str:

@@ -206,7 +206,7 @@ def test_dry_run_prints_the_plan_and_does_nothing(tmp_path: Path, photo_dir: Pat
     )
     assert code == 0, err
     assert "dry run" in stdout and "dcvit 10.00%: 1 block(s)" in stdout
-    assert "practise 25.00%: drop" in stdout and "p50 x(1+0%) <= 5.0 ms" in stdout
+    assert "practise 25.00%: drop" in stdout and "p50 x(1+0%) <= 5.00 ms" in stdout
     assert not out.exists()
     code, stdout, err = run_cli(compress(photo_dir, out, "--dry-run", "--json"))
     assert code == 0, err

@@ -22,6 +22,7 @@ from dcvit_deploy.records import (
 )
 from dcvit_deploy.select import (
     bisect_search,
+    budget_summary,
     capacity_order,
     decide,
     decisions_clear,
@@ -593,4 +594,23 @@ def test_relative_confirmation_re_derives_the_budget_in_the_fresh_process() -> N
     assert any("original re-measured in the same fresh process" in n for n in sel.notes)
     assert (
         sel.notes[-1].startswith("confirmed c90") and "(original 12.00 ms / 1.3)" in sel.notes[-1]
+    )
+
+
+def test_budget_summary_prints_what_admits_at_the_printed_precision() -> None:
+    """The console line of a relative budget showed ``<= 1.6017700000000004 ms``; the summary
+    rounds like the per-candidate reasons, keeps a fractional margin and names the
+    reference."""
+    relative = LatencyBudget(
+        ms=1.6017700000000004, statistic="p50", batch_size=1, margin=0.025,
+        speedup=1.15, reference="original", reference_ms=1.842036,
+    )  # fmt: skip
+    assert budget_summary(relative) == (
+        "p50 x(1+2.5%) <= 1.60 ms (original 1.84 ms / 1.15) at batch 1"
+    )
+    assert budget_summary(LatencyBudget(ms=5.0, statistic="p90", batch_size=8)) == (
+        "p90 x(1+0%) <= 5.00 ms at batch 8"
+    )
+    assert budget_summary(LatencyBudget(ms=0.4321, statistic="p50", batch_size=1)) == (
+        "p50 x(1+0%) <= 0.432 ms at batch 1"
     )
