@@ -168,7 +168,8 @@ def confirm_in_fresh_process(
 
 
 class FreshProcessConfirm:
-    """A ``confirm(names) -> {name: stats}`` for :func:`dcvit_deploy.select.select_confirmed`.
+    """A ``confirm(names, rounds=None) -> {name: stats}`` for
+    :func:`dcvit_deploy.select.select_confirmed`.
 
     ``names[0]`` (the chosen candidate) and ``anchor`` (the reference of relative budgets,
     when asked for) are always answered from one process; a later call whose pair was already
@@ -211,21 +212,28 @@ class FreshProcessConfirm:
                 return group[anchor]
         raise KeyError(f"{name!r} and {anchor!r} were never confirmed together")
 
-    def __call__(self, names: Sequence[str]) -> dict[str, LatencyStats]:
+    def __call__(
+        self, names: Sequence[str], *, rounds: int | None = None
+    ) -> dict[str, LatencyStats]:
+        """Stats of ``names``; ``rounds``: measure them anew in exactly that many rounds (a
+        confirmation within noise of the budget, measured again)."""
         import time
 
         if not names:
             return {}
         must = [names[0]] + [n for n in names[1:] if n == self.anchor]
-        for group in reversed(self.groups):
+        for group in reversed(self.groups if rounds is None else []):
             if all(n in group for n in must):
                 latest = self.latest
                 out = {n: group[n] for n in must}
                 out.update({n: latest[n] for n in names if n not in out and n in latest})
                 return out
         todo = {n: self.artifacts[n] for n in dict.fromkeys(names)}
+        kwargs = dict(self.kwargs)
+        if rounds is not None:
+            kwargs.update(min_rounds=rounds, max_rounds=rounds)
         t0 = time.perf_counter()
-        group = confirm_artifacts(todo, self.profile, self.batch_size, **self.kwargs)
+        group = confirm_artifacts(todo, self.profile, self.batch_size, **kwargs)
         self.calls += 1
         self.seconds += time.perf_counter() - t0
         self.groups.append(group)

@@ -41,7 +41,8 @@ Confirmation
     :func:`select_confirmed` re-measures the choice (and its denser neighbour) through a
     caller-supplied ``confirm`` function -- in practice a fresh process,
     :func:`dcvit_deploy.confirm.confirm_in_fresh_process` -- and continues the search with the
-    next candidate when the confirmation no longer fits.
+    next candidate when the confirmation no longer fits. A confirmation that misses only within
+    its own spread is measured again with :data:`RECONFIRM_FACTOR` times the rounds first.
 
 Reason strings start with a stable prefix that tools may match on: ``chosen:``,
 ``over budget:``, ``fits, but smaller than chosen``, ``fits, but lower fidelity than chosen``,
@@ -63,7 +64,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 from .errors import BudgetInfeasible
 from .records import (
@@ -78,11 +79,24 @@ from .records import (
 
 Prefer = Literal["capacity", "fidelity"]
 PREFERENCES: tuple[str, ...] = ("capacity", "fidelity")
-ConfirmFn = Callable[[Sequence[str]], Mapping[str, LatencyStats]]
-"""``confirm(names)`` re-measures those candidates (in a fresh process) and returns their
-stats at the budget's batch size."""
+
+
+class ConfirmFn(Protocol):
+    """``confirm(names)`` re-measures those candidates (in a fresh process) and returns their
+    stats at the budget's batch size; ``rounds``, when given, asks for exactly that many
+    rounds in a new measurement (nothing answered from earlier ones)."""
+
+    def __call__(
+        self, names: Sequence[str], *, rounds: int | None = None
+    ) -> Mapping[str, LatencyStats]: ...
+
+
+RECONFIRM_FACTOR = 3
+"""A confirmation within noise of the budget is measured again with this many times its
+rounds (the spread of a median shrinks about as the square root of the rounds)."""
 
 __all__ = [
+    "RECONFIRM_FACTOR",
     "BisectResult",
     "ConfirmFn",
     "bisect_search",
@@ -608,6 +622,51 @@ def denser_neighbour(
     return names[i - 1] if i > 0 else None
 
 
+def _confirmed(
+    results: Mapping[str, LatencyStats],
+    chosen: str,
+    names: Sequence[str],
+    reference: str | None,
+    budget: LatencyBudget,
+    confirmed: dict[str, tuple[float, float, int]],
+    notes: list[str],
+) -> tuple[LatencyBudget, LatencyStats]:
+    """The budget a confirmation is judged against and the chosen candidate's stats there;
+    records every confirmed figure. A relative budget is relative to the reference measured
+    in the same run: the confirmation is a run of its own, so it re-measures the reference
+    alongside and the budget follows (machine drift between the two runs cancels out)."""
+    check = budget
+    if reference is not None and reference in results:
+        ref_stats = results[reference]
+        check = relative_budget(
+            budget.speedup or 1.0,
+            ref_stats,
+            statistic=budget.statistic,
+            batch_size=budget.batch_size,
+            margin=budget.margin,
+            reference_name=reference,
+        )
+        notes.append(
+            f"{reference} re-measured in the same fresh process: "
+            f"{_ms(ref_stats.stat(budget.statistic))} ms, so the budget there is "
+            f"{_budget_text(check)}"
+        )
+    for name in names:
+        if name in results:
+            st = results[name]
+            confirmed[name] = (st.stat(budget.statistic), st.spread(budget.statistic), st.rounds)
+    if chosen not in results:
+        raise ValueError(f"confirm({list(names)}) returned no stats for {chosen!r}")
+    return check, results[chosen]
+
+
+def _within_noise_of(stats: LatencyStats, budget: LatencyBudget) -> bool:
+    """Whether ``stats`` misses ``budget`` by no more than the two spreads together."""
+    value = stats.stat(budget.statistic)
+    spread = stats.spread(budget.statistic)
+    return (value - spread) * (1.0 + budget.margin) <= budget.ms + budget.spread_ms
+
+
 def _reference_of(items: Sequence[CandidateOutcome], budget: LatencyBudget) -> str | None:
     """The reference candidate of a relative budget, when it is among the measured outcomes."""
     if not budget.relative or not budget.reference:
@@ -631,9 +690,12 @@ def select_confirmed(
     ``confirm(names)`` re-measures the chosen candidate and its denser neighbour (when there
     is one not confirmed yet) -- in a fresh process, :mod:`dcvit_deploy.confirm` -- and
     returns their stats at ``budget.batch_size``. The choice stands when the budget admits
-    the confirmed figure; otherwise the candidate is excluded with a ``confirmation failed:``
-    reason and the decision is repeated without it, up to ``max_confirmations`` calls (then
-    nothing is chosen: never publish a model that missed its budget twice). Both figures
+    the confirmed figure. A figure over the budget but within its own spread of it is not
+    enough to overturn the rounds' decision: it is measured again, once, with
+    :data:`RECONFIRM_FACTOR` times the rounds, and that figure decides. A candidate whose
+    confirmation misses is excluded with a ``confirmation failed:`` reason and the decision
+    is repeated without it, up to ``max_confirmations`` choices (then nothing is chosen:
+    never publish a model that missed its budget twice). Both figures
     are recorded in ``Selection.confirmed`` and every step in ``notes``. A denser neighbour
     that fits in its confirmation is noted but not chosen: one fresh measurement does not
     overturn the rounds' median. A relative budget's reference (``budget.reference``, e.g. the
@@ -676,36 +738,21 @@ def select_confirmed(
             names.append(reference)
         results = confirm(names)
         calls += 1
-        check = budget
-        if reference is not None and reference in results:
-            # A relative budget is relative to the reference measured in the same run: the
-            # confirmation is a run of its own, so it re-measures the reference alongside
-            # and the budget follows (machine drift between the two runs cancels out).
-            ref_stats = results[reference]
-            check = relative_budget(
-                budget.speedup or 1.0,
-                ref_stats,
-                statistic=budget.statistic,
-                batch_size=budget.batch_size,
-                margin=budget.margin,
-                reference_name=reference,
+        check, stats = _confirmed(results, chosen, names, reference, budget, confirmed, notes)
+        if not check.admits(stats) and _within_noise_of(stats, check):
+            more = stats.rounds * RECONFIRM_FACTOR
+            again = [chosen] + ([reference] if reference is not None else [])
+            first = _budget_expr(
+                stats.stat(budget.statistic), budget, stats.spread(budget.statistic), stats.rounds
             )
             notes.append(
-                f"{reference} re-measured in the same fresh process: "
-                f"{_ms(ref_stats.stat(budget.statistic))} ms, so the budget there is "
-                f"{_budget_text(check)}"
+                f"confirmation of {chosen}: {first} > {_budget_text(check)}, within noise of "
+                f"the budget; measured again with {more} rounds"
             )
-        for name in names:
-            if name in results:
-                st = results[name]
-                confirmed[name] = (
-                    st.stat(budget.statistic),
-                    st.spread(budget.statistic),
-                    st.rounds,
-                )
-        if chosen not in results:
-            raise ValueError(f"confirm({names}) returned no stats for {chosen!r}")
-        stats = results[chosen]
+            again_results = confirm(again, rounds=more)
+            check, stats = _confirmed(
+                again_results, chosen, again, reference, budget, confirmed, notes
+            )
         expr = _budget_expr(
             stats.stat(budget.statistic), budget, stats.spread(budget.statistic), stats.rounds
         )

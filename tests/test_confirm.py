@@ -130,3 +130,19 @@ def test_fresh_process_confirm_measures_each_candidate_once(
     assert set(confirm(names)) == {"small", "dense"}
     assert set(confirm(["dense"])) == {"dense"}
     assert calls == [("small", "dense")] and confirm.calls == 1
+
+
+def test_fresh_process_confirm_with_rounds_measures_anew_with_exactly_those_rounds(
+    built: tuple[dict[str, Artifact], TargetProfile],
+) -> None:
+    """A re-confirmation asks for more rounds: a new process runs exactly that many, and is
+    never answered from the earlier measurement of the same pair."""
+    artifacts, profile = built
+    confirm = FreshProcessConfirm(artifacts, profile, 1, anchor="dense", timeout_s=120)
+    first = confirm(["small", "dense"])
+    assert first["small"].rounds == 2 and confirm.calls == 1
+    again = confirm(["small", "dense"], rounds=5)
+    assert confirm.calls == 2
+    assert again["small"].rounds == 5 and again["dense"].rounds == 5
+    assert again["small"].actions[-1] != first["small"].actions[-1]  # another process
+    assert confirm(["small", "dense"])["small"].rounds == 5  # the latest pair answers later
