@@ -7,15 +7,12 @@ tiny ViT of ``conftest.py``. Seeded (``derandomize``) so every run checks the sa
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from dcvit_deploy.cli import main
+from test_cli import run_cli
 
 GOOD_KWARGS = "img_size=32 patch_size=8 embed_dim=64 depth=4 num_heads=2 num_classes=10"
 
@@ -121,17 +118,6 @@ def places(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> dict[st
     (tmp / "empty").mkdir()
     (tmp / "file").write_text("not a folder, not a checkpoint")
     return {"tmp": str(tmp), "photos": str(photo_dir)}
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
 
 
 @settings(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserInputError
 from ..records import CandidateOutcome
+from .outcomes import candidate_facts
 from .select import ORIGINAL, resolve_budget
 
 if TYPE_CHECKING:
@@ -81,15 +82,7 @@ class BisectPlan:
         latency: dict[str, list[LatencyStats]],
         errors: dict[str, str],
     ) -> CandidateOutcome:
-        c = next(c for c in self.family.candidates if c.name == name)
-        base: dict[str, Any] = {
-            "candidate": name,
-            "method": c.method,
-            "retained": c.retained,
-            "macs": c.macs,
-            "fidelity": self.family.fidelity(name),
-            "artifact": unit.artifacts[name],
-        }
+        base = {**candidate_facts(self.family, name), "artifact": unit.artifacts[name]}
         if name in latency:
             return CandidateOutcome(**base, status="ok", latency=tuple(latency[name]))
         return CandidateOutcome(**base, status="profile_failed", error=errors.get(name, ""))

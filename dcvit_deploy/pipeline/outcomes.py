@@ -32,19 +32,25 @@ def measured(run: RunDir, profile: str) -> tuple[dict[str, list[LatencyStats]], 
     return lat, dict(res.get("errors", {}))
 
 
+def candidate_facts(family: Family, name: str) -> dict[str, Any]:
+    """The fields every outcome of candidate ``name`` shares, whatever happened to it."""
+    cand = next(c for c in family.candidates if c.name == name)
+    return {
+        "candidate": cand.name,
+        "method": cand.method,
+        "retained": cand.retained,
+        "macs": cand.macs,
+        "fidelity": family.fidelity(cand.name),
+    }
+
+
 def outcomes_for(run: RunDir, family: Family, profile: TargetProfile) -> list[CandidateOutcome]:
     """One outcome per candidate of ``family`` on ``profile``, in family order."""
     precision = onnx_precision_for(profile.precision)
     latency, errors = measured(run, profile.name)
     out = []
     for cand in family.candidates:
-        base: dict[str, Any] = {
-            "candidate": cand.name,
-            "method": cand.method,
-            "retained": cand.retained,
-            "macs": cand.macs,
-            "fidelity": family.fidelity(cand.name),
-        }
+        base = candidate_facts(family, cand.name)
         rec = run.unit(export_unit_id(precision, cand.name))
         onnx_path, verification = export_facts(run, precision, cand.name)
         if rec is None:
