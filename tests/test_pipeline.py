@@ -90,8 +90,9 @@ SPEEDUP, MARGIN = 1.1, 0.02
 def main_job(photo_dir: Path, profile_file: Path, out: Path) -> list[str]:
     """The main command as CI runs it: a relative budget, at least 1.1x faster than the original
     measured in the same run, with a 2% guard band. The original misses it by construction;
-    the 25% candidate measures about 20% faster, so a smaller candidate is chosen -- even on
-    a busy machine, since the budget follows the original's own figure."""
+    whether a smaller candidate fits depends on the machine: this tiny model's candidates
+    (~0.2 ms) measured 20% apart on one machine and within noise of each other on another, so
+    the tests check the choice against the figures it was made on (exit 3 when none fits)."""
     return ["compress", *MODEL, "--data", str(photo_dir), *FAST, "--targets", "10%,25%",
             "--profile", str(profile_file), "--speedup", str(SPEEDUP),
             "--margin", f"{MARGIN:.0%}", "--out", str(out), "--json"]  # fmt: skip
@@ -101,13 +102,14 @@ def main_job(photo_dir: Path, profile_file: Path, out: Path) -> list[str]:
 def finished_run(tmp_path_factory, photo_dir, profile_file) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("run") / "r"
     code, text = run_cli(main_job(photo_dir, profile_file, out))
-    assert code == 0, text
+    chosen = json.JSONDecoder().raw_decode(text[text.index("{") :])[0]["chosen"]
+    assert code == (0 if chosen else 3), text
     return out, text
 
 
 def test_main_job_writes_manifest_reports_and_triton_repo(finished_run):
     out, text = finished_run
-    payload = json.loads(text[text.index("{") :])
+    payload, _ = json.JSONDecoder().raw_decode(text[text.index("{") :])
     manifest = json.loads((out / "manifest.json").read_text())
     family = manifest["units"]["family"]
     assert manifest["schema"] == 2 and family["status"] == "ok"
@@ -146,8 +148,10 @@ def test_main_job_writes_manifest_reports_and_triton_repo(finished_run):
         and not selection["reasons"][n].startswith("confirmation failed")
     ]
     want = max(fitting, key=lambda n: figures[n][0]) if fitting else None
-    assert payload["chosen"] == want and want not in (None, "original"), selection["reasons"]
-    assert f"**Chosen: `{want}`**" in (out / "SUMMARY.md").read_text()
+    assert payload["chosen"] == want != "original", selection["reasons"]
+    if want is not None:
+        assert f"**Chosen: `{want}`**" in (out / "SUMMARY.md").read_text()
+        assert (out / "triton" / "dcvit_vit_tiny_patch16_224").is_dir()
 
 
 def copy_of_run(finished: Path, tmp_path: Path) -> Path:
@@ -193,28 +197,38 @@ def test_budget_between_measured_figures_picks_the_densest_that_fits(
     assert payload["chosen"] == want
 
 
-def test_triton_repository_parses_and_onnx_matches_pytorch(finished_run):
+def test_triton_repository_parses_and_onnx_matches_pytorch(finished_run, profile_file, tmp_path):
+    """What is published is the chosen candidate's verified ONNX, under a config Triton's
+    schema accepts. Not a decision test: the budget is twice the slowest measured figure, so
+    the densest candidate (the original) is published whatever this machine measured."""
     import onnxruntime as ort
     import torch
 
     from dcvit_deploy.compress.candidate import load_candidate
     from dcvit_deploy.triton import validate_config
 
-    out, text = finished_run
-    chosen = json.loads(text[text.index("{") :])["chosen"]
+    out = copy_of_run(finished_run[0], tmp_path)
+    report = json.loads((out / "report.json").read_text())
+    slowest = max(s["p50"] for c in report["candidates"] for s in c["latency"])
+    code, text = run_cli(
+        ["select", "--out", str(out), "--profile", str(profile_file), "--latency-ms",
+         f"{2 * slowest:.6f}", "--no-confirm", "--json"]
+    )  # fmt: skip
+    assert code == 0, text
+    chosen = json.JSONDecoder().raw_decode(text[text.index("{") :])[0]["chosen"]
+    assert chosen == "original"
     model_dir = out / "triton" / "dcvit_vit_tiny_patch16_224"  # named for the model, not the pick
     assert [p.name for p in (out / "triton").iterdir() if not p.name.startswith(".")] == [
         model_dir.name
     ]
     check = validate_config(model_dir / "config.pbtxt", model_dir=model_dir)
     assert check.status == "ok", check.messages
-    deployed = json.loads((model_dir / "1" / "deploy.json").read_text())
+    newest = max((v for v in model_dir.iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
+    deployed = json.loads((newest / "deploy.json").read_text())
     assert deployed["source"]["candidate"] == chosen
     _, model = load_candidate(out / "family" / f"{chosen}.json")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    sess = ort.InferenceSession(
-        str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    sess = ort.InferenceSession(str(newest / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         want = model(x).numpy()
@@ -225,8 +239,9 @@ def test_rerun_resumes_without_redoing_work(finished_run, photo_dir, profile_fil
     out, _ = finished_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / "family").glob("*.safetensors")}
     raw_before = {p.name: p.stat().st_mtime_ns for p in (out / "raw").rglob("*.json")}
+    first = json.JSONDecoder().raw_decode(finished_run[1][finished_run[1].index("{") :])[0]
     code, text = run_cli(main_job(photo_dir, profile_file, out))
-    assert code == 0, text
+    assert code == (0 if first["chosen"] else 3), text
     assert {p.name: p.stat().st_mtime_ns for p in (out / "family").glob("*.safetensors")} == before
     assert {p.name: p.stat().st_mtime_ns for p in (out / "raw").rglob("*.json")} == raw_before
 
@@ -327,7 +342,7 @@ def test_kill_during_finetuning_then_resume(tmp_path, photo_dir, profile_file):
         return sorted((out / "family").glob(first_glob)) if (out / "family").is_dir() else []
 
     while not finished() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"
     assert finished(), "no candidate was finished in time"
     os.killpg(proc.pid, signal.SIGKILL)
