@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcvit_deploy.atomic import atomic_write_json, atomic_write_with, fingerprint
 from dcvit_deploy.errors import EnvironmentProblem, UserInputError
+from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_with, fingerprint
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -21,10 +21,10 @@ from dcvit_deploy.backends import (
     unregister_backend,
 )
 from dcvit_deploy.backends.onnxruntime import create_session, provider_list
+from dcvit_deploy.config.profiles import load_profile, profile_from_dict
 from dcvit_deploy.errors import BackendUnavailable, ProfileError, UserInputError
-from dcvit_deploy.export import export_onnx
-from dcvit_deploy.profiles import load_profile, profile_from_dict
-from dcvit_deploy.records import TargetProfile
+from dcvit_deploy.export.onnx import export_onnx
+from dcvit_deploy.store.records import TargetProfile
 
 FAST_MEASURE = {
     "warmup_iters": 2,
@@ -76,9 +76,9 @@ def onnx_file(vit: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture
 def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the driver report no GPU, whatever machine runs the tests."""
-    import dcvit_deploy.envinfo
+    import dcvit_deploy.latency.machine
 
-    monkeypatch.setattr(dcvit_deploy.envinfo, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(dcvit_deploy.latency.machine, "cuda_device_count", lambda: 0)
 
 
 def test_onnxruntime_cpu_build_measure_run(
@@ -123,7 +123,7 @@ def test_onnxruntime_rounds_keep_one_session_per_candidate_open(
     import dataclasses
 
     import dcvit_deploy.backends.onnxruntime as ortb
-    from dcvit_deploy.rounds import measure_rounds
+    from dcvit_deploy.latency.rounds import measure_rounds
 
     backend = get_backend("onnxruntime")
     profile = cpu_profile()
@@ -493,7 +493,7 @@ def fake_ort_gpu(monkeypatch: pytest.MonkeyPatch) -> list[_FakeCudaGraphSession]
     import onnxruntime as ort
 
     import dcvit_deploy.backends.onnxruntime as ortb
-    import dcvit_deploy.envinfo
+    import dcvit_deploy.latency.machine
 
     sessions: list[_FakeCudaGraphSession] = []
 
@@ -501,7 +501,7 @@ def fake_ort_gpu(monkeypatch: pytest.MonkeyPatch) -> list[_FakeCudaGraphSession]
         sessions.append(_FakeCudaGraphSession(provider, cuda_graph))
         return sessions[-1]
 
-    monkeypatch.setattr(dcvit_deploy.envinfo, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(dcvit_deploy.latency.machine, "cuda_device_count", lambda: 1)
     monkeypatch.setattr(ortb, "package_version", lambda name: "1.31.1")
     monkeypatch.setattr(ortb, "_tensorrt_libraries_found", lambda: True)
     monkeypatch.setattr(ortb, "create_session", create_session)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dcvit_deploy.data import (
+from dcvit_deploy.errors import DataError, EnvironmentProblem, UserInputError
+from dcvit_deploy.model.images import (
     IMAGE_EXTENSIONS,
     DataOverrides,
     DataWarning,
@@ -26,7 +27,6 @@ from dcvit_deploy.data import (
     split_holdout,
     write_demo_images,
 )
-from dcvit_deploy.errors import DataError, EnvironmentProblem, UserInputError
 
 
 def _touch_tree(root: Path, names: list[str]) -> None:

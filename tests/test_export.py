@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from dcvit_deploy.errors import ExportError, UserInputError
-from dcvit_deploy.export import (
+from dcvit_deploy.export.fp16 import check_strongly_typed
+from dcvit_deploy.export.onnx import (
     DEFAULT_TOLERANCES,
     ExportResult,
     Tolerances,
@@ -24,7 +25,6 @@ from dcvit_deploy.export import (
     onnx_precision,
     verify_onnx,
 )
-from dcvit_deploy.fp16 import check_strongly_typed
 
 
 class FFNOnly(nn.Module):

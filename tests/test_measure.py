@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.measure import (
+from dcvit_deploy.latency.loop import (
     HostTimer,
     load_raw,
     measure,
@@ -18,7 +18,7 @@ from dcvit_deploy.measure import (
     save_raw,
     spread,
 )
-from dcvit_deploy.records import LatencyStats, MeasureSettings
+from dcvit_deploy.store.records import LatencyStats, MeasureSettings
 
 
 class ScriptedTimer:

@@ -1,0 +1,1 @@
+"""ONNX export and verification (:mod:`.onnx`) and precision-converted graphs (:mod:`.fp16`)."""

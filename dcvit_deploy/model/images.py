@@ -1,0 +1,693 @@
+"""Few-shot image data: folder listing, seeded sampling, timm preprocessing, decoding.
+
+DC-ViT needs only a few hundred *unlabeled* images. A user points at a folder -- flat, or one
+subfolder per class as ImageNet-style trees are laid out (labels are ignored) -- and this module
+turns it into tensors with the model's own preprocessing:
+
+* :func:`list_images` finds the images (recursive, sorted, deterministic);
+* :func:`sample_images` picks a seeded subset;
+* :func:`resolve_data_config` reads the model's preprocessing from timm, with
+  :class:`DataOverrides` for the knobs timm's own scripts expose;
+* :func:`build_transforms` builds timm's train (RandAugment) or eval transform;
+* :class:`FewShotImages` decodes with PIL, skipping and counting undecodable files;
+* :func:`load_eval_tensor` gives a deterministic batch for verification and metrics;
+* :func:`input_fingerprint` hashes the chosen files so a run can tell when its inputs changed;
+* :func:`write_demo_images` writes real photos bundled with scikit-image for a no-download demo.
+
+timm, PIL and scikit-image are imported inside the functions that need them, so importing this
+module stays cheap (torch itself is a core dependency and is imported).
+
+Size: this module is longer than ~500 lines because image listing, decoding (including 16-bit
+scaling), sampling, the held-out split, preprocessing and fingerprints must agree on one notion
+of an image set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from torch.utils.data import Dataset
+
+from dcvit_deploy.errors import DataError, EnvironmentProblem, UserInputError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from torch import nn
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+"""File suffixes (compared lower-case) that :func:`list_images` treats as images."""
+
+DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+"""RandAugment policy of the DC-ViT finetuning recipe (timm notation)."""
+
+INTERPOLATIONS: frozenset[str] = frozenset(
+    {"nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"}
+)
+CROP_MODES: frozenset[str] = frozenset({"center", "squash", "border"})
+
+DataConfig = dict[str, Any]
+"""timm data config: ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``,
+``crop_pct``, ``crop_mode``."""
+
+
+class DataWarning(UserWarning):
+    """Something about the few-shot data the user should know but that does not stop a run."""
+
+
+def _accepted_text() -> str:
+    return ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Images found under ``root``: absolute ``paths`` sorted by their path relative to ``root``."""
+
+    root: Path
+    paths: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[Path]:
+        return iter(self.paths)
+
+    def __getitem__(self, index: int) -> Path:
+        return self.paths[index]
+
+    def relative(self) -> tuple[str, ...]:
+        """The paths relative to ``root`` in POSIX form (the sort key)."""
+        return tuple(p.relative_to(self.root).as_posix() for p in self.paths)
+
+
+def list_images(root: str | os.PathLike[str]) -> ImageList:
+    """List every image under ``root``, recursively, in a deterministic order.
+
+    Works for a flat folder and for class subfolders (labels are not used). A file counts as an
+    image when its suffix, lower-cased, is in :data:`IMAGE_EXTENSIONS`; hidden files and folders
+    (names starting with ``.``) are ignored. Symlinked folders are not followed. Contents are
+    not checked here (see :class:`FewShotImages`). Raises :class:`DataError` when ``root`` does
+    not exist, is not a directory, or holds no image.
+    """
+    base = Path(root).expanduser()
+    if not base.exists():
+        raise DataError(
+            f"image folder {base} does not exist",
+            "pass an existing folder of images (flat, or one subfolder per class)",
+        )
+    if not base.is_dir():
+        raise DataError(
+            f"{base} is a file, not a folder of images",
+            f"pass the folder that holds the images (e.g. {base.parent})",
+        )
+    base = base.resolve()
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        folder = Path(dirpath)
+        for name in filenames:
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = folder / name
+            if path.is_file():
+                found.append((path.relative_to(base).as_posix(), path))
+    if not found:
+        raise DataError(
+            f"no images found under {base} (accepted extensions: {_accepted_text()})",
+            "add image files to the folder or point to the folder that holds them",
+        )
+    found.sort(key=lambda item: item[0])
+    return ImageList(root=base, paths=tuple(p for _, p in found))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sampling_note(available: int, num_samples: int | None) -> str | None:
+    """The warning text :func:`sample_images` issues for these counts, or ``None`` if none."""
+    if num_samples is not None and num_samples > available:
+        return (
+            f"asked for {num_samples} few-shot images but only {available} were found; "
+            f"using all {available}"
+        )
+    return None
+
+
+def sample_images(
+    paths: ImageList | Sequence[Path], num_samples: int | None, seed: int
+) -> list[Path]:
+    """A seeded subset of ``paths`` of size ``num_samples``, in the input order.
+
+    ``num_samples=None`` keeps every path. The choice depends only on ``len(paths)``,
+    ``num_samples`` and ``seed``, so it is the same on every machine for the same listing.
+    Asking for more images than exist uses all of them and emits a :class:`DataWarning`
+    (whose text :func:`sampling_note` also returns, for the run record). Raises
+    :class:`UserInputError` for ``num_samples < 1`` and :class:`DataError` for empty ``paths``.
+    """
+    items = list(paths)
+    if not items:
+        raise DataError("there are no images to sample from", "point to a folder with images")
+    if num_samples is None:
+        return items
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise UserInputError(
+            f"number of few-shot samples must be a positive integer, got {num_samples!r}",
+            "pass e.g. --num-samples 500, or omit it to use every image",
+        )
+    note = sampling_note(len(items), num_samples)
+    if note is not None:
+        warnings.warn(note, DataWarning, stacklevel=2)
+        return items
+    chosen = sorted(random.Random(seed).sample(range(len(items)), num_samples))
+    return [items[i] for i in chosen]
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+_EXAMPLES = {"mean": "0.485 0.456 0.406", "std": "0.229 0.224 0.225"}
+
+
+def _check_floats(name: str, values: tuple[float, ...], allow_zero: bool) -> None:
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise UserInputError(
+                f"{name} values must be finite numbers, got {values}",
+                f"pass e.g. {name} {_EXAMPLES[name]}",
+            )
+        if v < 0 or (v == 0 and not allow_zero):
+            raise UserInputError(
+                f"{name} values must be {'>= 0' if allow_zero else '> 0'}, got {values}",
+                f"pass e.g. {name} {_EXAMPLES[name]}",
+            )
+
+
+@dataclass(frozen=True)
+class DataOverrides:
+    """User overrides of the model's preprocessing, as timm's scripts allow; ``None`` = keep.
+
+    ``img_size`` sets height and width (channels kept); ``input_size`` sets (C, H, W); give at
+    most one. ``mean``/``std`` take one value (replicated per channel) or one per channel.
+    ``interpolation`` is one of :data:`INTERPOLATIONS`, ``crop_pct`` in (0, 1], ``crop_mode``
+    one of :data:`CROP_MODES`. Construction raises :class:`UserInputError` on invalid values.
+    """
+
+    img_size: int | None = None
+    input_size: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    crop_mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.img_size is not None and self.input_size is not None:
+            raise UserInputError("img_size and input_size were both given", "pass only one of them")
+        if self.img_size is not None and (
+            isinstance(self.img_size, bool)
+            or not isinstance(self.img_size, int)
+            or self.img_size < 1
+        ):
+            raise UserInputError(
+                f"img_size must be a positive integer, got {self.img_size!r}", "pass e.g. 224"
+            )
+        if self.input_size is not None:
+            size = tuple(self.input_size)
+            if len(size) != 3 or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size
+            ):
+                raise UserInputError(
+                    f"input_size must be three positive integers (C, H, W), "
+                    f"got {self.input_size!r}",
+                    "pass e.g. 3 224 224",
+                )
+            object.__setattr__(self, "input_size", size)
+        for name, allow_zero in (("mean", True), ("std", False)):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            values = tuple(values)
+            if not values:
+                raise UserInputError(f"{name} is empty", "pass one value or one per channel")
+            _check_floats(name, values, allow_zero)
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise UserInputError(
+                f"unknown interpolation {self.interpolation!r}",
+                f"use one of {', '.join(sorted(INTERPOLATIONS))}",
+            )
+        if self.crop_pct is not None and (
+            isinstance(self.crop_pct, bool)
+            or not isinstance(self.crop_pct, (int, float))
+            or not 0 < self.crop_pct <= 1
+        ):
+            raise UserInputError(
+                f"crop_pct must be in (0, 1], got {self.crop_pct!r}", "pass e.g. 0.875 or 1.0"
+            )
+        if self.crop_mode is not None and self.crop_mode not in CROP_MODES:
+            raise UserInputError(
+                f"unknown crop_mode {self.crop_mode!r}",
+                f"use one of {', '.join(sorted(CROP_MODES))}",
+            )
+
+
+def _per_channel(name: str, values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise UserInputError(
+            f"{name} has {len(values)} values but the input has {channels} channels",
+            f"pass one value or {channels}",
+        )
+    return values
+
+
+def _fixed_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) a timm ViT-style model was built for, if its patch embedding enforces one.
+
+    timm keeps the architecture's default ``input_size`` (e.g. 224) in ``pretrained_cfg`` even
+    when the model is created with another ``img_size``; such a model only accepts the size its
+    patch embedding was built with, so that size is the truth.
+    """
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    proj = getattr(embed, "proj", None)
+    if not getattr(embed, "strict_img_size", False) or size is None:
+        return None
+    channels = getattr(proj, "in_channels", None)
+    if not isinstance(channels, int) or len(tuple(size)) != 2:
+        return None
+    height, width = (int(v) for v in size)
+    return channels, height, width
+
+
+def resolve_data_config(model: nn.Module, overrides: DataOverrides | None = None) -> DataConfig:
+    """The model's own preprocessing (``timm.data.resolve_data_config``) with ``overrides``.
+
+    Input size, unless overridden, is the size the model's patch embedding is fixed to when it
+    enforces one (timm ViTs built with ``img_size=...``), else the ``pretrained_cfg`` value.
+    Returns a fresh dict with ``input_size`` (C, H, W), ``mean``/``std`` (one float per
+    channel), ``interpolation``, ``crop_pct`` and ``crop_mode``. A model without a timm
+    ``pretrained_cfg`` gets timm's ImageNet defaults. Raises :class:`UserInputError` when an
+    override's mean/std length does not match the channel count.
+    """
+    import timm.data
+
+    base = timm.data.resolve_data_config({}, model=model)
+    ov = overrides or DataOverrides()
+    channels, height, width = (int(v) for v in base["input_size"])
+    fixed = _fixed_input_size(model)
+    if fixed is not None:
+        channels, height, width = fixed
+    if ov.input_size is not None:
+        channels, height, width = ov.input_size
+    elif ov.img_size is not None:
+        height = width = ov.img_size
+    mean = tuple(float(v) for v in (ov.mean if ov.mean is not None else base["mean"]))
+    std = tuple(float(v) for v in (ov.std if ov.std is not None else base["std"]))
+    return {
+        "input_size": (channels, height, width),
+        "interpolation": ov.interpolation or str(base["interpolation"]),
+        "mean": _per_channel("mean", mean, channels),
+        "std": _per_channel("std", std, channels),
+        "crop_pct": float(ov.crop_pct if ov.crop_pct is not None else base["crop_pct"]),
+        "crop_mode": ov.crop_mode or str(base.get("crop_mode", "center")),
+    }
+
+
+def build_transforms(
+    data_config: DataConfig,
+    train: bool,
+    auto_augment: str | None = DEFAULT_AUTO_AUGMENT,
+    re_prob: float = 0.0,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's transform for ``data_config``: PIL RGB image -> normalised ``[C, H, W]`` tensor.
+
+    ``train=True``: timm's training transform (random resized crop, horizontal flip, the
+    RandAugment policy ``auto_augment`` -- ``None`` disables it -- and random erasing with
+    probability ``re_prob``, off by default; no mixup/cutmix, which are batch-level and never
+    applied here). ``train=False``: the model's deterministic eval transform (resize by
+    ``crop_pct``, crop per ``crop_mode``). Both produce the config's ``input_size``.
+    """
+    import timm.data
+
+    common: dict[str, Any] = {
+        "input_size": tuple(data_config["input_size"]),
+        "interpolation": data_config["interpolation"],
+        "mean": tuple(data_config["mean"]),
+        "std": tuple(data_config["std"]),
+    }
+    if train:
+        return timm.data.create_transform(
+            is_training=True, auto_augment=auto_augment, re_prob=re_prob, **common
+        )
+    return timm.data.create_transform(
+        is_training=False,
+        crop_pct=data_config["crop_pct"],
+        crop_mode=data_config.get("crop_mode"),
+        **common,
+    )
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+SIXTEEN_BIT_MODES: frozenset[str] = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+"""PIL modes of 16-bit single-channel images (16-bit grayscale PNG and TIFF)."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image | str:
+    """``img`` as 8-bit RGB, or a one-line reason it cannot be converted faithfully.
+
+    PIL's own ``convert("RGB")`` *clips* 16- and 32-bit integer pixels to 255 (a 16-bit photo
+    becomes mostly white), so those are scaled instead: 16-bit values by 255/65535; 32-bit
+    integer images (mode ``I``, how some PIL versions open 16-bit PNGs) are taken as 16-bit
+    when their values fit 0..65535 and as 8-bit when they fit 0..255. Floating-point images
+    (mode ``F``) have no agreed range and are refused by name.
+    """
+    from PIL import Image
+
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        import numpy as np
+
+        arr = np.asarray(img).astype(np.int64)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            return (
+                f"{mode} image with values {lo}..{hi} outside the 16-bit range; "
+                "convert it to 8-bit first"
+            )
+        scale = 1.0 if mode == "I" and hi <= 255 else 255.0 / 65535.0
+        eight = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    if mode == "F":
+        return "32-bit floating-point image (PIL mode F) has no defined range; convert it to 8-bit"
+    return img.convert("RGB")
+
+
+def _decode(path: Path) -> Image.Image | str:
+    """The fully decoded 8-bit RGB image, or a one-line reason it cannot be decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes every pixel, so truncation shows here
+            return _to_rgb(img)
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+def skipped_summary(skipped: Sequence[tuple[Path, str]], total: int, limit: int = 3) -> str:
+    """One line for the console and ``SUMMARY.md``: how many images were skipped and why.
+
+    Empty when nothing was skipped. Names at most ``limit`` files (by file name) with their
+    reasons.
+    """
+    if not skipped:
+        return ""
+    shown = "; ".join(f"{Path(p).name}: {reason}" for p, reason in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"{len(skipped)} of {total} images could not be used and were skipped ({shown}{more})"
+
+
+@dataclass(frozen=True)
+class HoldoutSplit:
+    """The held-out images (verification and fidelity) and a note when they fall short.
+
+    ``paths`` are the candidates in their seeded order: the caller uses the first
+    ``requested`` that decode (as :func:`load_eval_tensor` with ``max_images`` does). ``note``
+    is empty when ``requested`` images were available outside the few-shot set;
+    otherwise it says what was used instead (for the console and ``SUMMARY.md``).
+    """
+
+    paths: tuple[Path, ...]
+    requested: int
+    note: str = ""
+
+
+def split_holdout(
+    all_paths: Sequence[Path], train: Sequence[Path], holdout: int, seed: int
+) -> HoldoutSplit:
+    """Up to ``holdout`` images not in ``train``, in a seeded order; falls back to ``train``.
+
+    With no image left over, the training images are used and the note says so; with fewer
+    than ``holdout`` left over, all of them are used and the note says how many. The order is
+    the one this project has always used (``random.Random(seed + 1)`` shuffle), so resumed
+    runs keep their held-out set.
+    """
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 1:
+        raise UserInputError(
+            f"--holdout must be a positive integer, got {holdout!r}", "pass e.g. --holdout 32"
+        )
+    chosen = set(train)
+    rest = [p for p in all_paths if p not in chosen]
+    random.Random(seed + 1).shuffle(rest)
+    if not rest:
+        return HoldoutSplit(
+            paths=tuple(train),
+            requested=holdout,
+            note=(
+                "no images left over for a held-out set: fidelity and verification use "
+                "training images (add images or lower --num-samples)"
+            ),
+        )
+    note = ""
+    if len(rest) < holdout:
+        note = (
+            f"--holdout {holdout} asked for more held-out images than the {len(rest)} left "
+            f"after the {len(chosen)} few-shot samples; using {len(rest)}"
+        )
+    return HoldoutSplit(paths=tuple(rest), requested=holdout, note=note)
+
+
+def holdout_note(available: int, num_samples: int | None, holdout: int) -> str:
+    """The note :func:`split_holdout` will give for these counts, without listing any file."""
+    train = available if num_samples is None else min(num_samples, available)
+    rest = available - train
+    if rest <= 0:
+        return (
+            "no images left over for a held-out set: fidelity and verification use "
+            "training images (add images or lower --num-samples)"
+        )
+    if rest < holdout:
+        return (
+            f"--holdout {holdout} asked for more held-out images than the {rest} left "
+            f"after the {train} few-shot samples; using {rest}"
+        )
+    return ""
+
+
+class FewShotImages(Dataset[Any]):
+    """A map-style torch dataset of decodable images; ``dataset[i]`` is ``transform(rgb_image)``.
+
+    Every file is decoded once at construction; files that fail are left out and listed in
+    ``skipped`` as ``(path, reason)``, so ``len(dataset)`` counts only usable images and
+    ``paths`` lists them in input order. Items carry no label (DC-ViT is label-free). Raises
+    :class:`DataError` when no file decodes. ``transform=None`` returns the PIL image.
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[str | os.PathLike[str]],
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> None:
+        self.transform = transform
+        self.skipped: list[tuple[Path, str]] = []
+        good: list[Path] = []
+        given = [Path(p) for p in paths]
+        for path in given:
+            result = _decode(path)
+            if isinstance(result, str):
+                self.skipped.append((path, result))
+            else:
+                good.append(path)
+        if not good:
+            detail = f"; first: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
+            raise DataError(
+                f"none of the {len(given)} images could be decoded{detail}",
+                "check that the files are valid images (re-export or re-download them)",
+            )
+        self.paths: tuple[Path, ...] = tuple(good)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Any:
+        img = _decode(self.paths[index])
+        if isinstance(img, str):  # the file changed after construction
+            raise DataError(
+                f"{self.paths[index]} can no longer be decoded ({img})",
+                "do not modify the image folder while a run is using it",
+            )
+        return self.transform(img) if self.transform is not None else img
+
+
+def load_eval_tensor(
+    paths: Iterable[str | os.PathLike[str]],
+    data_config: DataConfig,
+    max_images: int | None = None,
+) -> torch.Tensor:
+    """The first ``max_images`` decodable images (all if ``None``) as one eval-mode batch.
+
+    Deterministic: uses :func:`build_transforms` with ``train=False`` and keeps the input
+    order; undecodable files are skipped. Returns float ``[N, C, H, W]``. Raises
+    :class:`DataError` if no image decodes, ``ValueError`` if ``max_images < 1``.
+    """
+    import torch
+
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
+    transform = build_transforms(data_config, train=False)
+    tensors: list[torch.Tensor] = []
+    tried = 0
+    for p in paths:
+        if max_images is not None and len(tensors) >= max_images:
+            break
+        tried += 1
+        img = _decode(Path(p))
+        if not isinstance(img, str):
+            tensors.append(transform(img))
+    if not tensors:
+        raise DataError(
+            f"none of the {tried} images could be decoded",
+            "check that the files are valid images (re-export or re-download them)",
+        )
+    return torch.stack(tensors)
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def input_fingerprint(paths: ImageList | Iterable[str | os.PathLike[str]]) -> str:
+    """sha256 hex digest identifying the image set: relative paths, sizes and contents.
+
+    Paths are taken relative to the ``ImageList`` root, or to the common parent folder of
+    plain paths, and sorted, so the result does not depend on where the folder lives or on the
+    order given, but changes when a file is added, removed, renamed or edited.
+    """
+    if isinstance(paths, ImageList):
+        root, items = paths.root, list(paths.paths)
+    else:
+        items = [Path(p).resolve() for p in paths]
+        if not items:
+            raise DataError("there are no images to fingerprint", "point to a folder with images")
+        root = Path(os.path.commonpath([p.parent for p in items]))
+    digest = hashlib.sha256()
+    for rel, path in sorted((p.relative_to(root).as_posix(), p) for p in items):
+        content = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                content.update(block)
+                size += len(block)
+        digest.update(f"{rel}\0{size}\0{content.hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- demo images
+
+DEMO_PHOTOS: tuple[str, ...] = (
+    "astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry",
+    "hubble_deep_field", "coins", "moon", "clock", "brick", "grass", "gravel", "text",
+)  # fmt: skip
+"""Photos bundled inside scikit-image (no download) used by :func:`write_demo_images`."""
+
+
+@dataclass(frozen=True)
+class _Photo:
+    name: str
+    pixels: Any = field(repr=False)  # uint8 [H, W, 3] numpy array
+
+
+def _bundled_photos() -> list[_Photo]:
+    try:
+        from skimage import data as skdata
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            "scikit-image is not installed; the demo images come from its bundled photos",
+            "pip install dcvit-deploy[demo]",
+        ) from exc
+    import numpy as np
+
+    photos: list[_Photo] = []
+    for name in DEMO_PHOTOS:
+        loader = getattr(skdata, name, None)
+        if loader is None:
+            continue
+        try:
+            arr = np.asarray(loader())
+        except Exception:  # a photo this scikit-image version would have to download
+            continue
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            continue
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        photos.append(_Photo(name, np.ascontiguousarray(arr[:, :, :3])))
+    if not photos:
+        raise EnvironmentProblem(
+            "this scikit-image installation provides none of the bundled demo photos",
+            "pip install --upgrade dcvit-deploy[demo]",
+        )
+    return photos
+
+
+def write_demo_images(
+    out_dir: str | os.PathLike[str], count: int = 32, seed: int = 0
+) -> list[Path]:
+    """Write ``count`` real photos as JPEG files into ``out_dir``; returns their paths, sorted.
+
+    The first images are scikit-image's bundled photos (astronaut, chelsea, coffee, rocket,
+    camera, ...); the rest are seeded random crops (40-100 % of each side) of them, half of
+    them mirrored. Same ``count`` and ``seed`` -> same files. Raises
+    :class:`EnvironmentProblem` when scikit-image is missing (fix:
+    ``pip install dcvit-deploy[demo]``).
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserInputError(
+            f"demo image count must be a positive integer, got {count!r}", "pass e.g. 32"
+        )
+    from PIL import Image
+
+    from dcvit_deploy.store.atomic import atomic_write_with
+
+    photos = _bundled_photos()
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        arr = photo.pixels
+        if i >= len(photos):
+            h, w = arr.shape[:2]
+            ch, cw = (
+                max(16, int(h * rng.uniform(0.4, 1.0))),
+                max(16, int(w * rng.uniform(0.4, 1.0))),
+            )
+            top, left = rng.randint(0, max(0, h - ch)), rng.randint(0, max(0, w - cw))
+            arr = arr[top : top + ch, left : left + cw]
+            if rng.random() < 0.5:
+                arr = arr[:, ::-1]
+        img = Image.fromarray(arr.copy())
+        path = out / f"demo_{i:04d}_{photo.name}.jpg"
+        # the default binds this iteration's image; cast: mypy cannot infer such a lambda
+        atomic_write_with(
+            path, cast(Any, lambda tmp, im=img: im.save(tmp, format="JPEG", quality=90))
+        )
+        written.append(path)
+    return sorted(written)

@@ -1,0 +1,129 @@
+"""The build unit: one candidate's artifact for one target profile, verified through its own
+backend.
+
+After the backend builds the artifact (an ONNX Runtime session file, a TensorRT engine, a
+PyTorch module), the artifact itself is run through that backend on the held-out images and
+compared with the candidate's PyTorch module (the same metrics as ONNX verification), so what
+ships is what was checked. A failing artifact is recorded and never selectable.
+
+Inputs: the exported graph's checksum, the profile's content, the runtime versions, and for GPU
+profiles the device -- a runtime upgrade rebuilds, a finetune never depends on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from dcvit_deploy.pipeline.context import RUNTIME_PACKAGES, device_identity, versions
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.records import Artifact, Verification, from_dict, to_dict
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.store.records import Candidate, TargetProfile
+    from dcvit_deploy.store.rundir import RunDir
+
+
+def build_unit_id(profile: str, name: str) -> str:
+    return f"build/{profile}/{name}"
+
+
+def verify_artifact(
+    backend: Any, artifact: Artifact, profile: TargetProfile, model: Any, images: Any
+) -> Verification:
+    """Run ``artifact`` through ``backend`` on ``images`` and compare with ``model`` (PyTorch)."""
+    import torch
+
+    from dcvit_deploy.export.onnx import DEFAULT_TOLERANCES, compare_outputs
+
+    with torch.inference_mode():
+        reference = model.eval()(images.float()).float().cpu().numpy()
+    tol = DEFAULT_TOLERANCES["fp32" if artifact.precision == "fp32" else "fp16"]
+    try:
+        outputs = backend.run(artifact, profile, images.cpu().numpy())
+    except Exception as exc:  # a runtime that cannot run its own artifact: not shippable
+        return Verification(
+            max_abs=float("inf"),
+            max_rel=float("inf"),
+            cosine=float("nan"),
+            top1_agreement=0.0,
+            finite=False,
+            passed=False,
+            samples=int(images.shape[0]),
+            reason=f"{profile.backend} could not run the built artifact: {exc}"[:300],
+        )
+    return compare_outputs(reference, outputs, tolerances=tol)
+
+
+class BuildUnit:
+    """Build and verify one candidate's artifact for ``profile``."""
+
+    optional = True
+
+    def __init__(self, candidate: Candidate, profile: TargetProfile, onnx_path: Path) -> None:
+        self.candidate = candidate
+        self.profile = profile
+        self.onnx_path = onnx_path
+        self.id = build_unit_id(profile.name, candidate.name)
+
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
+        return {
+            "onnx": sha256_file(self.onnx_path),
+            "weights": self.candidate.weights_sha256,
+            "profile": to_dict(self.profile),
+            "runtime": versions(RUNTIME_PACKAGES),
+            "device": device_identity(self.profile) if self.profile.device == "cuda" else {},
+            "holdout": ctx.prep().holdout_fp,
+        }
+
+    def execute(self, ctx: JobContext) -> UnitOutput:
+        from dcvit_deploy.backends import get_backend
+        from dcvit_deploy.compress.candidate import build_candidate
+
+        run = ctx.run
+        cand = self.candidate
+        backend = get_backend(self.profile.backend)
+        model = build_candidate(cand, run.family_dir / cand.weights)
+        artifact = backend.build(
+            self.onnx_path,
+            self.profile,
+            run.sub(f"artifacts/{self.profile.name}"),
+            candidate=cand.name,
+            timing_cache=run.root / "artifacts" / f"{self.profile.name}.timing.cache",
+            model=model if getattr(backend, "needs_module", False) else None,
+        )
+        verification = verify_artifact(backend, artifact, self.profile, model, ctx.prep().holdout)
+        path = run.resolve(artifact.path)
+        files = [path] if path.is_file() else []
+        # recorded relative to the run, so a moved run still finds its artifacts
+        stored = dataclasses.replace(artifact, path=run.rel(path))
+        return UnitOutput(
+            result={
+                "artifact": to_dict(stored),
+                "verification": to_dict(verification),
+                "verified_with": f"{self.profile.backend} ({self.profile.name})",
+            },
+            files=tuple(files),
+        )
+
+
+def build_facts(
+    run: RunDir, profile: str, name: str
+) -> tuple[Artifact | None, Verification | None, str]:
+    """The built artifact, its verification and the failure reason recorded by the build unit."""
+    rec = run.unit(build_unit_id(profile, name))
+    if not rec:
+        return None, None, ""
+    if rec.get("status") != "ok":
+        return None, None, str(rec.get("reason", rec.get("status")))
+    result = rec["result"]
+    artifact = from_dict(Artifact, result["artifact"])
+    return (
+        dataclasses.replace(artifact, path=str(run.resolve(artifact.path))),
+        from_dict(Verification, result["verification"]),
+        "",
+    )

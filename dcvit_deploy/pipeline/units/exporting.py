@@ -1,0 +1,94 @@
+"""The export unit: one candidate to ONNX at one precision, verified against PyTorch.
+
+The graph is verified with ONNX Runtime (CPU) against the candidate's PyTorch module on the
+held-out images. An FP16 graph is verified too, and its fidelity loss against the FP32 graph is
+recorded. Inputs: the candidate's weights checksum and structure, opset, simplification,
+precision, the held-out images' content and the exporter versions -- never the target profile
+beyond its precision, so switching between profiles of one precision reuses the export.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dcvit_deploy.pipeline.context import EXPORT_PACKAGES, versions
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.records import Verification, from_dict, to_dict
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.store.records import Candidate
+    from dcvit_deploy.store.rundir import RunDir
+
+
+def export_unit_id(precision: str, name: str) -> str:
+    return f"export/{precision}/{name}"
+
+
+def onnx_precision_for(profile_precision: str) -> str:
+    """The ONNX graph a profile deploys: FP16 graphs for FP16 profiles, FP32 otherwise (bf16
+    profiles run the PyTorch module)."""
+    return "fp16" if profile_precision == "fp16" else "fp32"
+
+
+class ExportUnit:
+    """Export and verify one candidate (``RUN/onnx/<precision>/<name>.onnx``)."""
+
+    optional = True
+
+    def __init__(self, candidate: Candidate, precision: str) -> None:
+        self.candidate = candidate
+        self.precision = precision
+        self.id = export_unit_id(precision, candidate.name)
+
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
+        return {
+            "weights": self.candidate.weights_sha256,
+            "arch": to_dict(self.candidate.arch),
+            "precision": self.precision,
+            "opset": ctx.dopts.opset,
+            "simplify": ctx.dopts.simplify,
+            "holdout": ctx.prep().holdout_fp,
+            "versions": versions(EXPORT_PACKAGES),
+        }
+
+    def execute(self, ctx: JobContext) -> UnitOutput:
+        from dcvit_deploy.compress.candidate import build_candidate
+        from dcvit_deploy.export.onnx import export_onnx, verify_onnx
+
+        run = ctx.run
+        cand = self.candidate
+        images = ctx.prep().holdout
+        model = build_candidate(cand, run.family_dir / cand.weights)
+        common: dict[str, Any] = {
+            "input_shape": tuple(int(v) for v in images.shape[1:]),
+            "opset": ctx.dopts.opset,
+            "simplify": ctx.dopts.simplify,
+        }
+        path = run.sub(f"onnx/{self.precision}") / f"{cand.name}.onnx"
+        result: dict[str, Any] = {}
+        if self.precision == "fp16":
+            fp32 = run.sub("onnx/fp32") / f".{cand.name}.fp16-reference.onnx"
+            export_onnx(model, fp32, **common)
+            reference = verify_onnx(model, fp32, images)
+            fp32.unlink(missing_ok=True)
+            export_onnx(model, path, precision="fp16", **common)
+            verification = verify_onnx(model, path, images)
+            result["fp32_verification"] = to_dict(reference)
+            result["fp16_top1_loss"] = reference.top1_agreement - verification.top1_agreement
+        else:
+            export_onnx(model, path, **common)
+            verification = verify_onnx(model, path, images)
+        result.update(path=run.rel(path), verification=to_dict(verification))
+        return UnitOutput(result=result, files=(path,))
+
+
+def export_facts(run: RunDir, precision: str, name: str) -> tuple[Path | None, Verification | None]:
+    """The exported graph and its verification as recorded by the export unit (or ``None``)."""
+    rec = run.unit(export_unit_id(precision, name))
+    if not rec or rec.get("status") != "ok":
+        return None, None
+    result = rec["result"]
+    return run.resolve(result["path"]), from_dict(Verification, result["verification"])

@@ -1,0 +1,200 @@
+"""The profile unit: real latency of every verified artifact of the family on one target.
+
+Inputs: each artifact's checksum, the profile's content, the runtime versions and the device
+the measurement runs on -- a runtime upgrade or another machine re-measures; the budget does
+not (selection is a separate, pure step), except under ``--search bisect``, where the budget
+decides which candidates are measured at all.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dcvit_deploy.errors import EnvironmentProblem
+from dcvit_deploy.pipeline.context import RUNTIME_PACKAGES, device_identity, versions
+from dcvit_deploy.pipeline.outcomes import profile_unit_id
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.records import to_dict
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.store.records import Artifact, LatencyStats, TargetProfile
+
+
+class OtherDevice(EnvironmentProblem):
+    """The profile names a GPU other than the one this machine has."""
+
+
+def check_device(profile: TargetProfile, allow_other: bool) -> str:
+    """Refuse to measure a profile that names a GPU on another device (``allow_other``
+    overrides); returns a note for the report when overridden, else ``""``."""
+    if profile.device != "cuda" or not profile.gpu:
+        return ""
+    from dcvit_deploy.latency.machine import cuda_device_count
+
+    if cuda_device_count() == 0:
+        return ""  # the backend's own availability check says there is no GPU at all
+    here = str(device_identity(profile).get("gpu", ""))
+    if profile.gpu.lower() in here.lower():
+        return ""
+    if allow_other:
+        return f"profile {profile.name} names {profile.gpu} but was measured on {here}"
+    raise OtherDevice(
+        f"profile {profile.name!r} is for {profile.gpu}, but this machine's GPU is {here or '?'}",
+        "run on that GPU, choose the profile for this one, or pass --allow-other-device",
+    )
+
+
+def raw_path(ctx: JobContext, profile: TargetProfile, name: str, batch: int) -> Path:
+    return ctx.run.sub(f"raw/{profile.name}") / f"{name}-b{batch}.json"
+
+
+class ProfileUnit:
+    """Measure the verified artifacts ``artifacts`` (name -> artifact) on ``profile``."""
+
+    optional = False
+
+    def __init__(
+        self,
+        profile: TargetProfile,
+        artifacts: dict[str, Artifact],
+        order: list[str],
+        *,
+        bisect: Any = None,
+    ) -> None:
+        self.profile = profile
+        self.artifacts = artifacts
+        self.order = order
+        self.bisect = bisect
+        self.id = profile_unit_id(profile.name)
+
+    def basis(self) -> str:
+        """What every measurement of this unit depends on besides the artifact itself."""
+        from dcvit_deploy.store.atomic import fingerprint
+
+        return fingerprint(
+            {
+                "profile": to_dict(self.profile),
+                "runtime": versions(RUNTIME_PACKAGES),
+                "device": device_identity(self.profile),
+            }
+        )
+
+    def reusable(self, ctx: JobContext, name: str) -> list[LatencyStats] | None:
+        """An earlier measurement of ``name`` with the same artifact and basis (bisect reuses
+        it instead of measuring again)."""
+        from dcvit_deploy.store.records import LatencyStats, from_dict
+
+        prev = ctx.previous.get(self.id, {}).get("result", {})
+        if prev.get("basis") != self.basis():
+            return None
+        if prev.get("artifacts", {}).get(name) != self.artifacts[name].sha256:
+            return None
+        stats = prev.get("latency", {}).get(name)
+        return [from_dict(LatencyStats, s) for s in stats] if stats else None
+
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
+        return {
+            "artifacts": {n: a.sha256 for n, a in sorted(self.artifacts.items())},
+            "basis": self.basis(),
+            "search": "bisect" if self.bisect is not None else "all",
+            "budget": self.bisect.key() if self.bisect is not None else None,
+        }
+
+    def execute(self, ctx: JobContext) -> UnitOutput:
+        from dcvit_deploy.latency.machine import capture_environment
+
+        latency: dict[str, list[LatencyStats]] = {}
+        errors: dict[str, str] = {}
+        files: list[Path] = []
+        if self.bisect is not None:
+            self.bisect.run(ctx, self, latency, errors, files)
+        else:
+            self.measure(
+                ctx, [n for n in self.order if n in self.artifacts], latency, errors, files
+            )
+        return UnitOutput(
+            result={
+                "basis": self.basis(),
+                "artifacts": {n: self.artifacts[n].sha256 for n in latency},
+                "latency": {n: [to_dict(s) for s in st] for n, st in latency.items()},
+                "errors": errors,
+                "environment": capture_environment(),
+                "device_note": check_device(self.profile, ctx.dopts.allow_other_device),
+            },
+            files=tuple(files),
+        )
+
+    def measure(
+        self,
+        ctx: JobContext,
+        names: list[str],
+        latency: dict[str, list[LatencyStats]],
+        errors: dict[str, str],
+        files: list[Path],
+    ) -> None:
+        """Measure ``names`` at every batch size of the profile in interleaved rounds (order
+        shuffled per round, seeded), so no candidate gets a luckier moment than another; a
+        candidate whose measurement fails is then measured alone to record its error."""
+        from dcvit_deploy.backends import get_backend
+        from dcvit_deploy.latency.rounds import measure_rounds
+        from dcvit_deploy.progress import ProgressEvent
+
+        if not names:
+            return
+        backend = get_backend(self.profile.backend)
+        profile = self.profile
+
+        def where(name: str, batch: int) -> Path:
+            return raw_path(ctx, profile, name, batch)
+
+        def say(text: str) -> None:
+            ctx.progress(ProgressEvent(stage="profile", message=text))
+
+        try:
+            result = measure_rounds(
+                backend,
+                {n: self.artifacts[n] for n in names},
+                profile,
+                profile.batch_sizes,
+                raw_path=where,
+                seed=ctx.copts.seed,
+                progress=say,
+            )
+        except Exception:
+            if len(names) == 1:
+                self._measure_alone(ctx, backend, names[0], latency, errors, files)
+                return
+            for name in names:
+                self.measure(ctx, [name], latency, errors, files)
+            return
+        for name in names:
+            latency[name] = list(result.latency(name))
+            files += [where(name, b) for b in profile.batch_sizes if where(name, b).is_file()]
+
+    def _measure_alone(
+        self,
+        ctx: JobContext,
+        backend: Any,
+        name: str,
+        latency: dict[str, list[LatencyStats]],
+        errors: dict[str, str],
+        files: list[Path],
+    ) -> None:
+        from dcvit_deploy.errors import DcvitError
+
+        stats = []
+        try:
+            for b in self.profile.batch_sizes:
+                path = raw_path(ctx, self.profile, name, b)
+                stats.append(backend.measure(self.artifacts[name], self.profile, b, raw_path=path))
+                files.append(path)
+        except DcvitError as exc:
+            errors[name] = exc.one_line()
+            return
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            return
+        latency[name] = stats

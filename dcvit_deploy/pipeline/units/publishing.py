@@ -1,0 +1,132 @@
+"""The publish unit: the chosen artifact into a Triton model repository, as the next version of
+one stable model.
+
+The model name is ``--triton-model-name`` or derived from the base model (never from the
+chosen candidate), so a new pick becomes version N+1 of the same model; the config carries the
+runtime settings that were measured. With ``--triton-pareto`` every Pareto-optimal candidate is
+also published, each as ``<model>_<candidate>``. A run-local repository (``RUN/triton``) holds
+only what this run publishes now: models of earlier picks under other names, or of a run that
+now picks nothing, are removed (a user's ``--triton-repo`` is never cleaned).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.records import to_dict
+
+if TYPE_CHECKING:
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.store.records import CandidateOutcome, Selection, TargetProfile
+
+
+def publish_unit_id(profile: str) -> str:
+    return f"publish/{profile}"
+
+
+def repository(ctx: JobContext) -> Path:
+    return Path(ctx.dopts.triton_repo) if ctx.dopts.triton_repo else ctx.run.root / "triton"
+
+
+def model_name(ctx: JobContext) -> str:
+    from dcvit_deploy.triton import default_model_name
+
+    return ctx.dopts.triton_model_name or default_model_name(ctx.copts.model)
+
+
+def unpublish_stale(ctx: JobContext, keep: tuple[str, ...] = ()) -> list[str]:
+    """Remove models this run published earlier into its own repository (not in ``keep``)."""
+    from dcvit_deploy.triton import clear_stale
+
+    if ctx.dopts.triton_repo:
+        return []
+    return clear_stale(ctx.run.root / "triton", run_root=ctx.run.root, keep=keep)
+
+
+class PublishUnit:
+    """Publish the selection's choice (and, on request, the Pareto front)."""
+
+    optional = True  # a target Triton cannot serve (torch) is reported; the reports still go out
+
+    def __init__(
+        self,
+        profile: TargetProfile,
+        selection: Selection,
+        outcomes: list[CandidateOutcome],
+        family: Family,
+    ) -> None:
+        self.profile = profile
+        self.selection = selection
+        self.outcomes = {o.candidate: o for o in outcomes}
+        self.family = family
+        self.id = publish_unit_id(profile.name)
+
+    def _names(self, ctx: JobContext) -> list[tuple[str, str]]:
+        """(model name, candidate) pairs to publish."""
+        from dcvit_deploy.selection.decide import pareto_front
+
+        base = model_name(ctx)
+        assert self.selection.chosen is not None
+        pairs = [(base, self.selection.chosen)]
+        if ctx.dopts.triton_pareto:
+            b = self.selection.budget
+            front = pareto_front(list(self.outcomes.values()), b.batch_size, b.statistic)
+            pairs += [
+                (f"{base}_{o.candidate.replace('-', '_')}", o.candidate)
+                for o in front
+                if o.candidate != self.selection.chosen
+            ]
+        return pairs
+
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
+        return {
+            "repository": str(repository(ctx).resolve()),
+            "models": [
+                [name, cand, self.outcomes[cand].artifact.sha256]  # type: ignore[union-attr]
+                for name, cand in self._names(ctx)
+            ],
+            "profile": to_dict(self.profile),
+            "replace": ctx.dopts.triton_replace,
+        }
+
+    def execute(self, ctx: JobContext) -> UnitOutput:
+        from dcvit_deploy.triton import publish
+
+        repo = repository(ctx)
+        published = []
+        files: list[Path] = []
+        pairs = self._names(ctx)
+        for name, cand in pairs:
+            outcome = self.outcomes[cand]
+            assert outcome.artifact is not None
+            artifact = outcome.artifact
+            pub = publish(
+                repo,
+                name,
+                artifact,
+                self.profile,
+                latency=outcome.latency,
+                source_candidate=cand,
+                run_meta={"run": ctx.run.root.name, "identity": ctx.run.manifest.get("identity")},
+                replace=ctx.dopts.triton_replace,
+            )
+            published.append(
+                {
+                    "model": pub.model_name,
+                    "candidate": cand,
+                    "version": pub.version,
+                    "created": pub.created,
+                    "served": pub.served,
+                    "config": str(pub.config_path),
+                    "notes": list(pub.notes),
+                }
+            )
+            files.append(pub.config_path)
+            files += [p for p in (pub.model_dir / str(pub.version)).iterdir() if p.is_file()]
+        removed = unpublish_stale(ctx, keep=tuple(n for n, _ in pairs))
+        for n in removed:
+            ctx.note(f"removed stale model {n} from the run's Triton repository")
+        return UnitOutput(result={"repository": str(repo), "models": published}, files=tuple(files))

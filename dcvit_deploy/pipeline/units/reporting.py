@@ -1,0 +1,120 @@
+"""The reports of a job: ``report.json``, ``candidates.csv``, ``SUMMARY.md`` and
+``pareto.png`` for one profile, written to ``RUN/reports/<profile>/`` and, for the run's
+current profile, to ``RUN/`` -- always from the current family's outcomes, so a report never
+lists a superseded candidate as selectable and is never replaced by one with less."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dcvit_deploy.pipeline.units.building import build_unit_id
+from dcvit_deploy.pipeline.units.exporting import export_unit_id, onnx_precision_for
+from dcvit_deploy.store.atomic import atomic_write_with
+from dcvit_deploy.store.records import to_dict
+
+if TYPE_CHECKING:
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.pipeline.result import JobResult
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.store.records import TargetProfile
+
+
+def run_meta(
+    ctx: JobContext, family: Family, profile: TargetProfile, result: JobResult
+) -> dict[str, Any]:
+    """What the reports say about the run besides the outcomes: inputs, notes (skipped
+    images, held-out set, budget basis, confirmations, publishing, FP16 loss), superseded
+    candidates, and which artifact was verified with which runtime."""
+    run = ctx.run
+    info = family.info
+    notes = list(result.notes)
+    skipped = info.get("skipped_images") or []
+    for line in (info.get("skipped_summary"), info.get("holdout_note")):
+        if line and line not in notes:
+            notes.append(str(line))
+    if result.budget.get("kind") == "relative":
+        b = result.budget
+        notes.append(
+            f"budget relative to the original: {b['original_ms']:.4g} ms / {b['speedup']:g} = "
+            f"{b['ms']:.4g} ms"
+        )
+    if result.selection is not None:
+        notes += list(result.selection.notes)
+    for pub in result.published.get("models", []):
+        notes.append(
+            f"published {pub['candidate']} as Triton model {pub['model']} version {pub['version']}"
+            + ("" if pub["created"] else " (already there)")
+        )
+    verified: dict[str, Any] = {}
+    precision = onnx_precision_for(profile.precision)
+    for cand in family.candidates:
+        export = run.unit(export_unit_id(precision, cand.name)) or {}
+        built = run.unit(build_unit_id(profile.name, cand.name)) or {}
+        entry: dict[str, Any] = {}
+        if export.get("status") == "ok":
+            res = export["result"]
+            entry["onnx"] = f"{res['path']} with onnxruntime (CPU) against PyTorch"
+            if "fp16_top1_loss" in res:
+                loss = float(res["fp16_top1_loss"])
+                entry["fp16_top1_loss"] = loss
+                if loss > 0:
+                    notes.append(
+                        f"{cand.name}: the FP16 graph agrees with PyTorch on {loss:.1%} fewer "
+                        "held-out images than the FP32 graph"
+                    )
+        if built.get("status") == "ok":
+            entry["artifact"] = (
+                f"{built['result']['artifact']['path']} with {built['result']['verified_with']}"
+            )
+        verified[cand.name] = entry
+    return {
+        "run_dir": run.root.name,
+        "verified": verified,
+        "model": ctx.copts.model,
+        "identity": run.manifest.get("identity"),
+        "images": info.get("images"),
+        "skipped_images": skipped,
+        "holdout": info.get("holdout"),
+        "holdout_note": info.get("holdout_note", ""),
+        "notes": notes,
+        "superseded": list(result.superseded),
+        "budget_basis": result.budget,
+        "confirmations": dict(result.selection.confirmed) if result.selection else {},
+        "published": result.published,
+    }
+
+
+def _copy(src: Path, dest: Path) -> None:
+    def write(tmp: Path) -> None:
+        shutil.copyfile(src, tmp)
+
+    atomic_write_with(dest, write)
+
+
+def write_run_reports(
+    ctx: JobContext, family: Family, profile: TargetProfile, result: JobResult
+) -> dict[str, Path]:
+    from dcvit_deploy.latency.machine import capture_environment
+    from dcvit_deploy.reports.writers import write_reports
+
+    run = ctx.run
+    folder = run.sub(f"reports/{profile.name}")
+    paths = write_reports(
+        folder,
+        run_meta=run_meta(ctx, family, profile, result),
+        outcomes=list(result.outcomes),
+        selection=result.selection,
+        profile_dict=to_dict(profile),
+        env_dict=capture_environment(),
+    )
+    current = run.manifest["inputs"].get("profiles", [profile.name])[-1]
+    if current != profile.name:
+        return paths
+    top = {}
+    for key, path in paths.items():
+        dest = run.root / path.name
+        _copy(path, dest)
+        top[key] = dest
+    return top

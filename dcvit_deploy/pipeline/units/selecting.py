@@ -1,0 +1,221 @@
+"""The select unit: the budget decision over the family's measured outcomes, re-measured where
+it is within noise, and confirmed in a fresh process.
+
+Selection itself stays a pure function of measurements (:mod:`dcvit_deploy.selection.decide`). This unit
+resolves the budget (absolute ``--latency-ms``, or relative ``--speedup`` to the original
+measured in the same run), re-measures in more interleaved rounds the candidates whose fit is
+within noise of the budget (:func:`~dcvit_deploy.selection.decide.needs_remeasure`), then decides and
+confirms the choice in a fresh process
+(:func:`~dcvit_deploy.selection.decide.select_confirmed`): a choice whose confirmation no longer fits is
+set aside with the figure as its reason and the search continues, so a model that misses its
+budget is never published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.records import (
+    CandidateOutcome,
+    LatencyBudget,
+    LatencyStats,
+    Selection,
+    from_dict,
+    to_dict,
+)
+
+if TYPE_CHECKING:
+    from dcvit_deploy.config.options import DeployOptions
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.store.records import TargetProfile
+
+ORIGINAL = "original"
+REMEASURE_PASSES = 2
+
+
+def select_unit_id(profile: str) -> str:
+    return f"select/{profile}"
+
+
+def budget_batch(profile: TargetProfile, dopts: DeployOptions) -> int:
+    batch = dopts.batch_size or profile.budget_batch_size
+    if batch not in profile.batch_sizes:
+        raise UserInputError(
+            f"--batch-size {batch} is not one of profile {profile.name}'s batch sizes "
+            f"{list(profile.batch_sizes)}",
+            "pick one of them or edit the profile's batch_sizes",
+        )
+    return batch
+
+
+def resolve_budget(
+    profile: TargetProfile, dopts: DeployOptions, outcomes: Sequence[CandidateOutcome]
+) -> LatencyBudget | None:
+    """The budget: ``--latency-ms``, or ``--speedup S`` = the original's figure measured in this
+    run (same batch size and statistic) / S, with the original's spread as its uncertainty."""
+    from dcvit_deploy.selection.decide import relative_budget
+
+    if not dopts.has_budget:
+        return None
+    batch = budget_batch(profile, dopts)
+    statistic = dopts.statistic or profile.statistic
+    try:
+        if dopts.speedup is not None:
+            orig = next((o for o in outcomes if o.candidate == ORIGINAL), None)
+            stats = orig.latency_at(batch) if orig is not None and orig.selectable else None
+            if stats is None:
+                raise UserInputError(
+                    "--speedup needs the original model measured in the same run, and it was not",
+                    "keep the original in the family (drop --no-original) or use --latency-ms",
+                )
+            return relative_budget(
+                dopts.speedup,
+                stats,
+                statistic=statistic,  # type: ignore[arg-type]
+                batch_size=batch,
+                margin=dopts.margin,
+                reference_name=ORIGINAL,
+            )
+        assert dopts.latency_ms is not None
+        return LatencyBudget(
+            ms=dopts.latency_ms,
+            statistic=statistic,  # type: ignore[arg-type]
+            batch_size=batch,
+            margin=dopts.margin,
+        )
+    except ValueError as exc:
+        raise UserInputError(
+            f"invalid latency budget: {exc}", "see --latency-ms, --speedup"
+        ) from exc
+
+
+def budget_basis(budget: LatencyBudget | None) -> dict[str, Any]:
+    """How the budget was derived, for the report."""
+    if budget is None:
+        return {}
+    if budget.relative:
+        return {
+            "kind": "relative",
+            "speedup": budget.speedup,
+            "original_ms": budget.reference_ms,
+            "ms": budget.ms,
+        }
+    return {"kind": "absolute", "ms": budget.ms}
+
+
+class SelectUnit:
+    """Decide under the budget for ``profile``; re-measure what is within noise; confirm."""
+
+    optional = False
+
+    def __init__(self, profile: TargetProfile, outcomes: list[CandidateOutcome]) -> None:
+        self.profile = profile
+        self.outcomes = outcomes
+        self.id = select_unit_id(profile.name)
+
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
+        d = ctx.dopts
+        return {
+            "outcomes": [to_dict(o) for o in self.outcomes],
+            "budget": [d.latency_ms, d.speedup, d.statistic, d.margin, d.batch_size],
+            "prefer": d.prefer,
+            "search": d.search,
+            "confirm": d.confirm,
+        }
+
+    def execute(self, ctx: JobContext) -> UnitOutput:
+        budget = resolve_budget(self.profile, ctx.dopts, self.outcomes)
+        if budget is None:
+            return UnitOutput(result={"selection": None, "budget": {}})
+        items, remeasured = self._remeasure_within_noise(ctx, budget)
+        if budget.relative:  # the original may have been re-measured: its figure moved the budget
+            budget = resolve_budget(self.profile, ctx.dopts, items) or budget
+        selection = self._decide(ctx, items, budget)
+        return UnitOutput(
+            result={
+                "selection": to_dict(selection),
+                "budget": budget_basis(budget),
+                "remeasured": {n: [to_dict(s) for s in st] for n, st in remeasured.items()},
+            }
+        )
+
+    def _remeasure_within_noise(
+        self, ctx: JobContext, budget: LatencyBudget
+    ) -> tuple[list[CandidateOutcome], dict[str, list[LatencyStats]]]:
+        """More interleaved rounds for the candidates whose fit is within noise of the budget
+        (and could change the choice), up to :data:`REMEASURE_PASSES` times. A relative
+        budget's reference is re-measured in the same rounds and the budget follows it."""
+        from dcvit_deploy.backends import get_backend
+        from dcvit_deploy.latency.rounds import measure_rounds
+        from dcvit_deploy.selection.decide import needs_remeasure
+
+        items = list(self.outcomes)
+        if ctx.dopts.search == "bisect":
+            return items, {}
+        remeasured: dict[str, list[LatencyStats]] = {}
+        settings = self.profile.measure
+        for _ in range(REMEASURE_PASSES):
+            names = needs_remeasure(items, budget, prefer=ctx.dopts.prefer)
+            if not names:
+                break
+            if budget.relative and budget.reference and budget.reference not in names:
+                names = (*names, budget.reference)
+            by_name = {o.candidate: o for o in items}
+            artifacts = {n: by_name[n].artifact for n in names if by_name[n].artifact is not None}
+            result = measure_rounds(
+                get_backend(self.profile.backend),
+                artifacts,  # type: ignore[arg-type]
+                self.profile,
+                [budget.batch_size],
+                seed=ctx.copts.seed + 1,
+                min_rounds=settings.max_rounds,
+                max_rounds=settings.max_rounds,
+                reason="within noise of the budget",
+            )
+            for name in artifacts:
+                fresh = result.at(name, budget.batch_size)
+                remeasured[name] = [fresh]
+                o = by_name[name]
+                latency = tuple(
+                    fresh if s.batch_size == budget.batch_size else s for s in o.latency
+                )
+                by_name[name] = dataclasses.replace(o, latency=latency)
+            items = [by_name[o.candidate] for o in items]
+            if budget.relative:
+                budget = resolve_budget(self.profile, ctx.dopts, items) or budget
+        return items, remeasured
+
+    def _decide(
+        self, ctx: JobContext, items: list[CandidateOutcome], budget: LatencyBudget
+    ) -> Selection:
+        from dcvit_deploy.selection.decide import decide, select_confirmed
+
+        prefer = ctx.dopts.prefer
+        if not ctx.dopts.confirm:
+            return decide(items, budget, search=ctx.dopts.search, prefer=prefer)
+        from dcvit_deploy.latency.confirm import FreshProcessConfirm
+
+        artifacts = {o.candidate: o.artifact for o in items if o.artifact is not None}
+        confirm = FreshProcessConfirm(
+            artifacts,
+            self.profile,
+            budget.batch_size,
+            anchor=budget.reference or None,
+        )
+        return select_confirmed(items, budget, confirm, prefer=prefer, search=ctx.dopts.search)
+
+
+def selection_of(result: dict[str, Any]) -> Selection | None:
+    sel = result.get("selection")
+    return from_dict(Selection, sel) if sel else None
+
+
+def remeasured_of(result: dict[str, Any]) -> dict[str, list[LatencyStats]]:
+    return {
+        n: [from_dict(LatencyStats, s) for s in st]
+        for n, st in result.get("remeasured", {}).items()
+    }

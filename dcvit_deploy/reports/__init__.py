@@ -1,0 +1,1 @@
+"""Reports: JSON / CSV / Markdown / plot writers (:mod:`.writers`) and the CI gate (:mod:`.compare`)."""

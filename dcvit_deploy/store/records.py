@@ -1,0 +1,524 @@
+"""Frozen, validated records that cross module boundaries and go to disk.
+
+Every record serialises to plain JSON through :func:`to_dict` (which stamps ``schema`` with the
+record's schema version) and back through :func:`from_dict` (which checks it). Nested records,
+tuples, optionals and dicts are converted from the type annotations, so a record's fields are
+its file format.
+
+Size: this module is longer than ~500 lines because every persisted record and its serialisation
+in one place, so a record's fields are its file format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+SCHEMA_VERSION = 1
+"""Version of every persisted record layout. Bump on incompatible change and add a migration."""
+
+T = TypeVar("T")
+
+Statistic = Literal["mean", "p50", "p90", "p95", "p99"]
+STATISTICS: tuple[str, ...] = ("mean", "p50", "p90", "p95", "p99")
+Precision = Literal["fp32", "fp16", "bf16"]
+BlockKind = Literal["attn_mlp", "mlp", "identity"]
+Scope = Literal["host", "device_compute", "device_with_copies"]
+
+
+# --------------------------------------------------------------------------- serde
+
+
+def to_dict(record: Any) -> dict[str, Any]:
+    """Serialise a record dataclass to a JSON-compatible dict, stamped with the schema version."""
+    if not dataclasses.is_dataclass(record) or isinstance(record, type):
+        raise TypeError(f"to_dict expects a record instance, got {type(record).__name__}")
+    out = {"schema": SCHEMA_VERSION}
+    out.update(_plain(record))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a record of type ``cls`` from :func:`to_dict` output; checks the schema version."""
+    schema = data.get("schema", SCHEMA_VERSION)
+    if schema != SCHEMA_VERSION:
+        raise ValueError(
+            f"{cls.__name__} was written with schema {schema}; this version reads {SCHEMA_VERSION}"
+        )
+    return typing.cast(T, _build(cls, data))
+
+
+def _build(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _build(hints[f.name], value[f.name])
+        return typing.cast(Any, tp)(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _build(arg, value)
+            except (TypeError, ValueError, KeyError):
+                continue
+        raise ValueError(f"value {value!r} matches none of {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build(args[0], v) for v in value)
+        return tuple(_build(a, v) for a, v in zip(args, value, strict=True))
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        return {k: _build(vt, v) for k, v in value.items()}
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if tp is float:
+        if value is None:
+            return math.nan
+        if value in ("inf", "-inf"):
+            return float(value)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected int, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise TypeError(f"expected {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _iqr(values: tuple[float, ...]) -> float:
+    """Interquartile range (linear interpolation between closest ranks, like numpy)."""
+    xs = sorted(values)
+
+    def q(p: float) -> float:
+        pos = (len(xs) - 1) * p
+        lo = math.floor(pos)
+        hi = math.ceil(pos)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return q(0.75) - q(0.25)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Shape of one transformer block of a (compressed) ViT.
+
+    ``kind``: ``attn_mlp`` is the original block; ``mlp`` is an FFN-only block
+    ``x + ls2(mlp(norm2(x)))`` (attention branch removed); ``identity`` is a dropped block.
+    ``kept`` lists the original fc1 rows / fc2 columns kept, in order (``None``: all, in order).
+    """
+
+    kind: BlockKind
+    mlp_hidden: int
+    kept: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("attn_mlp", "mlp", "identity"), f"unknown block kind {self.kind!r}")
+        _check(self.mlp_hidden >= 0, "mlp_hidden must be >= 0")
+        if self.kind == "identity":
+            _check(self.mlp_hidden == 0, "an identity block has mlp_hidden 0")
+        if self.kept is not None:
+            _check(len(self.kept) == self.mlp_hidden, "kept must list mlp_hidden neurons")
+            _check(len(set(self.kept)) == len(self.kept), "kept neurons must be distinct")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything needed to rebuild a candidate's module from the base timm model name.
+
+    ``model_kwargs`` are the timm construction kwargs (num_classes, img_size, ...);
+    ``blocks`` has one entry per original block.
+    """
+
+    model_name: str
+    model_kwargs: dict[str, Any]
+    embed_dim: int
+    num_heads: int
+    base_mlp_hidden: int
+    blocks: tuple[BlockSpec, ...]
+
+    def __post_init__(self) -> None:
+        _check(len(self.blocks) > 0, "an ArchSpec needs at least one block")
+        for b in self.blocks:
+            if b.kept is not None:
+                _check(
+                    all(0 <= k < self.base_mlp_hidden for k in b.kept),
+                    "kept neuron index out of range",
+                )
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def is_identity(self) -> bool:
+        """True when no block is modified (the spec describes the original model)."""
+        return all(
+            b.kind == "attn_mlp" and b.mlp_hidden == self.base_mlp_hidden and b.kept is None
+            for b in self.blocks
+        )
+
+    def modified_blocks(self) -> tuple[int, ...]:
+        return tuple(
+            i
+            for i, b in enumerate(self.blocks)
+            if b.kind != "attn_mlp" or b.mlp_hidden != self.base_mlp_hidden
+        )
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """Per-image multiply-accumulates and parameter count of a model.
+
+    ``linear_norm``: the reference code's convention (linear layers without bias, LayerNorm, patch
+    embedding, head; no attention matmuls). ``full``: ``linear_norm`` plus the QK^T and AV
+    products of every attention branch still present.
+    """
+
+    linear_norm: int
+    full: int
+    params: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One compressed (or original) model: its structure, cost and how it was made.
+
+    Weights live next to the spec as ``weights`` (a safetensors file name, relative to the
+    candidate's JSON).
+    """
+
+    name: str
+    method: str
+    target_reduction: float
+    arch: ArchSpec
+    macs: MacCount
+    base_macs: MacCount
+    recipe: dict[str, Any]
+    seed: int
+    input_fingerprint: str
+    weights: str
+    weights_sha256: str
+
+    @property
+    def reduction(self) -> float:
+        """Achieved MAC reduction under the reference convention (0 for the original)."""
+        return 1.0 - self.macs.linear_norm / self.base_macs.linear_norm
+
+    @property
+    def retained(self) -> float:
+        return self.macs.linear_norm / self.base_macs.linear_norm
+
+
+# --------------------------------------------------------------------------- targets & measurement
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How the shared timing loop measures (see :mod:`dcvit_deploy.latency.loop`).
+
+    ``max_cov``: a run is only ``stable`` when, besides its window medians agreeing within
+    ``stability_tolerance``, the coefficient of variation of the samples it reports is at most
+    this (a bimodal run on a busy machine can have agreeing medians and a CoV of 40 %).
+    ``min_rounds`` / ``max_rounds`` / ``round_windows``: interleaved rounds across candidates
+    (:mod:`dcvit_deploy.latency.rounds`): at least ``min_rounds``, at most ``max_rounds`` rounds, each
+    running the loop with a warm-up and exactly ``round_windows`` windows per candidate.
+    """
+
+    warmup_iters: int = 10
+    warmup_min_s: float = 0.2
+    window_iters: int = 50
+    min_window_s: float = 0.2
+    max_windows: int = 10
+    min_windows: int = 3
+    stability_tolerance: float = 0.10
+    min_duration_s: float = 1.0
+    cuda_graphs: bool = False
+    no_copy: bool = True
+    max_cov: float = 0.25
+    min_rounds: int = 3
+    max_rounds: int = 7
+    round_windows: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_iters >= 0, "warmup_iters must be >= 0")
+        _check(self.max_cov > 0, "max_cov must be > 0")
+        _check(self.min_rounds >= 1, "min_rounds must be >= 1")
+        _check(self.max_rounds >= self.min_rounds, "max_rounds must be >= min_rounds")
+        _check(self.round_windows >= 1, "round_windows must be >= 1")
+        _check(self.window_iters >= 1, "window_iters must be >= 1")
+        _check(self.min_windows >= 1, "min_windows must be >= 1")
+        _check(self.max_windows >= self.min_windows, "max_windows must be >= min_windows")
+        _check(0 < self.stability_tolerance < 1, "stability_tolerance must be in (0, 1)")
+        _check(self.min_duration_s >= 0, "min_duration_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """A deployment target: runtime, device, precision, shapes, budget statistic, measurement."""
+
+    name: str
+    backend: str
+    device: Literal["cpu", "cuda"]
+    precision: Precision
+    batch_sizes: tuple[int, ...]
+    budget_batch_size: int
+    statistic: Statistic
+    scope: Scope
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    gpu: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("cpu", "cuda"), f"device must be cpu or cuda, not {self.device!r}")
+        _check(self.precision in ("fp32", "fp16", "bf16"), f"unknown precision {self.precision!r}")
+        _check(len(self.batch_sizes) > 0, "batch_sizes must not be empty")
+        _check(all(b >= 1 for b in self.batch_sizes), "batch sizes must be >= 1")
+        _check(
+            self.budget_batch_size in self.batch_sizes,
+            f"budget_batch_size {self.budget_batch_size} must be one of batch_sizes "
+            f"{list(self.batch_sizes)}",
+        )
+        _check(self.statistic in STATISTICS, f"statistic must be one of {STATISTICS}")
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.batch_sizes)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Distribution of per-iteration latency for one artifact at one batch size (milliseconds).
+
+    Measured in interleaved rounds (:mod:`dcvit_deploy.latency.rounds`), every statistic figure is the
+    median over ``rounds`` rounds of that round's figure; ``round_figures`` keeps each
+    statistic's per-round values, ``round_medians`` each round's p50 and ``spread_ms`` the p50's
+    round-to-round spread (see :meth:`spread`). ``settle_windows``: leading windows left out of
+    the statistics because they had not settled yet (a warm-up extension, see
+    :func:`dcvit_deploy.latency.loop.measure`). ``machine``: load average before/after, CPU governor,
+    runtime thread settings (:func:`dcvit_deploy.latency.machine.machine_state`). ``actions``: what was
+    done about instability (more rounds, re-measurement), in order.
+    """
+
+    batch_size: int
+    iterations: int
+    mean: float
+    std: float
+    cov: float
+    min: float
+    max: float
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    throughput: float
+    scope: Scope
+    timer: str
+    windows: int
+    window_medians: tuple[float, ...]
+    stable: bool
+    warmup_iters: int
+    duration_s: float
+    warnings: tuple[str, ...] = ()
+    settle_windows: int = 0
+    rounds: int = 1
+    round_medians: tuple[float, ...] = ()
+    round_figures: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    spread_ms: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
+    actions: tuple[str, ...] = ()
+
+    def stat(self, name: str) -> float:
+        _check(name in STATISTICS, f"unknown statistic {name!r}; use one of {STATISTICS}")
+        return float(getattr(self, name))
+
+    def spread(self, name: str) -> float:
+        """Uncertainty (ms) of statistic ``name``: the interquartile range of its per-round
+        values when measured in rounds, else of the settled window medians (scaled from p50 to
+        the statistic) -- 0 when only one value exists. Decisions treat
+        ``stat(name) +- spread(name)`` as "within noise"."""
+        _check(name in STATISTICS, f"unknown statistic {name!r}; use one of {STATISTICS}")
+        values = self.round_figures.get(name)
+        if values is None and name == "p50" and self.round_medians:
+            values = self.round_medians
+        settled = self.window_medians[self.settle_windows :]
+        if values is None and self.rounds <= 1 and settled:
+            # Window medians scale with the statistic: the spread is relative to p50.
+            scale = self.stat(name) / self.p50 if self.p50 > 0 else 1.0
+            values = tuple(m * scale for m in settled)
+        if not values or len(values) < 2:
+            return self.spread_ms if name == "p50" else 0.0
+        return _iqr(values)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Agreement of an artifact's outputs with the PyTorch model on the same real inputs."""
+
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1_agreement: float
+    finite: bool
+    passed: bool
+    samples: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A built, runnable artifact (an ONNX file, a TensorRT plan...) and its build facts."""
+
+    candidate: str
+    backend: str
+    path: str
+    sha256: str
+    precision: Precision
+    input_name: str
+    output_name: str
+    input_shape: tuple[int, ...]
+    build_seconds: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """``statistic`` of latency at ``batch_size``, plus ``margin`` (a fraction), must be <= ms.
+
+    A relative budget (:func:`dcvit_deploy.selection.decide.relative_budget`) records how ``ms`` was
+    derived: ``ms = reference_ms / speedup`` where ``reference_ms`` is candidate
+    ``reference``'s ``statistic`` measured in the same run, with round-to-round spread
+    ``reference_spread_ms`` (which makes the budget itself uncertain by
+    ``reference_spread_ms / speedup``). Absolute budgets leave these at their defaults.
+    """
+
+    ms: float
+    statistic: Statistic
+    batch_size: int
+    margin: float = 0.0
+    speedup: float | None = None
+    reference: str = ""
+    reference_ms: float | None = None
+    reference_spread_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.ms > 0, "the latency budget must be > 0 ms")
+        _check(0 <= self.margin < 1, "the margin must be a fraction in [0, 1)")
+        _check(self.statistic in STATISTICS, f"statistic must be one of {STATISTICS}")
+        if self.speedup is not None:
+            _check(self.speedup > 0, "speedup must be > 0")
+            _check(bool(self.reference), "a relative budget names its reference candidate")
+            _check(self.reference_ms is not None, "a relative budget records reference_ms")
+        _check(self.reference_spread_ms >= 0, "reference_spread_ms must be >= 0")
+
+    @property
+    def relative(self) -> bool:
+        return self.speedup is not None
+
+    @property
+    def spread_ms(self) -> float:
+        """Uncertainty of ``ms`` itself: 0 for an absolute budget."""
+        return self.reference_spread_ms / self.speedup if self.speedup else 0.0
+
+    def admits(self, stats: LatencyStats) -> bool:
+        return stats.stat(self.statistic) * (1.0 + self.margin) <= self.ms
+
+
+# --------------------------------------------------------------------------- outcomes & selection
+
+OutcomeStatus = Literal[
+    "ok", "export_failed", "verify_failed", "build_failed", "profile_failed", "not_measured"
+]
+
+
+@dataclass(frozen=True)
+class CandidateOutcome:
+    """What happened to one candidate on one target: verification, latency, or the failure.
+
+    ``latency`` holds one entry per measured batch size. ``fidelity`` is the top-1 agreement with
+    the original model on held-out images (``None`` when not evaluated).
+    """
+
+    candidate: str
+    method: str
+    retained: float
+    macs: MacCount
+    status: OutcomeStatus
+    verification: Verification | None = None
+    latency: tuple[LatencyStats, ...] = ()
+    fidelity: float | None = None
+    artifact: Artifact | None = None
+    error: str = ""
+
+    def latency_at(self, batch_size: int) -> LatencyStats | None:
+        for s in self.latency:
+            if s.batch_size == batch_size:
+                return s
+        return None
+
+    @property
+    def selectable(self) -> bool:
+        return self.status == "ok" and (self.verification is None or self.verification.passed)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The budget decision: the chosen candidate (or none) and a reason for every candidate.
+
+    ``prefer``: ``capacity`` chooses the densest candidate that fits, ``fidelity`` the highest
+    measured fidelity among those that fit (ties by capacity). ``figures``: per measured
+    candidate ``(figure ms, spread ms, rounds)`` of the budget statistic. ``uncertain``:
+    candidates within noise of the budget (re-measure before trusting accept/reject).
+    ``confirmed``: ``(figure, spread, rounds)`` re-measured in a fresh process (the chosen
+    candidate and its denser neighbour). ``notes``: what was done (re-measurements,
+    confirmations, a continued search), in order.
+    """
+
+    budget: LatencyBudget
+    chosen: str | None
+    reasons: dict[str, str]
+    search: Literal["all", "bisect"]
+    measured: tuple[str, ...]
+    prefer: Literal["capacity", "fidelity"] = "capacity"
+    figures: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    uncertain: tuple[str, ...] = ()
+    confirmed: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
