@@ -377,7 +377,8 @@ def test_validate_config_is_skipped_without_tritonclient(
 
 def test_importing_writers_stays_cheap() -> None:
     code = (
-        "import sys, dcvit_deploy.selection.decide, dcvit_deploy.triton, dcvit_deploy.reports.writers\n"
+        "import sys, dcvit_deploy.selection.decide, dcvit_deploy.triton\n"
+        "import dcvit_deploy.reports.writers\n"
         "import dcvit_deploy.triton.model_config, dcvit_deploy.triton.repository\n"
         "import dcvit_deploy.triton.runtime\n"
         "heavy = ('onnx', 'matplotlib', 'tritonclient', 'torch', 'onnxruntime')\n"

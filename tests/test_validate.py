@@ -1,4 +1,5 @@
-"""Up-front checks (:mod:`dcvit_deploy.config.validate`) and the model loader's refusals: each bad value
+"""Up-front checks (:mod:`dcvit_deploy.config.validate`) and the model loader's refusals: each bad
+value
 is refused with one line naming it and the fix, before any work."""
 
 from __future__ import annotations

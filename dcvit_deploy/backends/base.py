@@ -1,7 +1,8 @@
 """The backend protocol every runtime implements, and the helpers they share.
 
 A backend turns an exported candidate into a runnable :class:`~dcvit_deploy.store.records.Artifact`
-(``build``), times it with the shared loop in :mod:`dcvit_deploy.latency.loop` (``measure``), and runs
+(``build``), times it with the shared loop in :mod:`dcvit_deploy.latency.loop` (``measure``), and
+runs
 it on real inputs for output checks (``run``). ``availability`` says -- without raising and
 without importing the runtime -- whether it can work here, and if not, how to fix that.
 

@@ -45,6 +45,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.atomic import atomic_path, atomic_write_json
 from dcvit_deploy.store.records import SCHEMA_VERSION, LatencyStats, MeasureSettings, Scope
@@ -132,21 +134,26 @@ class CudaEventTimer:
 # --------------------------------------------------------------------------- statistics
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated ``q``-th percentile (0..100) of already sorted values."""
-    if not sorted_values:
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated ``q``-th percentile (0..100), numpy's default method."""
+    if not len(values):
         raise ValueError("percentile of an empty sequence")
     if not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile {q} outside [0, 100]")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = math.ceil(pos)
-    frac = pos - lo
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def median(values: Sequence[float]) -> float:
-    return percentile(sorted(values), 50.0)
+    return percentile(values, 50.0)
+
+
+def mean_std_cov(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean, population standard deviation and coefficient of variation (0 for a mean <= 0)."""
+    if not len(values):
+        return 0.0, 0.0, 0.0
+    xs = np.asarray(values, dtype=np.float64)
+    mean, std = float(xs.mean()), float(xs.std())
+    return mean, std, (std / mean if mean > 0 else 0.0)
 
 
 def within_tolerance(medians: Sequence[float], tolerance: float) -> bool:
@@ -184,14 +191,13 @@ def summarize(
         raise ValueError("batch_size must be >= 1")
     xs = sorted(float(x) for x in samples_ms)
     n = len(xs)
-    mean = math.fsum(xs) / n
-    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / n)
+    mean, std, cov = mean_std_cov(xs)
     return LatencyStats(
         batch_size=batch_size,
         iterations=n,
         mean=mean,
         std=std,
-        cov=std / mean if mean > 0 else 0.0,
+        cov=cov,
         min=xs[0],
         max=xs[-1],
         p50=percentile(xs, 50),
@@ -261,7 +267,7 @@ def measure(
         elapsed_ns = timer.wall_ns() - t0
         medians_agree = len(medians) >= k and within_tolerance(medians[-k:], tol)
         settle = settled_from(medians, tol, k) if medians_agree else 0
-        cov = _cov(raw[starts[settle] :])
+        cov = mean_std_cov(raw[starts[settle] :])[2]
         stable = medians_agree and cov <= settings.max_cov
         enough = len(medians) >= settings.min_windows and elapsed_ns >= duration_ns
         if (enough and stable) or len(medians) >= settings.max_windows:
@@ -335,15 +341,6 @@ def settled_from(medians: Sequence[float], tolerance: float, k: int = STABILITY_
     while start > 0 and within_tolerance(medians[start - 1 :], tolerance):
         start -= 1
     return start
-
-
-def _cov(xs: Sequence[float]) -> float:
-    if not xs:
-        return 0.0
-    mean = math.fsum(xs) / len(xs)
-    if mean <= 0:
-        return 0.0
-    return math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / len(xs)) / mean
 
 
 def _ns(seconds: float) -> int:

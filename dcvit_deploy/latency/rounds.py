@@ -11,11 +11,13 @@ denser one. Rounds spread every candidate over the whole run instead:
   profile's warm-up and exactly ``round_windows`` windows (:func:`round_settings`).
 * A candidate's figures are the **median over rounds** of each round's figure (mean, p50, p90,
   p95, p99); ``spread_ms`` / :meth:`LatencyStats.spread` is the round-to-round interquartile
-  range -- the uncertainty every decision in :mod:`dcvit_deploy.selection.decide` takes into account.
+  range -- the uncertainty every decision in :mod:`dcvit_deploy.selection.decide` takes into
+  account.
 * At least ``min_rounds`` rounds run; after each further round the ``stop`` predicate (by
   default: every candidate's rounds agree, :func:`rounds_stable`) may end the run; at most
   ``max_rounds`` rounds run. Callers pass ``stop`` built from their budget decisions (see
-  :func:`dcvit_deploy.selection.decide.decisions_clear`), so rounds stop as soon as nothing the budget
+  :func:`dcvit_deploy.selection.decide.decisions_clear`), so rounds stop as soon as nothing the
+  budget
   depends on is within noise.
 * ``prior``: continue an earlier result with more rounds for some candidates (re-measure the
   ones within noise of the budget); the other candidates' results are carried over.
@@ -43,7 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcvit_deploy.latency.loop import load_raw, measure, median, own_threads, percentile, save_raw
+from dcvit_deploy.latency.loop import (
+    load_raw,
+    mean_std_cov,
+    measure,
+    median,
+    own_threads,
+    percentile,
+    save_raw,
+)
 from dcvit_deploy.latency.machine import busy_warning, machine_state, runtime_threads
 from dcvit_deploy.store.records import (
     STATISTICS,
@@ -168,12 +178,9 @@ def combine_rounds(
         pooled.extend(r.samples[len(r.samples) - r.stats.iterations :])
     if not pooled:
         pooled = [s.p50 for s in per]
-    mean_all = math.fsum(pooled) / len(pooled)
-    std = math.sqrt(math.fsum((x - mean_all) ** 2 for x in pooled) / len(pooled))
-    cov = std / mean_all if mean_all > 0 else 0.0
+    _, std, cov = mean_std_cov(pooled)
     p50s = figures["p50"]
-    xs = sorted(p50s)
-    iqr = percentile(xs, 75) - percentile(xs, 25) if len(xs) > 1 else 0.0
+    iqr = percentile(p50s, 75) - percentile(p50s, 25) if len(p50s) > 1 else 0.0
     tol = settings.stability_tolerance
     agree = iqr <= tol * med["p50"]
     stable = agree and cov <= settings.max_cov

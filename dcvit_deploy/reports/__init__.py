@@ -1,1 +1,2 @@
-"""Reports: JSON / CSV / Markdown / plot writers (:mod:`.writers`) and the CI gate (:mod:`.compare`)."""
+"""Reports: JSON / CSV / Markdown / plot writers (:mod:`.writers`) and the CI gate
+(:mod:`.compare`)."""

@@ -22,7 +22,8 @@ Two entry points
 
 Uncertainty
     Every figure comes with a spread (:meth:`LatencyStats.spread`: the round-to-round
-    interquartile range when measured in interleaved rounds, see :mod:`dcvit_deploy.latency.rounds`),
+    interquartile range when measured in interleaved rounds, see
+    :mod:`dcvit_deploy.latency.rounds`),
     and a relative budget with the spread of its reference (``LatencyBudget.spread_ms``).
     *Fits* is decided on the figure itself (``figure * (1 + margin) <= ms``), so a decision
     never depends on how noisy the run was; but a candidate whose interval
@@ -40,7 +41,8 @@ Preference
 Confirmation
     :func:`select_confirmed` re-measures the choice (and its denser neighbour) through a
     caller-supplied ``confirm`` function -- in practice a fresh process,
-    :func:`dcvit_deploy.latency.confirm.confirm_in_fresh_process` -- and continues the search with the
+    :func:`dcvit_deploy.latency.confirm.confirm_in_fresh_process` -- and continues the search with
+    the
     next candidate when the confirmation no longer fits. A confirmation that misses only within
     its own spread is measured again with :data:`RECONFIRM_FACTOR` times the rounds first.
 

@@ -258,7 +258,8 @@ class MeasureSettings:
     ``stability_tolerance``, the coefficient of variation of the samples it reports is at most
     this (a bimodal run on a busy machine can have agreeing medians and a CoV of 40 %).
     ``min_rounds`` / ``max_rounds`` / ``round_windows``: interleaved rounds across candidates
-    (:mod:`dcvit_deploy.latency.rounds`): at least ``min_rounds``, at most ``max_rounds`` rounds, each
+    (:mod:`dcvit_deploy.latency.rounds`): at least ``min_rounds``, at most ``max_rounds`` rounds,
+    each
     running the loop with a warm-up and exactly ``round_windows`` windows per candidate.
     """
 
@@ -328,13 +329,16 @@ class TargetProfile:
 class LatencyStats:
     """Distribution of per-iteration latency for one artifact at one batch size (milliseconds).
 
-    Measured in interleaved rounds (:mod:`dcvit_deploy.latency.rounds`), every statistic figure is the
+    Measured in interleaved rounds (:mod:`dcvit_deploy.latency.rounds`), every statistic figure is
+    the
     median over ``rounds`` rounds of that round's figure; ``round_figures`` keeps each
     statistic's per-round values, ``round_medians`` each round's p50 and ``spread_ms`` the p50's
     round-to-round spread (see :meth:`spread`). ``settle_windows``: leading windows left out of
     the statistics because they had not settled yet (a warm-up extension, see
-    :func:`dcvit_deploy.latency.loop.measure`). ``machine``: load average before/after, CPU governor,
-    runtime thread settings (:func:`dcvit_deploy.latency.machine.machine_state`). ``actions``: what was
+    :func:`dcvit_deploy.latency.loop.measure`). ``machine``: load average before/after, CPU
+    governor,
+    runtime thread settings (:func:`dcvit_deploy.latency.machine.machine_state`). ``actions``: what
+    was
     done about instability (more rounds, re-measurement), in order.
     """
 

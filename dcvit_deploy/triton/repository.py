@@ -503,7 +503,8 @@ def publish(
     * Refused with :class:`RepositoryConflict` (one line: problem; fix) when the existing model
       has another platform, I/O or ``max_batch_size``, unless ``replace=True``: then the new
       version is published and the older versions are retired.
-    * Refused with :class:`~dcvit_deploy.triton.model_config.NotServable` for ``torch`` artifacts and
+    * Refused with :class:`~dcvit_deploy.triton.model_config.NotServable` for ``torch`` artifacts
+    and
       :class:`~dcvit_deploy.triton.runtime.ServingMismatch` for measured settings Triton cannot
       reproduce; ``artifact.backend`` must be ``profile.backend``.
 

@@ -1,12 +1,15 @@
 """The select unit: the budget decision over the family's measured outcomes, re-measured where
 it is within noise, and confirmed in a fresh process.
 
-Selection itself stays a pure function of measurements (:mod:`dcvit_deploy.selection.decide`). This unit
+Selection itself stays a pure function of measurements (:mod:`dcvit_deploy.selection.decide`). This
+unit
 resolves the budget (absolute ``--latency-ms``, or relative ``--speedup`` to the original
 measured in the same run), re-measures in more interleaved rounds the candidates whose fit is
-within noise of the budget (:func:`~dcvit_deploy.selection.decide.needs_remeasure`), then decides and
+within noise of the budget (:func:`~dcvit_deploy.selection.decide.needs_remeasure`), then decides
+and
 confirms the choice in a fresh process
-(:func:`~dcvit_deploy.selection.decide.select_confirmed`): a choice whose confirmation no longer fits is
+(:func:`~dcvit_deploy.selection.decide.select_confirmed`): a choice whose confirmation no longer
+fits is
 set aside with the figure as its reason and the search continues, so a model that misses its
 budget is never published.
 """
