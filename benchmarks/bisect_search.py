@@ -24,7 +24,8 @@ from pathlib import Path
 from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
 from dcvit_deploy.compress.plan import parse_targets
 from dcvit_deploy.model.images import write_demo_images
-from dcvit_deploy.selection.decide import bisect_search, capacity_order, decide
+from dcvit_deploy.selection.bisect import bisect_search
+from dcvit_deploy.selection.decide import capacity_order, decide
 from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_text
 from dcvit_deploy.store.records import LatencyBudget
 

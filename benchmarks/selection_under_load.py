@@ -315,43 +315,45 @@ def new_method(
     raw_dir: Path,
     seed: int,
 ) -> tuple[dict[str, LatencyStats], float, dict[str, Any]]:
-    from dcvit_deploy.latency.rounds import measure_rounds, with_latency
-    from dcvit_deploy.selection.decide import decisions_clear, needs_remeasure
+    from dcvit_deploy.latency.rounds import measure_rounds
+    from dcvit_deploy.selection.decide import needs_remeasure
 
     base = [outcome(n, facts, _placeholder()) for n in artifacts]
 
     def budgets(outs: Sequence[CandidateOutcome]) -> list[LatencyBudget]:
         return [make_budget(spec, outs) for spec in specs]
 
-    def stop(est: Any) -> bool:
-        return decisions_clear(with_latency(base, est), budgets)
+    def with_latency(table: dict[str, tuple[LatencyStats, ...]]) -> list[CandidateOutcome]:
+        return [
+            dataclasses.replace(o, latency=table[o.candidate]) if o.candidate in table else o
+            for o in base
+        ]
 
     t0 = time.perf_counter()
-    result = measure_rounds(backend, artifacts, profile, raw_dir=raw_dir, seed=seed, stop=stop)
+    result = measure_rounds(backend, artifacts, profile, raw_dir=raw_dir, seed=seed)
     first_rounds = result.rounds
-    outs = with_latency(base, result)
+    table = result.estimates()
+    outs = with_latency(table)
     noisy = sorted({n for b in budgets(outs) for n in needs_remeasure(outs, b)})
-    if noisy:
+    if noisy:  # as the select unit does: the within-noise candidates again, max_rounds rounds
         log(f"  re-measuring within noise: {noisy}")
-        result = measure_rounds(
+        again = measure_rounds(
             backend,
             {n: artifacts[n] for n in noisy},
             profile,
-            raw_dir=raw_dir,
-            seed=seed,
-            prior=result,
-            min_rounds=2,
-            max_rounds=2,
-            reason="within noise of a budget",
+            seed=seed + 1,
+            min_rounds=profile.measure.max_rounds,
+            max_rounds=profile.measure.max_rounds,
         )
+        table.update(again.estimates())
     seconds = time.perf_counter() - t0
     info = {
         "first_pass_rounds": first_rounds,
-        "stopped_early": result.stopped_early if not noisy else None,
+        "stopped_early": result.stopped_early,
         "remeasured": noisy,
-        "remeasure_rounds": result.rounds - first_rounds,
+        "remeasure_rounds": profile.measure.max_rounds if noisy else 0,
     }
-    return {n: result.at(n, 1) for n in artifacts}, seconds, info
+    return {n: table[n][0] for n in artifacts}, seconds, info
 
 
 @dataclasses.dataclass(frozen=True)

@@ -512,10 +512,21 @@ def _plan_text(v: Any, copts: Any, dopts: Any, out: str) -> str:
     return "\n".join(lines)
 
 
+_LIVE: list[Any] = []  # progress displays to close before the command's last lines print
+
+
 def _progress(as_json: bool) -> Any:
     from dcvit_deploy.progress import ConsoleProgress, quiet
 
-    return quiet if as_json else ConsoleProgress()
+    if as_json:
+        return quiet
+    _LIVE.append(ConsoleProgress())
+    return _LIVE[-1]
+
+
+def _close_progress() -> None:
+    while _LIVE:
+        _LIVE.pop().close()
 
 
 def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
@@ -568,6 +579,7 @@ def _result_text(result: Any) -> str:
 
 
 def _finish(result: Any, as_json: bool) -> None:
+    _close_progress()
     _emit(as_json, _result_payload(result), _result_text(result))
     if result.infeasible is not None:
         raise result.infeasible
@@ -627,6 +639,7 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         stop_after="deploy" if "deploy" in stages else "compress",
         validated=True,  # validate_run above already checked everything it can
     )
+    _close_progress()
     _warn(_result_notes(result, set(checked.notes)))
     if "deploy" in stages:
         _finish(result, kw["as_json"])
@@ -927,6 +940,34 @@ def compare_cmd(
     _emit(as_json, payload, "\n".join(text))
 
 
+DEMO_ARGS = (
+    "--model", "vit_tiny_patch16_224", "--random-init",
+    "--model-kwargs", "img_size=64 patch_size=16 depth=6 num_classes=10",
+    "--data", "runs/demo-images", "--num-samples", "32", "--targets", "10%:40%:10%",
+    "--schedule", "tiny", "--iterations", "10", "--inversion-iterations", "20",
+    "--speedup", "1.15", "--out", "runs/demo",
+)  # fmt: skip
+"""The demo's settings: a seeded random-init tiny ViT on bundled photos, CPU ONNX Runtime, a
+budget relative to the original measured in the same run (so it picks on any machine)."""
+
+
+@cli.command("demo", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def demo_cmd(ctx: click.Context) -> None:
+    """The main job on an embedded default, no download: writes the bundled photos to
+    runs/demo-images when missing, then runs `compress` with the demo's settings into
+    runs/demo. Any `compress` option overrides them (e.g. `demo --speedup 1.3 --out runs/d2`)."""
+    args = [*DEMO_ARGS, *ctx.args]
+    data = Path(args[len(args) - 1 - args[::-1].index("--data") + 1])
+    if not data.is_dir() or not any(data.iterdir()):
+        from dcvit_deploy.config.validate import check_writable_dir
+        from dcvit_deploy.model.images import write_demo_images
+
+        check_writable_dir(str(data), "--data")
+        click.echo(f"wrote {len(write_demo_images(data, 64))} bundled photos to {data}", err=True)
+    compress_cmd.main(args=args, prog_name="dcvit-deploy demo", standalone_mode=False)
+
+
 @cli.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--count", type=int, default=48, show_default=True)
@@ -1006,7 +1047,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None, interrupts: list[int]) -> None:
     try:
-        cli.main(args=argv, prog_name="dcvit-deploy", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="dcvit-deploy", standalone_mode=False)
+        finally:
+            _close_progress()
     except click.exceptions.Exit as exc:  # --help, --version
         sys.exit(exc.exit_code)
     except DcvitError as exc:

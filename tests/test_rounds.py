@@ -12,8 +12,8 @@ import pytest
 from dcvit_deploy.backends.base import ReadyMeasurement, timed
 from dcvit_deploy.latency.loop import load_raw, summarize
 from dcvit_deploy.latency.machine import busy_warning
-from dcvit_deploy.latency.rounds import measure_rounds, with_latency
-from dcvit_deploy.selection.decide import decide, decisions_clear, dominated
+from dcvit_deploy.latency.rounds import measure_rounds
+from dcvit_deploy.selection.decide import dominated
 from dcvit_deploy.store.records import (
     Artifact,
     CandidateOutcome,
@@ -225,39 +225,26 @@ def test_rounds_shuffle_order_per_round_seeded() -> None:
     assert orders(2) != a
 
 
-def test_early_stop_after_min_rounds_and_bound_otherwise() -> None:
+def test_early_stop_after_min_rounds_and_bound_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dcvit_deploy.latency.rounds as rounds_mod
+
     settings = dataclasses.replace(SETTINGS, min_rounds=2, max_rounds=6)
     seen: list[int] = []
 
-    def stop(est: Mapping[str, tuple[LatencyStats, ...]]) -> bool:
+    def agree_from_3(est: Mapping[str, tuple[LatencyStats, ...]], tol: float) -> bool:
         seen.append(est["c60"][0].rounds)
         return est["c60"][0].rounds >= 3
 
+    monkeypatch.setattr(rounds_mod, "rounds_stable", agree_from_3)
     fake = FakeBackend(Machine(BASE_MS))
-    result = measure_rounds(fake, ARTIFACTS, profile(settings), stop=stop)
+    result = measure_rounds(fake, ARTIFACTS, profile(settings))
     assert result.rounds == 3 and result.stopped_early and seen == [2, 3]
     assert len(fake.measure_calls) == 9
-    assert any("until the decisions were clear" in a for a in result.at("c60", 1).actions)
-    never = measure_rounds(
-        FakeBackend(Machine(BASE_MS)), ARTIFACTS, profile(settings), stop=lambda est: False
-    )
+    assert any("until the rounds agreed" in a for a in result.at("c60", 1).actions)
+    monkeypatch.setattr(rounds_mod, "rounds_stable", lambda est, tol: False)
+    never = measure_rounds(FakeBackend(Machine(BASE_MS)), ARTIFACTS, profile(settings))
     assert never.rounds == 6 and not never.stopped_early
     assert any("max_rounds=6" in a for a in never.at("c60", 1).actions)
-
-
-def test_stop_on_clear_decisions_with_a_budget() -> None:
-    settings = dataclasses.replace(SETTINGS, min_rounds=2, max_rounds=6)
-    base = outcomes({n: _zero() for n in BASE_MS})  # latencies replaced below
-    from dcvit_deploy.store.records import LatencyBudget
-
-    budgets = [LatencyBudget(7.0, "p50", 1)]  # c60 (6 ms) clearly fits, c80 (8 ms) clearly not
-
-    def stop(est: Mapping[str, tuple[LatencyStats, ...]]) -> bool:
-        return decisions_clear(with_latency(base, est), budgets)
-
-    result = measure_rounds(FakeBackend(Machine(BASE_MS)), ARTIFACTS, profile(settings), stop=stop)
-    assert result.rounds == 2 and result.stopped_early
-    assert decide(with_latency(base, result), budgets[0]).chosen == "c60"
 
 
 def _zero() -> LatencyStats:
@@ -330,28 +317,6 @@ def test_combined_figures_are_medians_with_spread_and_machine_state() -> None:
     assert {"before", "after", "threads", "rounds"} <= set(s.machine)
     assert s.machine["threads"]["intra_op_num_threads"] == 1
     assert len(s.machine["rounds"]) == 5
-
-
-def test_prior_adds_rounds_for_some_candidates_only() -> None:
-    machine = Machine(BASE_MS)
-    fake = FakeBackend(machine)
-    first = measure_rounds(fake, ARTIFACTS, profile())
-    more = measure_rounds(
-        fake,
-        {"c80": ARTIFACTS["c80"]},
-        profile(),
-        prior=first,
-        min_rounds=2,
-        max_rounds=2,
-        reason="within noise of the budget",
-    )
-    assert more.rounds == 7
-    assert more.at("c80", 1).rounds == 7 and more.at("c60", 1) == first.at("c60", 1)
-    assert more.at("c80", 1).actions[-1] == (
-        "re-measured in 2 more interleaved round(s) (within noise of the budget)"
-    )
-    assert more.seconds >= first.seconds
-    assert len(more.orders) == 7 and more.orders[-1] == ("c80",)
 
 
 def test_busy_warning() -> None:

@@ -10,20 +10,17 @@ from collections.abc import Callable, Mapping, Sequence
 import pytest
 
 from dcvit_deploy.errors import BudgetInfeasible
+from dcvit_deploy.selection.bisect import bisect_search
 from dcvit_deploy.selection.decide import (
-    bisect_search,
     budget_summary,
     capacity_order,
     decide,
-    decisions_clear,
     dominated,
     fit_class,
     infeasible_error,
     needs_remeasure,
     pareto_front,
-    raise_if_infeasible,
     relative_budget,
-    select,
     select_confirmed,
     within_noise,
 )
@@ -115,14 +112,14 @@ BUDGET = LatencyBudget(ms=5.0, statistic="p50", batch_size=1, margin=0.05)
 # --------------------------------------------------------------------------- decide / select
 
 
-def test_select_picks_densest_fitting_and_explains_every_candidate() -> None:
+def test_decide_picks_densest_fitting_and_explains_every_candidate() -> None:
     outs = [
         outcome("c100", 1.0, 6.10),
         outcome("c80", 0.8, 4.70),  # 4.70*1.05 = 4.935 <= 5
         outcome("c60", 0.6, 3.90),
         outcome("c40", 0.4, 3.00),
     ]
-    sel = select(outs, BUDGET)
+    sel = decide(outs, BUDGET)
     assert sel.chosen == "c80"
     assert sel.search == "all"
     assert set(sel.reasons) == {"c100", "c80", "c60", "c40"}
@@ -155,7 +152,7 @@ def test_ties_on_retained_are_broken_by_fidelity() -> None:
         outcome("high", 0.7, 3.0, fidelity=0.95),
         outcome("none", 0.7, 3.0),
     ]
-    assert select(outs, BUDGET).chosen == "high"
+    assert decide(outs, BUDGET).chosen == "high"
     assert [o.candidate for o in capacity_order(outs)] == ["high", "low", "none"]
 
 
@@ -167,7 +164,7 @@ def test_failed_candidates_are_never_chosen_and_say_why() -> None:
         outcome("bld", 0.8, status="build_failed", error="out of memory"),
         outcome("ok", 0.5, 4.0),
     ]
-    sel = select(outs, BUDGET)
+    sel = decide(outs, BUDGET)
     assert sel.chosen == "ok"
     assert sel.reasons["exp"] == "export failed: Unsupported op aten::foo"
     assert sel.reasons["ver"] == "verification failed: cosine 0.5000 < 0.9990"
@@ -181,9 +178,8 @@ def test_infeasible_budget_names_fastest_and_needed_budget() -> None:
     sel = decide(outs, budget)  # never raises: the report still needs the reasons
     assert sel.chosen is None
     assert all(r.startswith("over budget") for r in sel.reasons.values())
-    with pytest.raises(BudgetInfeasible) as info:
-        select(outs, budget)
-    err = info.value
+    err = infeasible_error(sel, outs)
+    assert isinstance(err, BudgetInfeasible)
     assert err.exit_code == 3
     assert err.problem == (
         "no candidate meets p50 <= 2.00 ms at batch 1 (margin 5%): the fastest, c40, "
@@ -195,8 +191,6 @@ def test_infeasible_budget_names_fastest_and_needed_budget() -> None:
     assert fastest is not None
     assert LatencyBudget(3.26, "p50", 1, 0.05).admits(fastest)
     assert not LatencyBudget(3.25, "p50", 1, 0.05).admits(fastest)
-    with pytest.raises(BudgetInfeasible):
-        raise_if_infeasible(sel, outs)
 
 
 def test_infeasible_without_any_measured_candidate_summarises_failures() -> None:
@@ -431,8 +425,7 @@ def test_within_noise_of_the_budget_is_flagged_for_remeasurement() -> None:
     # Only c90 can change a capacity choice (c70 is smaller than the clearly fitting c80).
     assert needs_remeasure(outs, budget) == ("c90",)
     assert needs_remeasure(outs, budget, prefer="fidelity") == ("c90", "c70")
-    assert not decisions_clear(outs, [budget])
-    assert decisions_clear(outs, [LatencyBudget(8.0, "p50", 1)])
+    assert needs_remeasure(outs, LatencyBudget(8.0, "p50", 1)) == ()
     sel = decide(outs, budget)
     assert sel.chosen == "c90"  # the figure decides; the uncertainty is reported
     assert sel.uncertain == ("c90", "c70")
@@ -618,31 +611,6 @@ def test_confirmation_that_fits_keeps_the_choice() -> None:
     sel = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), fake)
     assert sel.chosen == "c90" and fake.calls == [("c90", "c100")]
     assert any("c100 re-measured" in n and "fits too" in n for n in sel.notes)
-
-
-def test_bisect_remeasures_candidates_within_noise() -> None:
-    # c3's rounds straddle the budget; re-measuring it (more rounds) says it clearly fits.
-    lat = [9.0, 8.0, 7.0, 5.05, 4.0, 3.0]
-    outs = [
-        outcome(f"c{i}", 1.0 - 0.1 * i, v, rounds=(v - 0.3, v, v + 0.3)) for i, v in enumerate(lat)
-    ]
-    better = dataclasses.replace(
-        outs[3], latency=(stats(1, 4.9, rounds=(4.88, 4.9, 4.9, 4.91, 4.92)),)
-    )
-    asked: list[tuple[str, ...]] = []
-
-    def remeasure(names: Sequence[str]) -> dict[str, CandidateOutcome]:
-        asked.append(tuple(names))
-        return {n: better for n in names if n == "c3"}
-
-    budget = LatencyBudget(5.0, "p50", 1)
-    plain = bisect_search([o.candidate for o in outs], FakeMeasure(outs), budget)
-    assert plain.selection.chosen == "c4"
-    sel, _ = bisect_search(
-        [o.candidate for o in outs], FakeMeasure(outs), budget, remeasure=remeasure
-    )
-    assert asked == [("c3",)]
-    assert sel.chosen == "c3" and sel.notes == ("re-measured within noise of the budget: c3",)
 
 
 def test_measurement_records_round_trip() -> None:

@@ -13,14 +13,8 @@ denser one. Rounds spread every candidate over the whole run instead:
   p95, p99); ``spread_ms`` / :meth:`LatencyStats.spread` is the round-to-round interquartile
   range -- the uncertainty every decision in :mod:`dcvit_deploy.selection.decide` takes into
   account.
-* At least ``min_rounds`` rounds run; after each further round the ``stop`` predicate (by
-  default: every candidate's rounds agree, :func:`rounds_stable`) may end the run; at most
-  ``max_rounds`` rounds run. Callers pass ``stop`` built from their budget decisions (see
-  :func:`dcvit_deploy.selection.decide.decisions_clear`), so rounds stop as soon as nothing the
-  budget
-  depends on is within noise.
-* ``prior``: continue an earlier result with more rounds for some candidates (re-measure the
-  ones within noise of the budget); the other candidates' results are carried over.
+* At least ``min_rounds`` rounds run; after each further round the run ends once every
+  candidate's rounds agree (:func:`rounds_stable`); at most ``max_rounds`` rounds run.
 
 Backends that offer ``open_measurement`` (:class:`~dcvit_deploy.backends.base.OpenMeasurement`)
 keep one session per candidate open for the whole run; others are measured with their plain
@@ -58,7 +52,6 @@ from dcvit_deploy.latency.machine import busy_warning, machine_state, runtime_th
 from dcvit_deploy.store.records import (
     STATISTICS,
     Artifact,
-    CandidateOutcome,
     LatencyStats,
     MeasureSettings,
     TargetProfile,
@@ -67,15 +60,12 @@ from dcvit_deploy.store.records import (
 __all__ = [
     "RoundRecord",
     "RoundsResult",
-    "StopPredicate",
     "combine_rounds",
     "measure_rounds",
     "round_settings",
     "rounds_stable",
-    "with_latency",
 ]
 
-StopPredicate = Callable[[Mapping[str, tuple[LatencyStats, ...]]], bool]
 """Called after each round from ``min_rounds`` on with every candidate's current combined
 stats (one per batch size, like ``CandidateOutcome.latency``); ``True`` ends the rounds."""
 
@@ -276,25 +266,14 @@ def measure_rounds(
     seed: int = 0,
     min_rounds: int | None = None,
     max_rounds: int | None = None,
-    stop: StopPredicate | None = None,
-    prior: RoundsResult | None = None,
-    reason: str = "",
-    max_seconds: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> RoundsResult:
     """Measure ``artifacts`` (candidate name -> built artifact) in interleaved rounds.
 
     ``backend`` is a :class:`~dcvit_deploy.backends.base.Backend` (``open_measurement`` is
     used when it has one). ``batch_sizes`` defaults to the profile's budget batch size.
-    ``min_rounds``/``max_rounds`` default to the profile's ``[measure]`` values; ``stop``
-    defaults to :func:`rounds_stable`; ``max_seconds`` optionally bounds the wall time (checked
-    after each round from ``min_rounds`` on). Raw files go to ``raw_path(name, batch)`` or
-    ``raw_dir/<profile>/<name>-b<B>.json`` (neither: not saved).
-
-    ``prior``: an earlier result to continue. Candidates in ``artifacts`` get this call's
-    rounds appended to their earlier ones (``reason`` is recorded in their ``actions``, e.g.
-    "within noise of the budget"); candidates only in ``prior`` are carried over unchanged.
-    Round numbers and the seed sequence continue from ``prior``.
+    ``min_rounds``/``max_rounds`` default to the profile's ``[measure]`` values. Raw files go to
+    ``raw_path(name, batch)`` or ``raw_dir/<profile>/<name>-b<B>.json`` (neither: not saved).
 
     Measurement errors propagate (a failing candidate should have failed its build); every
     session opened here is closed.
@@ -310,25 +289,13 @@ def measure_rounds(
     per_round = round_settings(settings)
     round_profile = dataclasses.replace(profile, measure=per_round)
     tol = settings.stability_tolerance
-    stop_rule = stop if stop is not None else (lambda est: rounds_stable(est, tol))
     options = dict(profile.backend_options)
 
-    start_round = prior.rounds if prior is not None else 0
-    records: dict[str, dict[int, list[RoundRecord]]] = {}
-    if prior is not None:
-        for name, by_batch in prior.records.items():
-            records[name] = {b: list(rs) for b, rs in by_batch.items()}
-    for name in artifacts:
-        records.setdefault(name, {})
-        for b in batches:
-            records[name].setdefault(b, [])
-    earlier_actions: dict[str, dict[int, tuple[str, ...]]] = {}
-    if prior is not None:
-        earlier_actions = {
-            n: {b: s.actions for b, s in by.items()} for n, by in prior.stats.items()
-        }
-    orders: list[tuple[str, ...]] = list(prior.orders) if prior is not None else []
-    rng = random.Random(f"{seed}:{start_round}")
+    records: dict[str, dict[int, list[RoundRecord]]] = {
+        n: {b: [] for b in batches} for n in artifacts
+    }
+    orders: list[tuple[str, ...]] = []
+    rng = random.Random(f"{seed}:0")
     names = list(artifacts)
 
     opened: dict[tuple[str, int], Any] = {}
@@ -338,19 +305,11 @@ def measure_rounds(
     stopped_early = False
 
     def combined(name: str, b: int, final: bool) -> LatencyStats:
-        acts = list(earlier_actions.get(name, {}).get(b, ()))
-        if final and name in artifacts:
-            n_new = done
-            goal = "the decisions were clear" if stop is not None else "the rounds agreed"
-            if prior is not None and name in prior.stats:
-                acts.append(
-                    f"re-measured in {n_new} more interleaved round(s)"
-                    + (f" ({reason})" if reason else "")
-                )
-            elif stopped_early and n_new > lo:
-                acts.append(f"ran {n_new} interleaved rounds (min_rounds={lo}) until {goal}")
-            elif not stopped_early and n_new >= hi and hi > lo:
-                acts.append(f"stopped at max_rounds={hi} interleaved rounds before {goal}")
+        acts = []
+        if final and stopped_early and done > lo:
+            acts.append(f"ran {done} interleaved rounds (min_rounds={lo}) until the rounds agreed")
+        elif final and not stopped_early and done >= hi and hi > lo:
+            acts.append(f"stopped at max_rounds={hi} interleaved rounds before the rounds agreed")
         return combine_rounds(
             records[name][b],
             settings,
@@ -369,7 +328,7 @@ def measure_rounds(
                 order = names[:]
                 rng.shuffle(order)
                 orders.append(tuple(order))
-                round_no = start_round + r
+                round_no = r
                 for position, name in enumerate(order):
                     for b in batches:
                         before = machine_state()
@@ -405,10 +364,8 @@ def measure_rounds(
                 estimates = {
                     n: tuple(combined(n, b, False) for b in sorted(records[n])) for n in records
                 }
-                if stop_rule(estimates):
+                if rounds_stable(estimates, tol):
                     stopped_early = True
-                    break
-                if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
                     break
     finally:
         # Last opened, first closed: a handle restoring global state (torch's thread count)
@@ -416,14 +373,11 @@ def measure_rounds(
         for handle in reversed(list(opened.values())):
             handle.close()
 
-    elapsed = time.perf_counter() - t0 + (prior.seconds if prior is not None else 0.0)
+    elapsed = time.perf_counter() - t0
     stats_out: dict[str, dict[int, LatencyStats]] = {}
-    raw_files: dict[str, dict[int, str]] = dict(prior.raw_files) if prior is not None else {}
+    raw_files: dict[str, dict[int, str]] = {}
     for name, lists in records.items():
         by_batch = {b: tuple(rs) for b, rs in lists.items()}
-        if prior is not None and name not in artifacts and name in prior.stats:
-            stats_out[name] = dict(prior.stats[name])
-            continue
         stats_out[name] = {b: combined(name, b, True) for b in by_batch}
         if raw_path is not None:
             raw_files[name] = {}
@@ -440,7 +394,7 @@ def measure_rounds(
         stats=stats_out,
         records={n: {b: tuple(rs) for b, rs in by.items()} for n, by in records.items()},
         orders=tuple(orders),
-        rounds=start_round + done,
+        rounds=done,
         stopped_early=stopped_early,
         seconds=elapsed,
         raw_files=raw_files,
@@ -482,16 +436,3 @@ def _raw_meta(
         "round_windows": profile.measure.round_windows,
         "rounds": index,
     }
-
-
-def with_latency(
-    outcomes: Sequence[CandidateOutcome],
-    estimates: RoundsResult | Mapping[str, tuple[LatencyStats, ...]],
-) -> list[CandidateOutcome]:
-    """``outcomes`` with ``latency`` replaced from ``estimates`` for the candidates in it
-    (the others unchanged) -- to decide on the current round estimates."""
-    table = estimates.estimates() if isinstance(estimates, RoundsResult) else estimates
-    return [
-        dataclasses.replace(o, latency=tuple(table[o.candidate])) if o.candidate in table else o
-        for o in outcomes
-    ]

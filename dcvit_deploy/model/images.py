@@ -28,7 +28,6 @@ import hashlib
 import math
 import os
 import random
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +58,6 @@ CROP_MODES: frozenset[str] = frozenset({"center", "squash", "border"})
 DataConfig = dict[str, Any]
 """timm data config: ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``,
 ``crop_pct``, ``crop_mode``."""
-
-
-class DataWarning(UserWarning):
-    """Something about the few-shot data the user should know but that does not stop a run."""
 
 
 def _accepted_text() -> str:
@@ -153,8 +148,8 @@ def sample_images(
 
     ``num_samples=None`` keeps every path. The choice depends only on ``len(paths)``,
     ``num_samples`` and ``seed``, so it is the same on every machine for the same listing.
-    Asking for more images than exist uses all of them and emits a :class:`DataWarning`
-    (whose text :func:`sampling_note` also returns, for the run record). Raises
+    Asking for more images than exist uses all of them; :func:`sampling_note` says so once,
+    as a run note (never through Python's warnings, which would print a source line). Raises
     :class:`UserInputError` for ``num_samples < 1`` and :class:`DataError` for empty ``paths``.
     """
     items = list(paths)
@@ -167,9 +162,7 @@ def sample_images(
             f"number of few-shot samples must be a positive integer, got {num_samples!r}",
             "pass e.g. --num-samples 500, or omit it to use every image",
         )
-    note = sampling_note(len(items), num_samples)
-    if note is not None:
-        warnings.warn(note, DataWarning, stacklevel=2)
+    if sampling_note(len(items), num_samples) is not None:
         return items
     chosen = sorted(random.Random(seed).sample(range(len(items)), num_samples))
     return [items[i] for i in chosen]

@@ -177,7 +177,7 @@ def deploy(
         return result
     bisect = None
     if ctx.dopts.search == "bisect" and ctx.dopts.has_budget:
-        from dcvit_deploy.selection.bisect import BisectPlan
+        from dcvit_deploy.pipeline.units.measuring import BisectPlan
 
         bisect = BisectPlan(ctx.dopts, profile, family)
     runner.run(ProfileUnit(profile, artifacts, _capacity_names(family), bisect=bisect))

@@ -1,88 +1,203 @@
-"""``--search bisect`` inside the profile unit: measure O(log N) candidates, chosen by the
-budget (so, unlike exhaustive profiling, the budget is an input of the measurement)."""
+"""``--search bisect``: the densest fitting candidate while measuring O(log N) of them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import dataclasses
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
-from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.pipeline.outcomes import candidate_facts
-from dcvit_deploy.pipeline.units.selecting import ORIGINAL, resolve_budget
-from dcvit_deploy.store.records import CandidateOutcome
+from dcvit_deploy.selection.decide import (
+    Prefer,
+    _check_unique,
+    _fits,
+    _latency,
+    _spread,
+    decide,
+)
+from dcvit_deploy.store.records import CandidateOutcome, LatencyBudget, Selection
 
-if TYPE_CHECKING:
-    from dcvit_deploy.config.options import DeployOptions
-    from dcvit_deploy.pipeline.context import JobContext
-    from dcvit_deploy.pipeline.units.compressing import Family
-    from dcvit_deploy.pipeline.units.measuring import ProfileUnit
-    from dcvit_deploy.store.records import LatencyStats, TargetProfile
+log = logging.getLogger(__name__)
 
 
-class BisectPlan:
-    """Which candidates the profile unit measures under ``--search bisect``."""
+class BisectResult(NamedTuple):
+    """``(selection, outcomes)``: the decision and every outcome measured, densest first."""
 
-    def __init__(self, dopts: DeployOptions, profile: TargetProfile, family: Family) -> None:
-        self.dopts = dopts
-        self.profile = profile
-        self.family = family
+    selection: Selection
+    outcomes: tuple[CandidateOutcome, ...]
 
-    def key(self) -> list[Any]:
-        d = self.dopts
-        return [d.latency_ms, d.speedup, d.statistic, d.margin, d.batch_size, d.prefer]
 
-    def run(
-        self,
-        ctx: JobContext,
-        unit: ProfileUnit,
-        latency: dict[str, list[LatencyStats]],
-        errors: dict[str, str],
-        files: list[Path],
-    ) -> None:
-        from dcvit_deploy.selection.decide import bisect_search
+def bisect_search(
+    ordered_candidates: Sequence[str],
+    measure: Callable[[str], CandidateOutcome],
+    budget: LatencyBudget,
+    *,
+    tolerance: float = 0.05,
+    prefer: Prefer = "capacity",
+) -> BisectResult:
+    """Find the densest fitting candidate while measuring only O(log N) of them.
 
-        order = [n for n in unit.order if n in unit.artifacts]
+    ``ordered_candidates`` must be densest first (the order of :func:`capacity_order`);
+    ``measure(name)`` builds, verifies and profiles one candidate and returns its outcome
+    (failures are outcomes with a non-``ok`` status, not exceptions). Each name is measured at
+    most once.
 
-        def measure_once(name: str) -> None:
-            """An earlier measurement with the same artifact and basis, else a new one."""
-            if name in latency or name in errors:
-                return
-            earlier = unit.reusable(ctx, name)
-            if earlier is not None:
-                latency[name] = earlier
+    Method: binary search for the first fitting index, stepping over failed candidates to the
+    nearest working one; then measure the boundary's smaller neighbour, and walk upwards
+    (towards denser candidates) from the boundary until two consecutive working candidates
+    are *clearly* over budget, i.e. their statistic exceeds ``budget.ms / (1 + margin)`` by
+    more than the effective tolerance. The effective tolerance is ``tolerance`` (the latency
+    jitter assumed between candidates) widened to the largest monotonicity violation seen
+    among measured candidates (a smaller candidate slower than a denser one), so observed
+    noise widens the linear scan near the boundary. A violation beyond ``tolerance`` is logged
+    and noted (``warning: ...``) in the chosen candidate's reason (or the slower candidate's
+    when none is chosen); smaller ones show up as ``dominated:`` reasons only.
+
+    Guarantee: the result equals :func:`decide` over all candidates whenever a denser
+    candidate is never faster than ``1/(1+tolerance)`` times a smaller one, except for isolated
+    slow outliers (which the two-candidate confirmation and the widened tolerance absorb). An
+    isolated, anomalously *fast* dense candidate far above the boundary can be missed: use
+    exhaustive search when such plateaus matter. Raises ``ValueError`` (a caller bug) on
+    duplicate names, a mislabelled outcome, or measured ``retained`` values that contradict
+    the given order.
+
+    Uncertainty (the rules of :func:`decide`): "clearly over" uses the lower end of a
+    candidate's interval (``figure - spread``), and "dominated" needs a difference beyond
+    both spreads. ``prefer="fidelity"`` chooses among the *measured*
+    candidates only (bisect measures few; use exhaustive search for a fidelity choice).
+    """
+    names = list(ordered_candidates)
+    _check_unique(names)
+    if tolerance < 0:
+        raise ValueError("tolerance must be >= 0")
+    n = len(names)
+    cache: dict[int, CandidateOutcome] = {}
+    measured_order: list[str] = []
+
+    def get(i: int) -> CandidateOutcome:
+        if i not in cache:
+            outcome = measure(names[i])
+            if outcome.candidate != names[i]:
+                raise ValueError(
+                    f"measure({names[i]!r}) returned the outcome of {outcome.candidate!r}"
+                )
+            cache[i] = outcome
+            measured_order.append(names[i])
+        return cache[i]
+
+    def lat(i: int) -> float | None:
+        return _latency(get(i), budget.batch_size, budget.statistic)
+
+    def fits(i: int) -> bool:
+        return _fits(get(i), budget)
+
+    def violation() -> tuple[float, int, int] | None:
+        """Worst measured (ratio - 1, denser index, smaller index) with the smaller slower."""
+        points = sorted((i, v) for i in cache if (v := lat(i)) is not None)
+        worst: tuple[float, int, int] | None = None
+        fastest_denser: tuple[float, int] | None = None
+        for i, v in points:
+            if fastest_denser is not None and v > fastest_denser[0] > 0:
+                excess = v / fastest_denser[0] - 1.0
+                if worst is None or excess > worst[0]:
+                    worst = (excess, fastest_denser[1], i)
+            if fastest_denser is None or v < fastest_denser[0]:
+                fastest_denser = (v, i)
+        return worst
+
+    def clearly_over(i: int) -> bool:
+        v = lat(i)
+        if v is None:
+            return False
+        low = v - _spread(get(i), budget.batch_size, budget.statistic)
+        worst = violation()
+        tol = max(tolerance, worst[0] if worst else 0.0)
+        return low * (1.0 + budget.margin) > (budget.ms + budget.spread_ms) * (1.0 + tol)
+
+    # 1. Binary search for the first fitting index, assuming monotone latency.
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        probe = None
+        for step in range(hi - lo):
+            for cand in (mid + step, mid - step) if step else (mid,):
+                if lo <= cand < hi and lat(cand) is not None:
+                    probe = cand
+                    break
+            if probe is not None:
+                break
+        if probe is None:  # every candidate in [lo, hi) failed
+            break
+        if fits(probe):
+            hi = probe
+        else:
+            lo = probe + 1
+    boundary = hi
+    binary_count = len(measured_order)
+
+    # 2. Check the neighbour below the boundary (smaller) to observe local monotonicity.
+    i = boundary + 1
+    while i < n:
+        if lat(i) is not None:
+            break
+        i += 1
+
+    # 3. Walk upwards until two consecutive working candidates are clearly over budget.
+    best = boundary if boundary < n else None
+    run: list[int] = []
+    i = boundary - 1
+    while i >= 0:
+        if lat(i) is not None:
+            if fits(i):
+                best = i
+                run = []
             else:
-                unit.measure(ctx, [name], latency, errors, files)
+                run.append(i)
+                if len(run) >= 2 and all(clearly_over(j) for j in run[-2:]):
+                    break
+        i -= 1
+    top = i  # last index examined by the walk (-1 when it reached the densest candidate)
 
-        if self.dopts.speedup is not None:
-            if ORIGINAL not in unit.artifacts:
-                raise UserInputError(
-                    "--speedup needs the original model built and verified in this run",
-                    "keep the original in the family (drop --no-original) or use --latency-ms",
-                )
-            measure_once(ORIGINAL)
-            if ORIGINAL not in latency:
-                raise UserInputError(
-                    f"the original could not be measured: {errors.get(ORIGINAL)}",
-                    "fix the measurement or use --latency-ms",
-                )
-        original = self._outcome(unit, ORIGINAL, latency, errors) if ORIGINAL in latency else None
-        budget = resolve_budget(self.profile, self.dopts, [original] if original else [])
-        assert budget is not None
+    outcomes = [cache[k] for k in sorted(cache)]
+    retained = [o.retained for o in outcomes]
+    if any(b > a + 1e-12 for a, b in itertools.pairwise(retained)):
+        raise ValueError(
+            "bisect_search needs candidates ordered densest first (retained descending); "
+            f"measured retained values in the given order: {retained}"
+        )
 
-        def measure_one(name: str) -> CandidateOutcome:
-            measure_once(name)
-            return self._outcome(unit, name, latency, errors)
+    selection = decide(outcomes, budget, search="bisect", measured=measured_order, prefer=prefer)
+    reasons = dict(selection.reasons)
 
-        bisect_search(order, measure_one, budget, prefer=self.dopts.prefer)
+    worst = violation()
+    if worst is not None and worst[0] > tolerance:
+        excess, denser, smaller = worst
+        scanned = len(measured_order) - binary_count
+        warning = (
+            f"warning: latency is not monotone in capacity: {names[smaller]} is "
+            f"{excess:.0%} slower than denser {names[denser]}; measured {scanned} extra "
+            "candidate(s) around the boundary"
+        )
+        log.warning("bisect search: %s", warning.removeprefix("warning: "))
+        anchor = selection.chosen or names[smaller]
+        reasons[anchor] = f"{reasons[anchor]}; {warning}"
 
-    def _outcome(
-        self,
-        unit: ProfileUnit,
-        name: str,
-        latency: dict[str, list[LatencyStats]],
-        errors: dict[str, str],
-    ) -> CandidateOutcome:
-        base = {**candidate_facts(self.family, name), "artifact": unit.artifacts[name]}
-        if name in latency:
-            return CandidateOutcome(**base, status="ok", latency=tuple(latency[name]))
-        return CandidateOutcome(**base, status="profile_failed", error=errors.get(name, ""))
+    stop_name = names[top] if top >= 0 else None
+    for k, name in enumerate(names):
+        if k in cache:
+            continue
+        if best is not None and k > best:
+            why = f"smaller than chosen {names[best]}"
+        elif stop_name is not None:
+            why = f"denser than {stop_name}, which is clearly over budget"
+        else:
+            why = "skipped by the search"
+        reasons[name] = f"not measured (bisect): {why}"
+
+    result = dataclasses.replace(
+        selection,
+        reasons=reasons,
+        measured=tuple(measured_order),
+    )
+    return BisectResult(result, tuple(outcomes))

@@ -12,13 +12,9 @@ Selectable
     ``outcome.selectable`` (status ``ok`` and verification passed or not run) *and* a finite
     ``budget.statistic`` measured at ``budget.batch_size``.
 
-Two entry points
-    :func:`decide` never raises for an infeasible budget: it returns a :class:`Selection` with
-    ``chosen=None`` and a reason for every candidate, which is what a report needs.
-    :func:`select` is :func:`decide` plus :func:`raise_if_infeasible`: it raises
-    :class:`~dcvit_deploy.errors.BudgetInfeasible` (exit code 3) when nothing fits. A pipeline
-    that wants both writes its reports from :func:`decide` and then calls
-    :func:`raise_if_infeasible`.
+Never raises for an infeasible budget
+    :func:`decide` returns a :class:`Selection` with ``chosen=None`` and a reason for every
+    candidate, which is what a report needs; :func:`infeasible_error` is the one line (exit 3).
 
 Uncertainty
     Every figure comes with a spread (:meth:`LatencyStats.spread`: the round-to-round
@@ -30,7 +26,7 @@ Uncertainty
     ``[figure - spread, figure + spread] * (1 + margin)`` overlaps ``ms +- budget spread`` is
     *within noise* (:func:`within_noise`) and its fit is reported as uncertain: callers
     re-measure those (:func:`needs_remeasure`, more interleaved rounds) before accepting or
-    rejecting them, and :func:`decisions_clear` is the stop rule for the rounds. A candidate
+    rejecting them. A candidate
     is *dominated* only when it is slower than a larger sibling beyond both spreads.
 
 Preference
@@ -62,11 +58,10 @@ that contract.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal, NamedTuple, Protocol
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, Protocol
 
 from dcvit_deploy.errors import BudgetInfeasible
 from dcvit_deploy.store.records import (
@@ -99,21 +94,16 @@ rounds (the spread of a median shrinks about as the square root of the rounds)."
 
 __all__ = [
     "RECONFIRM_FACTOR",
-    "BisectResult",
     "ConfirmFn",
-    "bisect_search",
     "budget_summary",
     "capacity_order",
     "decide",
-    "decisions_clear",
     "dominated",
     "fit_class",
     "infeasible_error",
     "needs_remeasure",
     "pareto_front",
-    "raise_if_infeasible",
     "relative_budget",
-    "select",
     "select_confirmed",
     "within_noise",
 ]
@@ -211,21 +201,6 @@ def needs_remeasure(
         return tuple(o.candidate for o in noisy)
     limit = _capacity_key(clear)
     return tuple(o.candidate for o in noisy if _capacity_key(o) >= limit)
-
-
-def decisions_clear(
-    outcomes: Iterable[CandidateOutcome],
-    budgets: Sequence[LatencyBudget]
-    | Callable[[Sequence[CandidateOutcome]], Sequence[LatencyBudget]],
-    *,
-    prefer: Prefer = "capacity",
-) -> bool:
-    """True when no budget's choice depends on a candidate within noise (the early-stop rule
-    for interleaved rounds). ``budgets`` may be a function of the outcomes, for relative
-    budgets whose reference is being measured in the same rounds."""
-    items = list(outcomes)
-    resolved = budgets(items) if callable(budgets) else budgets
-    return all(not needs_remeasure(items, b, prefer=prefer) for b in resolved)
 
 
 def relative_budget(
@@ -589,22 +564,6 @@ def infeasible_error(
     )
 
 
-def raise_if_infeasible(selection: Selection, outcomes: Iterable[CandidateOutcome]) -> None:
-    """Raise :func:`infeasible_error` when ``selection.chosen`` is ``None``; else do nothing."""
-    if selection.chosen is None:
-        raise infeasible_error(selection, outcomes)
-
-
-def select(
-    outcomes: Iterable[CandidateOutcome], budget: LatencyBudget, *, prefer: Prefer = "capacity"
-) -> Selection:
-    """:func:`decide` over all outcomes, raising ``BudgetInfeasible`` (exit 3) if none fits."""
-    items = list(outcomes)
-    selection = decide(items, budget, prefer=prefer)
-    raise_if_infeasible(selection, items)
-    return selection
-
-
 # --------------------------------------------------------------------------- confirmation
 
 
@@ -784,217 +743,3 @@ def select_confirmed(
         confirmed=confirmed,
         notes=tuple(notes),
     )
-
-
-# --------------------------------------------------------------------------- bisect
-
-
-class BisectResult(NamedTuple):
-    """``(selection, outcomes)``: the decision and every outcome measured, densest first."""
-
-    selection: Selection
-    outcomes: tuple[CandidateOutcome, ...]
-
-
-def bisect_search(
-    ordered_candidates: Sequence[str],
-    measure: Callable[[str], CandidateOutcome],
-    budget: LatencyBudget,
-    *,
-    tolerance: float = 0.05,
-    remeasure: Callable[[Sequence[str]], Mapping[str, CandidateOutcome]] | None = None,
-    max_remeasures: int = 2,
-    prefer: Prefer = "capacity",
-) -> BisectResult:
-    """Find the densest fitting candidate while measuring only O(log N) of them.
-
-    ``ordered_candidates`` must be densest first (the order of :func:`capacity_order`);
-    ``measure(name)`` builds, verifies and profiles one candidate and returns its outcome
-    (failures are outcomes with a non-``ok`` status, not exceptions). Each name is measured at
-    most once.
-
-    Method: binary search for the first fitting index, stepping over failed candidates to the
-    nearest working one; then measure the boundary's smaller neighbour, and walk upwards
-    (towards denser candidates) from the boundary until two consecutive working candidates
-    are *clearly* over budget, i.e. their statistic exceeds ``budget.ms / (1 + margin)`` by
-    more than the effective tolerance. The effective tolerance is ``tolerance`` (the latency
-    jitter assumed between candidates) widened to the largest monotonicity violation seen
-    among measured candidates (a smaller candidate slower than a denser one), so observed
-    noise widens the linear scan near the boundary. A violation beyond ``tolerance`` is logged
-    and noted (``warning: ...``) in the chosen candidate's reason (or the slower candidate's
-    when none is chosen); smaller ones show up as ``dominated:`` reasons only.
-
-    Guarantee: the result equals :func:`decide` over all candidates whenever a denser
-    candidate is never faster than ``1/(1+tolerance)`` times a smaller one, except for isolated
-    slow outliers (which the two-candidate confirmation and the widened tolerance absorb). An
-    isolated, anomalously *fast* dense candidate far above the boundary can be missed: use
-    exhaustive search when such plateaus matter. Raises ``ValueError`` (a caller bug) on
-    duplicate names, a mislabelled outcome, or measured ``retained`` values that contradict
-    the given order.
-
-    Uncertainty (the rules of :func:`decide`): "clearly over" uses the lower end of a
-    candidate's interval (``figure - spread``), and "dominated" needs a difference beyond
-    both spreads. With ``remeasure``, the measured candidates :func:`needs_remeasure` names
-    are re-measured together (``remeasure(names)`` returns fresh outcomes, e.g. more
-    interleaved rounds of those artifacts, :func:`dcvit_deploy.latency.rounds.measure_rounds` with
-    ``prior``) up to ``max_remeasures`` times before deciding; the re-measurements are noted
-    in the chosen candidate's reason. ``prefer="fidelity"`` chooses among the *measured*
-    candidates only (bisect measures few; use exhaustive search for a fidelity choice).
-    """
-    names = list(ordered_candidates)
-    _check_unique(names)
-    if tolerance < 0:
-        raise ValueError("tolerance must be >= 0")
-    n = len(names)
-    cache: dict[int, CandidateOutcome] = {}
-    measured_order: list[str] = []
-
-    def get(i: int) -> CandidateOutcome:
-        if i not in cache:
-            outcome = measure(names[i])
-            if outcome.candidate != names[i]:
-                raise ValueError(
-                    f"measure({names[i]!r}) returned the outcome of {outcome.candidate!r}"
-                )
-            cache[i] = outcome
-            measured_order.append(names[i])
-        return cache[i]
-
-    def lat(i: int) -> float | None:
-        return _latency(get(i), budget.batch_size, budget.statistic)
-
-    def fits(i: int) -> bool:
-        return _fits(get(i), budget)
-
-    def violation() -> tuple[float, int, int] | None:
-        """Worst measured (ratio - 1, denser index, smaller index) with the smaller slower."""
-        points = sorted((i, v) for i in cache if (v := lat(i)) is not None)
-        worst: tuple[float, int, int] | None = None
-        fastest_denser: tuple[float, int] | None = None
-        for i, v in points:
-            if fastest_denser is not None and v > fastest_denser[0] > 0:
-                excess = v / fastest_denser[0] - 1.0
-                if worst is None or excess > worst[0]:
-                    worst = (excess, fastest_denser[1], i)
-            if fastest_denser is None or v < fastest_denser[0]:
-                fastest_denser = (v, i)
-        return worst
-
-    def clearly_over(i: int) -> bool:
-        v = lat(i)
-        if v is None:
-            return False
-        low = v - _spread(get(i), budget.batch_size, budget.statistic)
-        worst = violation()
-        tol = max(tolerance, worst[0] if worst else 0.0)
-        return low * (1.0 + budget.margin) > (budget.ms + budget.spread_ms) * (1.0 + tol)
-
-    # 1. Binary search for the first fitting index, assuming monotone latency.
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        probe = None
-        for step in range(hi - lo):
-            for cand in (mid + step, mid - step) if step else (mid,):
-                if lo <= cand < hi and lat(cand) is not None:
-                    probe = cand
-                    break
-            if probe is not None:
-                break
-        if probe is None:  # every candidate in [lo, hi) failed
-            break
-        if fits(probe):
-            hi = probe
-        else:
-            lo = probe + 1
-    boundary = hi
-    binary_count = len(measured_order)
-
-    # 2. Check the neighbour below the boundary (smaller) to observe local monotonicity.
-    i = boundary + 1
-    while i < n:
-        if lat(i) is not None:
-            break
-        i += 1
-
-    # 3. Walk upwards until two consecutive working candidates are clearly over budget.
-    best = boundary if boundary < n else None
-    run: list[int] = []
-    i = boundary - 1
-    while i >= 0:
-        if lat(i) is not None:
-            if fits(i):
-                best = i
-                run = []
-            else:
-                run.append(i)
-                if len(run) >= 2 and all(clearly_over(j) for j in run[-2:]):
-                    break
-        i -= 1
-    top = i  # last index examined by the walk (-1 when it reached the densest candidate)
-
-    # 4. Re-measure the measured candidates within noise of the budget (same rule as decide).
-    remeasured: list[str] = []
-    if remeasure is not None:
-        for _ in range(max_remeasures):
-            noisy = needs_remeasure([cache[k] for k in sorted(cache)], budget, prefer=prefer)
-            if not noisy:
-                break
-            fresh = remeasure(noisy)
-            index = {name: k for k, name in enumerate(names)}
-            for name, outcome in fresh.items():
-                if outcome.candidate != name or name not in index or index[name] not in cache:
-                    raise ValueError(
-                        f"remeasure returned an outcome for {name!r} it was not asked for"
-                    )
-                cache[index[name]] = outcome
-            remeasured.extend(noisy)
-
-    outcomes = [cache[k] for k in sorted(cache)]
-    retained = [o.retained for o in outcomes]
-    if any(b > a + 1e-12 for a, b in itertools.pairwise(retained)):
-        raise ValueError(
-            "bisect_search needs candidates ordered densest first (retained descending); "
-            f"measured retained values in the given order: {retained}"
-        )
-
-    selection = decide(outcomes, budget, search="bisect", measured=measured_order, prefer=prefer)
-    reasons = dict(selection.reasons)
-    notes: list[str] = []
-    if remeasured:
-        notes.append(
-            f"re-measured within noise of the budget: {', '.join(dict.fromkeys(remeasured))}"
-        )
-
-    worst = violation()
-    if worst is not None and worst[0] > tolerance:
-        excess, denser, smaller = worst
-        scanned = len(measured_order) - binary_count
-        warning = (
-            f"warning: latency is not monotone in capacity: {names[smaller]} is "
-            f"{excess:.0%} slower than denser {names[denser]}; measured {scanned} extra "
-            "candidate(s) around the boundary"
-        )
-        log.warning("bisect search: %s", warning.removeprefix("warning: "))
-        anchor = selection.chosen or names[smaller]
-        reasons[anchor] = f"{reasons[anchor]}; {warning}"
-
-    stop_name = names[top] if top >= 0 else None
-    for k, name in enumerate(names):
-        if k in cache:
-            continue
-        if best is not None and k > best:
-            why = f"smaller than chosen {names[best]}"
-        elif stop_name is not None:
-            why = f"denser than {stop_name}, which is clearly over budget"
-        else:
-            why = "skipped by the search"
-        reasons[name] = f"not measured (bisect): {why}"
-
-    result = dataclasses.replace(
-        selection,
-        reasons=reasons,
-        measured=tuple(measured_order),
-        notes=tuple(notes),
-    )
-    return BisectResult(result, tuple(outcomes))

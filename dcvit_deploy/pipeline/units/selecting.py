@@ -177,10 +177,11 @@ class SelectUnit:
                 seed=ctx.copts.seed + 1,
                 min_rounds=settings.max_rounds,
                 max_rounds=settings.max_rounds,
-                reason="within noise of the budget",
             )
             for name in artifacts:
                 fresh = result.at(name, budget.batch_size)
+                note = f"re-measured in {result.rounds} rounds (within noise of the budget)"
+                fresh = dataclasses.replace(fresh, actions=(*fresh.actions, note))
                 remeasured[name] = [fresh]
                 o = by_name[name]
                 latency = tuple(
