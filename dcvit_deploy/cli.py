@@ -3,9 +3,6 @@
 Heavy imports (torch, timm, onnxruntime) happen inside command bodies so ``--help`` is instant.
 User errors print one line (problem; fix) to stderr and exit 1 (3: no candidate meets the
 budget, 4: regression against a baseline); Ctrl-C leaves a resumable run and exits 130.
-
-Size: this module is longer than ~500 lines because mostly option declarations and their help
-texts (shared option groups are defined once); the command bodies stay thin.
 """
 
 from __future__ import annotations

@@ -28,10 +28,6 @@ Rules this backend keeps:
 * Timing is host wall time around ``run`` (scope ``host``): ONNX Runtime runs on its own stream,
   so the device scopes (``device_compute``, ``device_with_copies``) cannot be bracketed by CUDA
   events and are refused. Host time with copies is scope ``host`` with ``measure.no_copy = false``.
-
-Size: this module is longer than ~500 lines because one backend: options, providers, session
-creation with its fallback check, IO binding and CUDA graphs are intertwined settings of one
-runtime.
 """
 
 from __future__ import annotations

@@ -14,10 +14,6 @@ finetuning (``refit``, :mod:`.refit`), and a family may hold several methods at 
 
 Every candidate is written (safetensors + JSON spec) as soon as it is finished, with a
 fingerprint of everything it depends on; a rerun skips candidates whose fingerprint matches.
-
-Size: this module is longer than ~500 lines because the family engine keeps its config, the per-
-preset procedures, naming, the preview of planned candidates and the per-target steps together,
-because all of them must agree on what a candidate is.
 """
 
 from __future__ import annotations

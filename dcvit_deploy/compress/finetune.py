@@ -11,9 +11,6 @@ Everything here relies only on timm's stable ``VisionTransformer`` attribute nam
 any ViT whose ``blocks`` hold original blocks, FFN-only blocks or ``nn.Identity``.
 
 Importing this module imports torch only; timm is imported inside :func:`train_transform`.
-
-Size: this module is longer than ~500 lines because the schedule presets, the training loop, the
-teacher feature bank and the scores share device, autocast and mode-preserving helpers.
 """
 
 from __future__ import annotations

@@ -10,9 +10,6 @@ so the images do not overfit one alignment. The set is only used to score blocks
 synthetic set on disk, keyed by everything that determines it.
 
 Importing this module imports torch only; safetensors is imported when a cache is read or written.
-
-Size: this module is longer than ~500 lines because model inversion, its settings, caching and
-the real-image alternative form one step of the method.
 """
 
 from __future__ import annotations

@@ -16,10 +16,6 @@ turns it into tensors with the model's own preprocessing:
 
 timm, PIL and scikit-image are imported inside the functions that need them, so importing this
 module stays cheap (torch itself is a core dependency and is imported).
-
-Size: this module is longer than ~500 lines because image listing, decoding (including 16-bit
-scaling), sampling, the held-out split, preprocessing and fingerprints must agree on one notion
-of an image set.
 """
 
 from __future__ import annotations

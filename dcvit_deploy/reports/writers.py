@@ -16,9 +16,6 @@
     (matplotlib, imported lazily, rendered with the Agg canvas -- no display needed).
 
 Comparing two reports for CI lives in :mod:`dcvit_deploy.reports.compare`.
-
-Size: this module is longer than ~500 lines because four writers (JSON, CSV, Markdown, plot)
-over one view of the outcomes.
 """
 
 from __future__ import annotations

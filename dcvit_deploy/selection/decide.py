@@ -48,11 +48,6 @@ Reason strings start with a stable prefix that tools may match on: ``chosen:``,
 ``export failed:``, ``build failed:``, ``profile failed:``, ``not measured``. A figure measured
 in rounds reads ``p50 4.70 ms +- 0.08 (5 rounds)``; a fit within noise ends with
 ``; within noise of the budget``.
-
-Size: this module is longer than ~500 lines because one decision and its vocabulary: fit
-classes, dominance, reasons, relative budgets, confirmation and bisect share the same
-figure/spread helpers and reason strings, which tools match on; splitting them would scatter
-that contract.
 """
 
 from __future__ import annotations

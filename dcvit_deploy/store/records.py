@@ -4,9 +4,6 @@ Every record serialises to plain JSON through :func:`to_dict` (which stamps ``sc
 record's schema version) and back through :func:`from_dict` (which checks it). Nested records,
 tuples, optionals and dicts are converted from the type annotations, so a record's fields are
 its file format.
-
-Size: this module is longer than ~500 lines because every persisted record and its serialisation
-in one place, so a record's fields are its file format.
 """
 
 from __future__ import annotations

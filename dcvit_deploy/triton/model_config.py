@@ -21,10 +21,6 @@ With ``max_batch_size > 0`` Triton owns the batch dimension: ``dims`` exclude it
 artifact's first dimension must be dynamic. With ``max_batch_size: 0`` (written explicitly)
 ``dims`` are the full shape. onnx and tritonclient are imported lazily; without tritonclient
 :func:`validate_config` reports ``skipped`` instead of pretending to have validated.
-
-Size: this module is longer than ~500 lines because rendering a config and checking one against
-Triton's schema and loading rules are the two sides of the same format; the checks mirror the
-renderer field by field.
 """
 
 from __future__ import annotations

@@ -22,10 +22,6 @@ temporary path; publishers of one repository take turns through a file lock on
 
 :func:`write_model_repository` is the older single-version writer (explicit settings, per-GPU
 ``configs/<name>.pbtxt``); it writes one fixed version in place and keeps no history.
-
-Size: this module is longer than ~500 lines because publishing is one transaction (resolve the
-model, stage a version, check compatibility, lock, rename, retire, clear stale models) whose
-steps share private helpers; the single-version writer kept for per-GPU configs sits beside it.
 """
 
 from __future__ import annotations
