@@ -10,7 +10,7 @@ Everything here relies only on timm's stable ``VisionTransformer`` attribute nam
 ``blocks``, ``norm``, ``fc_norm``, ``head``, ``head_dist``, ``forward_features``), so it works for
 any ViT whose ``blocks`` hold original blocks, FFN-only blocks or ``nn.Identity``.
 
-Importing this module imports torch only; timm is imported inside :func:`train_transform`.
+Importing this module imports torch only.
 """
 
 from __future__ import annotations
@@ -234,23 +234,13 @@ class FinetuneSchedule:
 
 
 def train_transform(schedule: FinetuneSchedule, data_config: dict[str, Any]) -> Callable[..., Any]:
-    """The image transform that matches ``schedule``: timm's training transform (random resized
-    crop, flip, ``schedule.auto_augment``; no random erasing, no mixup) when ``schedule.augment``,
-    else timm's eval transform. ``data_config`` is timm's ``resolve_data_config`` output
-    (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``)."""
-    from timm.data import create_transform
+    """The image transform that matches ``schedule``: the run's own
+    :func:`~dcvit_deploy.model.images.build_transforms` -- timm's training transform with
+    ``schedule.auto_augment`` when ``schedule.augment``, else the model's eval transform."""
+    from dcvit_deploy.model.images import build_transforms
 
-    common = {
-        "input_size": data_config["input_size"],
-        "interpolation": data_config.get("interpolation", "bicubic"),
-        "mean": data_config["mean"],
-        "std": data_config["std"],
-    }
-    if schedule.augment:
-        return create_transform(
-            is_training=True, auto_augment=schedule.auto_augment, re_prob=0.0, **common
-        )
-    return create_transform(is_training=False, crop_pct=data_config.get("crop_pct"), **common)
+    aug = schedule.auto_augment
+    return build_transforms(cast(Any, data_config), train=schedule.augment, auto_augment=aug)
 
 
 # --------------------------------------------------------------------------- trainable set

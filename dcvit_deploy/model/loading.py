@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-_WRAPPER_KEYS = ("state_dict", "model_ema", "model", "module", "state_dict_ema")
 
 
 @dataclass(frozen=True)
@@ -71,28 +70,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"checkpoint {p.name} has an unknown suffix {p.suffix!r}",
             f"use one of {', '.join(CHECKPOINT_SUFFIXES)}",
         )
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from timm.models import load_state_dict
 
-            sd: Any = load_file(str(p))
-        else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    try:  # timm's loader: safetensors or torch (weights only), EMA/trainer wrappers, "module."
+        sd: Any = load_state_dict(str(p), use_ema=False, weights_only=True)
     except Exception as exc:  # corrupt or foreign files surface many exception types
         raise _unreadable(p, exc) from exc
-    for _ in range(3):
-        if isinstance(sd, Mapping):
-            wrapped = [k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)]
-            if wrapped and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-                sd = sd[wrapped[0]]
-                continue
-        break
-    if not isinstance(sd, Mapping) or not sd:
+    tensors = sd.items() if isinstance(sd, Mapping) else ()
+    clean = {k: v for k, v in tensors if isinstance(v, torch.Tensor)}
+    if not clean:
         raise UserInputError(f"checkpoint {p.name} holds no state dict", "save model.state_dict()")
-    clean: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor):
-            clean[k[len("module.") :] if k.startswith("module.") else k] = v
     return clean
 
 
@@ -104,7 +91,10 @@ def _unreadable(path: Path, exc: Exception) -> UserInputError:
     says what is in the file.
     """
     text = _one_line(str(exc))
+    cause = _one_line(str(exc.__cause__ or exc.__context__ or ""))  # timm wraps torch's error
     marker = "WeightsUnpickler error:"
+    if marker in cause:
+        text = cause
     if marker in text:
         explanation = text[text.index(marker) + len(marker) :].strip()
         explanation = explanation.split(" Check the documentation of torch.load")[0].strip()
@@ -181,7 +171,7 @@ def infer_kwargs_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, An
     return out
 
 
-SUPPORTED_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+SUPPORTED_MODULES = ("vision_transformer", "deit")
 """timm modules whose models are plain ViT/DeiT candidates (each is still checked when built)."""
 
 
@@ -230,15 +220,8 @@ def supported_model_suggestions(name: str, limit: int = 8) -> list[str]:
     import timm
     import torch
 
-    try:
-        from timm.models._registry import model_entrypoint
-    except ImportError:  # pragma: no cover - older/newer timm layouts
-        return []
     pool = [
-        n
-        for n in timm.list_models()
-        if getattr(model_entrypoint(n), "__module__", "") in SUPPORTED_MODULES
-        and not n.startswith("test_")
+        n for n in timm.list_models(module=list(SUPPORTED_MODULES)) if not n.startswith("test_")
     ]
     head = name.split("_")[0]
 
@@ -277,16 +260,9 @@ def create_structure(name: str, model_kwargs: Mapping[str, Any] | None = None) -
 
 
 def _is_supported_family(name: str) -> bool:
-    import timm
+    from timm.models import is_model, is_model_in_modules
 
-    try:
-        from timm.models._registry import model_entrypoint
-
-        return timm.is_model(name) and (
-            getattr(model_entrypoint(name), "__module__", "") in SUPPORTED_MODULES
-        )
-    except Exception:  # registry layout of another timm version: build without the shortcut
-        return False
+    return bool(is_model(name) and is_model_in_modules(name, SUPPORTED_MODULES))
 
 
 def _one_line(text: str) -> str:
