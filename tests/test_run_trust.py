@@ -373,7 +373,8 @@ def test_profile_naming_another_gpu_is_refused_unless_allowed(monkeypatch):
     from dcvit_deploy.config.profiles import load_profile
     from dcvit_deploy.errors import EnvironmentProblem
     from dcvit_deploy.latency import machine as envinfo
-    from dcvit_deploy.pipeline import context, profile
+    from dcvit_deploy.pipeline import context
+    from dcvit_deploy.pipeline.units import measuring as profile
 
     h100 = load_profile("h100-trt-fp16")
     monkeypatch.setattr(envinfo, "cuda_device_count", lambda: 1)
