@@ -965,6 +965,9 @@ def demo_cmd(ctx: click.Context) -> None:
     compress_cmd.main(args=args, prog_name="dcvit-deploy demo", standalone_mode=False)
 
 
+demo_cmd.help = f"{demo_cmd.help}\n\nThe demo's settings: {' '.join(DEMO_ARGS)}"
+
+
 @cli.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--count", type=int, default=48, show_default=True)

@@ -437,3 +437,19 @@ def test_usage_errors_are_one_line_exit_1() -> None:
     code, out, err = run_cli(["compare", "missing.json", "--baseline", "missing.json"])
     line = assert_one_line_error(code, out, err, "does not exist", "dcvit-deploy compare --help")
     assert ".;" not in line
+
+
+def test_demo_writes_the_photos_and_runs_compress_with_overridable_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["demo", "--dry-run", "--targets", "15%,30%", "--out", "runs/other"])
+    assert code == 0, err
+    assert len(list((tmp_path / "runs" / "demo-images").iterdir())) == 64
+    assert "wrote 64 bundled photos to runs/demo-images" in err
+    assert "dry run: every check passed" in out
+    assert "dcvit 15.00%" in out and "dcvit 30.00%" in out and "dcvit 10.00%" not in out
+    assert str(tmp_path / "runs" / "other") in out and not (tmp_path / "runs" / "demo").exists()
+    assert "at least 1.15x faster than the original" in out
+    code, _, err = run_cli(["demo", "--dry-run"])  # the photos are there: not written again
+    assert code == 0 and "bundled photos" not in err
