@@ -882,15 +882,16 @@ def compare_cmd(
 
     from .compare import check_regression
     from .errors import RegressionDetected
-    from .validate import check_report_file, check_writable_dir
+    from .report import load_report
+    from .validate import check_writable_dir
 
     if not tolerance > 0 or tolerance != tolerance or tolerance == float("inf"):
         raise OptionError(
             f"--tolerance must be a finite fraction > 0, got {tolerance!r}",
             "pass e.g. --tolerance 0.10 (10%)",
         )
-    check_report_file(report, "report")
-    check_report_file(baseline, "baseline")
+    load_report(report)
+    load_report(baseline)
     if out_dir:
         check_writable_dir(out_dir, "--out")
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -313,6 +313,10 @@ def check_supported(model: nn.Module, name: str = "") -> None:
             "VisionTransformer/DeiT models only (no Swin, hierarchical or hybrid models)",
             "choose a vit_*/deit_* model",
         )
+    if not len(model.blocks):
+        raise UnsupportedModelError(
+            f"{label} with depth=0 has no transformer block to compress", "pass depth >= 1"
+        )
     if getattr(model, "global_pool", "") == "map":
         raise UnsupportedModelError(
             f"{label} uses an attention-pooling (MAP) head, which is unsupported",
@@ -343,6 +347,63 @@ def check_supported(model: nn.Module, name: str = "") -> None:
                 "which narrowing cannot preserve",
                 "choose a model without scale_mlp_norm",
             )
+
+
+def check_runs(model: nn.Module, name: str, kwargs: Mapping[str, Any], size: Sequence[int]) -> None:
+    """One forward of the ``meta`` structure ``model`` at the run's input ``size`` (C, H, W): kwargs
+    that build but cannot run (a patch larger than the image, ...) are refused, naming them."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, *size, device="meta"))
+    except Exception as exc:
+        shown = " ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "(none)"
+        raise UserInputError(
+            f"{name} with --model-kwargs {shown} cannot run on a {'x'.join(map(str, size))} "
+            f"input: {type(exc).__name__}: {_one_line(str(exc))[:200]}",
+            "fix those --model-kwargs (e.g. patch_size at most img_size) or the input size",
+        ) from exc
+
+
+def check_finite_outputs(model: nn.Module, images: torch.Tensor, source: str) -> None:
+    """One real forward of ``model`` on ``images``: weights that are finite but overflow (NaN or
+    inf outputs) are refused, naming the first module whose output is not finite and its
+    largest weight -- before any finetune would report them as a diverged loss."""
+    import torch
+
+    first: list[str] = []
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: Any, out: Any) -> None:
+            if not first and isinstance(out, torch.Tensor) and not bool(out.isfinite().all()):
+                first.append(name)
+
+        return record
+
+    leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
+    try:
+        with torch.inference_mode():
+            finite = bool(model.eval()(images).isfinite().all())
+    finally:
+        for h in handles:
+            h.remove()
+    if finite:
+        return
+    where = first[0] if first else ""
+    params = (
+        {k: p.detach() for k, p in model.get_submodule(where).named_parameters()} if where else {}
+    )
+    big = max(params, key=lambda k: float(params[k].abs().max()), default="")
+    detail = (
+        f" (largest |value| {float(params[big].abs().max()):.3g} in {where}.{big})" if big else ""
+    )
+    raise CheckpointMismatchError(
+        f"{source} gives outputs that are not finite (NaN/inf) on a real image although its "
+        f"weights are finite; they first appear in {where or 'the output'}{detail}",
+        "use weights whose forward pass is finite (e.g. saved before training diverged)",
+    )
 
 
 def _identity_types() -> tuple[type, ...]:

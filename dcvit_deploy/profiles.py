@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ProfileError
-from .records import STATISTICS, MeasureSettings, TargetProfile
+from .records import STATISTICS, MeasureSettings, TargetProfile, safe_name
 
 
 def _profile_dir() -> Path:
@@ -52,6 +52,8 @@ PROFILE_DIR = _profile_dir()
 """Built-in profiles: ``<repo>/profiles/*.toml``."""
 
 DEFAULT_PROFILE = "cpu-ort"
+MAX_BATCH = 4096
+"""Larger batch sizes are refused (every one is built and measured)."""
 
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -117,14 +119,14 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> TargetProfile:
     """Load and validate a built-in profile by name, or a profile file by path."""
     path = profile_path(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = _toml_loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ProfileError(f"cannot read profile {str(path)!r}: {exc}", "check the file") from exc
-    try:
-        data = _toml_loads(text)
-    except Exception as exc:  # tomllib.TOMLDecodeError; message names line and column
+    except ValueError as exc:  # not UTF-8, or TOMLDecodeError (which names line and column)
+        why = " ".join(str(exc).split())[:150]
         raise ProfileError(
-            f"profile {path.name} is not valid TOML: {exc}", "fix the TOML syntax"
+            f"profile {path.name} is not valid TOML (UTF-8 text): {why}",
+            "give a TOML text file (see the profiles/ folder)",
         ) from exc
     profile = profile_from_dict(data, source=path.name)
     if path.parent.resolve() == PROFILE_DIR and profile.name != path.stem:
@@ -164,12 +166,14 @@ def profile_from_dict(
                 f"use one of: {', '.join(map(str, allowed))}",
             )
 
+    safe_name(data["name"], f"{where}: name", ProfileError)
     batch_sizes = data["batch_sizes"]
     if not batch_sizes or not all(
-        isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch_sizes
+        isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_BATCH for b in batch_sizes
     ):
         raise ProfileError(
-            f"{where}: batch_sizes = {batch_sizes!r} is not a non-empty list of integers >= 1",
+            f"{where}: batch_sizes = {batch_sizes!r} is not a non-empty list of integers in "
+            f"1..{MAX_BATCH}",
             "use e.g. batch_sizes = [1, 8]",
         )
     if len(set(batch_sizes)) != len(batch_sizes):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UserInputError
 from ..records import CandidateOutcome
 from .outcomes import candidate_facts
-from .select import ORIGINAL, resolve_budget
+from .select import ORIGINAL, no_original, resolve_budget
 
 if TYPE_CHECKING:
     from ..options import DeployOptions
@@ -55,10 +55,10 @@ class BisectPlan:
 
         if self.dopts.speedup is not None:
             if ORIGINAL not in unit.artifacts:
-                raise UserInputError(
-                    "--speedup needs the original model built and verified in this run",
-                    "keep the original in the family (drop --no-original) or use --latency-ms",
-                )
+                from .outcomes import outcomes_for
+
+                outcomes = outcomes_for(ctx.run, self.family, self.profile)
+                raise no_original(next((o for o in outcomes if o.candidate == ORIGINAL), None))
             measure_once(ORIGINAL)
             if ORIGINAL not in latency:
                 raise UserInputError(

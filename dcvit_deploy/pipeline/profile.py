@@ -48,7 +48,7 @@ def check_device(profile: TargetProfile, allow_other: bool) -> str:
 
 
 def raw_path(ctx: JobContext, profile: TargetProfile, name: str, batch: int) -> Path:
-    return ctx.run.sub(f"raw/{profile.name}") / f"{name}-b{batch}.json"
+    return ctx.run.sub(f"raw/{profile.name}/{name}-b{batch}.json", file=True)
 
 
 class ProfileUnit:
