@@ -891,7 +891,7 @@ def compare_cmd(
             "pass e.g. --tolerance 0.10 (10%)",
         )
     load_report(report)
-    load_report(baseline)
+    load_report(baseline, "baseline report")
     if out_dir:
         check_writable_dir(out_dir, "--out")
     try:

@@ -225,16 +225,19 @@ class ReportFile:
     selection: Selection | None = None
 
 
-def load_report(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+def load_report(
+    source: str | os.PathLike[str] | Mapping[str, Any], what: str = "report"
+) -> dict[str, Any]:
     """A ``report.json`` as a dict (from a path, a folder holding it, or an already loaded dict),
     checked against :class:`ReportFile`: one :class:`UserInputError` naming the file and the
-    problem when it is missing, not a report, of another schema or of another structure."""
+    problem when it is missing, not a report, of another schema or of another structure
+    (``what`` it is for: "report", "baseline report")."""
     if isinstance(source, Mapping):
         from_dict(ReportFile, dict(source))
         return dict(source)
     path = Path(source) / "report.json" if Path(source).is_dir() else Path(source)
     fix = "pass a report.json written by this version of dcvit-deploy"
-    return read_json(path, ReportFile, what="report", fix=fix)
+    return read_json(path, ReportFile, what=what, fix=fix)
 
 
 def report_outcomes(report: Mapping[str, Any]) -> list[CandidateOutcome]:

@@ -94,8 +94,13 @@ def test_a_failing_rerun_keeps_the_good_work_and_names_the_cause(
     good = run_pipeline(options, dopts(profile, latency_ms=1000.0), out)
     figures = {o.candidate: o.latency_at(1).p50 for o in good.outcomes}
     assert good.selection and good.selection.chosen and len(figures) == 2
-    files = {p: p.read_bytes() for p in out.rglob("*") if p.suffix in (".onnx", ".json")
-             and p.parent.name != "reports" and p.name not in ("manifest.json", ".lock.json")}
+    files = {
+        p: p.read_bytes()
+        for p in out.rglob("*")
+        if p.suffix in (".onnx", ".json")
+        and p.parent.name != "reports"
+        and p.name not in ("manifest.json", ".lock.json")
+    }
     before = (out / "manifest.json").read_bytes()
     # refused up front: nothing changed
     args = ["compress", "--model", "vit_tiny_patch16_224", "--random-init", "--model-kwargs",
@@ -119,7 +124,8 @@ def test_a_failing_rerun_keeps_the_good_work_and_names_the_cause(
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("the original command redid a unit")
 
-    from dcvit_deploy.pipeline import build, export, profile as profile_unit
+    from dcvit_deploy.pipeline import build, export
+    from dcvit_deploy.pipeline import profile as profile_unit
 
     for unit in (export.ExportUnit, build.BuildUnit, profile_unit.ProfileUnit):
         monkeypatch.setattr(unit, "execute", must_not_run)
@@ -245,11 +251,11 @@ def test_family_and_candidate_files_are_checked_on_load(tmp_path: Path) -> None:
     fam.mkdir()
     for text in ("[]", '{"candidates": 5}', '{"candidates": ["../x.json"]}', "\x00\xff"):
         (fam / "family.json").write_text(text, encoding="latin-1")
-        with pytest.raises(UserInputError, match="family.json"):
+        with pytest.raises(UserInputError, match=r"family\.json"):
             load_family(fam)
     for text in ('{"name": 5}', "[1]", "\xff\xfe", '{"schema": 9}'):
         (fam / "c.json").write_text(text, encoding="latin-1")
-        with pytest.raises(UserInputError, match="c.json"):
+        with pytest.raises(UserInputError, match=r"c\.json"):
             read_candidate(fam / "c.json")
 
 

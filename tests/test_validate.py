@@ -224,7 +224,7 @@ def test_manifest_checks(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="corrupt"):
         check_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"steps": []}))
-    with pytest.raises(RunDirError, match="not a dcvit-deploy manifest .*missing key 'identity'"):
+    with pytest.raises(RunDirError, match=r"not a dcvit-deploy manifest .*missing key 'identity'"):
         check_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 2, "identity": {}}))
     check_manifest(tmp_path)
@@ -242,7 +242,7 @@ def test_report_file_checks(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(UserInputError, match=r"report.json is .*not a dcvit-deploy report .*macs"):
         load_report(path)
-    with pytest.raises(UserInputError, match="missing.json not found"):
+    with pytest.raises(UserInputError, match=r"missing\.json not found"):
         load_report(tmp_path / "missing.json")
 
 
