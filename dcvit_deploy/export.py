@@ -24,9 +24,6 @@ plain modules and export as they are.
 
 :func:`verify_onnx` runs the file with ONNX Runtime on CPU against the PyTorch model on the same
 real images and returns a :class:`~dcvit_deploy.records.Verification`.
-
-Size: this module is longer than ~500 lines because export and verification are one contract:
-every exported graph is checked with the same metrics and tolerances.
 """
 
 from __future__ import annotations

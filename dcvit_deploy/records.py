@@ -4,9 +4,6 @@ Every record serialises to plain JSON through :func:`to_dict` (which stamps ``sc
 record's schema version) and back through :func:`from_dict` (which checks it). Nested records,
 tuples, optionals and dicts are converted from the type annotations, so a record's fields are
 its file format.
-
-Size: this module is longer than ~500 lines because every persisted record and its serialisation
-in one place, so a record's fields are its file format.
 """
 
 from __future__ import annotations
@@ -74,10 +71,10 @@ def from_dict(
 
 
 def _build(tp: Any, value: Any, where: str, ns: Any) -> Any:
+    at = f"{where}: " if where else ""
+
     def bad(expected: str) -> SchemaError:
-        return SchemaError(
-            f"{where or 'the top level'}: expected {expected}, got {reprlib.repr(value)}"
-        )
+        return SchemaError(f"{at}expected {expected}, got {reprlib.repr(value)}")
 
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -92,11 +89,11 @@ def _build(tp: Any, value: Any, where: str, ns: Any) -> Any:
                     hints[f.name], value[f.name], f"{where}.{f.name}".lstrip("."), ns
                 )
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise SchemaError(f"{where or 'the top level'}: missing key {f.name!r}")
+                raise SchemaError(f"{at}missing key {f.name!r}")
         try:
             return typing.cast(Any, tp)(**kwargs)
         except (ValueError, TypeError, DcvitError) as exc:
-            raise SchemaError(f"{where or tp.__name__}: {getattr(exc, 'problem', exc)}") from exc
+            raise SchemaError(f"{at}{getattr(exc, 'problem', exc)}") from exc
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
@@ -124,7 +121,7 @@ def _build(tp: Any, value: Any, where: str, ns: Any) -> Any:
         return {k: _build(vt, v, f"{where}.{k}".lstrip("."), ns) for k, v in value.items()}
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise bad(f"one of {', '.join(map(repr, typing.get_args(tp)))}")
+            raise bad(f"one of {', '.join(map(str, typing.get_args(tp)))}")
         return value
     if tp is float:
         if value is None or value in ("inf", "-inf"):
@@ -135,7 +132,7 @@ def _build(tp: Any, value: Any, where: str, ns: Any) -> Any:
     if tp in (int, str, bool) and (
         isinstance(value, bool) != (tp is bool) or not isinstance(value, tp)
     ):
-        raise bad(f"a {tp.__name__}")
+        raise bad(f"{'an' if tp is int else 'a'} {tp.__name__}")
     return value
 
 
@@ -382,10 +379,10 @@ class TargetProfile:
         _check(self.device in ("cpu", "cuda"), f"device must be cpu or cuda, not {self.device!r}")
         _check(self.precision in ("fp32", "fp16", "bf16"), f"unknown precision {self.precision!r}")
         _check(len(self.batch_sizes) > 0, "batch_sizes must not be empty")
-        _check(all(b >= 1 for b in self.batch_sizes), "batch sizes must be >= 1")
+        _check(all(b >= 1 for b in self.batch_sizes), "batch_sizes must be >= 1")
         _check(
             self.budget_batch_size in self.batch_sizes,
-            f"budget_batch_size {self.budget_batch_size} must be one of batch_sizes "
+            f"budget_batch_size = {self.budget_batch_size} must be one of batch_sizes "
             f"{list(self.batch_sizes)}",
         )
         _check(self.statistic in STATISTICS, f"statistic must be one of {STATISTICS}")

@@ -21,10 +21,6 @@ The checks are grouped by what they need:
 :func:`validate_run` runs all that apply to a ``compress``/``family`` run and returns what it
 loaded (:class:`Validated`); :func:`validate_stage` does the same for a command over an existing
 run directory (``export``, ``build``, ``profile``, ``select``, ``triton``, ``report``).
-
-Size: this module is longer than ~500 lines because every check that can run before any work
-lives here on purpose (one place to look, one order of checks), grouped by what each check
-needs.
 """
 
 from __future__ import annotations
