@@ -111,10 +111,8 @@ def supported_opsets() -> tuple[int, int]:
     from torch.onnx import _constants
 
     hi = min(getattr(_constants, "ONNX_MAX_OPSET", DEFAULT_OPSET), onnx.defs.onnx_opset_version())
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "probe", *[io[:1], io[1:]]
-    )
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
     for opset in range(hi, DEFAULT_OPSET, -1):
         ids = [helper.make_opsetid("", opset)]
         model = helper.make_model(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -347,23 +347,6 @@ def check_supported(model: nn.Module, name: str = "") -> None:
                 "which narrowing cannot preserve",
                 "choose a model without scale_mlp_norm",
             )
-
-
-def check_runs(model: nn.Module, name: str, kwargs: Mapping[str, Any], size: Sequence[int]) -> None:
-    """One forward of the ``meta`` structure ``model`` at the run's input ``size`` (C, H, W): kwargs
-    that build but cannot run (a patch larger than the image, ...) are refused, naming them."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            model(torch.empty(1, *size, device="meta"))
-    except Exception as exc:
-        shown = " ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "(none)"
-        raise UserInputError(
-            f"{name} with --model-kwargs {shown} cannot run on a {'x'.join(map(str, size))} "
-            f"input: {type(exc).__name__}: {_one_line(str(exc))[:200]}",
-            "fix those --model-kwargs (e.g. patch_size at most img_size) or the input size",
-        ) from exc
 
 
 def check_finite_outputs(model: nn.Module, images: torch.Tensor, source: str) -> None:

@@ -81,7 +81,7 @@ def _build(tp: Any, value: Any, where: str, ns: Any) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise bad(f"an object ({tp.__name__})")
+            raise bad(f"an object ({getattr(tp, '__name__', tp)})")
         hints, kwargs = typing.get_type_hints(tp, localns=ns), {}
         for f in dataclasses.fields(tp):
             if f.name in value:
@@ -145,10 +145,8 @@ def read_json(
     error: type[UserInputError] = UserInputError,
     **kw: Any,
 ) -> dict[str, Any]:
-    """The JSON object in ``path``, checked on load: built as ``record`` when given (``kw`` go to
-    :func:`from_dict`). Every problem -- missing, unreadable, not UTF-8 JSON, not an
-    object, a field of the wrong type -- is one :class:`UserInputError` naming the file, what it
-    should be (``what``) and ``fix``."""
+    """The JSON object in ``path``, checked on load as ``record`` (``kw`` go to :func:`from_dict`):
+    any problem is one ``error`` naming the file, ``what`` it should be, the field and ``fix``."""
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))

@@ -469,17 +469,13 @@ def check_model(
     the wrong length, candidate blocks that do not exist, ``--round-to`` wider than the MLP.
     """
 
+    import torch
+
     from .compress.macs import geometry_of
     from .compress.plan import feasible_range
     from .compress.recoverability import default_candidate_blocks
     from .data import resolve_data_config
-    from .models import (
-        check_runs,
-        check_supported,
-        checkpoint_kwargs,
-        create_structure,
-        matching_state_dict,
-    )
+    from .models import check_supported, checkpoint_kwargs, create_structure, matching_state_dict
 
     kwargs = dict(opts.model_kwargs)
     if state_dict is not None:
@@ -520,7 +516,16 @@ def check_model(
             f"{patch_size[0]}x{patch_size[1]}",
             f"pass a multiple of {patch_size[0]}, e.g. --img-size {nearest}",
         )
-    check_runs(model, opts.model, kwargs, (channels, height, width))
+    try:  # kwargs that build but cannot run at this input size (a patch larger than the image)
+        with torch.no_grad():
+            model(torch.empty(1, channels, height, width, device="meta"))
+    except Exception as exc:
+        shown = " ".join(f"{k}={v!r}" for k, v in opts.model_kwargs.items()) or "(none)"
+        raise UserInputError(
+            f"{opts.model} with --model-kwargs {shown} cannot run on a {channels}x{height}x{width}"
+            f" input: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+            "fix those --model-kwargs (e.g. patch_size at most img_size) or the input size",
+        ) from exc
     depth = len(vit.blocks)
     geom = geometry_of(model)
     blocks = tuple(opts.candidate_blocks or default_candidate_blocks(depth))
