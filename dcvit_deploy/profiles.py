@@ -3,7 +3,7 @@
 A profile names the runtime (``backend``), ``device``, ``precision``, the production
 ``batch_sizes`` (TensorRT optimisation profiles are built from them), the batch size and
 ``statistic`` a latency budget applies to, the timing ``scope``, the measurement settings
-(``[measure]``, the fields of :class:`~dcvit_deploy.records.MeasureSettings`) and
+(``[measure]``, the fields of :class:`~dcvit_deploy.store.records.MeasureSettings`) and
 backend-specific ``[backend_options]``. Example::
 
     name = "cpu-ort"
@@ -33,8 +33,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ProfileError, SchemaError
-from .records import MeasureSettings, TargetProfile, from_dict, safe_name
+from dcvit_deploy.errors import ProfileError, SchemaError
+from dcvit_deploy.store.records import MeasureSettings, TargetProfile, from_dict, safe_name
 
 
 def _profile_dir() -> Path:
@@ -120,7 +120,7 @@ def profile_from_dict(
 ) -> TargetProfile:
     """Validate a parsed profile and build the :class:`TargetProfile`: keys, types and allowed
     values are its fields' (and :class:`MeasureSettings`'), checked by
-    :func:`~dcvit_deploy.records.from_dict`; unknown keys are refused.
+    :func:`~dcvit_deploy.store.records.from_dict`; unknown keys are refused.
 
     With ``check_backend`` the backend name is looked up in the registry and the backend checks
     its options and the device/precision/scope combination.
@@ -157,7 +157,7 @@ def profile_from_dict(
         )
     profile = dataclasses.replace(profile, batch_sizes=tuple(sorted(sizes)))
     if check_backend:
-        from .backends import get_backend
+        from dcvit_deploy.backends import get_backend
 
         try:
             backend = get_backend(profile.backend)

@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .atomic import atomic_write_json
-from .errors import RunDirError
-from .options import CompressOptions, DeployOptions
-from .records import read_json
+from dcvit_deploy.config.options import CompressOptions, DeployOptions
+from dcvit_deploy.errors import RunDirError
+from dcvit_deploy.store.atomic import atomic_write_json
+from dcvit_deploy.store.records import read_json
 
 MANIFEST_SCHEMA = 2
 MANIFEST = "manifest.json"
@@ -86,7 +86,7 @@ class ManifestFile:
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest at ``path``, checked against :class:`ManifestFile` (one
     :class:`RunDirError` naming the file and the problem)."""
-    from .data import DataOverrides
+    from dcvit_deploy.model.images import DataOverrides
 
     data = read_json(
         path,

@@ -1,7 +1,7 @@
 """Property: any combination of ``compress`` options either passes every check (exit 0, the plan
 on stdout) or fails with exactly one line on stderr (exit 1) -- never a traceback.
 
-Driven through ``--dry-run``, which runs all of :mod:`dcvit_deploy.validate` and no work, on the
+Driven through ``--dry-run``, which runs all of :mod:`dcvit_deploy.config.validate` and no work, on the
 tiny ViT of ``conftest.py``. Besides option values, the command lines draw model kwargs from
 their grammar and the contents of the files the run reads (profile, checkpoint); the files
 other commands read (a run's manifest for ``status``/``report``, reports for ``compare``) are

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_VIT_KWARGS
+from dcvit_deploy.config.options import DeployOptions
 from test_cli import assert_one_line_error, run_cli
 from test_pipeline import FAST_PROFILE
 from test_run_trust import copts, dopts, manifest
 
 from dcvit_deploy.api import run_pipeline
 from dcvit_deploy.errors import DcvitError, ExportError, OptionError, UserInputError
-from dcvit_deploy.options import DeployOptions
 
 KWARGS = "img_size=32 patch_size=8 embed_dim=64 depth=4 num_heads=2 num_classes=10"
 
@@ -53,8 +53,9 @@ def test_a_profile_name_that_is_not_one_path_component_is_refused(
 
 
 def test_the_run_directory_refuses_paths_outside_its_root(tmp_path: Path) -> None:
+    from dcvit_deploy.store.rundir import RunDir
+
     from dcvit_deploy.errors import RunDirError
-    from dcvit_deploy.rundir import RunDir
 
     with RunDir.open(tmp_path / "run", {"model": "m"}) as run:
         for bad in ("../x", "raw/../../x", "/etc", "raw/../../run2/x"):
@@ -63,7 +64,7 @@ def test_the_run_directory_refuses_paths_outside_its_root(tmp_path: Path) -> Non
             with pytest.raises(RunDirError, match="outside the run directory"):
                 run.resolve(bad if not bad.startswith("/") else "../../etc/passwd")
         assert run.sub("raw/p").is_dir() and run.sub("logs/a.log", file=True).parent.is_dir()
-        from dcvit_deploy.pipeline.family import current_family
+        from dcvit_deploy.pipeline.units.compressing import current_family
 
         entry = {"name": "../../x", "weights_sha256": "0"}
         run.record_unit("family", {"status": "ok", "result": {"candidates": [entry]}})
@@ -77,7 +78,7 @@ def test_the_run_directory_refuses_paths_outside_its_root(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("opset", [1, 16, 999])
 def test_an_opset_the_exporter_cannot_write_is_refused_with_the_range(opset: int) -> None:
-    from dcvit_deploy.validate import check_deploy_options
+    from dcvit_deploy.config.validate import check_deploy_options
 
     with pytest.raises(OptionError) as info:
         check_deploy_options(DeployOptions(opset=opset))
@@ -109,12 +110,12 @@ def test_a_failing_rerun_keeps_the_good_work_and_names_the_cause(
     assert_one_line_error(code, stdout, err, "--opset 999")
     assert (out / "manifest.json").read_bytes() == before
 
-    import dcvit_deploy.export
+    import dcvit_deploy.export.onnx
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ExportError("the exporter broke", "fix the exporter")
 
-    monkeypatch.setattr(dcvit_deploy.export, "export_onnx", broken)
+    monkeypatch.setattr(dcvit_deploy.export.onnx, "export_onnx", broken)
     with pytest.raises(DcvitError) as info:  # every export fails under a relative budget
         run_pipeline(options, dopts(profile, speedup=1.1, opset=18), out)
     line = info.value.one_line()
@@ -124,7 +125,9 @@ def test_a_failing_rerun_keeps_the_good_work_and_names_the_cause(
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("the original command redid a unit")
 
-    from dcvit_deploy.pipeline import build, export
+    from dcvit_deploy.pipeline.units import building as build
+    from dcvit_deploy.pipeline.units import exporting as export
+
     from dcvit_deploy.pipeline import profile as profile_unit
 
     for unit in (export.ExportUnit, build.BuildUnit, profile_unit.ProfileUnit):
@@ -147,9 +150,8 @@ def test_a_failing_rerun_keeps_the_good_work_and_names_the_cause(
 def test_model_kwargs_that_build_but_cannot_run_are_refused_in_a_dry_run(
     tmp_path: Path, photo_dir: Path, changes: dict, needle: str
 ) -> None:
+    from dcvit_deploy.config.validate import check_model
     from test_validate import copts as model_opts
-
-    from dcvit_deploy.validate import check_model
 
     kwargs = {**TINY_VIT_KWARGS, **changes}
     with pytest.raises(UserInputError, match=needle):
