@@ -790,9 +790,7 @@ def report_cmd(**kw: Any) -> None:
 def status_cmd(out: str, as_json: bool) -> None:
     """Show the steps and candidates of a run directory and where it stopped."""
     from dcvit_deploy.api import status
-    from dcvit_deploy.config.validate import check_manifest
 
-    check_manifest(out)
     s = status(out)
     lines = [f"run: {s['run']}  model: {s['identity'].get('model')}"]
     lines += [f"  step {k}: {v}" for k, v in s["steps"].items()]
@@ -890,17 +888,18 @@ def compare_cmd(
     """CI gate: compare a report with a baseline; exit 4 on a latency or fidelity regression."""
     import dataclasses
 
-    from dcvit_deploy.config.validate import check_report_file, check_writable_dir
+    from dcvit_deploy.config.validate import check_writable_dir
     from dcvit_deploy.errors import RegressionDetected
     from dcvit_deploy.reports.compare import check_regression
+    from dcvit_deploy.reports.writers import load_report
 
     if not tolerance > 0 or tolerance != tolerance or tolerance == float("inf"):
         raise OptionError(
             f"--tolerance must be a finite fraction > 0, got {tolerance!r}",
             "pass e.g. --tolerance 0.10 (10%)",
         )
-    check_report_file(report, "report")
-    check_report_file(baseline, "baseline")
+    load_report(report)
+    load_report(baseline, "baseline report")
     if out_dir:
         check_writable_dir(out_dir, "--out")
     try:

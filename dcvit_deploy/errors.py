@@ -30,6 +30,10 @@ class UserInputError(DcvitError):
     """Bad option, file, folder or value given by the user."""
 
 
+class SchemaError(UserInputError):
+    """A value read from a file does not fit its record type; the problem names the field."""
+
+
 class OptionError(UserInputError):
     """An option value is out of range or contradicts another option (found before any work)."""
 

@@ -22,7 +22,6 @@ from dcvit_deploy.config.validate import (
     check_deploy_options,
     check_manifest,
     check_model,
-    check_report_file,
     check_writable_dir,
     plan_targets,
     targets_from_text,
@@ -123,6 +122,7 @@ def test_good_compress_options_pass() -> None:
         ({"search": "binary"}, "--search"),
         ({"prefer": "speed"}, "--prefer"),
         ({"opset": 0}, "--opset"),
+        ({"triton_model_name": "_x"}, "--triton-model-name"),
         ({"triton_model_name": "a/b"}, "--triton-model-name"),
         ({"triton_model_name": ".."}, "--triton-model-name"),
     ],
@@ -225,24 +225,26 @@ def test_manifest_checks(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="corrupt"):
         check_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"steps": []}))
-    with pytest.raises(RunDirError, match="not a dcvit-deploy manifest"):
+    with pytest.raises(RunDirError, match=r"not a dcvit-deploy manifest .*missing key 'identity'"):
         check_manifest(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"steps": {}, "identity": {}}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 2, "identity": {}}))
     check_manifest(tmp_path)
 
 
 def test_report_file_checks(tmp_path: Path) -> None:
     from test_report import family, write
 
+    from dcvit_deploy.reports.writers import load_report
+
     path = write(tmp_path, family())["paths"]["json"]
-    assert check_report_file(path, "baseline")["kind"] == "dcvit-deploy/report"
+    assert load_report(path)["kind"] == "dcvit-deploy/report"
     data = json.loads(path.read_text())
     data["candidates"][0]["macs"] = "many"
     path.write_text(json.dumps(data))
-    with pytest.raises(UserInputError, match=r"baseline .* is not a readable dcvit-deploy report"):
-        check_report_file(path, "baseline")
-    with pytest.raises(UserInputError, match="baseline"):
-        check_report_file(tmp_path / "missing.json", "baseline")
+    with pytest.raises(UserInputError, match=r"report.json is .*not a dcvit-deploy report .*macs"):
+        load_report(path)
+    with pytest.raises(UserInputError, match=r"missing\.json not found"):
+        load_report(tmp_path / "missing.json")
 
 
 # --------------------------------------------------------------------------- model geometry

@@ -7,14 +7,13 @@ strictly. No pickled modules.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_with, sha256_file
-from dcvit_deploy.store.records import Candidate, from_dict, to_dict
+from dcvit_deploy.store.records import Candidate, from_dict, read_json, to_dict
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,17 +33,9 @@ def save_candidate(directory: str | Path, candidate: Candidate, model: nn.Module
 
 
 def read_candidate(spec_path: str | Path) -> Candidate:
-    p = Path(spec_path)
-    if not p.is_file():
-        raise UserInputError(
-            f"candidate spec {p} does not exist", "point at a <name>.json written by compress"
-        )
-    try:
-        return from_dict(Candidate, json.loads(p.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserInputError(
-            f"candidate spec {p.name} is invalid: {exc}", "re-run compression"
-        ) from exc
+    """A candidate's ``<name>.json``, checked against :class:`Candidate` on load."""
+    data = read_json(spec_path, Candidate, what="candidate spec", fix="re-run compression")
+    return from_dict(Candidate, data)
 
 
 def build_candidate(

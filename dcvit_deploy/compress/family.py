@@ -19,7 +19,6 @@ fingerprint of everything it depends on; a rerun skips candidates whose fingerpr
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -59,7 +58,7 @@ from dcvit_deploy.compress.surgery import (
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.progress import ProgressEvent, ProgressFn, quiet
 from dcvit_deploy.store.atomic import atomic_write_json, fingerprint
-from dcvit_deploy.store.records import ArchSpec, Candidate, to_dict
+from dcvit_deploy.store.records import ArchSpec, Candidate, read_json, safe_name, to_dict
 
 Method = Literal["dcvit", "practise"]
 METHODS: tuple[str, ...] = ("dcvit", "practise")
@@ -811,8 +810,17 @@ def _unique_plans(plans: Sequence[StructurePlan]) -> list[StructurePlan]:
 
 def load_family(out_dir: str | Path) -> list[Candidate]:
     """The candidates listed in ``family.json`` (written last by :func:`compress_family`)."""
-    p = Path(out_dir) / "family.json"
-    if not p.is_file():
-        raise UserInputError(f"no family.json in {out_dir}", "run compression first")
-    names = json.loads(p.read_text())["candidates"]
-    return [read_candidate(Path(out_dir) / n) for n in names]
+    data = read_json(Path(out_dir) / "family.json", _FamilyList, what="family list",
+                     fix="run compression first")  # fmt: skip
+    return [read_candidate(Path(out_dir) / n) for n in data["candidates"]]
+
+
+@dataclass(frozen=True)
+class _FamilyList:
+    """The layout of ``family.json``: the candidates' spec files, in order."""
+
+    candidates: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for name in self.candidates:
+            safe_name(name.removesuffix(".json"), "candidate spec")

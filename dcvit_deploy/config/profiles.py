@@ -29,13 +29,17 @@ name the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dcvit_deploy.errors import ProfileError
-from dcvit_deploy.store.records import STATISTICS, MeasureSettings, TargetProfile
+from dcvit_deploy.errors import ProfileError, SchemaError
+from dcvit_deploy.store.records import (
+    MeasureSettings,
+    TargetProfile,
+    from_dict,
+    safe_name,
+)
 
 
 def _profile_dir() -> Path:
@@ -52,27 +56,8 @@ PROFILE_DIR = _profile_dir()
 """Built-in profiles: ``<repo>/profiles/*.toml``."""
 
 DEFAULT_PROFILE = "cpu-ort"
-
-DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16")
-SCOPES = ("host", "device_compute", "device_with_copies")
-
-# key -> (expected python type(s), allowed values or () for free); order = documentation order
-_TOP_KEYS: dict[str, tuple[tuple[type, ...], tuple[Any, ...]]] = {
-    "name": ((str,), ()),
-    "description": ((str,), ()),
-    "backend": ((str,), ()),
-    "device": ((str,), DEVICES),
-    "precision": ((str,), PRECISIONS),
-    "batch_sizes": ((list,), ()),
-    "budget_batch_size": ((int,), ()),
-    "statistic": ((str,), STATISTICS),
-    "scope": ((str,), SCOPES),
-    "gpu": ((str,), ()),
-    "measure": ((dict,), ()),
-    "backend_options": ((dict,), ()),
-}
-_REQUIRED = ("name", "backend", "device", "precision", "batch_sizes", "statistic", "scope")
+MAX_BATCH = 4096
+"""Larger batch sizes are refused (every one is built and measured)."""
 
 
 def _toml_loads(text: str) -> dict[str, Any]:
@@ -117,14 +102,14 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> TargetProfile:
     """Load and validate a built-in profile by name, or a profile file by path."""
     path = profile_path(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = _toml_loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ProfileError(f"cannot read profile {str(path)!r}: {exc}", "check the file") from exc
-    try:
-        data = _toml_loads(text)
-    except Exception as exc:  # tomllib.TOMLDecodeError; message names line and column
+    except ValueError as exc:  # not UTF-8, or TOMLDecodeError (which names line and column)
+        why = " ".join(str(exc).split())[:150]
         raise ProfileError(
-            f"profile {path.name} is not valid TOML: {exc}", "fix the TOML syntax"
+            f"profile {path.name} is not valid TOML (UTF-8 text): {why}",
+            "give a TOML text file (see the profiles/ folder)",
         ) from exc
     profile = profile_from_dict(data, source=path.name)
     if path.parent.resolve() == PROFILE_DIR and profile.name != path.stem:
@@ -138,75 +123,44 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> TargetProfile:
 def profile_from_dict(
     data: Mapping[str, Any], *, source: str = "<dict>", check_backend: bool = True
 ) -> TargetProfile:
-    """Validate a parsed profile and build the :class:`TargetProfile`.
+    """Validate a parsed profile and build the :class:`TargetProfile`: keys, types and allowed
+    values are its fields' (and :class:`MeasureSettings`'), checked by
+    :func:`~dcvit_deploy.store.records.from_dict`; unknown keys are refused.
 
     With ``check_backend`` the backend name is looked up in the registry and the backend checks
     its options and the device/precision/scope combination.
     """
     where = f"profile {source}"
-    for key in data:
-        if key not in _TOP_KEYS:
-            raise ProfileError(f"{where}: unknown key {key!r}", f"use only: {', '.join(_TOP_KEYS)}")
-    for key in _REQUIRED:
-        if key not in data:
-            raise ProfileError(f"{where}: missing key {key!r}", f"add {key} = ... to the profile")
-    for key, value in data.items():
-        types, allowed = _TOP_KEYS[key]
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise ProfileError(
-                f"{where}: {key} = {value!r} has the wrong type",
-                f"use a {' or '.join(t.__name__ for t in types)}"
-                + (f", one of: {', '.join(map(str, allowed))}" if allowed else ""),
-            )
-        if allowed and value not in allowed:
-            raise ProfileError(
-                f"{where}: {key} = {value!r} is not allowed",
-                f"use one of: {', '.join(map(str, allowed))}",
-            )
-
-    batch_sizes = data["batch_sizes"]
-    if not batch_sizes or not all(
-        isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch_sizes
+    for table, record, label in (
+        (data, TargetProfile, ""),
+        (data.get("measure"), MeasureSettings, "[measure] "),
     ):
-        raise ProfileError(
-            f"{where}: batch_sizes = {batch_sizes!r} is not a non-empty list of integers >= 1",
-            "use e.g. batch_sizes = [1, 8]",
-        )
-    if len(set(batch_sizes)) != len(batch_sizes):
-        raise ProfileError(
-            f"{where}: batch_sizes = {batch_sizes!r} repeats a value", "list each size once"
-        )
-    budget_batch = data.get("budget_batch_size", batch_sizes[0])
-    if budget_batch not in batch_sizes:
-        raise ProfileError(
-            f"{where}: budget_batch_size = {budget_batch!r} is not one of batch_sizes",
-            f"use one of: {', '.join(map(str, batch_sizes))}",
-        )
-    if data["scope"] != "host" and data["device"] != "cuda":
-        raise ProfileError(
-            f"{where}: scope = {data['scope']!r} needs device = 'cuda'",
-            "use scope = 'host' on CPU",
-        )
-
-    measure = measure_settings_from_dict(data.get("measure", {}), where=where)
+        known = [f.name for f in dataclasses.fields(record)]
+        unknown = [k for k in table if k not in known] if isinstance(table, Mapping) else []
+        if unknown:
+            raise ProfileError(
+                f"{where}: unknown {label}key {unknown[0]!r}", f"use only: {', '.join(known)}"
+            )
+    sizes = data.get("batch_sizes")
+    default = {"budget_batch_size": sizes[0] if sizes else 0} if isinstance(sizes, list) else {}
     try:
-        profile = TargetProfile(
-            name=data["name"],
-            description=data.get("description", ""),
-            backend=data["backend"],
-            device=data["device"],
-            precision=data["precision"],
-            batch_sizes=tuple(sorted(batch_sizes)),
-            budget_batch_size=budget_batch,
-            statistic=data["statistic"],
-            scope=data["scope"],
-            gpu=data.get("gpu", ""),
-            measure=measure,
-            backend_options=dict(data.get("backend_options", {})),
+        profile = from_dict(TargetProfile, {**default, **data}, schema=None)
+    except SchemaError as exc:
+        raise ProfileError(
+            f"{where}: {exc.problem}", "fix that value (the profiles/ folder has examples)"
+        ) from exc
+    safe_name(profile.name, f"{where}: name", ProfileError)
+    sizes = profile.batch_sizes
+    if max(sizes) > MAX_BATCH or len(set(sizes)) != len(sizes):
+        raise ProfileError(
+            f"{where}: batch_sizes = {list(sizes)} repeats a value or exceeds {MAX_BATCH}",
+            "list each size once, e.g. batch_sizes = [1, 8]",
         )
-    except ValueError as exc:
-        raise ProfileError(f"{where}: {exc}", "fix the profile value") from exc
-
+    if profile.scope != "host" and profile.device != "cuda":
+        raise ProfileError(
+            f"{where}: scope = {profile.scope!r} needs device = 'cuda'", "use scope = 'host' on CPU"
+        )
+    profile = dataclasses.replace(profile, batch_sizes=tuple(sorted(sizes)))
     if check_backend:
         from dcvit_deploy.backends import get_backend
 
@@ -221,29 +175,3 @@ def profile_from_dict(
         except ProfileError as exc:
             raise ProfileError(f"{where}: {exc.problem}", exc.fix) from exc
     return profile
-
-
-def measure_settings_from_dict(table: Mapping[str, Any], *, where: str) -> MeasureSettings:
-    """Build :class:`MeasureSettings` from a ``[measure]`` table, checking keys and types."""
-    hints = typing.get_type_hints(MeasureSettings)
-    fields = [f.name for f in dataclasses.fields(MeasureSettings)]
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in hints:
-            raise ProfileError(
-                f"{where}: unknown [measure] key {key!r}", f"use one of: {', '.join(fields)}"
-            )
-        expected = hints[key]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        bad_bool = isinstance(value, bool) and expected is not bool
-        if bad_bool or not isinstance(value, expected):
-            raise ProfileError(
-                f"{where}: [measure] {key} = {value!r} is not a {expected.__name__}",
-                f"use a {expected.__name__}",
-            )
-        kwargs[key] = value
-    try:
-        return MeasureSettings(**kwargs)
-    except ValueError as exc:
-        raise ProfileError(f"{where}: [measure] {exc}", "fix the [measure] value") from exc

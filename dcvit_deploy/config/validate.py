@@ -11,8 +11,7 @@ The checks are grouped by what they need:
 * **the file system**: :func:`check_images` (count images without decoding them),
   :func:`check_writable_dir` (``--out``, ``--triton-repo``: creatable, writable, not full),
   :func:`check_checkpoint` (exists, readable, every tensor finite),
-  :func:`check_pretrained_cache`, :func:`check_manifest`,
-  :func:`check_report_file`;
+  :func:`check_pretrained_cache`, :func:`check_manifest`;
 * **the model's geometry** (cheap: the structure is built on the ``meta`` device, no weights
   are allocated): :func:`check_model` (kwargs timm accepts, supported layout, checkpoint shapes,
   input size vs patch size, candidate blocks) and :func:`plan_targets` (targets within the
@@ -27,10 +26,8 @@ run directory (``export``, ``build``, ``profile``, ``select``, ``triton``, ``rep
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Collection, Mapping, Sequence
@@ -40,12 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.config.options import METHODS, METRIC_SOURCES, PREFERENCES, SCHEDULES
 from dcvit_deploy.errors import (
-    DcvitError,
     OptionError,
     PathNotWritable,
-    RunDirError,
     UserInputError,
 )
+from dcvit_deploy.store.records import safe_name
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +69,6 @@ INVERSIONS = ("paper", "fast")
 NEURON_CHOICES = ("random", "activation", "weight")
 SEARCHES = ("all", "bisect")
 STAGES = ("compress", "deploy")
-
-_TRITON_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 # =========================================================================== records
@@ -305,17 +299,18 @@ def check_deploy_options(opts: DeployOptions, *, need_budget: bool = False) -> N
     _positive_int(opts.batch_size, "--batch-size", "one of the profile's batch sizes, or omit it")
     _choice(opts.search, "--search", SEARCHES)
     _choice(opts.prefer, "--prefer", PREFERENCES)
-    if not _is_int(opts.opset) or opts.opset < 1:
-        raise OptionError(f"--opset must be a positive integer, got {opts.opset!r}",
-                          "pass e.g. --opset 17")  # fmt: skip
-    name = opts.triton_model_name
-    if name is not None and (
-        not _TRITON_NAME.fullmatch(name) or name in (".", "..") or len(name) > 200
-    ):
-        raise OptionError(
-            f"--triton-model-name {name!r} is not a usable model directory name",
-            "use letters, digits, '_', '-' and '.', e.g. --triton-model-name vit_small",
-        )
+    from dcvit_deploy.export.onnx import DEFAULT_OPSET, supported_opsets
+
+    if opts.opset != DEFAULT_OPSET:  # every torch and ONNX Runtime this project allows write 17
+        lo, hi = supported_opsets()
+        if not _is_int(opts.opset) or not lo <= opts.opset <= hi:
+            raise OptionError(
+                f"--opset {opts.opset!r} cannot be exported and run here (torch, onnx and "
+                f"ONNX Runtime support opsets {lo}..{hi})",
+                f"pass an opset in {lo}..{hi}, e.g. --opset {DEFAULT_OPSET}",
+            )
+    if opts.triton_model_name is not None:
+        safe_name(opts.triton_model_name, "--triton-model-name", OptionError)
 
 
 # =========================================================================== file system
@@ -457,55 +452,12 @@ def check_pretrained_cache(name: str) -> None:
 
 
 def check_manifest(out: str | os.PathLike[str]) -> None:
-    """An existing run's ``manifest.json`` parses as a JSON object (a run directory that a
+    """An existing run's ``manifest.json`` has the layout of a manifest (a run directory that a
     crash, a full disk or a hand edit left corrupt is named, with the fix)."""
-    path = Path(out) / "manifest.json"
-    if not path.is_file():
-        return
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RunDirError(
-            f"{path} is corrupt ({type(exc).__name__}: {exc})",
-            "restore it from a backup, or start anew with `dcvit-deploy compress ... --overwrite` "
-            "(the old run is moved aside)",
-        ) from exc
-    if not isinstance(data, dict) or not isinstance(data.get("steps", {}), dict):
-        raise RunDirError(
-            f"{path} is not a dcvit-deploy manifest (unexpected structure)",
-            "restore it from a backup, or start anew with `dcvit-deploy compress ... --overwrite` "
-            "(the old run is moved aside)",
-        )
+    from dcvit_deploy.store.rundir import MANIFEST, read_manifest
 
-
-def check_report_file(path: str | os.PathLike[str], role: str) -> dict[str, Any]:
-    """``path`` is a ``report.json`` whose candidates and selection can be read back.
-
-    ``role`` ("report", "baseline") names the file in the message.
-    """
-    from dcvit_deploy.reports.writers import load_report, report_outcomes, report_selection
-    from dcvit_deploy.store.records import LatencyBudget, from_dict
-
-    try:
-        data = load_report(path)
-    except UserInputError as exc:
-        raise UserInputError(f"{role} {path}: {exc.problem}", exc.fix) from exc
-    try:
-        if not isinstance(data.get("candidates"), list):
-            raise TypeError("'candidates' is not a list")
-        report_outcomes(data)
-        report_selection(data)
-        if data.get("budget"):
-            from_dict(LatencyBudget, data["budget"])
-    except DcvitError:
-        raise
-    except Exception as exc:  # from_dict on foreign structures raises many types
-        raise UserInputError(
-            f"{role} {path} is not a readable dcvit-deploy report "
-            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
-            f"pass a report.json written by dcvit-deploy as the {role}",
-        ) from exc
-    return data
+    if (Path(out) / MANIFEST).is_file():
+        read_manifest(Path(out) / MANIFEST)
 
 
 # =========================================================================== model geometry
@@ -520,6 +472,8 @@ def check_model(
     whose keys/shapes do not match, an input size the patch embedding cannot take, mean/std of
     the wrong length, candidate blocks that do not exist, ``--round-to`` wider than the MLP.
     """
+
+    import torch
 
     from dcvit_deploy.compress.macs import geometry_of
     from dcvit_deploy.compress.plan import feasible_range
@@ -571,6 +525,16 @@ def check_model(
             f"{patch_size[0]}x{patch_size[1]}",
             f"pass a multiple of {patch_size[0]}, e.g. --img-size {nearest}",
         )
+    try:  # kwargs that build but cannot run at this input size (a patch larger than the image)
+        with torch.no_grad():
+            model(torch.empty(1, channels, height, width, device="meta"))
+    except Exception as exc:
+        shown = " ".join(f"{k}={v!r}" for k, v in opts.model_kwargs.items()) or "(none)"
+        raise UserInputError(
+            f"{opts.model} with --model-kwargs {shown} cannot run on a {channels}x{height}x{width}"
+            f" input: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+            "fix those --model-kwargs (e.g. patch_size at most img_size) or the input size",
+        ) from exc
     depth = len(vit.blocks)
     geom = geometry_of(model)
     blocks = tuple(opts.candidate_blocks or default_candidate_blocks(depth))
@@ -598,6 +562,29 @@ def check_model(
         candidate_blocks=blocks,
         feasible=feasible,
     )
+
+
+def check_first_forward(
+    opts: CompressOptions,
+    facts: ModelFacts,
+    state_dict: Mapping[str, torch.Tensor],
+    images: ImageList,
+) -> None:
+    """One real forward on one image with the checkpoint's weights (assigned to the ``meta``
+    structure, not copied): finite weights can still overflow to NaN."""
+    from dcvit_deploy.model.images import load_eval_tensor, resolve_data_config
+    from dcvit_deploy.model.loading import (
+        check_finite_outputs,
+        create_structure,
+        matching_state_dict,
+    )
+
+    path = str(opts.checkpoint)
+    model = create_structure(opts.model, facts.model_kwargs)
+    model.load_state_dict(matching_state_dict(model, state_dict, path), strict=True, assign=True)
+    dcfg = resolve_data_config(model, opts.data_overrides)
+    image = load_eval_tensor(images.paths, dcfg, max_images=1)
+    check_finite_outputs(model, image, f"checkpoint {Path(path).name}")
 
 
 def plan_targets(opts: CompressOptions, facts: ModelFacts) -> tuple[PlannedTarget, ...]:
@@ -742,6 +729,8 @@ def validate_run(
     if copts.pretrained_cache:
         check_pretrained_cache(copts.model)
     facts = check_model(copts, sd)
+    if sd is not None:
+        check_first_forward(copts, facts, sd, images)
     del sd
     plan = plan_targets(copts, facts)
     check_train_device(copts.device)

@@ -29,6 +29,7 @@ real images and returns a :class:`~dcvit_deploy.store.records.Verification`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import time
 import warnings
@@ -97,6 +98,32 @@ DEFAULT_TOLERANCES: dict[str, Tolerances] = {
 
 
 # --------------------------------------------------------------------------- export
+
+
+@functools.cache
+def supported_opsets() -> tuple[int, int]:
+    """The opsets :func:`export_onnx` writes as asked: from 17 (LayerNormalization as one op;
+    the dynamo exporter writes 18 for anything lower) to the newest that the installed torch
+    exporter, onnx and ONNX Runtime (probed with a one-node graph) all support."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from torch.onnx import _constants
+
+    hi = min(getattr(_constants, "ONNX_MAX_OPSET", DEFAULT_OPSET), onnx.defs.onnx_opset_version())
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    for opset in range(hi, DEFAULT_OPSET, -1):
+        ids = [helper.make_opsetid("", opset)]
+        model = helper.make_model(
+            graph, opset_imports=ids, ir_version=helper.find_min_ir_version_for(ids)
+        )
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return DEFAULT_OPSET, opset
+        except Exception:  # this ONNX Runtime does not know that opset
+            continue
+    return DEFAULT_OPSET, DEFAULT_OPSET
 
 
 def export_onnx(

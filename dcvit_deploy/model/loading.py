@@ -289,6 +289,10 @@ def check_supported(model: nn.Module, name: str = "") -> None:
             "VisionTransformer/DeiT models only (no Swin, hierarchical or hybrid models)",
             "choose a vit_*/deit_* model",
         )
+    if not len(model.blocks):
+        raise UnsupportedModelError(
+            f"{label} with depth=0 has no transformer block to compress", "pass depth >= 1"
+        )
     if getattr(model, "global_pool", "") == "map":
         raise UnsupportedModelError(
             f"{label} uses an attention-pooling (MAP) head, which is unsupported",
@@ -319,6 +323,24 @@ def check_supported(model: nn.Module, name: str = "") -> None:
                 "which narrowing cannot preserve",
                 "choose a model without scale_mlp_norm",
             )
+
+
+def check_finite_outputs(model: nn.Module, images: torch.Tensor, source: str) -> None:
+    """One real forward of ``model`` on ``images``: weights that are finite but overflow (NaN or
+    inf outputs) are refused, naming the largest weight, before any finetune would report them
+    as a diverged loss."""
+    import torch
+
+    with torch.inference_mode():
+        if bool(model.eval()(images).isfinite().all()):
+            return
+        big = {n: float(p.abs().max()) for n, p in model.named_parameters() if p.numel()}
+    name = max(big, key=lambda n: big[n])
+    raise CheckpointMismatchError(
+        f"{source} gives outputs that are not finite (NaN/inf) on a real image although its "
+        f"weights are finite (largest |value| {big[name]:.3g}, in {name})",
+        "use weights whose forward pass is finite (e.g. saved before training diverged)",
+    )
 
 
 def _identity_types() -> tuple[type, ...]:

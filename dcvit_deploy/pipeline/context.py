@@ -94,7 +94,7 @@ def prepare(opts: CompressOptions) -> Prepared:
         sample_images,
         split_holdout,
     )
-    from dcvit_deploy.model.loading import geometry_kwargs, load_model
+    from dcvit_deploy.model.loading import check_finite_outputs, geometry_kwargs, load_model
 
     images = list_images(opts.data)  # fail fast on bad data before loading the model
     torch.manual_seed(opts.seed)  # a random-init teacher is reproducible, hence resumable
@@ -112,6 +112,7 @@ def prepare(opts: CompressOptions) -> Prepared:
     split = split_holdout(all_paths, train, opts.holdout, opts.seed)
     note = split.note
     holdout = load_eval_tensor(list(split.paths), dcfg, max_images=opts.holdout)
+    check_finite_outputs(loaded.model, holdout[:1], f"{opts.model} ({loaded.weights_source})")
     return Prepared(
         teacher=loaded.model,
         weights_fp=weights_fingerprint(loaded.model),

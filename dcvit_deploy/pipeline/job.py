@@ -8,10 +8,11 @@ targets), and the run directory is locked for the whole job.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.pipeline.context import JobContext, Prepared, identity_of, prepare
@@ -214,8 +215,6 @@ def decide_and_publish(
         result.budget = dict(res.get("budget", {}))
         remeasured = remeasured_of(res)
         if remeasured:  # the report shows the figures the decision was made on
-            import dataclasses
-
             result.outcomes = [
                 dataclasses.replace(
                     o,
@@ -262,29 +261,19 @@ def reopen(out: str | Path, *, lock: bool = True) -> tuple[RunDir, CompressOptio
 
 
 def options_from_manifest(run: RunDir) -> CompressOptions:
+    """The compression options the run was made with (checked when the manifest was read)."""
     from dcvit_deploy.config.options import CompressOptions
     from dcvit_deploy.model.images import DataOverrides
+    from dcvit_deploy.store.records import from_dict
 
-    raw = dict(run.manifest.get("inputs", {}).get("compress_options") or {})
+    raw = run.manifest.get("inputs", {}).get("compress_options")
     if not raw:
         raise UserInputError(
             f"{run.root} has no recorded compression options", "run `dcvit-deploy compress` first"
         )
-    ov = raw.pop("data_overrides", None)
-    overrides = (
-        DataOverrides(
-            **cast(
-                dict[str, Any], {k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}
-            )
-        )
-        if isinstance(ov, dict)
-        else None
-    )
-    for key in ("targets", "methods", "candidate_blocks"):
-        if raw.get(key) is not None:
-            raw[key] = tuple(raw[key])
-    raw["device"] = "auto"
-    return CompressOptions(**raw, data_overrides=overrides)
+
+    opts = from_dict(CompressOptions, raw, schema=None, localns={"DataOverrides": DataOverrides})
+    return dataclasses.replace(opts, device="auto")
 
 
 def run_profiles(run: RunDir, requested: str | None) -> list[str]:

@@ -73,37 +73,40 @@ class Runner:
         ctx = self.ctx
         run = ctx.run
         fp = fingerprint(unit.inputs(ctx))
-        rec = run.unit(unit.id)
-        if rec and rec.get("status") == "ok" and rec.get("fingerprint") == fp:
-            problem = outputs_problem(run, rec.get("outputs", {}))
+        rec = run.unit(unit.id) or {}
+        for good in (rec, rec.get("kept") or {}):
+            if good.get("status") != "ok" or good.get("fingerprint") != fp:
+                continue
+            problem = outputs_problem(run, good.get("outputs", {}))
             if problem is None:
-                return UnitResult(unit.id, "ok", dict(rec.get("result", {})), reused=True)
+                if good is not rec:  # back to the inputs of the kept record: it is current again
+                    self._record(unit.id, dict(good))
+                return UnitResult(unit.id, "ok", dict(good.get("result", {})), reused=True)
             ctx.note(f"{unit.id}: {problem}; redoing it")
-        if rec:
-            ctx.previous[unit.id] = rec
-        run.record_unit(unit.id, {"status": "running", "fingerprint": fp, "started": _now()})
+        ctx.previous[unit.id] = self._kept(unit.id) or rec
+        self._record(unit.id, {"status": "running", "fingerprint": fp, "started": _now()})
         t0 = time.perf_counter()
         try:
             out = unit.execute(ctx)
         except KeyboardInterrupt:
-            self._record(unit.id, fp, "interrupted", t0, reason="interrupted; rerun to resume")
+            self._failed(unit.id, fp, "interrupted", t0, reason="interrupted; rerun to resume")
             raise
         except DcvitError as exc:
             reason = exc.one_line()
-            self._record(unit.id, fp, "failed", t0, reason=reason)
+            self._failed(unit.id, fp, "failed", t0, reason=reason)
             if not unit.optional:
                 raise
             return UnitResult(unit.id, "failed", reason=reason)
         except Exception as exc:
             log = run.log(unit.id.replace("/", "_"), traceback.format_exc())
             reason = f"{type(exc).__name__}: {str(exc)[:300]} (log: {run.rel(log)})"
-            self._record(unit.id, fp, "failed", t0, reason=reason)
+            self._failed(unit.id, fp, "failed", t0, reason=reason)
             if not unit.optional:
                 raise
             return UnitResult(unit.id, "failed", reason=reason)
         outputs = {run.rel(p): sha256_file(p) for p in out.files if Path(p).is_file()}
         seconds = round(time.perf_counter() - t0, 3)
-        run.record_unit(
+        self._record(
             unit.id,
             {
                 "status": "ok",
@@ -118,13 +121,27 @@ class Runner:
 
     def skip(self, unit_id: str, reason: str) -> UnitResult:
         """Record that a unit does not apply this time (e.g. its candidate failed export)."""
-        self.ctx.run.record_unit(
+        self._record(
             unit_id, {"status": "skipped", "fingerprint": "", "reason": reason, "finished": _now()}
         )
         return UnitResult(unit_id, "skipped", reason=reason)
 
-    def _record(self, unit_id: str, fp: str, status: str, t0: float, *, reason: str) -> None:
-        self.ctx.run.record_unit(
+    def _kept(self, unit_id: str) -> dict[str, Any] | None:
+        """The unit's last OK record: its record, or the one a later failure, skip or redo with
+        other inputs kept (so going back to the earlier inputs reuses it)."""
+        rec = self.ctx.run.unit(unit_id) or {}
+        return rec if rec.get("status") == "ok" else rec.get("kept")
+
+    def _record(self, unit_id: str, record: dict[str, Any]) -> None:
+        """Record ``record``, keeping the last OK record beside it unless it replaces it with
+        the same inputs: a failing or differently configured rerun never loses good work."""
+        kept = self._kept(unit_id)
+        if kept and kept.get("fingerprint") != record.get("fingerprint"):
+            record["kept"] = {k: v for k, v in kept.items() if k != "kept"}
+        self.ctx.run.record_unit(unit_id, record)
+
+    def _failed(self, unit_id: str, fp: str, status: str, t0: float, *, reason: str) -> None:
+        self._record(
             unit_id,
             {
                 "status": status,

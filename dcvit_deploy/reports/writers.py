@@ -28,10 +28,9 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dcvit_deploy import __version__
-from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.selection.decide import capacity_order, dominated, infeasible_error, pareto_front
 from dcvit_deploy.store.atomic import atomic_write_text, atomic_write_with
 from dcvit_deploy.store.records import (
@@ -39,7 +38,9 @@ from dcvit_deploy.store.records import (
     CandidateOutcome,
     LatencyBudget,
     Selection,
+    Statistic,
     from_dict,
+    read_json,
     to_dict,
 )
 
@@ -202,39 +203,38 @@ def _report_dict(
     }
 
 
-def load_report(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """A ``report.json`` as a dict (from a path, a folder holding it, or an already loaded dict).
+@dataclass(frozen=True)
+class _Axis:
+    batch_size: int
+    statistic: Statistic
 
-    Raises :class:`UserInputError` when it is missing, not a report, or of another schema.
-    """
+
+@dataclass(frozen=True)
+class ReportFile:
+    """The layout of ``report.json`` its readers rely on, checked whenever one is read."""
+
+    kind: Literal["dcvit-deploy/report"]
+    candidates: tuple[CandidateOutcome, ...]
+    axis: _Axis
+    profile: dict[str, Any]
+    environment: dict[str, Any]
+    budget: LatencyBudget | None = None
+    selection: Selection | None = None
+
+
+def load_report(
+    source: str | os.PathLike[str] | Mapping[str, Any], what: str = "report"
+) -> dict[str, Any]:
+    """A ``report.json`` as a dict (from a path, a folder holding it, or an already loaded dict),
+    checked against :class:`ReportFile`: one :class:`UserInputError` naming the file and the
+    problem when it is missing, not a report, of another schema or of another structure
+    (``what`` it is for: "report", "baseline report")."""
     if isinstance(source, Mapping):
-        data = dict(source)
-        where = "the report"
-    else:
-        path = Path(source)
-        if path.is_dir():
-            path = path / "report.json"
-        where = path.name
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserInputError(
-                f"report {path} not found", "pass a report.json written by dcvit-deploy"
-            ) from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserInputError(
-                f"report {path} is unreadable: {exc}", "regenerate it with dcvit-deploy"
-            ) from exc
-    if not isinstance(data, dict) or data.get("kind") != REPORT_KIND:
-        raise UserInputError(
-            f"{where} is not a dcvit-deploy report", "pass a report.json written by dcvit-deploy"
-        )
-    if data.get("schema") != SCHEMA_VERSION:
-        raise UserInputError(
-            f"{where} uses report schema {data.get('schema')}; this version reads {SCHEMA_VERSION}",
-            "regenerate the report (or the baseline) with this version",
-        )
-    return data
+        from_dict(ReportFile, dict(source))
+        return dict(source)
+    path = Path(source) / "report.json" if Path(source).is_dir() else Path(source)
+    fix = "pass a report.json written by this version of dcvit-deploy"
+    return read_json(path, ReportFile, what=what, fix=fix)
 
 
 def report_outcomes(report: Mapping[str, Any]) -> list[CandidateOutcome]:

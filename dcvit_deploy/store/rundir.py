@@ -35,10 +35,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from dcvit_deploy.config.options import CompressOptions, DeployOptions
 from dcvit_deploy.errors import RunDirError
 from dcvit_deploy.store.atomic import atomic_write_json
+from dcvit_deploy.store.records import read_json
 
 MANIFEST_SCHEMA = 2
 MANIFEST = "manifest.json"
@@ -51,34 +53,53 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest at ``path``, migrated; :class:`RunDirError` when corrupt or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunDirError(
-            f"{path} is corrupt ({type(exc).__name__}: {str(exc)[:80]})",
-            "pass --overwrite to move the run aside and start anew",
-        ) from exc
-    if not isinstance(data, dict) or not isinstance(data.get("identity"), dict):
-        raise RunDirError(
-            f"{path} is corrupt (not a dcvit-deploy manifest)",
-            "pass --overwrite to move the run aside and start anew",
-        )
-    return _migrate(data, path)
+@dataclass(frozen=True)
+class UnitRecord:
+    """One unit's record (see :mod:`dcvit_deploy.pipeline.runner`); ``kept``: its last OK
+    record while a rerun with other inputs failed, was skipped or replaced it."""
+
+    status: Literal["ok", "failed", "skipped", "running", "interrupted"]
+    fingerprint: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+    kept: UnitRecord | None = None
 
 
-def _migrate(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Bring an older manifest to the current schema, or refuse it with the way out."""
-    version = data.get("schema")
-    if version == MANIFEST_SCHEMA:
-        data.setdefault("units", {})
-        data.setdefault("inputs", {})
-        return data
-    raise RunDirError(
-        f"{path} has manifest schema {version}; this version reads {MANIFEST_SCHEMA}",
-        "pass --overwrite to move the old run aside, or use the version that wrote it",
+@dataclass(frozen=True)
+class RunInputs:
+    profiles: tuple[str, ...] = ()
+    profile_sources: dict[str, str] = field(default_factory=dict)
+    compress_options: CompressOptions | None = None
+    deploy_options: DeployOptions | None = None
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """The layout of ``manifest.json``, checked whenever it is read."""
+
+    identity: dict[str, Any]
+    units: dict[str, UnitRecord] = field(default_factory=dict)
+    inputs: RunInputs = field(default_factory=RunInputs)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at ``path``, checked against :class:`ManifestFile` (one
+    :class:`RunDirError` naming the file and the problem)."""
+    from dcvit_deploy.model.images import DataOverrides
+
+    data = read_json(
+        path,
+        ManifestFile,
+        schema=MANIFEST_SCHEMA,
+        localns={"DataOverrides": DataOverrides},
+        what="manifest",
+        fix="pass --overwrite to move the run aside and start anew",
+        error=RunDirError,
     )
+    data.setdefault("units", {})
+    data.setdefault("inputs", {})
+    return data
 
 
 def _pid_alive(pid: int) -> bool:
@@ -209,7 +230,7 @@ class RunDir:
         notes: list[str] = []
         if manifest_path.is_file():
             try:
-                data = _read_manifest(manifest_path)
+                data = read_manifest(manifest_path)
             except RunDirError:
                 if not overwrite:
                     raise
@@ -291,7 +312,7 @@ class RunDir:
             )
         held = RunLock(base).acquire() if lock else None
         try:
-            return cls(base, _read_manifest(path), held)
+            return cls(base, read_manifest(path), held)
         except BaseException:
             if held is not None:
                 held.release()
@@ -314,9 +335,21 @@ class RunDir:
 
     # ------------------------------------------------------------------ layout
 
-    def sub(self, name: str) -> Path:
+    def sub(self, name: str, *, file: bool = False) -> Path:
+        """``RUN/name``, created (with ``file`` only its folder); a name that would leave the run
+        directory (absolute, ``..``, a link out) is refused."""
+        p = self.inside(name)
+        (p.parent if file else p).mkdir(parents=True, exist_ok=True)
+        return p
+
+    def inside(self, name: str | Path) -> Path:
+        """``RUN/name``, or :class:`RunDirError` when that is not inside the run directory."""
         p = self.root / name
-        p.mkdir(parents=True, exist_ok=True)
+        if Path(name).is_absolute() or not p.resolve().is_relative_to(self.root.resolve()):
+            raise RunDirError(
+                f"{str(name)!r} is outside the run directory {self.root}",
+                "name files inside the run (no '..'); restore the manifest if it was edited",
+            )
         return p
 
     @property
@@ -331,9 +364,11 @@ class RunDir:
         except ValueError:
             return str(p.resolve())
 
-    def resolve(self, recorded: str) -> Path:
+    def resolve(self, recorded: str | Path) -> Path:
+        """A recorded path: relative to the run (refused if it leaves it), or absolute (a Triton
+        repository elsewhere)."""
         p = Path(recorded)
-        return p if p.is_absolute() else self.root / p
+        return p if p.is_absolute() else self.inside(p)
 
     # ------------------------------------------------------------------ inputs and units
 
@@ -354,7 +389,7 @@ class RunDir:
 
     def log(self, name: str, text: str) -> Path:
         """Append ``text`` to the candidate's log (kept across reruns)."""
-        path = self.sub("logs") / f"{name}.log"
+        path = self.sub(f"logs/{name}.log", file=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(time.strftime("[%Y-%m-%d %H:%M:%S] ") + text.rstrip() + "\n")
         return path

@@ -52,11 +52,11 @@ from dcvit_deploy.store.records import (
     Artifact,
     LatencyStats,
     TargetProfile,
+    safe_name,
     to_dict,
 )
 from dcvit_deploy.triton.model_config import (
     _MODEL_SUFFIX,
-    _NAME_RE,
     Kind,
     ModelIO,
     Platform,
@@ -99,18 +99,10 @@ class RepositoryConflict(UserInputError):
 # --------------------------------------------------------------------------- shared checks
 
 
-def _check_name(value: str, what: str) -> None:
-    if not _NAME_RE.match(value) or value in (".", ".."):
-        raise UserInputError(
-            f"{what} {value!r} is not a valid directory name",
-            "use letters, digits, '_', '-' and '.', starting with a letter or digit",
-        )
-
-
 def check_model_name(name: str) -> None:
     """Raise :class:`UserInputError` (one line) unless ``name`` is a usable Triton model name:
     for up-front option checks (``--triton-model-name``) before any work is done."""
-    _check_name(name, "Triton model name")
+    safe_name(name, "Triton model name")
 
 
 def default_model_name(model: str) -> str:
@@ -510,7 +502,7 @@ def publish(
     when tritonclient is installed.
     """
     repo = Path(repo)
-    _check_name(model_name, "model name")
+    safe_name(model_name, "model name")
     if artifact.backend.lower() != profile.backend.lower():
         raise UserInputError(
             f"artifact of {artifact.candidate} was built by backend {artifact.backend!r} but "
@@ -822,7 +814,7 @@ def write_model_repository(
     installed). Raises :class:`UserInputError` (one line with a fix) for every mismatch between
     the request and the artifact.
     """
-    _check_name(model_name, "model name")
+    safe_name(model_name, "model name")
     stats: tuple[LatencyStats, ...]
     if latency is None:
         stats = ()
@@ -831,7 +823,7 @@ def write_model_repository(
     else:
         stats = tuple(latency)
     if config_name is not None:
-        _check_name(config_name, "config name")
+        safe_name(config_name, "config name")
     if version < 1:
         raise UserInputError(f"model version {version} is invalid", "use a version >= 1")
     plan = _resolve(

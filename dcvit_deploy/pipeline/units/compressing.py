@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.errors import SchemaError, UserInputError
 from dcvit_deploy.pipeline.context import TRAIN_PACKAGES, versions
 from dcvit_deploy.pipeline.unit import UnitOutput
 from dcvit_deploy.progress import ProgressEvent
 from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.records import from_dict, safe_name
+from dcvit_deploy.store.rundir import MANIFEST
 
 if TYPE_CHECKING:
     from dcvit_deploy.config.options import CompressOptions
@@ -290,6 +292,17 @@ class Family:
         return None if v is None else float(v)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """What :func:`current_family` reads of each candidate the family unit recorded."""
+
+    name: str
+    weights_sha256: str
+
+    def __post_init__(self) -> None:
+        safe_name(self.name, "candidate name")
+
+
 def current_family(run: RunDir) -> Family:
     """The family recorded by the last successful family unit (the one source of truth).
 
@@ -307,16 +320,21 @@ def current_family(run: RunDir) -> Family:
     result = rec.get("result", {})
     cands = []
     facts = {}
-    for entry in result.get("candidates", []):
-        spec = run.family_dir / f"{entry['name']}.json"
+    try:
+        entries = from_dict(tuple[_Entry, ...], result.get("candidates", []), schema=None)
+    except SchemaError as exc:
+        fix = "rerun `dcvit-deploy compress` to rebuild the family"
+        raise UserInputError(f"{run.root / MANIFEST}: the family's {exc.problem}", fix) from exc
+    for entry, raw in zip(entries, result.get("candidates", []), strict=True):
+        spec = run.family_dir / f"{entry.name}.json"
         cand = read_candidate(spec) if spec.is_file() else None
-        if cand is None or cand.weights_sha256 != entry["weights_sha256"]:
+        if cand is None or cand.weights_sha256 != entry.weights_sha256:
             raise UserInputError(
-                f"candidate {entry['name']} of {run.root} is missing or was changed",
+                f"candidate {entry.name} of {run.root} is missing or was changed",
                 "rerun `dcvit-deploy compress` with the same options to rebuild it",
             )
         cands.append(cand)
-        facts[cand.name] = entry
+        facts[cand.name] = raw
     info = {k: v for k, v in result.items() if k != "candidates"}
     return Family(tuple(cands), facts, info)
 

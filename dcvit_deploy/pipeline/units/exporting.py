@@ -67,7 +67,7 @@ class ExportUnit:
             "opset": ctx.dopts.opset,
             "simplify": ctx.dopts.simplify,
         }
-        path = run.sub(f"onnx/{self.precision}") / f"{cand.name}.onnx"
+        path = run.sub(f"onnx/{self.precision}/{cand.name}.onnx", file=True)
         result: dict[str, Any] = {}
         if self.precision == "fp16":
             fp32 = run.sub("onnx/fp32") / f".{cand.name}.fp16-reference.onnx"

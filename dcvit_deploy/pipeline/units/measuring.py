@@ -49,7 +49,7 @@ def check_device(profile: TargetProfile, allow_other: bool) -> str:
 
 
 def raw_path(ctx: JobContext, profile: TargetProfile, name: str, batch: int) -> Path:
-    return ctx.run.sub(f"raw/{profile.name}") / f"{name}-b{batch}.json"
+    return ctx.run.sub(f"raw/{profile.name}/{name}-b{batch}.json", file=True)
 
 
 class ProfileUnit:
@@ -221,7 +221,7 @@ class BisectPlan:
         errors: dict[str, str],
         files: list[Path],
     ) -> None:
-        from dcvit_deploy.pipeline.units.selecting import ORIGINAL, resolve_budget
+        from dcvit_deploy.pipeline.units.selecting import ORIGINAL, no_original, resolve_budget
         from dcvit_deploy.selection.bisect import bisect_search
 
         order = [n for n in unit.order if n in unit.artifacts]
@@ -238,10 +238,10 @@ class BisectPlan:
 
         if self.dopts.speedup is not None:
             if ORIGINAL not in unit.artifacts:
-                raise UserInputError(
-                    "--speedup needs the original model built and verified in this run",
-                    "keep the original in the family (drop --no-original) or use --latency-ms",
-                )
+                from dcvit_deploy.pipeline.outcomes import outcomes_for
+
+                outcomes = outcomes_for(ctx.run, self.family, self.profile)
+                raise no_original(next((o for o in outcomes if o.candidate == ORIGINAL), None))
             measure_once(ORIGINAL)
             if ORIGINAL not in latency:
                 raise UserInputError(

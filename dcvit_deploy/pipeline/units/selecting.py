@@ -71,10 +71,7 @@ def resolve_budget(
             orig = next((o for o in outcomes if o.candidate == ORIGINAL), None)
             stats = orig.latency_at(batch) if orig is not None and orig.selectable else None
             if stats is None:
-                raise UserInputError(
-                    "--speedup needs the original model measured in the same run, and it was not",
-                    "keep the original in the family (drop --no-original) or use --latency-ms",
-                )
+                raise no_original(orig)
             return relative_budget(
                 dopts.speedup,
                 stats,
@@ -94,6 +91,17 @@ def resolve_budget(
         raise UserInputError(
             f"invalid latency budget: {exc}", "see --latency-ms, --speedup"
         ) from exc
+
+
+def no_original(orig: CandidateOutcome | None) -> UserInputError:
+    """``--speedup`` without a measured original: the error names why it was not measured."""
+    why = f"{orig.status}: {orig.error or 'not measured'}" if orig else "not in the family"
+    return UserInputError(
+        f"--speedup needs the original model measured in the same run, and it was not ({why})",
+        "fix that failure (see the report) or use --latency-ms"
+        if orig
+        else "keep the original in the family (drop --no-original) or use --latency-ms",
+    )
 
 
 def budget_basis(budget: LatencyBudget | None) -> dict[str, Any]:
