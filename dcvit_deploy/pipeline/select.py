@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import fingerprint
 from ..errors import UserInputError
 from ..records import CandidateOutcome, LatencyBudget, LatencyStats, Selection, from_dict, to_dict
 from .unit import UnitOutput
@@ -112,8 +113,10 @@ class SelectUnit:
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         d = ctx.dopts
+        art = [o.artifact and o.artifact.sha256 for o in self.outcomes]  # not where it lies
+        outcomes = [{**to_dict(o), "artifact": a} for o, a in zip(self.outcomes, art, strict=True)]
         return {
-            "outcomes": [to_dict(o) for o in self.outcomes],
+            "outcomes": fingerprint(outcomes),
             "budget": [d.latency_ms, d.speedup, d.statistic, d.margin, d.batch_size],
             "prefer": d.prefer,
             "search": d.search,
