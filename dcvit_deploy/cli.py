@@ -617,13 +617,14 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
     _warn(checked.notes)
     from .api import run_pipeline
 
+    console = _progress(kw["as_json"])  # notes are said once, at the end
     result = run_pipeline(
         copts,
         dopts,
         kw["out"],
         overwrite=kw["overwrite"],
         resume=kw["resume"],
-        progress=_progress(kw["as_json"]),
+        progress=lambda ev: None if ev.stage == "note" else console(ev),
         stop_after="deploy" if "deploy" in stages else "compress",
         validated=True,  # validate_run above already checked everything it can
     )

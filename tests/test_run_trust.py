@@ -257,6 +257,25 @@ def test_a_moved_run_with_moved_images_redoes_nothing(
     assert seen and [s for s in seen if any(p in s for p in places)] == []
 
 
+def test_out_inside_data_is_left_out_of_the_images_and_a_rerun_keeps_the_family(
+    tmp_path, photo_dir
+):
+    data = shutil.copytree(photo_dir, tmp_path / "imgs")
+    out = data / "runs" / "r"
+    args = ["family", *MODEL, "--data", str(data), *FAST, "--targets", "25%",
+            "--out", str(out), "--json"]  # fmt: skip
+    code, text = run_cli(args)
+    assert code == 0, text
+    finished = manifest(out)["units"]["family"]["finished"]
+    shutil.copy(data / "astronaut.png", out / "pareto.png")  # as the reports write one
+    for console in (args, args[:-1]):  # said once, with --json and on the console
+        code, text = run_cli(console)
+        assert code == 0, text
+        assert manifest(out)["units"]["family"]["finished"] == finished
+        said = [line for line in text.splitlines() if "left out" in line]
+        assert len(said) == 1 and said[0].endswith("dcvit-deploy run runs/r"), text
+
+
 # ----------------------------------------------------------------------------- 3 lock
 
 

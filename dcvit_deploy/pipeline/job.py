@@ -85,7 +85,7 @@ def run_job(
         RunDir.open(out, identity_of(copts, prep), overwrite=overwrite, must_exist=resume) as run,
     ):
         ctx = JobContext(run, copts, dopts, profile, progress, _prep=prep)
-        for n in [*run.notes, *collapsed, prep.holdout_note]:
+        for n in [*run.notes, *collapsed, prep.images_note, prep.holdout_note]:
             if n:
                 ctx.note(n)
         run.set_inputs(
