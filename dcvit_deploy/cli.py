@@ -3,9 +3,6 @@
 Heavy imports (torch, timm, onnxruntime) happen inside command bodies so ``--help`` is instant.
 User errors print one line (problem; fix) to stderr and exit 1 (3: no candidate meets the
 budget, 4: regression against a baseline); Ctrl-C leaves a resumable run and exits 130.
-
-Size: this module is longer than ~500 lines because mostly option declarations and their help
-texts (shared option groups are defined once); the command bodies stay thin.
 """
 
 from __future__ import annotations
@@ -755,21 +752,27 @@ def triton_cmd(**kw: Any) -> None:
     select_cmd.callback(**kw)  # type: ignore[misc]
 
 
-@cli.command("report")
+@cli.command("report", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @OUT_OPTION
-@BUDGET_OPTIONS
-@DEPLOY_OPTIONS
+@click.option("--profile", help="Whose reports (default: the profile last measured).")
 @JSON_OPTION
-def report_cmd(**kw: Any) -> None:
-    """Rewrite report.json, candidates.csv, SUMMARY.md and pareto.png from a run's outcomes."""
+@click.pass_context
+def report_cmd(ctx: click.Context, out: str, profile: str | None, as_json: bool) -> None:
+    """Rewrite report.json, candidates.csv, SUMMARY.md and pareto.png from what a run recorded
+    (its outcomes, choice and publication); decides and publishes nothing."""
     from .api import report_over_run
+    from .options import DeployOptions
     from .validate import validate_stage
 
-    dopts = deploy_options(kw)
-    validate_stage(kw["out"], dopts, need_backend=False)
-    paths = report_over_run(kw["out"], dopts, profile_given=kw.get("profile") is not None)
+    if ctx.args:
+        raise OptionError(
+            f"`report` only writes the reports of what the run recorded; it takes no {ctx.args[0]}",
+            "decide under a budget with `dcvit-deploy select --out RUN ...` (it writes them too)",
+        )
+    validate_stage(out, DeployOptions(profile=profile or "cpu-ort"), need_backend=False)
+    paths = report_over_run(out, profile)
     _emit(
-        kw["as_json"],
+        as_json,
         {k: str(v) for k, v in paths.items()},
         "\n".join(f"{k}: {v}" for k, v in paths.items()),
     )

@@ -257,6 +257,23 @@ def test_a_moved_run_with_moved_images_redoes_nothing(
     assert seen and [s for s in seen if any(p in s for p in places)] == []
 
 
+def test_report_renders_the_recorded_decision_and_never_decides(decided, tmp_path):
+    out = private_copy(decided, tmp_path / "r")
+    served = {p: p.read_bytes() for p in (out / "triton").rglob("*") if p.is_file()}
+    units = manifest(out)["units"]
+    code, text = run_cli(["report", "--out", str(out)])
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert report["selection"]["chosen"] == "original"
+    assert "**Chosen: `original`**" in (out / "SUMMARY.md").read_text()
+    assert any(n.startswith("published original as Triton model") for n in report["run"]["notes"])
+    code, text = run_cli(["report", "--out", str(out), "--latency-ms", "0.0001"])
+    assert code == 1 and len(text.strip().splitlines()) == 1 and "`dcvit-deploy select" in text
+    assert {p: p.read_bytes() for p in (out / "triton").rglob("*") if p.is_file()} == served
+    assert manifest(out)["units"] == units
+    assert json.loads((out / "report.json").read_text())["selection"]["chosen"] == "original"
+
+
 def test_out_inside_data_is_left_out_of_the_images_and_a_rerun_keeps_the_family(
     tmp_path, photo_dir
 ):

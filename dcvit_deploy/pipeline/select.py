@@ -133,6 +133,7 @@ class SelectUnit:
         selection = self._decide(ctx, items, budget)
         return UnitOutput(
             result={
+                "decided_on": self.inputs(ctx)["outcomes"],  # what `report` may render it with
                 "selection": to_dict(selection),
                 "budget": budget_basis(budget),
                 "remeasured": {n: [to_dict(s) for s in st] for n, st in remeasured.items()},
