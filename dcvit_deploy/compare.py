@@ -126,7 +126,7 @@ def _asked(report: Mapping[str, Any]) -> tuple[Any, ...] | None:
     b = from_dict(LatencyBudget, report["budget"]) if report.get("budget") else None
     asked = () if b is None else (b.speedup, b.reference) if b.relative else (b.ms,)
     prefer = (report.get("selection") or {}).get("prefer")
-    return b and (*asked, b.statistic, b.batch_size, b.margin, prefer)
+    return None if b is None else (*asked, b.statistic, b.batch_size, b.margin, prefer)
 
 
 def compare_to_baseline(

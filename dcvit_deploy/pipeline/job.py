@@ -223,10 +223,10 @@ def decide_and_publish(
         ]
     sel = result.selection
     if render:
-        pub = run.unit(publish_unit_id(profile.name)) or {}
-        models = pub.get("result", {}).get("models") if pub.get("status") == "ok" else None
+        done = run.unit(publish_unit_id(profile.name)) or {}
+        models = done.get("result", {}).get("models") if done.get("status") == "ok" else None
         if sel is not None and models and models[0]["candidate"] == sel.chosen:
-            result.published = pub["result"]
+            result.published = done["result"]
     elif sel is not None and sel.chosen is not None:
         pub = runner.run(PublishUnit(profile, sel, result.outcomes, family))
         result.published = pub.result
