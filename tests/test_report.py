@@ -9,10 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from dcvit_deploy.compare import check_regression, compare_to_baseline, write_comparison
-from dcvit_deploy.errors import RegressionDetected, UserInputError
-from dcvit_deploy.records import (
+from dcvit_deploy.reports.compare import check_regression, compare_to_baseline, write_comparison
+from dcvit_deploy.reports.writers import (
+    CSV_COLUMNS,
+    load_report,
+    report_outcomes,
+    report_selection,
+    write_reports,
+)
+from dcvit_deploy.selection.decide import decide
+from dcvit_deploy.store.records import (
     Artifact,
     CandidateOutcome,
     LatencyBudget,
@@ -20,14 +26,8 @@ from dcvit_deploy.records import (
     MacCount,
     Verification,
 )
-from dcvit_deploy.report import (
-    CSV_COLUMNS,
-    load_report,
-    report_outcomes,
-    report_selection,
-    write_reports,
-)
-from dcvit_deploy.select import decide
+
+from dcvit_deploy.errors import RegressionDetected, UserInputError
 
 BUDGET = LatencyBudget(ms=5.0, statistic="p50", batch_size=1, margin=0.05)
 PROFILE = {
@@ -329,7 +329,7 @@ def test_baseline_from_another_device_or_runtime_is_refused_unless_allowed(tmp_p
 
 def relative(outs: list[CandidateOutcome], speedup: float) -> LatencyBudget:
     """``--speedup`` against c100 (the original) as measured in ``outs``."""
-    from dcvit_deploy.select import relative_budget
+    from dcvit_deploy.selection.decide import relative_budget
 
     ref = next(o for o in outs if o.candidate == "c100").latency_at(1)
     assert ref is not None

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_VIT_KWARGS
+from dcvit_deploy.model.images import DataOverrides
 from test_pipeline import FAST, FAST_PROFILE, MODEL, run_cli
 
 from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
-from dcvit_deploy.data import DataOverrides
 
 # the end-to-end tests' fast profile, at batch 1 only
 PROFILE = FAST_PROFILE.replace('"test-cpu"', '"trust-cpu"').replace("[1, 2]", "[1]")
@@ -122,10 +122,10 @@ def test_runtime_versions_enter_build_and_profile_but_not_compression(monkeypatc
     import importlib.metadata as md
     from types import SimpleNamespace
 
-    from dcvit_deploy.atomic import fingerprint
-    from dcvit_deploy.pipeline.family import FamilyUnit
-    from dcvit_deploy.pipeline.profile import ProfileUnit
-    from dcvit_deploy.profiles import load_profile
+    from dcvit_deploy.config.profiles import load_profile
+    from dcvit_deploy.pipeline.units.compressing import FamilyUnit
+    from dcvit_deploy.pipeline.units.measuring import ProfileUnit
+    from dcvit_deploy.store.atomic import fingerprint
 
     prep = SimpleNamespace(weights_fp="w", model_kwargs={}, input_fp="i", holdout_fp="h",
                            data_config={})  # fmt: skip
@@ -175,9 +175,10 @@ def test_every_option_changes_the_family_identity_or_is_listed_as_not(photo_dir,
     candidates' identity or is on the family unit's list of what does not change them."""
     import dataclasses
 
-    from dcvit_deploy.atomic import fingerprint
+    from dcvit_deploy.pipeline.units.compressing import NOT_IDENTITY, family_identity
+    from dcvit_deploy.store.atomic import fingerprint
+
     from dcvit_deploy.pipeline.context import prepare
-    from dcvit_deploy.pipeline.family import NOT_IDENTITY, family_identity
 
     changed = {  # one other value per field (with what it needs to matter)
         "model": "vit_small_patch16_224", "model_kwargs": {**TINY_VIT_KWARGS, "depth": 3},
@@ -211,8 +212,7 @@ def test_every_option_changes_the_family_identity_or_is_listed_as_not(photo_dir,
     # and what is listed does not: the same images elsewhere, the same weights from a file,
     # another device, and the held-out count where nothing but fidelity reads the held-out set
     import torch
-
-    from dcvit_deploy.models import load_model
+    from dcvit_deploy.model.loading import load_model
 
     data = shutil.copytree(photo_dir, tmp_path / "elsewhere")
     torch.manual_seed(base.seed)
@@ -327,7 +327,7 @@ def test_second_process_is_refused_naming_the_holder_and_first_results_stay(
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
-    from dcvit_deploy.rundir import RunDir
+    from dcvit_deploy.store.rundir import RunDir
 
     out = tmp_path / "r"
     out.mkdir()
@@ -339,7 +339,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_temporary_files_are_unique_per_writer(tmp_path):
-    from dcvit_deploy.atomic import atomic_path
+    from dcvit_deploy.store.atomic import atomic_path
 
     with atomic_path(tmp_path / "x.json") as a, atomic_path(tmp_path / "x.json") as b:
         assert a != b
@@ -399,7 +399,7 @@ def test_missing_or_corrupted_artifacts_are_rebuilt_on_rerun(tmp_path, photo_dir
     result = run_pipeline(options, dopts(profile), out)
     assert any(name in n and "rebuilding" in n for n in result.notes)
     rec = manifest(out)["units"]["family"]["result"]["candidates"]
-    from dcvit_deploy.atomic import sha256_file
+    from dcvit_deploy.store.atomic import sha256_file
 
     assert sha256_file(weights) == next(c for c in rec if c["name"] == name)["weights_sha256"]
     onnx = out / "onnx" / "fp32" / f"{name}.onnx"
@@ -522,10 +522,12 @@ def test_a_relative_out_directory_finds_its_artifacts(tmp_path, photo_dir, profi
 def test_profile_naming_another_gpu_is_refused_unless_allowed(monkeypatch):
     import dataclasses
 
-    from dcvit_deploy import envinfo
+    from dcvit_deploy.config.profiles import load_profile
+    from dcvit_deploy.latency import machine as envinfo
+    from dcvit_deploy.pipeline.units import measuring as profile
+
     from dcvit_deploy.errors import EnvironmentProblem
-    from dcvit_deploy.pipeline import context, profile
-    from dcvit_deploy.profiles import load_profile
+    from dcvit_deploy.pipeline import context
 
     h100 = load_profile("h100-trt-fp16")
     monkeypatch.setattr(envinfo, "cuda_device_count", lambda: 1)
