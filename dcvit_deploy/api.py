@@ -77,12 +77,11 @@ def select_over_run(
     return stage_job(out, dopts, until="select", profile_given=profile_given)
 
 
-def report_over_run(
-    out: str | Path, dopts: DeployOptions, *, profile_given: bool = True
-) -> dict[str, Path]:
-    """Rewrite the reports of a run (never with less: see :func:`select_over_run` for
-    ``profile_given``)."""
-    return stage_job(out, dopts, until="select", profile_given=profile_given).reports
+def report_over_run(out: str | Path, profile: str | None = None) -> dict[str, Path]:
+    """Rewrite the reports of a run from what it recorded (never with less; nothing is decided
+    or published); ``profile``: default the profile the run was last measured with."""
+    dopts = DeployOptions(profile=profile or "cpu-ort")
+    return stage_job(out, dopts, until="report", profile_given=profile is not None).reports
 
 
 def status(out: str | Path) -> dict[str, Any]:

@@ -626,13 +626,14 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
     _warn(checked.notes)
     from dcvit_deploy.api import run_pipeline
 
+    console = _progress(kw["as_json"])  # notes are said once, at the end
     result = run_pipeline(
         copts,
         dopts,
         kw["out"],
         overwrite=kw["overwrite"],
         resume=kw["resume"],
-        progress=_progress(kw["as_json"]),
+        progress=lambda ev: None if ev.stage == "note" else console(ev),
         stop_after="deploy" if "deploy" in stages else "compress",
         validated=True,  # validate_run above already checked everything it can
     )
@@ -764,21 +765,27 @@ def triton_cmd(**kw: Any) -> None:
     select_cmd.callback(**kw)  # type: ignore[misc]
 
 
-@cli.command("report")
+@cli.command("report", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @OUT_OPTION
-@BUDGET_OPTIONS
-@DEPLOY_OPTIONS
+@click.option("--profile", help="Whose reports (default: the profile last measured).")
 @JSON_OPTION
-def report_cmd(**kw: Any) -> None:
-    """Rewrite report.json, candidates.csv, SUMMARY.md and pareto.png from a run's outcomes."""
+@click.pass_context
+def report_cmd(ctx: click.Context, out: str, profile: str | None, as_json: bool) -> None:
+    """Rewrite report.json, candidates.csv, SUMMARY.md and pareto.png from what a run recorded
+    (its outcomes, choice and publication); decides and publishes nothing."""
     from dcvit_deploy.api import report_over_run
+    from dcvit_deploy.config.options import DeployOptions
     from dcvit_deploy.config.validate import validate_stage
 
-    dopts = deploy_options(kw)
-    validate_stage(kw["out"], dopts, need_backend=False)
-    paths = report_over_run(kw["out"], dopts, profile_given=kw.get("profile") is not None)
+    if ctx.args:
+        raise OptionError(
+            f"`report` only writes the reports of what the run recorded; it takes no {ctx.args[0]}",
+            "decide under a budget with `dcvit-deploy select --out RUN ...` (it writes them too)",
+        )
+    validate_stage(out, DeployOptions(profile=profile or "cpu-ort"), need_backend=False)
+    paths = report_over_run(out, profile)
     _emit(
-        kw["as_json"],
+        as_json,
         {k: str(v) for k, v in paths.items()},
         "\n".join(f"{k}: {v}" for k, v in paths.items()),
     )

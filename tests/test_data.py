@@ -28,6 +28,11 @@ from dcvit_deploy.model.images import (
 )
 
 
+def relative(images: ImageList) -> tuple[str, ...]:
+    """The listed paths relative to the folder, in POSIX form (the sort key)."""
+    return tuple(p.relative_to(images.root).as_posix() for p in images)
+
+
 def _touch_tree(root: Path, names: list[str]) -> None:
     for name in names:
         path = root / name
@@ -67,7 +72,7 @@ def test_list_images_recursive_sorted_and_filtered(tmp_path: Path) -> None:
     )  # fmt: skip
     images = list_images(tmp_path)
     assert isinstance(images, ImageList)
-    assert images.relative() == (
+    assert relative(images) == (
         "a.JPG", "b.png", "c.jpeg", "cls_a/deep/w.bmp", "cls_a/p.ppm", "cls_a/q.pgm",
         "cls_a/y.tiff", "cls_a/z.tif", "cls_b/x.WebP",
     )  # fmt: skip
@@ -75,10 +80,28 @@ def test_list_images_recursive_sorted_and_filtered(tmp_path: Path) -> None:
     assert list_images(tmp_path).paths == images.paths  # deterministic
 
 
+def test_list_images_leaves_out_run_directories_known_by_their_manifest(tmp_path: Path) -> None:
+    import json
+
+    _touch_tree(tmp_path, ["a.png", "runs/r/pareto.png", "runs/r/reports/p/pareto.png",
+                           "runs/r.old-1/pareto.png", "other/b.png"])  # fmt: skip
+    run = {"schema": 2, "identity": {"model": "m"}, "units": {}}
+    for folder in ("runs/r", "runs/r.old-1"):
+        (tmp_path / folder / "manifest.json").write_text(json.dumps(run))
+    (tmp_path / "other" / "manifest.json").write_text('{"files": 1}')  # another tool's: kept
+    images = list_images(tmp_path)
+    assert relative(images) == ("a.png", "other/b.png")
+    assert images.runs == (images.root / "runs/r", images.root / "runs/r.old-1")
+    assert images.note.endswith("dcvit-deploy run runs/r, runs/r.old-1")
+    assert list_images(tmp_path / "other").note == ""
+    with pytest.raises(DataError, match="no images found"):  # --data is a run: nothing to learn
+        list_images(tmp_path / "runs" / "r")
+
+
 def test_list_images_real_photos_flat_and_subfolder(photo_dir: Path) -> None:
     images = list_images(photo_dir)
     assert len(images) == 6
-    assert sum(1 for r in images.relative() if r.startswith("sub/")) == 3
+    assert sum(1 for r in relative(images) if r.startswith("sub/")) == 3
 
 
 def test_missing_folder_error(tmp_path: Path) -> None:

@@ -124,9 +124,9 @@ def test_a_failing_rerun_keeps_the_good_work_and_names_the_cause(
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("the original command redid a unit")
 
-    from dcvit_deploy.pipeline.units import measuring as profile_unit
     from dcvit_deploy.pipeline.units import building as build
     from dcvit_deploy.pipeline.units import exporting as export
+    from dcvit_deploy.pipeline.units import measuring as profile_unit
 
     for unit in (export.ExportUnit, build.BuildUnit, profile_unit.ProfileUnit):
         monkeypatch.setattr(unit, "execute", must_not_run)

@@ -101,9 +101,12 @@ def family() -> list[CandidateOutcome]:
 
 
 def write(
-    tmp: Path, outs: list[CandidateOutcome], budget: LatencyBudget = BUDGET
+    tmp: Path,
+    outs: list[CandidateOutcome],
+    budget: LatencyBudget = BUDGET,
+    prefer: str = "capacity",
 ) -> dict[str, Any]:
-    selection = decide(outs, budget)
+    selection = decide(outs, budget, prefer=prefer)  # type: ignore[arg-type]
     paths = write_reports(
         tmp, run_meta={"name": "demo", "seed": 0}, outcomes=outs, selection=selection,
         profile_dict=PROFILE, env_dict=ENV,
@@ -322,3 +325,62 @@ def test_baseline_from_another_device_or_runtime_is_refused_unless_allowed(tmp_p
     other_profile["profile"] = {**base["profile"], "name": "h100-trt-fp16"}
     with pytest.raises(UserInputError, match="profile"):
         compare_to_baseline(other_profile, base)
+
+
+def relative(outs: list[CandidateOutcome], speedup: float) -> LatencyBudget:
+    """``--speedup`` against c100 (the original) as measured in ``outs``."""
+    from dcvit_deploy.selection.decide import relative_budget
+
+    ref = next(o for o in outs if o.candidate == "c100").latency_at(1)
+    assert ref is not None
+    return relative_budget(speedup, ref, statistic="p50", batch_size=1, reference_name="c100")
+
+
+def test_the_same_speedup_is_the_same_budget_whatever_it_derived(tmp_path: Path) -> None:
+    """Both runs asked for 1.25x the original; the original measured 3% slower in one: the
+    derived milliseconds differ, the budget does not."""
+    base_outs, cur_outs = family(), slower(family(), "c100", 1.03)
+    base = write(tmp_path / "base", base_outs, relative(base_outs, 1.25))["paths"]["json"]
+    cur = write(tmp_path / "cur", cur_outs, relative(cur_outs, 1.25))["paths"]["json"]
+    result = check_regression(cur, base)
+    assert result.chosen == result.baseline_chosen == "c80"
+    assert not any("budgets differ" in n for n in result.notes), result.notes
+    other = write(tmp_path / "other", base_outs, relative(base_outs, 1.5))["paths"]["json"]
+    assert any("budgets differ" in n for n in compare_to_baseline(other, base).notes)
+
+
+RELATIVE_REGRESSIONS = {  # the current run's outcomes (baseline: family()) -> the finding
+    "nothing fits": (lambda: slower(family(), "c100", 0.5), "no candidate meets the budget"),
+    "less dense pick": (
+        lambda: slower(family(), "c80", 1.07),  # within tolerance, but no longer fits
+        "chose c40 (retained 40.0%) where the baseline chose c80 (80.0%)",
+    ),
+    "less faithful pick (--prefer fidelity)": (
+        lambda: slower(family(), "c80", 1.07),
+        "chose c40 (fidelity 88.0%) where the baseline chose c80 (97.0%)",
+    ),
+    "pick slower": (lambda: slower(family(), "c80", 1.2), "c80: p50 5.64 ms vs baseline 4.70"),
+    "pick less faithful": (
+        lambda: [
+            dataclasses.replace(o, fidelity=0.9 if o.candidate == "c80" else o.fidelity)
+            for o in family()
+        ],
+        "c80: fidelity 90.00% vs baseline 97.00%",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RELATIVE_REGRESSIONS))
+def test_regressions_under_the_same_speedup_exit_4_in_one_line(tmp_path: Path, case: str) -> None:
+    from test_cli import run_cli
+
+    make, finding = RELATIVE_REGRESSIONS[case]
+    speedup = 1.05 if case == "pick slower" else 1.25  # the slower pick still fits 1.05x
+    base_outs, cur_outs = family(), make()
+    prefer = "fidelity" if "fidelity" in case else "capacity"
+    base = write(tmp_path / "base", base_outs, relative(base_outs, speedup), prefer)
+    cur = write(tmp_path / "cur", cur_outs, relative(cur_outs, speedup), prefer)
+    base, cur = base["paths"]["json"], cur["paths"]["json"]
+    code, out, err = run_cli(["compare", str(cur), "--baseline", str(base)])
+    assert code == 4 and len(err.strip().splitlines()) == 1, (out, err)
+    assert finding in err, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from conftest import TINY_VIT_KWARGS
 from test_pipeline import FAST, FAST_PROFILE, MODEL, run_cli
 
 from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
+from dcvit_deploy.model.images import DataOverrides
 
 # the end-to-end tests' fast profile, at batch 1 only
 PROFILE = FAST_PROFILE.replace('"test-cpu"', '"trust-cpu"').replace("[1, 2]", "[1]")
@@ -139,6 +141,156 @@ def test_runtime_versions_enter_build_and_profile_but_not_compression(monkeypatc
     family_new, basis_new = with_ort("1.31.0")
     assert family_old == family_new
     assert basis_old != basis_new
+
+
+def weights_of(out: Path) -> dict[str, str]:
+    family = manifest(out)["units"]["family"]["result"]["candidates"]
+    return {c["name"]: c["weights_sha256"] for c in family}
+
+
+CHANGES = {  # before -> after, each changes the finetuned weights
+    "crop_pct": ({}, {"data_overrides": DataOverrides(crop_pct=0.5)}),
+    "interpolation": ({}, {"data_overrides": DataOverrides(interpolation="nearest")}),
+    "holdout": ({"neuron_choice": "activation"}, {"neuron_choice": "activation", "holdout": 1}),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_an_option_that_changes_the_weights_rebuilds_them_as_a_fresh_run_does(
+    tmp_path, photo_dir, profile, change
+):
+    before, after = CHANGES[change]
+
+    def family(out: Path, kw: dict) -> dict[str, str]:
+        options = copts(photo_dir, targets=(0.25,), **kw)
+        run_pipeline(options, dopts(profile), out, stop_after="family")
+        return weights_of(out)
+
+    old = family(tmp_path / "rerun", before)
+    assert family(tmp_path / "rerun", after) == family(tmp_path / "fresh", after) != old
+
+
+def test_every_option_changes_the_family_identity_or_is_listed_as_not(photo_dir, tmp_path):
+    """A new option cannot be forgotten: each field of the option records either changes the
+    candidates' identity or is on the family unit's list of what does not change them."""
+    import dataclasses
+
+    from dcvit_deploy.pipeline.context import prepare
+    from dcvit_deploy.pipeline.units.compressing import NOT_IDENTITY, family_identity
+    from dcvit_deploy.store.atomic import fingerprint
+
+    changed = {  # one other value per field (with what it needs to matter)
+        "model": "vit_small_patch16_224", "model_kwargs": {**TINY_VIT_KWARGS, "depth": 3},
+        "num_samples": 3, "holdout": ({"neuron_choice": "activation"}, 1),
+        "targets": (0.3,), "methods": ("practise",), "round_to": 8, "neuron_choice": "weight",
+        "reuse": True, "warm_fraction": 0.25, "schedule": "default", "iterations": 3,
+        "rank_iterations": 3, "batch_size": 2, "lr": 0.5, "metric": "real",
+        "inversion": "paper", "inversion_iterations": 3, "candidate_blocks": (1,),
+        "include_original": False, "seed": 1,
+        "img_size": 48, "input_size": (3, 48, 48), "mean": (0.4,), "std": (0.4,),
+        "interpolation": "nearest", "crop_pct": 0.5, "crop_mode": "squash",
+    }  # fmt: skip
+    base = copts(photo_dir)
+
+    def identity(o: CompressOptions) -> str:
+        return fingerprint(family_identity(o, prepare(o)))
+
+    reference = identity(base)
+    fields = [f.name for f in dataclasses.fields(CompressOptions) if f.name != "data_overrides"]
+    fields += [f.name for f in dataclasses.fields(DataOverrides)]
+    assert set(changed) | set(NOT_IDENTITY) == set(fields)
+    for name, value in changed.items():
+        extra, value = value if isinstance(value, tuple) and name == "holdout" else ({}, value)
+        if name in {f.name for f in dataclasses.fields(DataOverrides)}:
+            kw = {"data_overrides": DataOverrides(**{name: value})}
+        else:
+            kw = {name: value}
+        start = dataclasses.replace(base, **extra)
+        ref = identity(start) if extra else reference
+        assert identity(dataclasses.replace(start, **kw)) != ref, name
+    # and what is listed does not: the same images elsewhere, the same weights from a file,
+    # another device, and the held-out count where nothing but fidelity reads the held-out set
+    import torch
+
+    from dcvit_deploy.model.loading import load_model
+
+    data = shutil.copytree(photo_dir, tmp_path / "elsewhere")
+    torch.manual_seed(base.seed)
+    teacher = load_model(base.model, model_kwargs=base.model_kwargs, random_init=True).model
+    torch.save(teacher.state_dict(), tmp_path / "w.pth")
+    same = dict(data=str(data), random_init=False, checkpoint=str(tmp_path / "w.pth"))
+    for kw in (same, {"device": "cpu"}, {"holdout": 1}):
+        assert identity(dataclasses.replace(base, **kw)) == reference, kw
+
+
+@pytest.fixture(scope="module")
+def decided(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, profile: str) -> Path:
+    """A finished run that chose and published a candidate (a budget every candidate meets)."""
+    out = tmp_path_factory.mktemp("decided") / "r"
+    result = run_pipeline(copts(photo_dir, targets=(0.25,)), dopts(profile, latency_ms=1e3), out)
+    assert result.selection is not None and result.selection.chosen == "original"
+    return out
+
+
+def private_copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock", ".lock.json"))
+    return dest
+
+
+def test_a_moved_run_with_moved_images_redoes_nothing(
+    decided, photo_dir, profile, tmp_path, monkeypatch
+):
+    from dcvit_deploy.pipeline import runner
+
+    out = private_copy(decided, tmp_path / "elsewhere" / "r")
+    data = shutil.copytree(photo_dir, tmp_path / "images")
+    seen: list[str] = []
+    real = runner.fingerprint
+    monkeypatch.setattr(
+        runner, "fingerprint", lambda d: seen.append(json.dumps(d, default=str)) or real(d)
+    )
+    result = run_pipeline(copts(data, targets=(0.25,)), dopts(profile, latency_ms=1e3), out)
+    assert result.selection is not None and result.selection.chosen == "original"
+    done = {k: v.get("finished") for k, v in manifest(decided)["units"].items()}
+    assert {k: v.get("finished") for k, v in manifest(out)["units"].items()} == done
+    places = (str(tmp_path), str(decided.parent), str(photo_dir))
+    assert seen and [s for s in seen if any(p in s for p in places)] == []
+
+
+def test_report_renders_the_recorded_decision_and_never_decides(decided, tmp_path):
+    out = private_copy(decided, tmp_path / "r")
+    served = {p: p.read_bytes() for p in (out / "triton").rglob("*") if p.is_file()}
+    units = manifest(out)["units"]
+    code, text = run_cli(["report", "--out", str(out)])
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert report["selection"]["chosen"] == "original"
+    assert "**Chosen: `original`**" in (out / "SUMMARY.md").read_text()
+    assert any(n.startswith("published original as Triton model") for n in report["run"]["notes"])
+    code, text = run_cli(["report", "--out", str(out), "--latency-ms", "0.0001"])
+    assert code == 1 and len(text.strip().splitlines()) == 1 and "`dcvit-deploy select" in text
+    assert {p: p.read_bytes() for p in (out / "triton").rglob("*") if p.is_file()} == served
+    assert manifest(out)["units"] == units
+    assert json.loads((out / "report.json").read_text())["selection"]["chosen"] == "original"
+
+
+def test_out_inside_data_is_left_out_of_the_images_and_a_rerun_keeps_the_family(
+    tmp_path, photo_dir
+):
+    data = shutil.copytree(photo_dir, tmp_path / "imgs")
+    out = data / "runs" / "r"
+    args = ["family", *MODEL, "--data", str(data), *FAST, "--targets", "25%",
+            "--out", str(out), "--json"]  # fmt: skip
+    code, text = run_cli(args)
+    assert code == 0, text
+    finished = manifest(out)["units"]["family"]["finished"]
+    shutil.copy(data / "astronaut.png", out / "pareto.png")  # as the reports write one
+    for console in (args, args[:-1]):  # said once, with --json and on the console
+        code, text = run_cli(console)
+        assert code == 0, text
+        assert manifest(out)["units"]["family"]["finished"] == finished
+        said = [line for line in text.splitlines() if "left out" in line]
+        assert len(said) == 1 and said[0].endswith("dcvit-deploy run runs/r"), text
 
 
 # ----------------------------------------------------------------------------- 3 lock

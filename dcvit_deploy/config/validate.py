@@ -390,15 +390,14 @@ def check_images(data: str | os.PathLike[str]) -> ImageList:
         ) from exc
 
 
-def holdout_notes(image_count: int, num_samples: int | None, holdout: int) -> list[str]:
-    """Warnings about the few-shot and held-out split for ``image_count`` images."""
+def data_notes(images: ImageList, num_samples: int | None, holdout: int) -> list[str]:
+    """What to know about the images: run directories left out, the few-shot and held-out
+    split."""
     from dcvit_deploy.model.images import holdout_note, sampling_note
 
-    notes = [n for n in (sampling_note(image_count, num_samples),) if n]
-    note = holdout_note(image_count, num_samples, holdout)
-    if note:
-        notes.append(note)
-    return notes
+    n = len(images)
+    notes = (images.note, sampling_note(n, num_samples), holdout_note(n, num_samples, holdout))
+    return [x for x in notes if x]
 
 
 def check_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -724,7 +723,7 @@ def validate_run(
     if deploying and dopts is not None and dopts.triton_repo:
         check_writable_dir(dopts.triton_repo, "--triton-repo")
     images = check_images(copts.data)
-    notes = holdout_notes(len(images), copts.num_samples, copts.holdout)
+    notes = data_notes(images, copts.num_samples, copts.holdout)
     sd = check_checkpoint(copts.checkpoint) if copts.checkpoint is not None else None
     if copts.pretrained_cache:
         check_pretrained_cache(copts.model)

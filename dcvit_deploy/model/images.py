@@ -21,6 +21,7 @@ module stays cheap (torch itself is a core dependency and is imported).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -69,6 +70,13 @@ class ImageList:
 
     root: Path
     paths: tuple[Path, ...]
+    runs: tuple[Path, ...] = ()  # dcvit-deploy run directories left out
+
+    @property
+    def note(self) -> str:
+        """One line naming the run directories left out (empty when none)."""
+        names = ", ".join(p.relative_to(self.root).as_posix() for p in self.runs)
+        return f"left out of the images under --data: dcvit-deploy run {names}" if names else ""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -79,19 +87,17 @@ class ImageList:
     def __getitem__(self, index: int) -> Path:
         return self.paths[index]
 
-    def relative(self) -> tuple[str, ...]:
-        """The paths relative to ``root`` in POSIX form (the sort key)."""
-        return tuple(p.relative_to(self.root).as_posix() for p in self.paths)
-
 
 def list_images(root: str | os.PathLike[str]) -> ImageList:
     """List every image under ``root``, recursively, in a deterministic order.
 
     Works for a flat folder and for class subfolders (labels are not used). A file counts as an
     image when its suffix, lower-cased, is in :data:`IMAGE_EXTENSIONS`; hidden files and folders
-    (names starting with ``.``) are ignored. Symlinked folders are not followed. Contents are
-    not checked here (see :class:`FewShotImages`). Raises :class:`DataError` when ``root`` does
-    not exist, is not a directory, or holds no image.
+    (names starting with ``.``) are ignored, and so are dcvit-deploy run directories (known by
+    their manifest, written before any output): a run inside its own image folder never learns
+    from its plots. Symlinked folders are not followed. Contents are not checked here (see
+    :class:`FewShotImages`). Raises :class:`DataError` when ``root`` does not exist, is not a
+    directory, or holds no image.
     """
     base = Path(root).expanduser()
     if not base.exists():
@@ -106,9 +112,14 @@ def list_images(root: str | os.PathLike[str]) -> ImageList:
         )
     base = base.resolve()
     found: list[tuple[str, Path]] = []
+    runs: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         folder = Path(dirpath)
+        if "manifest.json" in filenames and _is_run(folder / "manifest.json"):
+            runs.append(folder)
+            dirnames[:] = []
+            continue
         for name in filenames:
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -121,7 +132,15 @@ def list_images(root: str | os.PathLike[str]) -> ImageList:
             "add image files to the folder or point to the folder that holds them",
         )
     found.sort(key=lambda item: item[0])
-    return ImageList(root=base, paths=tuple(p for _, p in found))
+    return ImageList(root=base, paths=tuple(p for _, p in found), runs=tuple(sorted(runs)))
+
+
+def _is_run(manifest: Path) -> bool:
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"schema", "identity", "units"} <= data.keys()
 
 
 # --------------------------------------------------------------------------- sampling
@@ -418,14 +437,13 @@ def skipped_summary(skipped: Sequence[tuple[Path, str]], total: int, limit: int 
 class HoldoutSplit:
     """The held-out images (verification and fidelity) and a note when they fall short.
 
-    ``paths`` are the candidates in their seeded order: the caller uses the first
-    ``requested`` that decode (as :func:`load_eval_tensor` with ``max_images`` does). ``note``
-    is empty when ``requested`` images were available outside the few-shot set;
-    otherwise it says what was used instead (for the console and ``SUMMARY.md``).
+    ``paths`` are the candidates in their seeded order: the caller uses the first ``holdout``
+    that decode (as :func:`load_eval_tensor` with ``max_images`` does). ``note`` is empty when
+    that many were available outside the few-shot set; otherwise it says what was used instead
+    (for the console and ``SUMMARY.md``).
     """
 
     paths: tuple[Path, ...]
-    requested: int
     note: str = ""
 
 
@@ -446,22 +464,8 @@ def split_holdout(
     chosen = set(train)
     rest = [p for p in all_paths if p not in chosen]
     random.Random(seed + 1).shuffle(rest)
-    if not rest:
-        return HoldoutSplit(
-            paths=tuple(train),
-            requested=holdout,
-            note=(
-                "no images left over for a held-out set: fidelity and verification use "
-                "training images (add images or lower --num-samples)"
-            ),
-        )
-    note = ""
-    if len(rest) < holdout:
-        note = (
-            f"--holdout {holdout} asked for more held-out images than the {len(rest)} left "
-            f"after the {len(chosen)} few-shot samples; using {len(rest)}"
-        )
-    return HoldoutSplit(paths=tuple(rest), requested=holdout, note=note)
+    note = holdout_note(len(rest) + len(chosen), len(chosen), holdout)
+    return HoldoutSplit(paths=tuple(rest or train), note=note)
 
 
 def holdout_note(available: int, num_samples: int | None, holdout: int) -> str:

@@ -480,6 +480,7 @@ def geometry_kwargs(model: nn.Module) -> dict[str, Any]:
     return {
         "img_size": _json_size(pe.img_size),
         "patch_size": _json_size(pe.patch_size),
+        "in_chans": int(pe.proj.in_channels),
         "num_classes": int(vit.num_classes),
         "embed_dim": int(vit.embed_dim),
         "depth": len(vit.blocks),

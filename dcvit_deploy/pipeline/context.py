@@ -79,6 +79,7 @@ class Prepared:
     holdout_fp: str
     holdout_note: str
     input_fp: str
+    images_note: str = ""
 
 
 def prepare(opts: CompressOptions) -> Prepared:
@@ -110,7 +111,6 @@ def prepare(opts: CompressOptions) -> Prepared:
     all_paths = list(images)
     train = sample_images(all_paths, opts.num_samples, opts.seed)
     split = split_holdout(all_paths, train, opts.holdout, opts.seed)
-    note = split.note
     holdout = load_eval_tensor(list(split.paths), dcfg, max_images=opts.holdout)
     check_finite_outputs(loaded.model, holdout[:1], f"{opts.model} ({loaded.weights_source})")
     return Prepared(
@@ -121,8 +121,9 @@ def prepare(opts: CompressOptions) -> Prepared:
         train_paths=train,
         holdout=holdout,
         holdout_fp=tensor_fingerprint(holdout),
-        holdout_note=note,
+        holdout_note=split.note,
         input_fp=data_fp(train),
+        images_note=images.note,
     )
 
 

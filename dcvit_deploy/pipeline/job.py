@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,7 +23,7 @@ from dcvit_deploy.pipeline.units.building import BuildUnit, build_facts, build_u
 from dcvit_deploy.pipeline.units.compressing import FamilyUnit, current_family, superseded
 from dcvit_deploy.pipeline.units.exporting import ExportUnit, export_facts, onnx_precision_for
 from dcvit_deploy.pipeline.units.measuring import ProfileUnit, check_device
-from dcvit_deploy.pipeline.units.publishing import PublishUnit, unpublish_stale
+from dcvit_deploy.pipeline.units.publishing import PublishUnit, publish_unit_id, unpublish_stale
 from dcvit_deploy.pipeline.units.selecting import (
     SelectUnit,
     budget_batch,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from dcvit_deploy.pipeline.units.compressing import Family
     from dcvit_deploy.store.records import Artifact, TargetProfile
 
-Until = Literal["export", "build", "profile", "select"]
+Until = Literal["export", "build", "profile", "select", "report"]
 
 
 def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
@@ -91,7 +91,7 @@ def run_job(
         RunDir.open(out, identity_of(copts, prep), overwrite=overwrite, must_exist=resume) as run,
     ):
         ctx = JobContext(run, copts, dopts, profile, progress, _prep=prep)
-        for n in [*run.notes, *collapsed, prep.holdout_note]:
+        for n in [*run.notes, *collapsed, prep.images_note, prep.holdout_note]:
             if n:
                 ctx.note(n)
         run.set_inputs(
@@ -200,37 +200,40 @@ def profile_source(run: RunDir, name: str) -> str:
 
 
 def decide_and_publish(
-    ctx: JobContext, runner: Runner, family: Family, profile: TargetProfile
+    ctx: JobContext, runner: Runner, family: Family, profile: TargetProfile, *, render: bool = False
 ) -> JobResult:
-    """Select (pure, confirmed), publish to Triton, write the reports."""
+    """Select (pure, confirmed), publish to Triton, write the reports. ``render``: decide and
+    publish nothing, report what the run recorded (a decision made on these outcomes)."""
     from dcvit_deploy.selection.decide import capacity_order, infeasible_error
 
     run = ctx.run
     outcomes = capacity_order(outcomes_for(run, family, profile))
     result = JobResult(selection=None, outcomes=outcomes, notes=ctx.notes)
     result.superseded = superseded(run, family)
-    if ctx.dopts.has_budget:
+    res: dict[str, Any] | None = None
+    if render:  # the recorded decision, if it was made on these outcomes
+        unit = SelectUnit(profile, outcomes)
+        rec = run.unit(unit.id) or {}
+        res = rec.get("result") if rec.get("status") == "ok" else None
+        if res is not None and res.get("decided_on") != unit.inputs(ctx)["outcomes"]:
+            ctx.note("the recorded choice was made on other measurements: run select again")
+            res = None
+    elif ctx.dopts.has_budget:
         res = runner.run(SelectUnit(profile, outcomes)).result
-        result.selection = selection_of(res)
-        result.budget = dict(res.get("budget", {}))
-        remeasured = remeasured_of(res)
-        if remeasured:  # the report shows the figures the decision was made on
-            result.outcomes = [
-                dataclasses.replace(
-                    o,
-                    latency=tuple(
-                        next(
-                            (r for r in remeasured[o.candidate] if r.batch_size == s.batch_size), s
-                        )
-                        for s in o.latency
-                    ),
-                )
-                if o.candidate in remeasured
-                else o
-                for o in outcomes
-            ]
+    if res is not None:
+        result.selection, result.budget = selection_of(res), dict(res.get("budget", {}))
+        fresh = {(n, s.batch_size): s for n, st in remeasured_of(res).items() for s in st}
+        result.outcomes = [  # the report shows the figures the decision was made on
+            replace(o, latency=tuple(fresh.get((o.candidate, s.batch_size), s) for s in o.latency))
+            for o in outcomes
+        ]
     sel = result.selection
-    if sel is not None and sel.chosen is not None:
+    if render:
+        done = run.unit(publish_unit_id(profile.name)) or {}
+        models = done.get("result", {}).get("models") if done.get("status") == "ok" else None
+        if sel is not None and models and models[0]["candidate"] == sel.chosen:
+            result.published = done["result"]
+    elif sel is not None and sel.chosen is not None:
         pub = runner.run(PublishUnit(profile, sel, result.outcomes, family))
         result.published = pub.result
         result.triton = Path(pub.result["repository"]) if pub.ok else None
@@ -305,18 +308,18 @@ def stage_job(
     with terminate_as_interrupt(), run:
         name = dopts.profile if profile_given else profile_source(run, run_profiles(run, None)[0])
         profile = load_profile(name)
-        if until != "export":
+        if until not in ("export", "report"):
             check_target(profile, dopts)
         family = current_family(run)
         ctx = JobContext(run, copts, dopts, profile, progress)
         runner = Runner(ctx)
-        if until == "select":
+        if until in ("select", "report"):
             if not run.unit(f"profile/{profile.name}"):
                 raise UserInputError(
                     f"{out} has not been measured on profile {profile.name}",
                     "run `dcvit-deploy profile` first, or pass the --profile it was measured with",
                 )
-            return decide_and_publish(ctx, runner, family, profile)
+            return decide_and_publish(ctx, runner, family, profile, render=until == "report")
         return deploy(ctx, runner, family, profile, until=None if until == "profile" else until)
 
 

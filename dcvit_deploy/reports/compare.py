@@ -133,6 +133,15 @@ def check_same_target(current: Mapping[str, Any], base: Mapping[str, Any]) -> No
         )
 
 
+def _asked(report: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """The budget a run asked for (``--speedup``, never the milliseconds it derived from its own
+    original, or ``--latency-ms``; statistic, batch, margin) and its preference."""
+    b = from_dict(LatencyBudget, report["budget"]) if report.get("budget") else None
+    asked = () if b is None else (b.speedup, b.reference) if b.relative else (b.ms,)
+    prefer = (report.get("selection") or {}).get("prefer")
+    return None if b is None else (*asked, b.statistic, b.batch_size, b.margin, prefer)
+
+
 def compare_to_baseline(
     report: str | os.PathLike[str] | Mapping[str, Any],
     baseline_report: str | os.PathLike[str] | Mapping[str, Any],
@@ -149,10 +158,12 @@ def compare_to_baseline(
     and batch, or the profile's when it had no budget). A candidate regresses
     when its latency ratio (current / baseline) exceeds ``1 + tolerance``, when its fidelity
     drops by more than ``fidelity_tolerance`` (absolute), or when it was selectable in the
-    baseline and is not now. Losing the only feasible choice under the same budget is a
-    regression too. New and missing candidates, a changed choice and clear speed-ups are
-    notes. Exact numbers are never compared. Reports measured on another profile, device or
-    runtime version are refused unless ``allow_other_device`` (then noted).
+    baseline and is not now. Under the same budget (the same ``--speedup``, not the
+    milliseconds each run derived from its own original) choosing nothing where the baseline
+    chose, or a less dense (``prefer=fidelity``: a less faithful) pick, is a regression too.
+    New and missing candidates, another choice and clear speed-ups are notes. Exact numbers
+    are never compared. Reports measured on another profile, device or runtime version are
+    refused unless ``allow_other_device`` (then noted).
     """
     if tolerance <= 0 or fidelity_tolerance < 0:
         raise UserInputError(
@@ -169,8 +180,7 @@ def compare_to_baseline(
             target_note = exc.problem + " (compared anyway: --allow-other-device)"
     else:
         check_same_target(current, base)
-    budget = from_dict(LatencyBudget, current["budget"]) if current.get("budget") else None
-    base_budget = from_dict(LatencyBudget, base["budget"]) if base.get("budget") else None
+    budget, base_budget = _asked(current), _asked(base)
     axis = current.get("axis") or {}
     statistic = statistic or str(axis.get("statistic") or "p50")
     batch = batch_size if batch_size is not None else int(axis.get("batch_size") or 1)
@@ -235,13 +245,22 @@ def compare_to_baseline(
     chosen = (current.get("selection") or {}).get("chosen")
     base_chosen = (base.get("selection") or {}).get("chosen")
     same_budget = budget == base_budget
-    if chosen != base_chosen:
-        if chosen is None and base_chosen is not None and same_budget and budget is not None:
-            regressions.append(
-                f"no candidate meets the budget any more (the baseline chose {base_chosen})"
+    worse = ""  # under the same budget: nothing chosen, or a pick worse by the preference
+    if chosen != base_chosen and same_budget and budget is not None and base_chosen is not None:
+        what = "fidelity" if budget[-1] == "fidelity" else "retained"  # the preference
+        slack = fidelity_tolerance if what == "fidelity" else 0.0
+        b, c = before[base_chosen], now.get(chosen or "")
+        if c is None:
+            worse = f"no candidate meets the budget any more (the baseline chose {base_chosen})"
+        elif (getattr(c, what) or 0.0) < (getattr(b, what) or 0.0) - slack:
+            worse = (
+                f"chose {chosen} ({what} {getattr(c, what) or 0:.1%}) where the baseline chose "
+                f"{base_chosen} ({getattr(b, what) or 0:.1%})"
             )
-        else:
-            notes.append(f"chosen candidate changed: {base_chosen} -> {chosen}")
+    if worse:
+        regressions.append(worse)
+    elif chosen != base_chosen:
+        notes.append(f"chosen candidate changed: {base_chosen} -> {chosen}")
     if not same_budget:
         notes.append("the budgets differ between the reports; the choices are not comparable")
     if target_note:

@@ -19,7 +19,7 @@ from dcvit_deploy.errors import SchemaError, UserInputError
 from dcvit_deploy.pipeline.context import TRAIN_PACKAGES, versions
 from dcvit_deploy.pipeline.unit import UnitOutput
 from dcvit_deploy.progress import ProgressEvent
-from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.atomic import fingerprint, sha256_file
 from dcvit_deploy.store.records import from_dict, safe_name
 from dcvit_deploy.store.rundir import MANIFEST
 
@@ -31,16 +31,29 @@ if TYPE_CHECKING:
 
 FAMILY_UNIT = "family"
 
-# Options that say where the inputs are or where work runs, not what the family is: the
-# images, the checkpoint and the holdout enter by content instead.
-_NOT_INPUTS = ("data", "checkpoint", "pretrained_cache", "random_init", "device", "model")
+# The options that do not change the candidates, and why (a test holds every other one to it)
+NOT_IDENTITY = {
+    "data": "a location: the images enter by content",
+    "device": "where the finetune runs, not what it computes",
+    **dict.fromkeys(
+        ("checkpoint", "pretrained_cache", "random_init"), "the weights enter by content"
+    ),
+}
 
 
-def family_options(copts: CompressOptions) -> dict[str, Any]:
-    d = dataclasses.asdict(copts)
-    for k in _NOT_INPUTS:
-        d.pop(k, None)
-    return json.loads(json.dumps(d, default=str))
+def family_identity(opts: CompressOptions, prep: Prepared) -> dict[str, Any]:
+    """What the candidates' weights depend on, by content and never a location: the teacher,
+    the few-shot images, their preprocessing (the resolved data config), the held-out images
+    where they choose neurons or score blocks, and every option of the family procedure (those
+    that select images or preprocessing enter as what they resolve to)."""
+    skip = {*NOT_IDENTITY, "model_kwargs", "num_samples", "holdout", "data_overrides"}
+    held = opts.neuron_choice == "activation" or opts.metric == "real"
+    ident = {
+        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in skip},
+        **{k: getattr(prep, k) for k in ("weights_fp", "model_kwargs", "input_fp", "data_config")},
+        "holdout": prep.holdout_fp if held else None,
+    }
+    return cast(dict[str, Any], json.loads(json.dumps(ident, default=str)))
 
 
 def schedules(opts: CompressOptions, n_images: int) -> tuple[Any, Any]:
@@ -150,17 +163,9 @@ class FamilyUnit:
     optional = False
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
-        prep = ctx.prep()
-        return {
-            "weights": prep.weights_fp,
-            "model": ctx.copts.model,
-            "model_kwargs": json.loads(json.dumps(prep.model_kwargs, default=str)),
-            "images": prep.input_fp,
-            "holdout": prep.holdout_fp,
-            "data_config": json.loads(json.dumps(prep.data_config, default=str)),
-            "options": family_options(ctx.copts),
-            "versions": versions(TRAIN_PACKAGES),
-        }
+        prep = ctx.prep()  # the held-out images always enter: fidelity is measured on them
+        ident = family_identity(ctx.copts, prep)
+        return {**ident, "fidelity": prep.holdout_fp, "versions": versions(TRAIN_PACKAGES)}
 
     def execute(self, ctx: JobContext) -> UnitOutput:
         from dcvit_deploy.compress.family import compress_family
@@ -188,7 +193,7 @@ class FamilyUnit:
             out_dir=run.family_dir,
             config=config,
             teacher_fingerprint=prep.weights_fp,
-            input_fingerprint=prep.input_fp,
+            input_fingerprint=fingerprint(family_identity(opts, prep)),
             activation_images=prep.holdout if opts.neuron_choice == "activation" else None,
             device=device,
             progress=ctx.progress,

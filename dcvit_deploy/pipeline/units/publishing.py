@@ -82,8 +82,9 @@ class PublishUnit:
         return pairs
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
+        repo = ctx.dopts.triton_repo
         return {
-            "repository": str(repository(ctx).resolve()),
+            "repository": repo and str(Path(repo).resolve()),  # None: the run's own, wherever
             "models": [
                 [name, cand, self.outcomes[cand].artifact.sha256]  # type: ignore[union-attr]
                 for name, cand in self._names(ctx)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.atomic import fingerprint
 from dcvit_deploy.store.records import (
     CandidateOutcome,
     LatencyBudget,
@@ -130,8 +131,10 @@ class SelectUnit:
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         d = ctx.dopts
+        art = [o.artifact and o.artifact.sha256 for o in self.outcomes]  # not where it lies
+        outcomes = [{**to_dict(o), "artifact": a} for o, a in zip(self.outcomes, art, strict=True)]
         return {
-            "outcomes": [to_dict(o) for o in self.outcomes],
+            "outcomes": fingerprint(outcomes),
             "budget": [d.latency_ms, d.speedup, d.statistic, d.margin, d.batch_size],
             "prefer": d.prefer,
             "search": d.search,
@@ -148,6 +151,7 @@ class SelectUnit:
         selection = self._decide(ctx, items, budget)
         return UnitOutput(
             result={
+                "decided_on": self.inputs(ctx)["outcomes"],  # what `report` may render it with
                 "selection": to_dict(selection),
                 "budget": budget_basis(budget),
                 "remeasured": {n: [to_dict(s) for s in st] for n, st in remeasured.items()},
