@@ -8,19 +8,20 @@ targets), and the run directory is locked for the whole job.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from ..errors import UserInputError
+from ..errors import NotPublished, UserInputError
 from ..progress import ProgressFn, quiet
 from ..rundir import RunDir
 from .build import BuildUnit, build_facts, build_unit_id
 from .context import JobContext, Prepared, identity_of, prepare
 from .export import ExportUnit, export_facts, onnx_precision_for
 from .family import FamilyUnit, current_family, superseded
-from .outcomes import outcomes_for
+from .outcomes import check_measured, outcomes_for
 from .profile import ProfileUnit, check_device
 from .publish import PublishUnit, unpublish_stale
 from .result import JobResult
@@ -204,13 +205,12 @@ def decide_and_publish(
     result = JobResult(selection=None, outcomes=outcomes, notes=ctx.notes)
     result.superseded = superseded(run, family)
     if ctx.dopts.has_budget:
+        check_measured(run, profile, outcomes)
         res = runner.run(SelectUnit(profile, outcomes)).result
         result.selection = selection_of(res)
         result.budget = dict(res.get("budget", {}))
         remeasured = remeasured_of(res)
         if remeasured:  # the report shows the figures the decision was made on
-            import dataclasses
-
             result.outcomes = [
                 dataclasses.replace(
                     o,
@@ -231,12 +231,14 @@ def decide_and_publish(
         result.published = pub.result
         result.triton = Path(pub.result["repository"]) if pub.ok else None
         if not pub.ok:
-            ctx.note(f"{sel.chosen} was chosen but NOT published to Triton: {pub.reason}")
+            result.not_published = NotPublished(
+                f"{sel.chosen} was chosen but not published to Triton: {pub.reason}"
+            )
     elif sel is not None:
         result.infeasible = infeasible_error(sel, result.outcomes)
         removed = unpublish_stale(ctx)
         if removed:
-            ctx.note(f"removed {removed} from the run's Triton repository: nothing fits now")
+            ctx.note(f"removed this run's versions of {removed} from its Triton repository")
     from .report import write_run_reports
 
     result.reports = write_run_reports(ctx, family, profile, result)
@@ -314,16 +316,45 @@ def stage_job(
         if until != "export":
             check_target(profile, dopts)
         family = current_family(run)
+        deployed = run.manifest["inputs"].get("deploy_options") or {}
+        dopts = dataclasses.replace(  # where the run was deployed, unless given now
+            dopts,
+            triton_repo=dopts.triton_repo or deployed.get("triton_repo"),
+            triton_model_name=dopts.triton_model_name or deployed.get("triton_model_name"),
+        )
+        if until == "select":
+            profile = measured_profile(run, profile, given=name if profile_given else None)
         ctx = JobContext(run, copts, dopts, profile, progress)
         runner = Runner(ctx)
         if until == "select":
-            if not run.unit(f"profile/{profile.name}"):
-                raise UserInputError(
-                    f"{out} has not been measured on profile {profile.name}",
-                    "run `dcvit-deploy profile` first, or pass the --profile it was measured with",
-                )
             return decide_and_publish(ctx, runner, family, profile)
         return deploy(ctx, runner, family, profile, until=None if until == "profile" else until)
+
+
+def measured_profile(run: RunDir, profile: TargetProfile, *, given: str | None) -> TargetProfile:
+    """The profile content the run's figures on ``profile.name`` were measured with (what a
+    decision and the served config use); a ``--profile`` given now must be that content."""
+    from ..records import TargetProfile, from_dict, to_dict
+
+    rec = run.unit(f"profile/{profile.name}")
+    if not rec:
+        raise UserInputError(
+            f"{run.root} has not been measured on profile {profile.name}",
+            "run `dcvit-deploy profile` first, or pass the --profile it was measured with",
+        )
+    was = (rec.get("result") or {}).get("profile")
+    if was is None:  # measured before the profile content was recorded
+        return profile
+    now = to_dict(profile)
+    if given and now != was:
+        changed = ", ".join(sorted(k for k in {**was, **now} if was.get(k) != now.get(k)))
+        raise UserInputError(
+            f"profile {given} ({profile.name}) differs in {changed} from the {profile.name} "
+            f"the figures of {run.root} were measured with",
+            f"measure with it first (`dcvit-deploy profile --out {run.root} --profile {given}`)"
+            ", or drop --profile to use the measured one",
+        )
+    return from_dict(TargetProfile, was)
 
 
 def status_of(out: str | Path) -> dict[str, Any]:
