@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.records import Artifact, LatencyStats, MeasureSettings, TargetProfile
 
-from dcvit_deploy.atomic import sha256_file
 from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.records import Artifact, LatencyStats, MeasureSettings, TargetProfile
 from dcvit_deploy.triton import publish, read_onnx_io, validate_config
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -336,8 +336,9 @@ def test_validate_config_is_skipped_without_tritonclient(
 
 def test_importing_writers_stays_cheap() -> None:
     code = (
-        "import sys, dcvit_deploy.select, dcvit_deploy.triton, dcvit_deploy.report\n"
-        "import dcvit_deploy.triton.config, dcvit_deploy.triton.repository\n"
+        "import sys, dcvit_deploy.selection.decide, dcvit_deploy.triton,
+        dcvit_deploy.reports.writers\n"
+        "import dcvit_deploy.triton.model_config, dcvit_deploy.triton.repository\n"
         "import dcvit_deploy.triton.runtime\n"
         "heavy = ('onnx', 'matplotlib', 'tritonclient', 'torch', 'onnxruntime')\n"
         "print([m for m in heavy if m in sys.modules])\n"

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.records import Artifact, LatencyStats, TargetProfile
 from test_pipeline import run_cli
 from test_run_trust import PROFILE, copts, dopts, family_names
 from test_triton import (
@@ -24,9 +26,7 @@ from test_triton import (
     trt_profile,
 )
 
-from dcvit_deploy.atomic import sha256_file
 from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.records import Artifact, LatencyStats, TargetProfile
 from dcvit_deploy.triton import (
     NotServable,
     RepositoryConflict,
@@ -326,7 +326,7 @@ def test_published_files_follow_the_umask(
 ) -> None:
     """Triton often runs as another user: published files get the umask's mode, like any
     other tool's files, also when written atomically through a temporary file."""
-    from dcvit_deploy.atomic import atomic_write_with
+    from dcvit_deploy.store.atomic import atomic_write_with
 
     previous = os.umask(umask)
     try:

@@ -9,7 +9,7 @@ fingerprint is unchanged and its outputs are intact; :mod:`.job` orders them.
 
 from __future__ import annotations
 
-from .job import run_job, stage_job, status_of
-from .result import JobResult
+from dcvit_deploy.pipeline.job import run_job, stage_job, status_of
+from dcvit_deploy.pipeline.result import JobResult
 
 __all__ = ["JobResult", "run_job", "stage_job", "status_of"]

@@ -7,16 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..atomic import sha256_file
-from ..errors import UserInputError
-from ..records import CandidateOutcome, LatencyStats, from_dict
-from .build import build_facts
-from .export import export_facts, export_unit_id, onnx_precision_for
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.pipeline.units.building import build_facts
+from dcvit_deploy.pipeline.units.exporting import export_facts, export_unit_id, onnx_precision_for
+from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.records import CandidateOutcome, LatencyStats, from_dict
 
 if TYPE_CHECKING:
-    from ..records import TargetProfile
-    from ..rundir import RunDir
-    from .family import Family
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.store.records import TargetProfile
+    from dcvit_deploy.store.rundir import RunDir
 
 
 def profile_unit_id(profile: str) -> str:

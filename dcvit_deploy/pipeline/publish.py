@@ -17,14 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NotPublished
-from ..records import to_dict
-from .unit import UnitOutput
+from dcvit_deploy.errors import NotPublished
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.records import to_dict
 
 if TYPE_CHECKING:
-    from ..records import CandidateOutcome, Selection, TargetProfile
-    from .context import JobContext
-    from .family import Family
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.store.records import CandidateOutcome, Selection, TargetProfile
 
 
 def publish_unit_id(profile: str) -> str:
@@ -36,7 +36,7 @@ def repository(ctx: JobContext) -> Path:
 
 
 def model_name(ctx: JobContext) -> str:
-    from ..triton import default_model_name
+    from dcvit_deploy.triton import default_model_name
 
     return ctx.dopts.triton_model_name or default_model_name(ctx.copts.model)
 
@@ -44,7 +44,7 @@ def model_name(ctx: JobContext) -> str:
 def unpublish_stale(ctx: JobContext, keep: tuple[str, ...] = ()) -> list[str]:
     """Remove the versions this run published into its own repository (models not in
     ``keep``); other runs' versions stay."""
-    from ..triton import unpublish
+    from dcvit_deploy.triton import unpublish
 
     if ctx.dopts.triton_repo:
         return []
@@ -71,7 +71,7 @@ class PublishUnit:
 
     def _names(self, ctx: JobContext) -> list[tuple[str, str]]:
         """(model name, candidate) pairs to publish."""
-        from ..select import pareto_front
+        from dcvit_deploy.selection.decide import pareto_front
 
         base = model_name(ctx)
         assert self.selection.chosen is not None
@@ -98,7 +98,7 @@ class PublishUnit:
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
-        from ..triton import publish
+        from dcvit_deploy.triton import publish
 
         repo = repository(ctx)
         published = []

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..errors import BudgetInfeasible, NotPublished
-    from ..records import CandidateOutcome, Selection
+    from dcvit_deploy.errors import BudgetInfeasible, NotPublished
+    from dcvit_deploy.store.records import CandidateOutcome, Selection
 
 
 @dataclass

@@ -11,7 +11,7 @@ Importing this package imports neither onnx nor tritonclient (both are loaded on
 
 from __future__ import annotations
 
-from .config import (
+from dcvit_deploy.triton.model_config import (
     Accelerator,
     ConfigCheck,
     ModelIO,
@@ -26,7 +26,7 @@ from .config import (
     validate_config,
     version_dirs,
 )
-from .repository import (
+from dcvit_deploy.triton.repository import (
     Published,
     RepositoryConflict,
     check_model_name,
@@ -34,7 +34,12 @@ from .repository import (
     publish,
     unpublish,
 )
-from .runtime import ServingMismatch, ServingSettings, publishable, serving_settings
+from dcvit_deploy.triton.runtime import (
+    ServingMismatch,
+    ServingSettings,
+    publishable,
+    serving_settings,
+)
 
 __all__ = [
     "Accelerator",
