@@ -71,9 +71,10 @@ def stage_over_run(
 def select_over_run(
     out: str | Path, dopts: DeployOptions, *, profile_given: bool = True
 ) -> JobResult:
-    """Select among the measured outcomes of a run's current family under a budget; publish and
-    write the reports. ``profile_given=False``: use the profile the run was last measured with
-    instead of ``dopts.profile``."""
+    """Select among the measured outcomes of a run's current family under a budget; publish (to
+    the Triton repository and model name the run was deployed with, unless ``dopts`` names
+    them) and write the reports. ``profile_given=False``: use the profile the run was last
+    measured with instead of ``dopts.profile``."""
     return stage_job(out, dopts, until="select", profile_given=profile_given)
 
 
@@ -85,13 +86,17 @@ def report_over_run(out: str | Path, profile: str | None = None) -> dict[str, Pa
 
 
 def status(out: str | Path) -> dict[str, Any]:
-    """Units, family, superseded candidates and per-profile outcome statuses of a run."""
+    """Units, per-profile outcome statuses and the stages of every candidate of the current
+    family (``{"status": "not measured"}`` before its first stage), and the superseded
+    candidates of earlier families (``{"status": "superseded"}``)."""
     s = status_of(out)
     steps = {k: v["status"] for k, v in s["units"].items() if "/" not in k or k.count("/") == 1}
-    candidates: dict[str, dict[str, str]] = {}
+    candidates: dict[str, dict[str, str]] = {name: {} for name in s["family"]}
     for unit_id, rec in s["units"].items():
         parts = unit_id.split("/")
-        if parts[0] in ("export", "build") and len(parts) == 3:
-            stage = f"{parts[0]}:{parts[1]}"
-            candidates.setdefault(parts[2], {})[stage] = rec["status"]
+        if parts[0] in ("export", "build") and len(parts) == 3 and parts[2] in candidates:
+            candidates[parts[2]][f"{parts[0]}:{parts[1]}"] = rec["status"]
+    for name in candidates:
+        candidates[name] = candidates[name] or {"status": "not measured"}
+    candidates.update({name: {"status": "superseded"} for name in s["superseded"]})
     return {**s, "steps": steps, "candidates": candidates, "outcomes": s.get("outcomes", {})}

@@ -2,7 +2,8 @@
 
 Heavy imports (torch, timm, onnxruntime) happen inside command bodies so ``--help`` is instant.
 User errors print one line (problem; fix) to stderr and exit 1 (3: no candidate meets the
-budget, 4: regression against a baseline); Ctrl-C leaves a resumable run and exits 130.
+budget, 4: regression against a baseline, 5: chosen but not published to Triton); Ctrl-C
+leaves a resumable run and exits 130.
 """
 
 from __future__ import annotations
@@ -253,8 +254,9 @@ DEPLOY_OPTIONS = _options(
     click.option(
         "--triton-replace",
         is_flag=True,
-        help="Replace an existing Triton model whose platform, I/O or max batch size differ "
-        "(its older versions are retired).",
+        help="Publish over a Triton model that serves another run's version (this pick is "
+        "then served), or whose platform, I/O or max batch size differ (its versions are "
+        "retired).",
     ),
     click.option(
         "--triton-pareto",
@@ -432,7 +434,7 @@ def deploy_options(kw: dict[str, Any]) -> Any:
         prefer=kw.get("prefer", "capacity"),
         confirm=not kw.get("no_confirm", False),
         allow_other_device=kw.get("allow_other_device", False),
-        triton_repo=kw.get("triton_repo"),
+        triton_repo=kw.get("triton_repo") and str(Path(kw["triton_repo"]).expanduser().absolute()),
         triton_model_name=kw.get("triton_model_name"),
         triton_replace=bool(kw.get("triton_replace", False)),
         triton_pareto=kw.get("triton_pareto", False),
@@ -575,11 +577,15 @@ def _result_text(result: Any) -> str:
     return "\n".join(lines)
 
 
-def _finish(result: Any, as_json: bool) -> None:
+def _finish(result: Any, as_json: bool, shown: set[str] | None = None) -> None:
+    """Print the result (and the notes not ``shown`` yet); raise what made it fail: nothing
+    fits (3), or the pick was not published (5)."""
     _close_progress()
+    _warn(_result_notes(result, shown or set()))
     _emit(as_json, _result_payload(result), _result_text(result))
-    if result.infeasible is not None:
-        raise result.infeasible
+    for failure in (result.infeasible, result.not_published):
+        if failure is not None:
+            raise failure
 
 
 # =========================================================================== commands
@@ -589,7 +595,11 @@ def _finish(result: Any, as_json: bool) -> None:
 @click.version_option(package_name="dcvit-deploy")
 def cli() -> None:
     """Compress a ViT with DC-ViT into a dense family, deploy it, and pick the densest
-    candidate that meets a measured latency budget."""
+    candidate that meets a measured latency budget.
+
+    Exit codes: 0 ok; 1 user or environment error; 3 no candidate meets the budget; 4 a
+    regression in `compare`; 5 a candidate was chosen but not published to Triton; 130
+    interrupted."""
 
 
 @cli.command("compress")
@@ -637,11 +647,10 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         stop_after="deploy" if "deploy" in stages else "compress",
         validated=True,  # validate_run above already checked everything it can
     )
-    _close_progress()
-    _warn(_result_notes(result, set(checked.notes)))
     if "deploy" in stages:
-        _finish(result, kw["as_json"])
+        _finish(result, kw["as_json"], set(checked.notes))
         return
+    _warn(_result_notes(result, set(checked.notes)))
     _family_listing(kw)
 
 
@@ -1029,8 +1038,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors as one line, exit codes per :mod:`dcvit_deploy.errors`.
 
     0 ok; 1 a user or environment error, including command-line usage errors (one line:
-    problem; fix); 3 no candidate meets the budget; 4 a regression in ``compare``;
-    130 interrupted. Anything else is a bug and keeps its traceback.
+    problem; fix); 3 no candidate meets the budget; 4 a regression in ``compare``; 5 a
+    candidate was chosen but not published; 130 interrupted. Anything else is a bug and keeps
+    its traceback.
     """
     interrupts: list[int] = []
 

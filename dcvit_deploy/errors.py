@@ -99,3 +99,9 @@ class RegressionDetected(DcvitError):
     """A benchmark comparison against a stored baseline found a regression."""
 
     exit_code = 4
+
+
+class NotPublished(DcvitError):
+    """A candidate was chosen but not published to Triton (the reports are written)."""
+
+    exit_code = 5

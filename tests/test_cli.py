@@ -377,6 +377,7 @@ def test_result_notes_are_printed_once(
     def fake(*args: object, **kwargs: object) -> object:
         return SimpleNamespace(
             selection=None, outcomes=[], reports={}, triton=None, infeasible=None,
+            not_published=None,
             notes=["2 of 8 images could not be used and were skipped (a.jpg: broken)",
                    "no images left over for a held-out set: fidelity and verification use "
                    "training images (add images or lower --num-samples)"],

@@ -1,7 +1,9 @@
-"""Triton model repository writer: configs from the artifact's own I/O, golden text, schema."""
+"""Triton configs from the artifact's own I/O and the measured profile: golden text, schema,
+errors; shared helpers (tiny ONNX models, fake engines, profiles) for the Triton tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,11 +14,11 @@ import pytest
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.atomic import sha256_file
-from dcvit_deploy.store.records import Artifact
+from dcvit_deploy.store.records import Artifact, LatencyStats, MeasureSettings, TargetProfile
 from dcvit_deploy.triton import (
+    publish,
     read_onnx_io,
     validate_config,
-    write_model_repository,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -111,6 +113,37 @@ def fake_engine(
     )
 
 
+def cpu_profile(**options: Any) -> TargetProfile:
+    return TargetProfile(
+        name="cpu-ort",
+        backend="onnxruntime",
+        device="cpu",
+        precision="fp32",
+        batch_sizes=(1, 4),
+        budget_batch_size=1,
+        statistic="p50",
+        scope="host",
+        backend_options={"provider": "cpu", **options},
+    )
+
+
+def trt_profile(
+    *, cuda_graphs: bool = True, device_id: int = 0, max_batch: int = 16
+) -> TargetProfile:
+    return TargetProfile(
+        name="h100-trt-fp16",
+        backend="tensorrt",
+        device="cuda",
+        precision="fp16",
+        batch_sizes=(1, 8, max_batch),
+        budget_batch_size=1,
+        statistic="p50",
+        scope="device_compute",
+        measure=MeasureSettings(cuda_graphs=cuda_graphs),
+        backend_options={"device_id": device_id},
+    )
+
+
 def parse(text: str) -> Any:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -129,35 +162,29 @@ def tiny_onnx(tmp_path: Path) -> Path:
 
 
 def test_onnx_repository_matches_golden_and_triton_schema(tiny_onnx: Path, tmp_path: Path) -> None:
-    from dcvit_deploy.store.records import LatencyStats
-
     stats = LatencyStats(
         batch_size=8, iterations=50, mean=1.0, std=0.1, cov=0.1, min=0.9, max=1.4, p50=1.0,
         p90=1.1, p95=1.2, p99=1.3, throughput=8000.0, scope="host", timer="perf_counter",
         windows=3, window_medians=(1.0, 1.0, 1.0), stable=True, warmup_iters=10, duration_s=1.0,
     )  # fmt: skip
     repo = tmp_path / "repo"
-    model_dir = write_model_repository(
-        repo,
-        "vit_small_dcvit",
-        onnx_artifact(tiny_onnx),
-        max_batch_size=8,
-        instance_count=2,
-        preferred_batch_sizes=(1, 4, 8),
-        max_queue_delay_us=100,
-        latency=[stats],
-    )
+    profile = dataclasses.replace(cpu_profile(), batch_sizes=(1, 4, 8))
+    model_dir = publish(
+        repo, "vit_small_dcvit", onnx_artifact(tiny_onnx), profile, latency=[stats],
+        instance_count=2, max_queue_delay_us=100,
+    ).model_dir  # fmt: skip
     assert model_dir == repo / "vit_small_dcvit"
     text = (model_dir / "config.pbtxt").read_text()
     assert text == (GOLDEN / "onnx_batched.config.pbtxt").read_text()
 
     config = parse(text)
     assert config.platform == "onnxruntime_onnx"
-    assert config.max_batch_size == 8
+    assert config.max_batch_size == 8  # the profile's largest batch
     assert [i.name for i in config.input] == ["input"]
     assert list(config.input[0].dims) == [3, 8, 8]  # batch dim owned by Triton
     assert list(config.output[0].dims) == [10]
     assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 100
     assert config.instance_group[0].count == 2
     assert not config.optimization.cuda.graphs
     assert config.model_warmup[0].batch_size == 8
@@ -174,26 +201,12 @@ def test_onnx_repository_matches_golden_and_triton_schema(tiny_onnx: Path, tmp_p
     assert validate_config(model_dir).status == "ok"
 
 
-def test_max_batch_size_zero_is_written_explicitly(tiny_onnx: Path, tmp_path: Path) -> None:
-    model_dir = write_model_repository(
-        tmp_path / "repo", "tiny", onnx_artifact(tiny_onnx), max_batch_size=0, kind="KIND_CPU"
-    )
-    text = (model_dir / "config.pbtxt").read_text()
-    assert text == (GOLDEN / "onnx_unbatched.config.pbtxt").read_text()
-    assert "max_batch_size: 0\n" in text
-    config = parse(text)
-    assert list(config.input[0].dims) == [-1, 3, 8, 8]  # full shape without Triton batching
-    assert not config.HasField("dynamic_batching")
-    assert validate_config(model_dir / "config.pbtxt").ok
-
-
 def test_shipped_onnx_runs_with_the_config_shapes(tiny_onnx: Path, tmp_path: Path) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    model_dir = write_model_repository(
-        tmp_path / "repo", "tiny", onnx_artifact(tiny_onnx), max_batch_size=4
-    )
+    published = publish(tmp_path / "repo", "tiny", onnx_artifact(tiny_onnx), cpu_profile())
+    model_dir = published.model_dir
     config = parse((model_dir / "config.pbtxt").read_text())
     session = ort.InferenceSession(
         str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
@@ -212,116 +225,68 @@ def test_io_is_read_from_the_onnx_file(tmp_path: Path) -> None:
     assert [t.name for t in io.outputs] == ["scores"]  # the initializer W is not an input
 
 
-def test_static_batch_with_batching_is_a_clear_error(tmp_path: Path) -> None:
-    path = make_onnx(tmp_path / "static.onnx", batch=1)
-    with pytest.raises(UserInputError, match="static batch dimension") as info:
-        write_model_repository(tmp_path / "repo", "m", onnx_artifact(path), max_batch_size=8)
-    assert "\n" not in str(info.value) and "fix: re-export with a dynamic batch axis" in str(
-        info.value
-    )
-    assert not (tmp_path / "repo").exists()  # nothing half-written
-    model_dir = write_model_repository(
-        tmp_path / "repo", "m", onnx_artifact(path), max_batch_size=0
-    )
-    assert list(parse((model_dir / "config.pbtxt").read_text()).input[0].dims) == [1, 3, 8, 8]
-
-
-def test_mismatched_names_are_rejected(tiny_onnx: Path, tmp_path: Path) -> None:
+def test_mismatched_names_and_bad_model_names_are_one_line(tiny_onnx: Path, tmp_path: Path) -> None:
+    renamed = onnx_artifact(tiny_onnx, input_name="pixels")
     with pytest.raises(UserInputError, match="names input 'pixels'"):
-        write_model_repository(
-            tmp_path / "repo", "m", onnx_artifact(tiny_onnx, input_name="pixels"), max_batch_size=1
-        )
-
-
-def test_changed_artifact_is_rejected(tiny_onnx: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserInputError, match="changed since candidate c60"):
-        write_model_repository(
-            tmp_path / "repo", "m", onnx_artifact(tiny_onnx, sha256="0" * 64), max_batch_size=1
-        )
-    assert not (tmp_path / "repo" / "m" / "1" / "model.onnx").exists()
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"max_batch_size": 0, "dynamic_batching": True}, "dynamic batching needs"),
-        ({"max_batch_size": 4, "preferred_batch_sizes": (8,)}, "exceed max_batch_size 4"),
-        ({"max_batch_size": 4, "cuda_graphs": True}, "TensorRT plans only"),
-        ({"max_batch_size": 4, "warmup_batch_sizes": (16,)}, "outside 1..4"),
-        ({"max_batch_size": 4, "kind": "KIND_TPU"}, "unknown"),
-    ],
-)
-def test_bad_settings_are_user_errors(
-    tiny_onnx: Path, tmp_path: Path, kwargs: dict[str, Any], match: str
-) -> None:
-    with pytest.raises(UserInputError, match=match):
-        write_model_repository(tmp_path / "repo", "m", onnx_artifact(tiny_onnx), **kwargs)
-
-
-def test_bad_model_name_and_backend(tiny_onnx: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserInputError, match="not a valid directory name"):
-        write_model_repository(tmp_path, "../escape", onnx_artifact(tiny_onnx))
-    with pytest.raises(UserInputError, match="backend 'torch' artifacts") as info:
-        write_model_repository(tmp_path, "m", onnx_artifact(tiny_onnx, backend="torch"))
-    assert "fix: publish from an onnxruntime or tensorrt profile" in str(info.value)
+        publish(tmp_path / "repo", "m", renamed, cpu_profile())
+    with pytest.raises(UserInputError, match="not a usable file or folder name"):
+        publish(tmp_path, "../escape", onnx_artifact(tiny_onnx), cpu_profile())
+    with pytest.raises(UserInputError, match="instance_count must be >= 1"):
+        publish(tmp_path / "repo", "m", onnx_artifact(tiny_onnx), cpu_profile(), instance_count=0)
+    assert not (tmp_path / "repo").exists()
 
 
 # --------------------------------------------------------------------------- TensorRT
 
 
 @pytest.mark.parametrize("short", [False, True], ids=["backend-layout", "short-layout"])
-def test_tensorrt_per_gpu_config_matches_golden(tmp_path: Path, short: bool) -> None:
+def test_tensorrt_config_matches_golden(tmp_path: Path, short: bool) -> None:
     artifact = fake_engine(tmp_path, short=short)
-    model_dir = write_model_repository(
-        tmp_path / "repo", "vit_small_dcvit", artifact, preferred_batch_sizes=(1, 8, 16),
-        config_name="h100",
-    )  # fmt: skip
-    text = (model_dir / "configs" / "h100.pbtxt").read_text()
+    model_dir = publish(tmp_path / "repo", "vit_small_dcvit", artifact, trt_profile()).model_dir
+    text = (model_dir / "config.pbtxt").read_text()
     assert text == (GOLDEN / "trt_h100.config.pbtxt").read_text()
     config = parse(text)
     assert config.platform == "tensorrt_plan"
-    assert config.max_batch_size == 16  # the engine profile's max, by default
-    assert config.optimization.cuda.graphs
-    assert config.default_model_filename == "model_h100.plan"
+    assert config.max_batch_size == 16  # the profile's largest batch, covered by the engine
+    assert config.optimization.cuda.graphs  # measured with CUDA graphs
     from tritonclient.grpc import model_config_pb2
 
     # FP16, as the engine metadata says (the ONNX tests show FP32 comes through too)
     assert config.input[0].data_type == model_config_pb2.TYPE_FP16
-    assert (model_dir / "1" / "model_h100.plan").read_bytes() == Path(artifact.path).read_bytes()
-    deploy = json.loads((model_dir / "configs" / "h100.deploy.json").read_text())
+    assert (model_dir / "1" / "model.plan").read_bytes() == Path(artifact.path).read_bytes()
+    deploy = json.loads((model_dir / "1" / "deploy.json").read_text())
     assert deploy["tensorrt_version"] == "10.13.0"
     assert deploy["gpu"] == "NVIDIA H100 80GB HBM3"
     assert deploy["compute_capability"] == "9.0"
     assert deploy["engine_profile_max_batch"] == 16
-    assert validate_config(model_dir / "configs" / "h100.pbtxt").ok
+    assert validate_config(model_dir).ok
 
 
 @pytest.mark.parametrize("short", [False, True])
 def test_engine_profile_must_cover_max_batch_size(tmp_path: Path, short: bool) -> None:
     artifact = fake_engine(tmp_path, max_batch=4, short=short)
     with pytest.raises(UserInputError, match="batches up to 4, but max_batch_size is 8"):
-        write_model_repository(tmp_path / "repo", "m", artifact, max_batch_size=8)
+        publish(tmp_path / "repo", "m", artifact, trt_profile(max_batch=8))
 
 
 def test_engine_errors(tmp_path: Path) -> None:
     artifact = fake_engine(tmp_path)
-    with pytest.raises(UserInputError, match="KIND_CPU"):
-        write_model_repository(tmp_path / "repo", "m", artifact, kind="KIND_CPU")
+    on_cpu = dataclasses.replace(trt_profile(), device="cpu")
+    with pytest.raises(UserInputError, match="device = 'cpu' cannot run backend 'tensorrt'"):
+        publish(tmp_path / "repo", "m", artifact, on_cpu)
     static = fake_engine(tmp_path, batch_dim=8)
     with pytest.raises(UserInputError, match="static batch dimension"):
-        write_model_repository(tmp_path / "repo", "m", static, max_batch_size=8)
+        publish(tmp_path / "repo", "m", static, trt_profile())
     Path(artifact.path + ".json").unlink()
     with pytest.raises(UserInputError, match=r"engine metadata c60\.plan\.json not found"):
-        write_model_repository(tmp_path / "repo", "m", artifact)
+        publish(tmp_path / "repo", "m", artifact, trt_profile())
 
 
 # --------------------------------------------------------------------------- validation
 
 
 def test_validate_config_cross_checks_the_model_files(tiny_onnx: Path, tmp_path: Path) -> None:
-    model_dir = write_model_repository(
-        tmp_path / "repo", "m", onnx_artifact(tiny_onnx), max_batch_size=4
-    )
+    model_dir = publish(tmp_path / "repo", "m", onnx_artifact(tiny_onnx), cpu_profile()).model_dir
     good = (model_dir / "config.pbtxt").read_text()
     cfg = model_dir / "config.pbtxt"
 
@@ -365,9 +330,7 @@ def test_validate_config_text_schema_errors() -> None:
 def test_validate_config_is_skipped_without_tritonclient(
     tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model_dir = write_model_repository(
-        tmp_path / "repo", "m", onnx_artifact(tiny_onnx), max_batch_size=4
-    )
+    model_dir = publish(tmp_path / "repo", "m", onnx_artifact(tiny_onnx), cpu_profile()).model_dir
     monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)
     monkeypatch.setitem(sys.modules, "tritonclient.grpc.model_config_pb2", None)
     check = validate_config(model_dir)

@@ -172,5 +172,5 @@ def test_every_version_is_checked_against_the_config(tmp_path: Path) -> None:
 def test_written_configs_parse_in_triton_schema(tmp_path: Path) -> None:
     published = publish(tmp_path / "repo", "m", fake_engine(tmp_path), trt_profile())
     config = parse(published.config_path.read_text())
-    assert config.version_policy.WhichOneof("policy_choice") == "latest"
+    assert list(config.version_policy.specific.versions) == [published.version]
     assert config.instance_group[0].gpus == [0]

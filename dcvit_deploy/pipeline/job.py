@@ -14,9 +14,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.errors import NotPublished, UserInputError
 from dcvit_deploy.pipeline.context import JobContext, Prepared, identity_of, prepare
-from dcvit_deploy.pipeline.outcomes import outcomes_for
+from dcvit_deploy.pipeline.outcomes import check_measured, outcomes_for
 from dcvit_deploy.pipeline.result import JobResult
 from dcvit_deploy.pipeline.runner import Runner, terminate_as_interrupt
 from dcvit_deploy.pipeline.units.building import BuildUnit, build_facts, build_unit_id
@@ -219,6 +219,7 @@ def decide_and_publish(
             ctx.note("the recorded choice was made on other measurements: run select again")
             res = None
     elif ctx.dopts.has_budget:
+        check_measured(run, profile, outcomes)
         res = runner.run(SelectUnit(profile, outcomes)).result
     if res is not None:
         result.selection, result.budget = selection_of(res), dict(res.get("budget", {}))
@@ -238,12 +239,14 @@ def decide_and_publish(
         result.published = pub.result
         result.triton = Path(pub.result["repository"]) if pub.ok else None
         if not pub.ok:
-            ctx.note(f"{sel.chosen} was chosen but NOT published to Triton: {pub.reason}")
+            result.not_published = NotPublished(
+                f"{sel.chosen} was chosen but not published to Triton: {pub.reason}"
+            )
     elif sel is not None:
         result.infeasible = infeasible_error(sel, result.outcomes)
         removed = unpublish_stale(ctx)
         if removed:
-            ctx.note(f"removed {removed} from the run's Triton repository: nothing fits now")
+            ctx.note(f"removed this run's versions of {removed} from its Triton repository")
     from dcvit_deploy.pipeline.units.reporting import write_run_reports
 
     result.reports = write_run_reports(ctx, family, profile, result)
@@ -311,6 +314,14 @@ def stage_job(
         if until not in ("export", "report"):
             check_target(profile, dopts)
         family = current_family(run)
+        deployed = run.manifest["inputs"].get("deploy_options") or {}
+        dopts = dataclasses.replace(  # where the run was deployed, unless given now
+            dopts,
+            triton_repo=dopts.triton_repo or deployed.get("triton_repo"),
+            triton_model_name=dopts.triton_model_name or deployed.get("triton_model_name"),
+        )
+        if until == "select":
+            profile = measured_profile(run, profile, given=name if profile_given else None)
         ctx = JobContext(run, copts, dopts, profile, progress)
         runner = Runner(ctx)
         if until in ("select", "report"):
@@ -321,6 +332,32 @@ def stage_job(
                 )
             return decide_and_publish(ctx, runner, family, profile, render=until == "report")
         return deploy(ctx, runner, family, profile, until=None if until == "profile" else until)
+
+
+def measured_profile(run: RunDir, profile: TargetProfile, *, given: str | None) -> TargetProfile:
+    """The profile content the run's figures on ``profile.name`` were measured with (what a
+    decision and the served config use); a ``--profile`` given now must be that content."""
+    from dcvit_deploy.store.records import TargetProfile, from_dict, to_dict
+
+    rec = run.unit(f"profile/{profile.name}")
+    if not rec:
+        raise UserInputError(
+            f"{run.root} has not been measured on profile {profile.name}",
+            "run `dcvit-deploy profile` first, or pass the --profile it was measured with",
+        )
+    was = (rec.get("result") or {}).get("profile")
+    if was is None:  # measured before the profile content was recorded
+        return profile
+    now = to_dict(profile)
+    if given and now != was:
+        changed = ", ".join(sorted(k for k in {**was, **now} if was.get(k) != now.get(k)))
+        raise UserInputError(
+            f"profile {given} ({profile.name}) differs in {changed} from the {profile.name} "
+            f"the figures of {run.root} were measured with",
+            f"measure with it first (`dcvit-deploy profile --out {run.root} --profile {given}`)"
+            ", or drop --profile to use the measured one",
+        )
+    return from_dict(TargetProfile, was)
 
 
 def status_of(out: str | Path) -> dict[str, Any]:

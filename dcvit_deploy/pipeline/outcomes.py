@@ -1,12 +1,16 @@
 """What happened to each candidate of the current family on one target, assembled from the
-unit records (the family is the source of truth; nothing else is read)."""
+unit records (the family is the source of truth; nothing else is read), and the check that a
+decision is made on measurements of every candidate's artifact as it is now."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.pipeline.units.building import build_facts
 from dcvit_deploy.pipeline.units.exporting import export_facts, export_unit_id, onnx_precision_for
+from dcvit_deploy.store.atomic import sha256_file
 from dcvit_deploy.store.records import CandidateOutcome, LatencyStats, from_dict
 
 if TYPE_CHECKING:
@@ -19,17 +23,52 @@ def profile_unit_id(profile: str) -> str:
     return f"profile/{profile}"
 
 
-def measured(run: RunDir, profile: str) -> tuple[dict[str, list[LatencyStats]], dict[str, str]]:
-    """Latencies and measurement failures recorded by the profile unit of ``profile``."""
+def measured(
+    run: RunDir, profile: str
+) -> tuple[dict[str, list[LatencyStats]], dict[str, str], dict[str, str]]:
+    """Latencies, measurement failures and the artifacts considered (name -> sha256) recorded
+    by the profile unit of ``profile``."""
     rec = run.unit(profile_unit_id(profile))
     if not rec or rec.get("status") != "ok":
-        return {}, {}
+        return {}, {}, {}
     res = rec.get("result", {})
     lat = {
         name: [from_dict(LatencyStats, s) for s in stats]
         for name, stats in res.get("latency", {}).items()
     }
-    return lat, dict(res.get("errors", {}))
+    return lat, dict(res.get("errors", {})), dict(res.get("artifacts", {}))
+
+
+def check_measured(run: RunDir, profile: TargetProfile, outcomes: list[CandidateOutcome]) -> None:
+    """Before a decision, in one line: every candidate's artifact as it is now was considered
+    by the profile unit (not a candidate of a rerun ``family``, not rebuilt since), and every
+    selectable artifact is still the file that was measured."""
+    considered = measured(run, profile.name)[2]
+    fresh = [
+        o.candidate
+        for o in outcomes
+        if o.status == "not_measured"
+        and (o.artifact is None or considered.get(o.candidate) != o.artifact.sha256)
+    ]
+    fix = f"run `dcvit-deploy profile --out {run.root}` (it builds and measures what changed)"
+    if fresh:
+        raise UserInputError(
+            f"{len(fresh)} candidate(s) of the current family were never measured on profile "
+            f"{profile.name} as built now ({', '.join(fresh)})",
+            fix,
+        )
+    for o in outcomes:
+        a = o.artifact
+        if (
+            o.status == "ok"
+            and a
+            and (not Path(a.path).is_file() or sha256_file(a.path) != a.sha256)
+        ):
+            raise UserInputError(
+                f"artifact {run.rel(a.path)} of candidate {o.candidate} is missing or changed "
+                "since it was built and measured",
+                fix,
+            )
 
 
 def candidate_facts(family: Family, name: str) -> dict[str, Any]:
@@ -47,7 +86,7 @@ def candidate_facts(family: Family, name: str) -> dict[str, Any]:
 def outcomes_for(run: RunDir, family: Family, profile: TargetProfile) -> list[CandidateOutcome]:
     """One outcome per candidate of ``family`` on ``profile``, in family order."""
     precision = onnx_precision_for(profile.precision)
-    latency, errors = measured(run, profile.name)
+    latency, errors, considered = measured(run, profile.name)
     out = []
     for cand in family.candidates:
         base = candidate_facts(family, cand.name)
@@ -93,7 +132,7 @@ def outcomes_for(run: RunDir, family: Family, profile: TargetProfile) -> list[Ca
                 )
             )
             continue
-        stats = latency.get(cand.name)
+        stats = latency.get(cand.name) if considered.get(cand.name) == artifact.sha256 else None
         if stats:
             out.append(
                 CandidateOutcome(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dcvit_deploy.errors import BudgetInfeasible
+    from dcvit_deploy.errors import BudgetInfeasible, NotPublished
     from dcvit_deploy.store.records import CandidateOutcome, Selection
 
 
@@ -21,6 +21,7 @@ class JobResult:
     reports: dict[str, Path] = field(default_factory=dict)
     triton: Path | None = None
     infeasible: BudgetInfeasible | None = None
+    not_published: NotPublished | None = None
     notes: list[str] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
     budget: dict[str, Any] = field(default_factory=dict)

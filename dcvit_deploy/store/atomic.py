@@ -2,7 +2,9 @@
 
 Every file this project persists is written to a temporary sibling named for its writer
 (``.<name>.<pid>.<random>.partial``) and renamed into place, so a crash or Ctrl-C never leaves
-a half-written file under the final name, and two writers never share a temporary file.
+a half-written file under the final name, and two writers never share a temporary file. The
+file gets the mode the process umask gives new files (0644 under 022), however the writer
+created it: a Triton server running as another user reads what is published.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     try:
         yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

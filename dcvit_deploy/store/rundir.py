@@ -2,7 +2,7 @@
 
 Layout (all writes atomic, temporary files unique per writer)::
 
-    RUN/manifest.json              schema, identity, inputs, one record per pipeline unit
+    RUN/manifest.json              schema, identity, run id, inputs, one record per unit
     RUN/.lock, RUN/.lock.json      the run lock and who holds it (pid, host, command)
     RUN/family/                    candidates (<name>.safetensors + <name>.json), family.json
     RUN/metric_set/                cached synthetic metric set
@@ -33,6 +33,7 @@ import shutil
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -371,6 +372,15 @@ class RunDir:
         return p if p.is_absolute() else self.inside(p)
 
     # ------------------------------------------------------------------ inputs and units
+
+    @property
+    def run_id(self) -> str:
+        """This run's unique id: the owner recorded in the Triton versions it publishes (a copy
+        of the directory is the same run; another run never has it)."""
+        if "run_id" not in self.manifest:
+            self.manifest["run_id"] = uuid.uuid4().hex
+            self.save()
+        return str(self.manifest["run_id"])
 
     def set_inputs(self, **inputs: Any) -> None:
         self.manifest["inputs"].update(inputs)

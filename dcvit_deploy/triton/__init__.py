@@ -3,9 +3,8 @@
 * :mod:`.config` -- an artifact's I/O, the ``config.pbtxt`` text, validation against Triton's
   ``ModelConfig`` schema and the rules Triton applies when loading.
 * :mod:`.runtime` -- the runtime settings a target profile measured with, as config settings.
-* :mod:`.repository` -- :func:`publish` (numbered versions of one model, idempotent, atomic),
-  :func:`clear_stale` (a run's own stale models) and the single-version
-  :func:`write_model_repository`.
+* :mod:`.repository` -- :func:`publish` (numbered versions of one model, idempotent, atomic,
+  owned) and :func:`unpublish` (a run's own versions).
 
 Importing this package imports neither onnx nor tritonclient (both are loaded on first use).
 """
@@ -31,10 +30,9 @@ from dcvit_deploy.triton.repository import (
     Published,
     RepositoryConflict,
     check_model_name,
-    clear_stale,
     default_model_name,
     publish,
-    write_model_repository,
+    unpublish,
 )
 from dcvit_deploy.triton.runtime import (
     ServingMismatch,
@@ -54,7 +52,6 @@ __all__ = [
     "ServingSettings",
     "TensorSpec",
     "check_model_name",
-    "clear_stale",
     "default_model_name",
     "engine_meta_path",
     "parse_config",
@@ -65,7 +62,7 @@ __all__ = [
     "read_onnx_io",
     "render_config",
     "serving_settings",
+    "unpublish",
     "validate_config",
     "version_dirs",
-    "write_model_repository",
 ]

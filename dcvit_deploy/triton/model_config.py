@@ -335,37 +335,22 @@ def render_config(
     max_queue_delay_us: int = 0,
     cuda_graphs: bool = False,
     warmup_batch_sizes: Sequence[int] = (),
-    default_model_filename: str | None = None,
-    latest_versions: int | None = None,
     graph_level: int | None = None,
     gpu_accelerators: Sequence[Accelerator] = (),
     parameters: Mapping[str, str] | None = None,
-    comment: str = "",
 ) -> str:
     """Deterministic ``config.pbtxt`` text (no timestamps; same inputs give the same bytes).
 
     Settings are taken as given; the repository writers decide them (from the target profile)
-    and check them against the artifact first. ``latest_versions``: write
-    ``version_policy { latest { num_versions: N } }``. ``graph_level``: the onnxruntime
+    and check them against the artifact first. ``graph_level``: the onnxruntime
     backend's ``optimization { graph { level } }``. ``parameters``: model-level string
     parameters (the onnxruntime backend's thread counts, execution mode), sorted by key.
     """
-    lines: list[str] = []
-    if comment:
-        lines += [f"# {line}".rstrip() for line in comment.splitlines()]
-    lines += [
+    lines = [
         f"name: {_quote(model_name)}",
         f"platform: {_quote(platform)}",
         f"max_batch_size: {max_batch_size}",
     ]
-    if default_model_filename:
-        lines.append(f"default_model_filename: {_quote(default_model_filename)}")
-    if latest_versions is not None:
-        lines += _block(
-            "version_policy",
-            _block("latest", [f"    num_versions: {latest_versions}"], "  "),
-            "",
-        )
     for section, specs in (("input", io.inputs), ("output", io.outputs)):
         lines.append(f"{section} [")
         for i, spec in enumerate(specs):

@@ -119,7 +119,8 @@ class ProfileUnit:
         return UnitOutput(
             result={
                 "basis": self.basis(),
-                "artifacts": {n: self.artifacts[n].sha256 for n in latency},
+                "artifacts": {n: a.sha256 for n, a in self.artifacts.items()},  # considered
+                "profile": to_dict(self.profile),  # what is served is what was measured
                 "latency": {n: [to_dict(s) for s in st] for n, st in latency.items()},
                 "errors": errors,
                 "environment": capture_environment(),

@@ -1,12 +1,15 @@
-"""The publish unit: the chosen artifact into a Triton model repository, as the next version of
-one stable model.
+"""The publish unit: the chosen artifact into a Triton model repository, as the served version
+of one stable model.
 
 The model name is ``--triton-model-name`` or derived from the base model (never from the
 chosen candidate), so a new pick becomes version N+1 of the same model; the config carries the
 runtime settings that were measured. With ``--triton-pareto`` every Pareto-optimal candidate is
-also published, each as ``<model>_<candidate>``. A run-local repository (``RUN/triton``) holds
-only what this run publishes now: models of earlier picks under other names, or of a run that
-now picks nothing, are removed (a user's ``--triton-repo`` is never cleaned).
+also published, each as ``<model>_<candidate>``. Every version records the run's id as its
+owner: a run never publishes over a model that serves another run's version (unless
+``--triton-replace``), and a run-local repository (``RUN/triton``) loses only this run's
+versions of earlier picks under other names, or of a run that now picks nothing (a user's
+``--triton-repo`` is never cleaned). The files of the published versions (immutable) are the
+unit's outputs; ``config.pbtxt`` is not, since another run may serve its own version through it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dcvit_deploy.errors import NotPublished
 from dcvit_deploy.pipeline.unit import UnitOutput
 from dcvit_deploy.store.records import to_dict
 
@@ -38,18 +42,19 @@ def model_name(ctx: JobContext) -> str:
 
 
 def unpublish_stale(ctx: JobContext, keep: tuple[str, ...] = ()) -> list[str]:
-    """Remove models this run published earlier into its own repository (not in ``keep``)."""
-    from dcvit_deploy.triton import clear_stale
+    """Remove the versions this run published into its own repository (models not in
+    ``keep``); other runs' versions stay."""
+    from dcvit_deploy.triton import unpublish
 
     if ctx.dopts.triton_repo:
         return []
-    return clear_stale(ctx.run.root / "triton", run_root=ctx.run.root, keep=keep)
+    return unpublish(ctx.run.root / "triton", ctx.run.run_id, run_root=ctx.run.root, keep=keep)
 
 
 class PublishUnit:
     """Publish the selection's choice (and, on request, the Pareto front)."""
 
-    optional = True  # a target Triton cannot serve (torch) is reported; the reports still go out
+    optional = True  # a pick that is not published is reported after the reports are written
 
     def __init__(
         self,
@@ -100,34 +105,39 @@ class PublishUnit:
         published = []
         files: list[Path] = []
         pairs = self._names(ctx)
+        meta = {"run": str(ctx.run.root), "identity": ctx.run.manifest.get("identity")}
         for name, cand in pairs:
             outcome = self.outcomes[cand]
             assert outcome.artifact is not None
-            artifact = outcome.artifact
-            pub = publish(
-                repo,
-                name,
-                artifact,
-                self.profile,
-                latency=outcome.latency,
-                source_candidate=cand,
-                run_meta={"run": ctx.run.root.name, "identity": ctx.run.manifest.get("identity")},
-                replace=ctx.dopts.triton_replace,
-            )
+            try:
+                pub = publish(
+                    repo,
+                    name,
+                    outcome.artifact,
+                    self.profile,
+                    latency=outcome.latency,
+                    source_candidate=cand,
+                    run_meta=meta,
+                    owner=ctx.run.run_id,
+                    replace=ctx.dopts.triton_replace,
+                )
+            except OSError as exc:  # a full disk, a read-only repository
+                raise NotPublished(
+                    f"writing {exc.filename or repo} failed: {exc.strerror or exc}",
+                    "free space or fix permissions there, then rerun the same command",
+                ) from exc
             published.append(
                 {
                     "model": pub.model_name,
                     "candidate": cand,
                     "version": pub.version,
                     "created": pub.created,
-                    "served": pub.served,
                     "config": str(pub.config_path),
                     "notes": list(pub.notes),
                 }
             )
-            files.append(pub.config_path)
             files += [p for p in (pub.model_dir / str(pub.version)).iterdir() if p.is_file()]
         removed = unpublish_stale(ctx, keep=tuple(n for n, _ in pairs))
         for n in removed:
-            ctx.note(f"removed stale model {n} from the run's Triton repository")
+            ctx.note(f"removed this run's stale versions of {n} from its Triton repository")
         return UnitOutput(result={"repository": str(repo), "models": published}, files=tuple(files))
