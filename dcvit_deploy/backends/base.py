@@ -184,14 +184,6 @@ class ReadyMeasurement:
             self.closer = None
 
 
-def opener(
-    backend: object,
-) -> Callable[[Artifact, TargetProfile, int], OpenMeasurement] | None:
-    """``backend.open_measurement`` when the backend offers it, else ``None``."""
-    method = getattr(backend, "open_measurement", None)
-    return method if callable(method) else None
-
-
 REQUIRED_ATTRIBUTES: tuple[str, ...] = (
     "name",
     "availability",

@@ -797,17 +797,6 @@ def calibration_bank(data: Any, *, seed: int = 0, views: int = 1) -> torch.Tenso
     return torch.stack(imgs)
 
 
-def _unique_plans(plans: Sequence[StructurePlan]) -> list[StructurePlan]:
-    """Drop targets that plan to the same structure as a smaller one (dense but distinct)."""
-    seen: set[tuple[int, int]] = set()
-    out = []
-    for p in plans:
-        if (p.n_blocks, p.hidden) not in seen:
-            seen.add((p.n_blocks, p.hidden))
-            out.append(p)
-    return out
-
-
 def load_family(out_dir: str | Path) -> list[Candidate]:
     """The candidates listed in ``family.json`` (written last by :func:`compress_family`)."""
     data = read_json(Path(out_dir) / "family.json", _FamilyList, what="family list",

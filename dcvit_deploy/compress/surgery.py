@@ -215,19 +215,6 @@ def apply_spec(base: nn.Module, spec: ArchSpec) -> nn.Module:
     return reshape(base, full_spec(spec), spec, base)
 
 
-def spec_of(model: nn.Module, template: ArchSpec) -> ArchSpec:
-    """Read the structure of a built model back into a spec (kept indices from ``template``)."""
-    blocks = []
-    for module, tb in zip(model.blocks, template.blocks, strict=True):  # type: ignore[arg-type]
-        s = _block_spec_of(module)
-        blocks.append(
-            BlockSpec(
-                kind=s.kind, mlp_hidden=s.mlp_hidden, kept=tb.kept if s.kind != "identity" else None
-            )
-        )
-    return _with_blocks(template, blocks)
-
-
 def compress_blocks(
     spec: ArchSpec,
     blocks: Iterable[int],
