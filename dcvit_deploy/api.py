@@ -8,11 +8,14 @@ and raises :class:`~dcvit_deploy.errors.DcvitError` subclasses for problems a us
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dcvit_deploy.config.options import CompressOptions, DeployOptions
 from dcvit_deploy.pipeline import JobResult, run_job, stage_job, status_of
 from dcvit_deploy.progress import ProgressFn, quiet
+
+if TYPE_CHECKING:
+    from dcvit_deploy.config.validate import Validated
 
 PipelineResult = JobResult
 """What a job returns (selection, outcomes, reports, Triton repository, notes)."""
@@ -39,11 +42,12 @@ def run_pipeline(
     resume: bool = False,
     progress: ProgressFn = quiet,
     stop_after: Literal["compress", "family", "deploy"] = "deploy",
-    validated: bool = False,
+    checked: Validated | None = None,
 ) -> JobResult:
     """The main job: compress → export/verify → build/verify → profile → select (confirmed) →
     publish to Triton → reports. Rerunning resumes; see :mod:`dcvit_deploy.pipeline`.
-    ``validated``: the caller already ran :func:`dcvit_deploy.config.validate.validate_run`."""
+    ``checked``: the result of :func:`dcvit_deploy.config.validate.validate_run`, when the caller
+    already ran it (the job then loads, reads and plans nothing twice)."""
     return run_job(
         copts,
         dopts,
@@ -52,7 +56,7 @@ def run_pipeline(
         resume=resume,
         progress=progress,
         stop_after="deploy" if stop_after == "deploy" else "family",
-        validated=validated,
+        checked=checked,
     )
 
 

@@ -645,7 +645,7 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         resume=kw["resume"],
         progress=lambda ev: None if ev.stage == "note" else console(ev),
         stop_after="deploy" if "deploy" in stages else "compress",
-        validated=True,  # validate_run above already checked everything it can
+        checked=checked,  # what validate_run established: nothing is loaded or planned twice
     )
     if "deploy" in stages:
         _finish(result, kw["as_json"], set(checked.notes))

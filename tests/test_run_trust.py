@@ -538,3 +538,58 @@ def test_profile_naming_another_gpu_is_refused_unless_allowed(monkeypatch):
     assert "measured on NVIDIA L4" in note
     same = dataclasses.replace(h100, gpu="NVIDIA L4")
     assert profile.check_device(same, allow_other=False) == ""
+
+
+def test_one_compress_loads_the_profile_reads_the_checkpoint_and_plans_once(
+    tmp_path, photo_dir, profile, monkeypatch
+):
+    """Validation establishes the profile, the checkpoint and the plan; the job uses them."""
+    import dataclasses
+
+    import torch
+
+    import dcvit_deploy.config.profiles as profiles_mod
+    import dcvit_deploy.config.validate as validate_mod
+    import dcvit_deploy.model.loading as loading_mod
+    from dcvit_deploy.compress import family as family_mod
+    from dcvit_deploy.model.loading import load_model
+
+    base = copts(photo_dir, targets=(0.25,))
+    torch.manual_seed(0)
+    teacher = load_model(base.model, model_kwargs=base.model_kwargs, random_init=True).model
+    torch.save(teacher.state_dict(), tmp_path / "w.pth")
+    calls: dict[str, int] = {}
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(profiles_mod, "load_profile")
+    counted(loading_mod, "read_state_dict")
+    counted(validate_mod, "plan_targets")
+    counted(family_mod, "preview_family")
+    options = dataclasses.replace(base, random_init=False, checkpoint=str(tmp_path / "w.pth"))
+    result = run_pipeline(options, dopts(profile, latency_ms=1e3), tmp_path / "run")
+    assert result.selection is not None and result.selection.chosen == "original"
+    # the checks plan once; the family engine builds from its own plan (the job no longer
+    # previews the family a third time to refuse colliding targets: the checks do that)
+    assert calls == {
+        "load_profile": 1,
+        "read_state_dict": 1,
+        "plan_targets": 1,
+        "preview_family": 1,
+    }
+
+
+def test_dry_run_refuses_dc_vit_targets_that_plan_to_one_structure(tmp_path, photo_dir):
+    from dcvit_deploy.config.validate import validate_run
+    from dcvit_deploy.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"1 DC-ViT target\(s\) plan to the same structure"):
+        validate_run(copts(photo_dir, targets=(0.2008, 0.2009)), None, tmp_path / "r")
+    assert not (tmp_path / "r").exists()

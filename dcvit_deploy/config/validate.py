@@ -132,6 +132,8 @@ class Validated:
     model: ModelFacts | None = None
     plan: tuple[PlannedTarget, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    state_dict: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    """The checkpoint as read once here; the job loads the model from it."""
 
 
 # =========================================================================== pure option checks
@@ -632,6 +634,14 @@ def plan_targets(opts: CompressOptions, facts: ModelFacts) -> tuple[PlannedTarge
             else:
                 seen[key] = t
             out.append(planned)
+    same = [p for p in out if p.same_as is not None and p.method == "dcvit"]
+    if same:
+        shown = ", ".join(f"{p.target:.4%} -> as {p.same_as:.4%}" for p in same[:3])
+        raise OptionError(
+            f"{len(same)} DC-ViT target(s) plan to the same structure as a smaller target "
+            f"({shown}{' ...' if len(same) > 3 else ''})",
+            "drop those targets or use a coarser --targets step",
+        )
     return tuple(out)
 
 
@@ -730,8 +740,12 @@ def validate_run(
     facts = check_model(copts, sd)
     if sd is not None:
         check_first_forward(copts, facts, sd, images)
-    del sd
     plan = plan_targets(copts, facts)
+    notes += [
+        f"block dropping: target {p.target:.4%} gives the same model as a smaller target"
+        for p in plan
+        if p.same_as is not None
+    ]
     check_train_device(copts.device)
     profile = budget = None
     if deploying and dopts is not None:
@@ -744,6 +758,7 @@ def validate_run(
         model=facts,
         plan=plan,
         notes=tuple(notes),
+        state_dict=sd,
     )
 
 

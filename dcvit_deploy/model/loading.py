@@ -353,14 +353,16 @@ def load_model(
     name: str,
     *,
     checkpoint: str | os.PathLike[str] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     pretrained_cache: bool = False,
     random_init: bool = False,
 ) -> LoadedModel:
     """Build ``name`` with timm and load weights from exactly one source.
 
-    ``checkpoint``: a local file; missing fields of ``model_kwargs`` (num_classes, img_size,
-    patch_size, embed_dim, depth) are inferred from it. ``pretrained_cache``: timm's pretrained
+    ``checkpoint``: a local file (``state_dict``: its content, when already read); missing
+    fields of ``model_kwargs`` (num_classes, img_size, patch_size, embed_dim, depth) are
+    inferred from it. ``pretrained_cache``: timm's pretrained
     weights from the local hub cache only (offline). ``random_init``: no weights (smoke tests,
     latency studies). The model is returned in eval mode.
     """
@@ -373,7 +375,7 @@ def load_model(
     kwargs = dict(model_kwargs or {})
     inferred: dict[str, Any] = {}
     if checkpoint is not None:
-        sd = read_state_dict(checkpoint)
+        sd = state_dict if state_dict is not None else read_state_dict(checkpoint)
         check_finite(sd, Path(checkpoint).name)
         kwargs_full, inferred = checkpoint_kwargs(sd, kwargs)
         model = create_model(name, kwargs_full)

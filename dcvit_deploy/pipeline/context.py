@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata as md
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,7 +83,9 @@ class Prepared:
     images_note: str = ""
 
 
-def prepare(opts: CompressOptions) -> Prepared:
+def prepare(
+    opts: CompressOptions, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> Prepared:
     """Load the model (local weights only; ``--random-init`` seeded by ``--seed``) and the
     few-shot images; split a held-out set."""
     import torch
@@ -102,6 +105,7 @@ def prepare(opts: CompressOptions) -> Prepared:
     loaded = load_model(
         opts.model,
         checkpoint=opts.checkpoint,
+        state_dict=state_dict,
         model_kwargs=opts.model_kwargs,
         pretrained_cache=opts.pretrained_cache,
         random_init=opts.random_init,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from dcvit_deploy.errors import NotPublished, UserInputError
-from dcvit_deploy.pipeline.context import JobContext, Prepared, identity_of, prepare
+from dcvit_deploy.pipeline.context import JobContext, identity_of, prepare
 from dcvit_deploy.pipeline.outcomes import check_measured, outcomes_for
 from dcvit_deploy.pipeline.result import JobResult
 from dcvit_deploy.pipeline.runner import Runner, terminate_as_interrupt
@@ -35,6 +35,7 @@ from dcvit_deploy.store.rundir import RunDir
 
 if TYPE_CHECKING:
     from dcvit_deploy.config.options import CompressOptions, DeployOptions
+    from dcvit_deploy.config.validate import Validated
     from dcvit_deploy.pipeline.units.compressing import Family
     from dcvit_deploy.store.records import Artifact, TargetProfile
 
@@ -53,15 +54,6 @@ def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
     check_device(profile, dopts.allow_other_device)
 
 
-def _validate_up_front(
-    copts: CompressOptions, dopts: DeployOptions, out: str | Path, *, deploying: bool
-) -> None:
-    """The option, path, model, profile and budget checks of :mod:`dcvit_deploy.config.validate`."""
-    from dcvit_deploy.config.validate import validate_run
-
-    validate_run(copts, dopts, out, stages=("compress", "deploy") if deploying else ("compress",))
-
-
 def run_job(
     copts: CompressOptions,
     dopts: DeployOptions,
@@ -71,27 +63,27 @@ def run_job(
     resume: bool = False,
     progress: ProgressFn = quiet,
     stop_after: Literal["family", "deploy"] = "deploy",
-    validated: bool = False,
+    checked: Validated | None = None,
 ) -> JobResult:
     """The main job: family → export/verify → build/verify → profile → select → publish →
-    report."""
-    from dcvit_deploy.config.profiles import load_profile
+    report. ``checked``: what :func:`~dcvit_deploy.config.validate.validate_run` established
+    (run here when not given): the profile, the checkpoint and the plan are used, not redone."""
+    from dcvit_deploy.config.validate import validate_run
 
     deploying = stop_after == "deploy"
-    if not validated:
-        _validate_up_front(copts, dopts, out, deploying=deploying)
-    profile = None
-    if deploying:
-        profile = load_profile(dopts.profile)
-        check_target(profile, dopts)  # the device identity (validation checked the rest)
-    prep = prepare(copts)
-    collapsed = check_targets(copts, prep)
+    if checked is None:
+        stages = ("compress", "deploy") if deploying else ("compress",)
+        checked = validate_run(copts, dopts, out, stages=stages)
+    profile = checked.profile if deploying else None
+    if profile is not None:
+        check_device(profile, dopts.allow_other_device)  # the one check validation leaves
+    prep = prepare(copts, checked.state_dict)
     with (
         terminate_as_interrupt(),
         RunDir.open(out, identity_of(copts, prep), overwrite=overwrite, must_exist=resume) as run,
     ):
         ctx = JobContext(run, copts, dopts, profile, progress, _prep=prep)
-        for n in [*run.notes, *collapsed, prep.images_note, prep.holdout_note]:
+        for n in [*run.notes, prep.images_note, prep.holdout_note]:
             if n:
                 ctx.note(n)
         run.set_inputs(
@@ -110,31 +102,6 @@ def run_job(
             result = deploy(ctx, runner, family, profile)
         result.skipped_images = list(family.info.get("skipped_images", []))
         return result
-
-
-def check_targets(copts: CompressOptions, prep: Prepared) -> list[str]:
-    """Refuse DC-ViT targets that plan to the same structure as another target (they would
-    add no candidate); return notes for block-dropping targets that do (block dropping only
-    has whole-block sizes, so that is expected)."""
-    from dcvit_deploy.compress.family import preview_family
-    from dcvit_deploy.pipeline.units.compressing import family_config
-
-    preview = preview_family(prep.teacher, family_config(copts, len(prep.train_paths)))
-    dups: dict[str, list[str]] = {}
-    for key, name in preview.duplicates.items():
-        method, target = key.split("@", 1)
-        dups.setdefault(method, []).append(f"{float(target):.4%} -> {name}")
-    if dups.get("dcvit"):
-        shown = ", ".join(dups["dcvit"][:3]) + (" ..." if len(dups["dcvit"]) > 3 else "")
-        raise UserInputError(
-            f"{len(dups['dcvit'])} DC-ViT target(s) plan to the same structure as a smaller "
-            f"target ({shown})",
-            "drop those targets or use a coarser --targets step",
-        )
-    return [
-        f"block dropping: target {t} gives the same model as a smaller target"
-        for t in dups.get("practise", [])
-    ]
 
 
 def _capacity_names(family: Family) -> list[str]:
