@@ -40,10 +40,12 @@ def run_pipeline(
     progress: ProgressFn = quiet,
     stop_after: Literal["compress", "family", "deploy"] = "deploy",
     validated: bool = False,
+    executor: Any = None,
 ) -> JobResult:
     """The main job: compress → export/verify → build/verify → profile → select (confirmed) →
     publish to Triton → reports. Rerunning resumes; see :mod:`dcvit_deploy.pipeline`.
-    ``validated``: the caller already ran :func:`dcvit_deploy.validate.validate_run`."""
+    ``validated``: the caller already ran :func:`dcvit_deploy.validate.validate_run`;
+    ``executor``: where independent work runs (:mod:`dcvit_deploy.pipeline.executor`)."""
     return run_job(
         copts,
         dopts,
@@ -53,6 +55,7 @@ def run_pipeline(
         progress=progress,
         stop_after="deploy" if stop_after == "deploy" else "family",
         validated=validated,
+        executor=executor,
     )
 
 

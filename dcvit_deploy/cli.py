@@ -267,6 +267,23 @@ DEPLOY_OPTIONS = _options(
     click.option("--opset", type=int, default=17, show_default=True),
     click.option("--no-simplify", is_flag=True, help="Skip ONNX graph simplification."),
 )
+EXECUTOR_OPTIONS = _options(
+    click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Where independent work runs: this process, or Ray tasks (the family's finetunes; "
+        "each target on a node that carries it).",
+    ),
+    click.option("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else local)."),
+    click.option(
+        "--task-cpus",
+        type=click.IntRange(min=1),
+        help="CPUs (torch threads) per finetune task (default: local all, ray 1); the same value "
+        "gives the same family on either executor.",
+    ),
+)
 DRY_RUN_OPTION = click.option(
     "--dry-run",
     is_flag=True,
@@ -590,6 +607,7 @@ def cli() -> None:
 @BUDGET_OPTIONS
 @DEPLOY_OPTIONS
 @RUN_OPTIONS
+@EXECUTOR_OPTIONS
 @DRY_RUN_OPTION
 def compress_cmd(**kw: Any) -> None:
     """The whole job: compress, export/verify, build, profile, select, Triton + reports."""
@@ -604,7 +622,9 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
 
     copts = compress_options(kw)
     dopts = deploy_options(kw) if "deploy" in stages else DeployOptions()
-    checked = validate_run(copts, dopts, kw["out"], stages=stages)
+    if kw["ray_address"] and kw["executor"] != "ray":
+        raise OptionError("--ray-address needs --executor ray", "add --executor ray or drop it")
+    checked = validate_run(copts, dopts, kw["out"], stages=stages, executor=kw["executor"])
     if kw.get("dry_run"):
         if not kw["as_json"]:
             _warn(checked.notes)
@@ -616,6 +636,7 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         return
     _warn(checked.notes)
     from .api import run_pipeline
+    from .pipeline.executor import make_executor
 
     result = run_pipeline(
         copts,
@@ -626,6 +647,7 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         progress=_progress(kw["as_json"]),
         stop_after="deploy" if "deploy" in stages else "compress",
         validated=True,  # validate_run above already checked everything it can
+        executor=make_executor(kw["executor"], kw["ray_address"], kw["task_cpus"]),
     )
     _warn(_result_notes(result, set(checked.notes)))
     if "deploy" in stages:
@@ -639,6 +661,7 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
 @DATA_OPTIONS
 @COMPRESS_OPTIONS
 @RUN_OPTIONS
+@EXECUTOR_OPTIONS
 @DRY_RUN_OPTION
 def family_cmd(**kw: Any) -> None:
     """Compression only: the dense candidate family (safetensors + JSON specs) in RUN/family."""

@@ -705,6 +705,7 @@ def validate_run(
     out: str | os.PathLike[str],
     *,
     stages: Collection[str] = STAGES,
+    executor: str = "local",
 ) -> Validated:
     """Everything a ``compress`` run (``stages`` = both) or a ``family`` run (``("compress",)``)
     can check before it opens the run directory: options, run and Triton directories writable,
@@ -739,6 +740,10 @@ def validate_run(
     plan = plan_targets(copts, facts)
     check_train_device(copts.device)
     profile = budget = None
+    if executor == "ray":
+        from .pipeline.executor import require_ray
+
+        require_ray()
     if deploying and dopts is not None:
         profile, budget = check_profile(dopts)
     return Validated(

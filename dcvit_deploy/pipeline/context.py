@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserInputError
 from ..progress import ProgressEvent, ProgressFn, quiet
+from .executor import LocalExecutor
 
 if TYPE_CHECKING:
     import torch
@@ -157,6 +158,8 @@ class JobContext:
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     """The record each unit had before the runner started redoing it (a unit may reuse parts
     of it, e.g. bisect reuses measurements whose basis is unchanged)."""
+    executor: LocalExecutor = field(default_factory=LocalExecutor)
+    """Where independent work runs (:mod:`.executor`); only this process writes ``run``."""
 
     def prep(self) -> Prepared:
         if self._prep is None:

@@ -18,6 +18,7 @@ from ..progress import ProgressFn, quiet
 from ..rundir import RunDir
 from .build import BuildUnit, build_facts, build_unit_id
 from .context import JobContext, Prepared, identity_of, prepare
+from .executor import LocalExecutor
 from .export import ExportUnit, export_facts, onnx_precision_for
 from .family import FamilyUnit, current_family, superseded
 from .outcomes import outcomes_for
@@ -66,11 +67,13 @@ def run_job(
     progress: ProgressFn = quiet,
     stop_after: Literal["family", "deploy"] = "deploy",
     validated: bool = False,
+    executor: LocalExecutor | None = None,
 ) -> JobResult:
     """The main job: family → export/verify → build/verify → profile → select → publish →
-    report."""
+    report; ``executor`` runs the independent work (:mod:`.executor`; default: this process)."""
     from ..profiles import load_profile
 
+    executor = executor or LocalExecutor()
     deploying = stop_after == "deploy"
     if not validated:
         _validate_up_front(copts, dopts, out, deploying=deploying)
@@ -84,7 +87,7 @@ def run_job(
         terminate_as_interrupt(),
         RunDir.open(out, identity_of(copts, prep), overwrite=overwrite, must_exist=resume) as run,
     ):
-        ctx = JobContext(run, copts, dopts, profile, progress, _prep=prep)
+        ctx = JobContext(run, copts, dopts, profile, progress, _prep=prep, executor=executor)
         for n in [*run.notes, *collapsed, prep.holdout_note]:
             if n:
                 ctx.note(n)
