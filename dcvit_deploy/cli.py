@@ -564,6 +564,7 @@ def _result_payload(result: Any) -> dict[str, Any]:
         "triton": str(result.triton) if result.triton else None,
         "notes": [str(n) for n in getattr(result, "notes", ()) or ()],
         "skipped_images": [str(n) for n in getattr(result, "skipped_images", ()) or ()],
+        "fleet": getattr(result, "fleet", {}),
     }
 
 
@@ -577,6 +578,8 @@ def _result_text(result: Any) -> str:
         lines.append(f"chosen: {sel.chosen}" if sel.chosen else "chosen: none")
         for name, reason in sel.reasons.items():
             lines.append(f"  {name}: {reason}")
+    for target, row in getattr(result, "fleet", {}).items():
+        lines.append(f"{target}: {row['chosen'] or 'none'} ({row['why']})")
     if result.triton:
         lines.append(f"triton repository: {result.triton}")
     for k, v in result.reports.items():

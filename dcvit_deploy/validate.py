@@ -710,7 +710,9 @@ def validate_run(
     """Everything a ``compress`` run (``stages`` = both) or a ``family`` run (``("compress",)``)
     can check before it opens the run directory: options, run and Triton directories writable,
     images present, checkpoint readable and finite, model structure, targets and blocks,
-    profile, budget and backend. Call it first; it raises the first problem found.
+    profile, budget and backend (each target of ``--profile a,b``; with ``executor="ray"`` a
+    target's backend is checked on its node instead). Call it first; it raises the first
+    problem found.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -745,7 +747,10 @@ def validate_run(
 
         require_ray()
     if deploying and dopts is not None:
-        profile, budget = check_profile(dopts)
+        from .pipeline.fleet import targets_of
+
+        for _, one in reversed(targets_of(dopts)):
+            profile, budget = check_profile(one, need_backend=executor == "local")
     return Validated(
         profile=profile,
         budget=budget,

@@ -160,6 +160,8 @@ class JobContext:
     of it, e.g. bisect reuses measurements whose basis is unchanged)."""
     executor: LocalExecutor = field(default_factory=LocalExecutor)
     """Where independent work runs (:mod:`.executor`); only this process writes ``run``."""
+    elsewhere: tuple[str, ...] = ()
+    """Unit ids (prefixes) that ran elsewhere (a target's node, the head): their records stand."""
 
     def prep(self) -> Prepared:
         if self._prep is None:

@@ -49,12 +49,13 @@ def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
 
 
 def _validate_up_front(
-    copts: CompressOptions, dopts: DeployOptions, out: str | Path, *, deploying: bool
+    copts: CompressOptions, dopts: DeployOptions, out: str | Path, *, deploying: bool, on: str
 ) -> None:
     """The option, path, model, profile and budget checks of :mod:`dcvit_deploy.validate`."""
     from ..validate import validate_run
 
-    validate_run(copts, dopts, out, stages=("compress", "deploy") if deploying else ("compress",))
+    stages = ("compress", "deploy") if deploying else ("compress",)
+    validate_run(copts, dopts, out, stages=stages, executor=on)
 
 
 def run_job(
@@ -70,17 +71,18 @@ def run_job(
     executor: LocalExecutor | None = None,
 ) -> JobResult:
     """The main job: family → export/verify → build/verify → profile → select → publish →
-    report; ``executor`` runs the independent work (:mod:`.executor`; default: this process)."""
-    from ..profiles import load_profile
+    report, on each target of ``dopts.profile`` (:mod:`.fleet`); ``executor`` runs the
+    independent work (:mod:`.executor`; default: this process)."""
+    from .fleet import deploy_fleet, targets_of
 
     executor = executor or LocalExecutor()
     deploying = stop_after == "deploy"
     if not validated:
-        _validate_up_front(copts, dopts, out, deploying=deploying)
-    profile = None
-    if deploying:
-        profile = load_profile(dopts.profile)
-        check_target(profile, dopts)  # the device identity (validation checked the rest)
+        _validate_up_front(copts, dopts, out, deploying=deploying, on=executor.name)
+    targets = targets_of(dopts) if deploying else []
+    for p, d in [] if executor.remote else targets:  # a remote target is checked on its node
+        check_target(p, d)  # the device identity (validation checked the rest)
+    profile = targets[0][0] if targets else None
     prep = prepare(copts)
     collapsed = check_targets(copts, prep)
     with (
@@ -94,6 +96,7 @@ def run_job(
         run.set_inputs(
             compress_options=json.loads(json.dumps(asdict(copts), default=str)),
             deploy_options=asdict(dopts),
+            fleet=[p.name for p, _ in targets] if len(targets) > 1 else [],
         )
         runner = Runner(ctx)
         runner.run(FamilyUnit())
@@ -103,8 +106,10 @@ def run_job(
             ctx.note(str(skipped))
         if profile is None:
             result = JobResult(selection=None, outcomes=[], notes=list(ctx.notes))
-        else:
+        elif len(targets) == 1 and not executor.remote:
             result = deploy(ctx, runner, family, profile)
+        else:
+            result = deploy_fleet(ctx, family, targets, executor)
         result.skipped_images = list(family.info.get("skipped_images", []))
         return result
 
@@ -145,8 +150,10 @@ def deploy(
     profile: TargetProfile,
     *,
     until: Until | None = None,
+    publish: bool = True,
 ) -> JobResult:
-    """Export, build, profile, select, publish and report the current family on ``profile``."""
+    """Export, build, profile, select, publish and report the current family on ``profile``
+    (``publish=False``: stop after selecting, as a target's node does)."""
     from ..select import capacity_order
 
     run = ctx.run
@@ -180,7 +187,7 @@ def deploy(
         bisect = BisectPlan(ctx.dopts, profile, family)
     runner.run(ProfileUnit(profile, artifacts, _capacity_names(family), bisect=bisect))
     _remember_profile(run, profile, ctx.dopts.profile)
-    return decide_and_publish(ctx, runner, family, profile)
+    return decide_and_publish(ctx, runner, family, profile, publish=publish)
 
 
 def _remember_profile(run: RunDir, profile: TargetProfile, source: str) -> None:
@@ -197,7 +204,7 @@ def profile_source(run: RunDir, name: str) -> str:
 
 
 def decide_and_publish(
-    ctx: JobContext, runner: Runner, family: Family, profile: TargetProfile
+    ctx: JobContext, runner: Runner, family: Family, profile: TargetProfile, *, publish: bool = True
 ) -> JobResult:
     """Select (pure, confirmed), publish to Triton, write the reports."""
     from ..select import capacity_order, infeasible_error
@@ -228,6 +235,8 @@ def decide_and_publish(
                 else o
                 for o in outcomes
             ]
+    if not publish:
+        return result
     sel = result.selection
     if sel is not None and sel.chosen is not None:
         pub = runner.run(PublishUnit(profile, sel, result.outcomes, family))

@@ -41,9 +41,10 @@ def unpublish_stale(ctx: JobContext, keep: tuple[str, ...] = ()) -> list[str]:
     """Remove models this run published earlier into its own repository (not in ``keep``)."""
     from ..triton import clear_stale
 
-    if ctx.dopts.triton_repo:
+    repo = repository(ctx).resolve()
+    if not repo.is_relative_to(ctx.run.root.resolve()):  # a user's repository is never cleaned
         return []
-    return clear_stale(ctx.run.root / "triton", run_root=ctx.run.root, keep=keep)
+    return clear_stale(repo, run_root=ctx.run.root, keep=keep)
 
 
 class PublishUnit:
