@@ -273,8 +273,7 @@ EXECUTOR_OPTIONS = _options(
         type=click.Choice(["local", "ray"]),
         default="local",
         show_default=True,
-        help="Where independent work runs: this process, or Ray tasks (the family's finetunes; "
-        "each target on a node that carries it).",
+        help="Run independent work here, or as Ray tasks (finetunes; each target on its node).",
     ),
     click.option("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else local)."),
     click.option(

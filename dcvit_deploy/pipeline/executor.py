@@ -1,17 +1,13 @@
 """Where independent work runs: in this process (``local``) or as Ray tasks (``ray``).
 
-A :class:`Task` is a pure, picklable call with the resources it needs: CPUs (also its torch
-threads, so a result does not depend on where it ran), GPUs, an accelerator type and custom
-resources a node advertises (``target:<profile>``). Tasks seed themselves from their own
-identity and *return* their results (weights, records, file bytes): only the head writes the
-run directory, so its lock and fingerprints mean the same whichever executor ran the work.
-
-Inputs reach Ray workers through Ray's object store, not a shared path: the nodes of a fleet
-rarely share a file system with the head, the store needs nothing beyond the cluster, and an
-argument several tasks share (the teacher, the images, the exported graphs) is put once.
-A worker that dies mid-task is retried by Ray (``retries``); a task no node can place is
-reported as :class:`Unplaceable` after ``placement_wait_s`` while the others go on; Ctrl-C on
-the head (or any error) cancels every task still pending.
+A :class:`Task` is a pure, picklable call with the resources it needs (CPUs = its torch threads,
+so a result does not depend on where it ran; GPUs; an accelerator type; resources a node
+advertises, ``target:<profile>``). Tasks seed themselves from their own identity and *return*
+their results: only the head writes the run, so its lock and fingerprints keep their meaning.
+Inputs reach workers through Ray's object store, not a shared path (fleet nodes rarely share a
+file system with the head); an argument several tasks share is put once. Ray retries a task
+whose worker died; a task no node can place is :class:`Unplaceable` after ``placement_wait_s``
+while the others go on; Ctrl-C on the head (or any error) cancels every pending task.
 """
 
 from __future__ import annotations
@@ -42,7 +38,7 @@ class Resources:
 
 @dataclass(frozen=True)
 class Task:
-    """``fn(*args)`` run with ``threads`` torch threads (``None``: leave them as they are)."""
+    """``fn(*args)`` with ``threads`` torch threads (``None``: leave them as they are)."""
 
     key: str
     fn: Callable[..., Any]
@@ -75,8 +71,7 @@ def call(fn: Callable[..., Any], threads: int | None, *args: Any) -> Any:
 class LocalExecutor:
     """Runs each task in this process, in order (progress callbacks work: nothing is pickled)."""
 
-    name = "local"
-    remote = False
+    name, remote = "local", False
 
     def __init__(self, task_cpus: int | None = None) -> None:
         self.task_cpus = task_cpus  # None: the process's torch threads, as without executor
@@ -86,9 +81,7 @@ class LocalExecutor:
         cpus = self.task_cpus
         return Task(key, fn, args, cpus, Resources(num_cpus=cpus or 1, num_gpus=int(gpu)))
 
-    def map(
-        self, tasks: Sequence[Task], *, allow_unplaceable: bool = False
-    ) -> Iterator[tuple[Task, Any]]:
+    def map(self, tasks: Sequence[Task], allow_unplaceable: bool = False) -> Iterator[Any]:
         """``(task, result)`` as each task finishes (here: in order)."""
         for t in tasks:
             yield t, call(t.fn, t.threads, *t.args)
@@ -98,102 +91,75 @@ def require_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise EnvironmentProblem(
-            "--executor ray needs Ray, which is not installed",
-            "pip install 'dcvit-deploy[ray]'",
-        ) from exc
+        fix = "pip install 'dcvit-deploy[ray]'"
+        raise EnvironmentProblem("--executor ray needs Ray, which is not installed", fix) from exc
     return ray
 
 
 class RayExecutor(LocalExecutor):
-    """Runs tasks on a Ray cluster (joined at ``address``; none: a local one, or RAY_ADDRESS)."""
+    """Runs tasks on a Ray cluster (joined at ``address``; none: RAY_ADDRESS, else a local one)."""
 
-    name = "ray"
-    remote = True
+    name, remote = "ray", True
 
     def __init__(
-        self,
-        address: str | None = None,
-        task_cpus: int | None = 1,
-        *,
-        retries: int = 3,
-        placement_wait_s: float = 120.0,
-        poll_s: float = 0.5,
-    ) -> None:
+        self, address: str | None = None, task_cpus: int | None = 1, *, retries: int = 3,
+        placement_wait_s: float = 120.0, poll_s: float = 0.5,
+    ) -> None:  # fmt: skip
         super().__init__(task_cpus or 1)
         self.retries, self.placement_wait_s, self.poll_s = retries, placement_wait_s, poll_s
         ray = require_ray()
-        if not ray.is_initialized():
-            try:
+        try:
+            if not ray.is_initialized():
                 ray.init(address=address, include_dashboard=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise EnvironmentProblem(
-                    f"cannot join the Ray cluster at {address or 'this machine'}: "
-                    + " ".join(str(exc).split())[:200],
-                    "start it with `ray start --head` (see README, Running on a fleet) or "
-                    "check --ray-address",
-                ) from exc
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise EnvironmentProblem(
+                f"cannot join the Ray cluster at {address or 'this machine'}: {exc}"[:300],
+                "start it (README: Running on a fleet) or check --ray-address",
+            ) from exc
 
-    @staticmethod
-    def _missing(nodes: list[dict[str, float]], demand: dict[str, float]) -> str | None:
-        """The resource no alive node has enough of (``None``: some node can run the task)."""
-        if any(all(n.get(k, 0) >= v for k, v in demand.items()) for n in nodes):
-            return None
-        short = [k for k, v in demand.items() if not any(n.get(k, 0) >= v for n in nodes)]
-        return " and ".join(short) or " + ".join(demand) + " on one node"
-
-    def map(
-        self, tasks: Sequence[Task], *, allow_unplaceable: bool = False
-    ) -> Iterator[tuple[Task, Any]]:
+    def map(self, tasks: Sequence[Task], allow_unplaceable: bool = False) -> Iterator[Any]:
         ray = require_ray()
         uses: dict[int, int] = {}
-        for t in tasks:
-            for a in t.args:
-                uses[id(a)] = uses.get(id(a), 0) + 1
+        for a in (a for t in tasks for a in t.args):
+            uses[id(a)] = uses.get(id(a), 0) + 1
         put: dict[int, Any] = {}
 
-        def arg(a: Any) -> Any:  # put a shared argument once, not once per task
-            if uses[id(a)] < 2 or isinstance(a, (int, float, str, bool, type(None))):
+        def arg(a: Any) -> Any:  # put an argument several tasks share once
+            if uses[id(a)] < 2 or isinstance(a, (int, float, str, type(None))):
                 return a
             if id(a) not in put:
                 put[id(a)] = ray.put(a)
             return put[id(a)]
 
-        fn, wait = ray.remote(call), self.placement_wait_s
         pending: dict[Any, tuple[Task, float]] = {}
+        remote = ray.remote(call)
         try:
             for t in tasks:
                 r = t.resources
-                opts: dict[str, Any] = {
-                    "num_cpus": r.num_cpus,
-                    "num_gpus": r.num_gpus,
-                    "max_retries": self.retries,
-                    "name": t.key,
-                }
-                if r.custom:
-                    opts["resources"] = dict(r.custom)
-                if r.accelerator_type:
-                    opts["accelerator_type"] = r.accelerator_type
-                ref = fn.options(**opts).remote(t.fn, t.threads, *map(arg, t.args))
-                pending[ref] = (t, time.monotonic())
+                ref = remote.options(
+                    name=t.key, num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.custom,
+                    accelerator_type=r.accelerator_type, max_retries=self.retries,
+                )  # fmt: skip
+                pending[ref.remote(t.fn, t.threads, *map(arg, t.args))] = (t, time.monotonic())
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=self.poll_s)
                 for ref in done:
                     yield pending.pop(ref)[0], ray.get(ref)
-                late = [(r, t) for r, (t, s) in pending.items() if time.monotonic() - s > wait]
+                since = time.monotonic() - self.placement_wait_s
+                late = [(ref, t) for ref, (t, t0) in pending.items() if t0 < since]
                 nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")] if late else []
                 for ref, t in late:
-                    missing = self._missing(nodes, t.resources.demand())
-                    if missing is None:
-                        continue
+                    need = t.resources.demand()
+                    if any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
+                        continue  # placeable, just busy
+                    short = [k for k, v in need.items() if all(n.get(k, 0) < v for n in nodes)]
+                    why = f"no node offers {' and '.join(short) or ' + '.join(need)}"
                     ray.cancel(ref, force=True)
                     del pending[ref]
                     if not allow_unplaceable:
-                        raise EnvironmentProblem(
-                            f"{t.key}: no node of the Ray cluster offers {missing}",
-                            "add a node that does, or run with --device cpu / --executor local",
-                        )
-                    yield t, Unplaceable(f"no node offers {missing}")
+                        fix = "add such a node, or use --executor local"
+                        raise EnvironmentProblem(f"{t.key}: {why} in the Ray cluster", fix)
+                    yield t, Unplaceable(why)
         except BaseException:  # Ctrl-C, a task's error, the caller stopping early
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -1,19 +1,17 @@
 """Several targets in one run (``--profile a,b,c``): one family and one export serve them all;
 build, verification, measurement, selection, publishing and reports happen per target.
 
-With the local executor the targets run one after another in this process. With a remote
-executor each target is one task on a node that carries it (:func:`resources_for`): the task
-runs the same units as a local run -- build, verify, profile, select with its fresh-process
-confirmation -- in a scratch copy of the run on that node, holding the family, the exported
-graphs and the target's earlier records and files, so the node's runner skips what is still
-valid by its own device and runtime versions. It returns the unit records and the files they
-wrote; the head alone writes them into the run, then publishes and reports.
+Locally the targets run one after another. With Ray each is one task on a node that carries it
+(:func:`resources_for`), running the same units as locally (build, verify, profile, select with
+its fresh-process confirmation) in a scratch copy of the run that holds the family, the graphs
+and the target's earlier records and files -- the node's runner skips what is still valid by its
+own device and runtime versions -- and returning the records and files, which the head alone
+writes into the run before it publishes and reports.
 
-Triton: a fleet publishes each target to its own repository, ``<repo>/<profile>/<model>``, under
-the one stable model name: a Triton server runs on one GPU type and loads one repository, so
-each pool serves ``--model-repository <repo>/<profile>`` and clients call the same name on any
-pool; each target's versions advance on their own (N+1), and a target that now picks nothing
-can clear its own repository without touching another target's model.
+Triton: a repository per target, ``<repo>/<profile>/<model>``, under the one model name: a
+Triton server runs on one GPU type and loads one repository, so clients call the same name on
+every pool, each target's versions advance on their own, and a target that now picks nothing
+clears its own repository without touching another target's model.
 """
 
 from __future__ import annotations
@@ -62,22 +60,18 @@ def targets_of(dopts: DeployOptions) -> list[Target]:
     return out
 
 
-def accelerator_type(gpu: str) -> str | None:
-    """Ray's label for a GPU name, as Ray labels its nodes ("Tesla T4" -> "T4")."""
-    if not gpu:
-        return None
-    m = re.match(r"\w+\s+((?:[A-Z]+\s+)*[A-Z0-9]*\d[A-Z0-9]*)", gpu)
-    return (m.group(1) if m else re.sub(r"^NVIDIA\s+", "", gpu)).replace(" ", "-")
-
-
 def resources_for(profile: TargetProfile) -> Resources:
     """A node that carries ``profile`` (it advertises ``target:<name>``) and, for a GPU target,
-    one whole GPU of its type (one GPU task per GPU); a CPU target reserves the threads its
-    runtime uses, so measurements on one node do not share cores."""
+    one whole GPU of its type, named as Ray labels nodes ("Tesla T4" -> ``T4``); a CPU target
+    reserves the threads its runtime uses, so measurements on one node do not share cores."""
     custom = {f"target:{profile.name}": 1.0}
-    if profile.device == "cuda":
-        return Resources(1, 1, accelerator_type(profile.gpu or ""), custom)
-    return Resources(int(profile.backend_options.get("intra_op_num_threads") or 1), 0, None, custom)
+    if profile.device != "cuda":
+        threads = int(profile.backend_options.get("intra_op_num_threads") or 1)
+        return Resources(threads, 0, None, custom)
+    gpu = profile.gpu or ""
+    m = re.match(r"\w+\s+((?:[A-Z]+\s+)*[A-Z0-9]*\d[A-Z0-9]*)", gpu)  # Ray's own pattern
+    kind = (m.group(1) if m else re.sub(r"^NVIDIA\s+", "", gpu)).replace(" ", "-")
+    return Resources(1, 1, kind or None, custom)
 
 
 @dataclass(frozen=True)
@@ -259,7 +253,7 @@ def fleet_result(
         nums = [row.get(k) for k in ("figure_ms", "spread_ms", "fidelity")]
         cells = [name, row["chosen"] or "-", *("-" if v is None else f"{v:.4g}" for v in nums)]
         lines.append(f"| {' | '.join(cells)} | {row['why']} |")
-    lines.append("\nPer target: `reports/<target>/SUMMARY.md`; Triton: `triton/<target>/`.\n")
+    lines.append("\nPer target: `reports/<target>/`; a Triton repository `<repo>/<target>/`.\n")
     atomic_write_text(run.root / "SUMMARY.md", "\n".join(lines))
     result = JobResult(selection=None, outcomes=[], notes=ctx.notes, fleet=rows)
     result.reports = {"fleet": run.root / "fleet.json", "summary": run.root / "SUMMARY.md"}
