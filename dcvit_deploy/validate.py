@@ -773,6 +773,9 @@ def validate_stage(
     ``select``, ``triton``, ``report``): options, a readable manifest, writable run and Triton
     directories, profile, budget and (``need_backend``) the backend."""
     check_deploy_options(dopts, need_budget=need_budget)
+    if "," in dopts.profile:
+        raise OptionError(f"this command works on one target, not --profile {dopts.profile}",
+                          "run it once per target, e.g. --profile cpu-ort")  # fmt: skip
     check_manifest(out)
     if (Path(out) / "manifest.json").is_file():
         check_writable_dir(out, "--out")

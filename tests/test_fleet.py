@@ -217,3 +217,9 @@ def test_units_that_ran_elsewhere_are_taken_from_their_records_never_rerun(tmp_p
         ctx.elsewhere = ("export/",)
         with pytest.raises(AssertionError, match="fingerprinted on the head"):
             Runner(ctx).run(Measure())
+
+
+def test_a_command_over_one_target_refuses_a_list_in_one_line(tmp_path):
+    code, out, err = run_cli(["select", "--out", str(tmp_path), "--profile", "cpu-ort,t4-trt-fp16",
+                              "--latency-ms", "5"])  # fmt: skip
+    assert_one_line_error(code, out, err, "works on one target", "--profile cpu-ort")
