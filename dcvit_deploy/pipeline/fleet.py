@@ -93,8 +93,8 @@ def _ours(unit_id: str, name: str) -> bool:
 
 def _target_files(root: Path, name: str) -> dict[str, bytes]:
     """The files a target's units write: artifacts, timing cache, raw latencies, logs."""
-    globs = (f"artifacts/{name}/**/*", f"artifacts/{name}.*", f"raw/{name}/**/*")
-    globs += (f"logs/build_{name}_*", f"logs/*_{name}.log")
+    globs = (f"artifacts/{name}/**/*", f"artifacts/{name}.*", f"raw/{name}/**/*",
+             f"logs/build_{name}_*", f"logs/*_{name}.log")  # fmt: skip
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for g in globs
@@ -224,7 +224,8 @@ def fleet_result(
     """The fleet summary (``fleet.json``, ``SUMMARY.md``): per target the chosen artifact, the
     figure it was chosen on and its spread, fidelity, why. Exit 1 when a target was not
     measured, else 3 when nothing fits on one -- after everything is written."""
-    run, rows = ctx.run, {}
+    run = ctx.run
+    rows: dict[str, dict[str, Any]] = {}
     for p, _ in targets:
         r = results.get(p.name, "not measured: interrupted")
         if isinstance(r, str):
