@@ -247,7 +247,7 @@ def _scaled(schedule: FinetuneSchedule, fraction: float) -> FinetuneSchedule:
     )
 
 
-Target = Generator[tuple[Any, ...], dict[str, Any], tuple[Candidate, nn.Module]]
+Building = Generator[tuple[Any, ...], dict[str, Any], tuple[Candidate, nn.Module]]
 """A target being built: yields its finetune, returns its candidate (:meth:`_Family.settle`)."""
 
 
@@ -356,7 +356,7 @@ class _Family:
         self.steps += stage["steps"]
         return stage
 
-    def settle(self, targets: list[Target]) -> list[tuple[Candidate, nn.Module]]:
+    def settle(self, targets: list[Building]) -> list[tuple[Candidate, nn.Module]]:
         """Drive the target generators (:meth:`dcvit_target`, :meth:`practise_target`): each
         yields its one finetune ``(label, student, schedule, trainable range, seed)`` and
         returns its candidate. The finetunes are independent: each is one executor task, and
@@ -530,7 +530,7 @@ class _Family:
         prev: tuple[Candidate, nn.Module] | None,
         item: int,
         items: int,
-    ) -> Target:
+    ) -> Building:
         """Yields the target's finetune when it has exactly one (warm-started, one-shot; see
         :meth:`settle`), returns the candidate and its module."""
         ranking = self.ranking(rank_width)
@@ -622,7 +622,7 @@ class _Family:
         )
         return cand, student
 
-    def practise_target(self, k: int, target: float, item: int, items: int) -> Target:
+    def practise_target(self, k: int, target: float, item: int, items: int) -> Building:
         ranking = self.ranking(0)
         chosen = list(ranking.order[:k])
         spec = compress_blocks(self.base_spec, chosen, 0, kind="identity")
@@ -725,7 +725,7 @@ def compress_family(
             unique = [p.plan for p in mine if p.plan is not None]
             rank_width = unique[len(unique) // 2].hidden
             prev: tuple[Candidate, nn.Module] | None = None
-            todo: list[Target] = []
+            todo: list[Building] = []
             for plan in unique:
                 item += 1
                 width = rank_width if (fam.cfg.reuse or fam.cfg.shared_ranking) else plan.hidden
