@@ -21,12 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from dcvit_deploy.model.images import write_demo_images
+from dcvit_deploy.selection.decide import bisect_search, capacity_order, decide
+from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_text
+from dcvit_deploy.store.records import LatencyBudget
+
 from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
-from dcvit_deploy.atomic import atomic_write_json, atomic_write_text
 from dcvit_deploy.compress.plan import parse_targets
-from dcvit_deploy.data import write_demo_images
-from dcvit_deploy.records import LatencyBudget
-from dcvit_deploy.select import bisect_search, capacity_order, decide
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

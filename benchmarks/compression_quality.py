@@ -48,8 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fmnist
+from dcvit_deploy.model.images import FewShotImages, input_fingerprint, list_images
+from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_text
 
-from dcvit_deploy.atomic import atomic_write_json, atomic_write_text
 from dcvit_deploy.compress.candidate import build_candidate
 from dcvit_deploy.compress.family import PROCEDURES, FamilyConfig, compress_family
 from dcvit_deploy.compress.finetune import (
@@ -64,7 +65,6 @@ from dcvit_deploy.compress.plan import plan_structure
 from dcvit_deploy.compress.recoverability import rank_blocks
 from dcvit_deploy.compress.refit import refit_blocks
 from dcvit_deploy.compress.surgery import apply_spec, compress_blocks, identity_spec, make_chooser
-from dcvit_deploy.data import FewShotImages, input_fingerprint, list_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL_NAME = fmnist.TEACHER_ARCH

@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dcvit_deploy.latency.machine import cpu_model
+from dcvit_deploy.model.images import write_demo_images
+from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_text
+
 from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
-from dcvit_deploy.atomic import atomic_write_json, atomic_write_text
 from dcvit_deploy.compress.plan import parse_targets
-from dcvit_deploy.data import write_demo_images
-from dcvit_deploy.envinfo import cpu_model
 from dcvit_deploy.pipeline.executor import LocalExecutor, RayExecutor
 
 RESULTS = Path(__file__).resolve().parent / "results"

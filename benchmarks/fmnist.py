@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_with, fingerprint
 from torch import nn
 
-from dcvit_deploy.atomic import atomic_write_json, atomic_write_with, fingerprint
 from dcvit_deploy.errors import EnvironmentProblem, UserInputError
 
 if TYPE_CHECKING:

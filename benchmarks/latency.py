@@ -2,7 +2,7 @@
 
 Builds a DeiT-Tiny-sized ViT (random init: latency does not depend on weight values) and a few
 narrowed variants -- smaller MLP ratios, fewer blocks, FFN-only blocks like DC-ViT's -- exports
-each to ONNX with :func:`dcvit_deploy.export.export_onnx`, builds and measures them with the
+each to ONNX with :func:`dcvit_deploy.export.onnx.export_onnx`, builds and measures them with the
 profile's backend through the shared timing loop, and writes::
 
     benchmarks/results/latency_<profile>.json   every statistic, MACs, environment, checks
@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from dcvit_deploy.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from dcvit_deploy.records import TargetProfile, to_dict  # noqa: E402
+from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from dcvit_deploy.store.records import TargetProfile, to_dict  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -123,7 +123,7 @@ def count_macs(model: Any, img_size: int) -> dict[str, int]:
 
 
 def benchmark_profile(name: str, threads: int) -> TargetProfile:
-    from dcvit_deploy.profiles import load_profile
+    from dcvit_deploy.config.profiles import load_profile
 
     profile = load_profile(name)
     if profile.backend == "onnxruntime" and threads >= 0:
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(to_dict(stats)))
         return 0
 
-    from dcvit_deploy.envinfo import capture_environment
-    from dcvit_deploy.export import export_onnx
+    from dcvit_deploy.export.onnx import export_onnx
+    from dcvit_deploy.latency.machine import capture_environment
 
     t_start = time.perf_counter()
     load_start = _load_average()

@@ -3,7 +3,7 @@
 One dense family of a DeiT-Tiny-sized ViT at 224x224 (random init: latency does not depend on
 weights; no finetuning) is planned and cut with :mod:`dcvit_deploy.compress` (DC-ViT's
 closed-form structure plan, FFN-only blocks at width h'), exported with
-:func:`dcvit_deploy.export.export_onnx` and built for the ``cpu-ort`` profile. Then:
+:func:`dcvit_deploy.export.onnx.export_onnx` and built for the ``cpu-ort`` profile. Then:
 
 1. **Thread spinning check**: the original under ONNX Runtime with 1 thread, 2 threads
    (``session.intra_op.allow_spinning`` on, ONNX Runtime's default) and 2 threads with
@@ -18,11 +18,11 @@ closed-form structure plan, FFN-only blocks at width h'), exported with
      loop settings, no dispersion rule), today's decision rule (a candidate not faster than a
      larger sibling is dominated), no confirmation of the choice (its choice is still
      re-measured in a fresh process here, to count how often it would have missed);
-   * **new**: :func:`dcvit_deploy.rounds.measure_rounds` with early stop on
-     :func:`dcvit_deploy.select.decisions_clear` for all budgets, more rounds for the
-     candidates :func:`~dcvit_deploy.select.needs_remeasure` names, then
-     :func:`~dcvit_deploy.select.select_confirmed` with a fresh-process confirmation
-     (:class:`dcvit_deploy.confirm.FreshProcessConfirm`).
+   * **new**: :func:`dcvit_deploy.latency.rounds.measure_rounds` with early stop on
+     :func:`dcvit_deploy.selection.decide.decisions_clear` for all budgets, more rounds for the
+     candidates :func:`~dcvit_deploy.selection.decide.needs_remeasure` names, then
+     :func:`~dcvit_deploy.selection.decide.select_confirmed` with a fresh-process confirmation
+     (:class:`dcvit_deploy.latency.confirm.FreshProcessConfirm`).
 
 Reported per phase and method: agreement of the choice with the quiet reference, chosen
 models whose fresh-process re-measurement meets the budget, candidates wrongly marked dominated
@@ -54,8 +54,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from dcvit_deploy.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from dcvit_deploy.records import (  # noqa: E402
+from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from dcvit_deploy.store.records import (  # noqa: E402
     Artifact,
     CandidateOutcome,
     LatencyBudget,
@@ -100,6 +100,7 @@ def build_family(work: Path, profile: TargetProfile) -> tuple[dict[str, Artifact
     """Original + one DC-ViT candidate per target; returns artifacts and per-candidate facts."""
     import timm
     import torch
+    from dcvit_deploy.export.onnx import export_onnx
 
     from dcvit_deploy.backends import get_backend
     from dcvit_deploy.compress.macs import count_module_macs, geometry_of
@@ -111,7 +112,6 @@ def build_family(work: Path, profile: TargetProfile) -> tuple[dict[str, Artifact
         compress_blocks,
         identity_spec,
     )
-    from dcvit_deploy.export import export_onnx
 
     torch.manual_seed(0)
     name = "deit_tiny_patch16_224"
@@ -274,7 +274,7 @@ def order_violations(p50: dict[str, float], retained: dict[str, float]) -> list[
 
 def old_dominated(outs: Sequence[CandidateOutcome]) -> dict[str, str]:
     """Today's rule: dominated when not faster than the fastest strictly larger sibling."""
-    from dcvit_deploy.select import capacity_order
+    from dcvit_deploy.selection.decide import capacity_order
 
     out: dict[str, str] = {}
     best: tuple[float, str] | None = None
@@ -315,8 +315,8 @@ def new_method(
     raw_dir: Path,
     seed: int,
 ) -> tuple[dict[str, LatencyStats], float, dict[str, Any]]:
-    from dcvit_deploy.rounds import measure_rounds, with_latency
-    from dcvit_deploy.select import decisions_clear, needs_remeasure
+    from dcvit_deploy.latency.rounds import measure_rounds, with_latency
+    from dcvit_deploy.selection.decide import decisions_clear, needs_remeasure
 
     base = [outcome(n, facts, _placeholder()) for n in artifacts]
 
@@ -364,7 +364,7 @@ class BudgetSpec:
 
 
 def make_budget(spec: BudgetSpec, outs: Sequence[CandidateOutcome]) -> LatencyBudget:
-    from dcvit_deploy.select import relative_budget
+    from dcvit_deploy.selection.decide import relative_budget
 
     if spec.kind == "absolute":
         return LatencyBudget(ms=spec.value, statistic="p50", batch_size=1)
@@ -373,7 +373,7 @@ def make_budget(spec: BudgetSpec, outs: Sequence[CandidateOutcome]) -> LatencyBu
 
 
 def _placeholder() -> LatencyStats:
-    from dcvit_deploy.measure import summarize
+    from dcvit_deploy.latency.loop import summarize
 
     return summarize([1.0], batch_size=1, scope="host", timer="none")
 
@@ -390,8 +390,8 @@ def run_phase(
     raw_dir: Path,
     seed: int,
 ) -> dict[str, Any]:
-    from dcvit_deploy.confirm import FreshProcessConfirm
-    from dcvit_deploy.select import capacity_order, decide, dominated, select_confirmed
+    from dcvit_deploy.latency.confirm import FreshProcessConfirm
+    from dcvit_deploy.selection.decide import capacity_order, decide, dominated, select_confirmed
 
     load_start = load1()
     order = [
@@ -693,11 +693,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    from dcvit_deploy.config.profiles import load_profile
+    from dcvit_deploy.latency.machine import capture_environment
+    from dcvit_deploy.latency.rounds import measure_rounds
+    from dcvit_deploy.selection.decide import decide
+
     from dcvit_deploy.backends import get_backend
-    from dcvit_deploy.envinfo import capture_environment
-    from dcvit_deploy.profiles import load_profile
-    from dcvit_deploy.rounds import measure_rounds
-    from dcvit_deploy.select import decide
 
     t_start = time.perf_counter()
     profile = load_profile("cpu-ort")

@@ -1,7 +1,7 @@
 """The public Python API: the main job and the commands over an existing run.
 
 A thin layer over :mod:`dcvit_deploy.pipeline`, whose units do the work. Every function takes
-the options records of :mod:`dcvit_deploy.options`, locks the run directory for its duration,
+the options records of :mod:`dcvit_deploy.config.options`, locks the run directory for its duration,
 and raises :class:`~dcvit_deploy.errors.DcvitError` subclasses for problems a user can fix.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from .options import CompressOptions, DeployOptions
-from .pipeline import JobResult, run_job, stage_job, status_of
-from .progress import ProgressFn, quiet
+from dcvit_deploy.config.options import CompressOptions, DeployOptions
+from dcvit_deploy.pipeline import JobResult, run_job, stage_job, status_of
+from dcvit_deploy.progress import ProgressFn, quiet
 
 PipelineResult = JobResult
 """What a job returns (selection, outcomes, reports, Triton repository, notes)."""
@@ -44,7 +44,7 @@ def run_pipeline(
 ) -> JobResult:
     """The main job: compress → export/verify → build/verify → profile → select (confirmed) →
     publish to Triton → reports. Rerunning resumes; see :mod:`dcvit_deploy.pipeline`.
-    ``validated``: the caller already ran :func:`dcvit_deploy.validate.validate_run`;
+    ``validated``: the caller already ran :func:`dcvit_deploy.config.validate.validate_run`;
     ``executor``: where independent work runs (:mod:`dcvit_deploy.pipeline.executor`)."""
     return run_job(
         copts,

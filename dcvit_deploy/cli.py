@@ -41,7 +41,7 @@ from typing import Any, Literal, TypeVar  # noqa: E402
 
 import click  # noqa: E402
 
-from .errors import DcvitError, OptionError, UserInputError  # noqa: E402
+from dcvit_deploy.errors import DcvitError, OptionError, UserInputError  # noqa: E402
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -336,7 +336,7 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 
 def _blocks(text: str | None) -> tuple[int, ...] | None:
     """``--blocks 1-10`` / ``2,3,5`` / ``1-3,7``; ``None`` when not given (the default set)."""
-    from .validate import MAX_BLOCK_INDEX
+    from dcvit_deploy.config.validate import MAX_BLOCK_INDEX
 
     if text is None:
         return None
@@ -363,7 +363,7 @@ def _blocks(text: str | None) -> tuple[int, ...] | None:
 
 
 def _methods(text: str) -> tuple[str, ...]:
-    from .options import METHODS
+    from dcvit_deploy.config.options import METHODS
 
     names = tuple(m.strip() for m in text.split(","))
     for m in names:
@@ -389,11 +389,11 @@ def _margin(text: str) -> float:
 
 
 def compress_options(kw: dict[str, Any]) -> Any:
-    """The :class:`~dcvit_deploy.options.CompressOptions` of a command's parsed options."""
-    from .data import DataOverrides
-    from .models import parse_model_kwargs
-    from .options import CompressOptions
-    from .validate import targets_from_text
+    """The :class:`~dcvit_deploy.config.options.CompressOptions` of a command's parsed options."""
+    from dcvit_deploy.config.options import CompressOptions
+    from dcvit_deploy.config.validate import targets_from_text
+    from dcvit_deploy.model.images import DataOverrides
+    from dcvit_deploy.model.loading import parse_model_kwargs
 
     overrides = None
     if any(kw.get(k) is not None for k in ("img_size", "mean", "std", "interpolation", "crop_pct")):
@@ -437,8 +437,8 @@ def compress_options(kw: dict[str, Any]) -> Any:
 
 
 def deploy_options(kw: dict[str, Any]) -> Any:
-    """The :class:`~dcvit_deploy.options.DeployOptions` of a command's parsed options."""
-    from .options import DeployOptions
+    """The :class:`~dcvit_deploy.config.options.DeployOptions` of a command's parsed options."""
+    from dcvit_deploy.config.options import DeployOptions
 
     return DeployOptions(
         profile=kw.get("profile") or "cpu-ort",
@@ -514,7 +514,7 @@ def _plan_text(v: Any, copts: Any, dopts: Any, out: str) -> str:
     if v.profile is not None:
         b = v.budget
         if b is not None:
-            from .select import budget_summary
+            from dcvit_deploy.selection.decide import budget_summary
 
             budget = budget_summary(b)
         elif dopts is not None and dopts.speedup is not None:
@@ -529,7 +529,7 @@ def _plan_text(v: Any, copts: Any, dopts: Any, out: str) -> str:
 
 
 def _progress(as_json: bool) -> Any:
-    from .progress import ConsoleProgress, quiet
+    from dcvit_deploy.progress import ConsoleProgress, quiet
 
     return quiet if as_json else ConsoleProgress()
 
@@ -542,7 +542,7 @@ def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
 
 
 def _result_payload(result: Any) -> dict[str, Any]:
-    from .records import to_dict
+    from dcvit_deploy.store.records import to_dict
 
     sel = result.selection
     return {
@@ -571,7 +571,7 @@ def _result_text(result: Any) -> str:
     sel = result.selection
     lines = []
     if sel is not None:
-        from .select import budget_summary
+        from dcvit_deploy.selection.decide import budget_summary
 
         lines.append(f"budget: {budget_summary(sel.budget)}")
         lines.append(f"chosen: {sel.chosen}" if sel.chosen else "chosen: none")
@@ -617,10 +617,10 @@ def compress_cmd(**kw: Any) -> None:
 
 
 def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
-    """Check everything up front (:func:`dcvit_deploy.validate.validate_run`), then run, or
+    """Check everything up front (:func:`dcvit_deploy.config.validate.validate_run`), then run, or
     with ``--dry-run`` print the plan and stop."""
-    from .options import DeployOptions
-    from .validate import validate_run
+    from dcvit_deploy.config.options import DeployOptions
+    from dcvit_deploy.config.validate import validate_run
 
     copts = compress_options(kw)
     dopts = deploy_options(kw) if "deploy" in stages else DeployOptions()
@@ -637,8 +637,8 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         )
         return
     _warn(checked.notes)
-    from .api import run_pipeline
-    from .pipeline.executor import make_executor
+    from dcvit_deploy.api import run_pipeline
+    from dcvit_deploy.pipeline.executor import make_executor
 
     result = run_pipeline(
         copts,
@@ -671,7 +671,7 @@ def family_cmd(**kw: Any) -> None:
 
 
 def _family_listing(kw: dict[str, Any]) -> None:
-    from .compress.family import load_family
+    from dcvit_deploy.compress.family import load_family
 
     fam = load_family(Path(kw["out"]) / "family")
     rows: list[dict[str, Any]] = [
@@ -696,8 +696,8 @@ def _family_listing(kw: dict[str, Any]) -> None:
 
 
 def _stage(kw: dict[str, Any], until: Literal["export", "build", "profile"]) -> None:
-    from .api import stage_over_run
-    from .validate import validate_stage
+    from dcvit_deploy.api import stage_over_run
+    from dcvit_deploy.config.validate import validate_stage
 
     validate_stage(kw["out"], deploy_options(kw), need_backend=until != "export")
     result = stage_over_run(
@@ -760,8 +760,8 @@ def profile_cmd(**kw: Any) -> None:
 @JSON_OPTION
 def select_cmd(**kw: Any) -> None:
     """Select from measured outcomes under a budget; write the Triton repository and reports."""
-    from .api import select_over_run
-    from .validate import validate_stage
+    from dcvit_deploy.api import select_over_run
+    from dcvit_deploy.config.validate import validate_stage
 
     dopts = deploy_options(kw)
     validate_stage(kw["out"], dopts, need_budget=True, need_backend=False)
@@ -786,8 +786,8 @@ def triton_cmd(**kw: Any) -> None:
 @JSON_OPTION
 def report_cmd(**kw: Any) -> None:
     """Rewrite report.json, candidates.csv, SUMMARY.md and pareto.png from a run's outcomes."""
-    from .api import report_over_run
-    from .validate import validate_stage
+    from dcvit_deploy.api import report_over_run
+    from dcvit_deploy.config.validate import validate_stage
 
     dopts = deploy_options(kw)
     validate_stage(kw["out"], dopts, need_backend=False)
@@ -804,8 +804,8 @@ def report_cmd(**kw: Any) -> None:
 @JSON_OPTION
 def status_cmd(out: str, as_json: bool) -> None:
     """Show the steps and candidates of a run directory and where it stopped."""
-    from .api import status
-    from .validate import check_manifest
+    from dcvit_deploy.api import status
+    from dcvit_deploy.config.validate import check_manifest
 
     check_manifest(out)
     s = status(out)
@@ -825,8 +825,8 @@ def status_cmd(out: str, as_json: bool) -> None:
 @JSON_OPTION
 def doctor_cmd(profile: str | None, as_json: bool) -> None:
     """List backends, whether each can run here, and the exact reason and fix when not."""
-    from .backends import doctor
-    from .profiles import load_profile
+    from dcvit_deploy.backends import doctor
+    from dcvit_deploy.config.profiles import load_profile
 
     prof = load_profile(profile) if profile else None
     rows = doctor(prof)
@@ -843,7 +843,7 @@ def doctor_cmd(profile: str | None, as_json: bool) -> None:
 @JSON_OPTION
 def profiles_cmd(as_json: bool) -> None:
     """List the built-in target profiles."""
-    from .profiles import list_profiles, load_profile
+    from dcvit_deploy.config.profiles import list_profiles, load_profile
 
     rows = []
     for name in list_profiles():
@@ -905,9 +905,9 @@ def compare_cmd(
     """CI gate: compare a report with a baseline; exit 4 on a latency or fidelity regression."""
     import dataclasses
 
-    from .compare import check_regression
-    from .errors import RegressionDetected
-    from .validate import check_report_file, check_writable_dir
+    from dcvit_deploy.config.validate import check_report_file, check_writable_dir
+    from dcvit_deploy.errors import RegressionDetected
+    from dcvit_deploy.reports.compare import check_regression
 
     if not tolerance > 0 or tolerance != tolerance or tolerance == float("inf"):
         raise OptionError(
@@ -957,8 +957,8 @@ def compare_cmd(
 @click.option("--count", type=int, default=48, show_default=True)
 def demo_data_cmd(out_dir: str, count: int) -> None:
     """Write real photos bundled with scikit-image (plus crops/flips) for a download-free demo."""
-    from .data import write_demo_images
-    from .validate import check_writable_dir
+    from dcvit_deploy.config.validate import check_writable_dir
+    from dcvit_deploy.model.images import write_demo_images
 
     check_writable_dir(out_dir, "demo-data DIR")
     paths = write_demo_images(out_dir, count)

@@ -15,11 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
-from .errors import RegressionDetected, UserInputError
-from .records import STATISTICS, CandidateOutcome, LatencyBudget, from_dict, to_dict
-from .report import _md, _ms, _stat_of, _write_json, load_report, report_outcomes
-from .select import capacity_order
+from dcvit_deploy.errors import RegressionDetected, UserInputError
+from dcvit_deploy.reports.writers import (
+    _md,
+    _ms,
+    _stat_of,
+    _write_json,
+    load_report,
+    report_outcomes,
+)
+from dcvit_deploy.selection.decide import capacity_order
+from dcvit_deploy.store.atomic import atomic_write_text
+from dcvit_deploy.store.records import (
+    STATISTICS,
+    CandidateOutcome,
+    LatencyBudget,
+    from_dict,
+    to_dict,
+)
 
 __all__ = [
     "COMPARISON_KIND",

@@ -3,17 +3,17 @@
 Everything a long run accumulates in its own process -- warm allocator pools, a thread pool
 that has been spinning, a turbo phase right after start-up, one backend's cached session --
 can bias every figure measured there. Before a choice is published it is measured again in a
-process that shares none of that: ``sys.executable -m dcvit_deploy.confirm JOB OUT``, where
+process that shares none of that: ``sys.executable -m dcvit_deploy.latency.confirm JOB OUT``, where
 ``JOB`` is a JSON file holding the profile and the artifact records, and ``OUT`` receives the
 statistics. The child measures the artifacts in interleaved rounds
-(:func:`dcvit_deploy.rounds.measure_rounds`), so a chosen candidate and its denser neighbour
+(:func:`dcvit_deploy.latency.rounds.measure_rounds`), so a chosen candidate and its denser neighbour
 are compared at the same moments.
 
 API
     :func:`confirm_in_fresh_process` -- one artifact -> its :class:`LatencyStats`.
     :func:`confirm_artifacts` -- several (the chosen one and its denser neighbour) -> stats.
     :class:`FreshProcessConfirm` -- a ``confirm(names)`` callable for
-    :func:`dcvit_deploy.select.select_confirmed`, caching what it already measured.
+    :func:`dcvit_deploy.selection.decide.select_confirmed`, caching what it already measured.
 
 A child that fails, prints garbage or runs past ``timeout_s`` raises :class:`ConfirmationError`
 (exit code 1) with the end of its stderr; the parent never hangs on it.
@@ -31,9 +31,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_json
-from .errors import DcvitError
-from .records import SCHEMA_VERSION, Artifact, LatencyStats, TargetProfile, from_dict, to_dict
+from dcvit_deploy.errors import DcvitError
+from dcvit_deploy.store.atomic import atomic_write_json
+from dcvit_deploy.store.records import (
+    SCHEMA_VERSION,
+    Artifact,
+    LatencyStats,
+    TargetProfile,
+    from_dict,
+    to_dict,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -91,7 +98,7 @@ def confirm_artifacts(
 ) -> dict[str, LatencyStats]:
     """Measure ``artifacts`` (name -> artifact) at ``batch_size`` in one fresh process.
 
-    The child runs :func:`~dcvit_deploy.rounds.measure_rounds` over them (rounds bounds from
+    The child runs :func:`~dcvit_deploy.latency.rounds.measure_rounds` over them (rounds bounds from
     the arguments or the profile; raw samples under ``raw_dir`` if given) and returns each
     one's combined stats, with ``actions`` noting the fresh process. Raises
     :class:`ConfirmationError` when the child fails or exceeds ``timeout_s``.
@@ -116,7 +123,13 @@ def confirm_artifacts(
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)  # the child imports this package
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [python or sys.executable, "-m", "dcvit_deploy.confirm", str(job_path), str(out_path)]
+        cmd = [
+            python or sys.executable,
+            "-m",
+            "dcvit_deploy.latency.confirm",
+            str(job_path),
+            str(out_path),
+        ]
         try:
             done = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
@@ -131,7 +144,7 @@ def confirm_artifacts(
             raise ConfirmationError(
                 f"the confirmation process for {', '.join(artifacts)} failed with exit code "
                 f"{done.returncode}: {' | '.join(tail) or 'no output'}",
-                "run 'python -m dcvit_deploy.confirm JOB OUT' by hand to see the error",
+                "run 'python -m dcvit_deploy.latency.confirm JOB OUT' by hand to see the error",
             )
         try:
             data = json.loads(out_path.read_text(encoding="utf-8"))
@@ -169,7 +182,7 @@ def confirm_in_fresh_process(
 
 class FreshProcessConfirm:
     """A ``confirm(names, rounds=None) -> {name: stats}`` for
-    :func:`dcvit_deploy.select.select_confirmed`.
+    :func:`dcvit_deploy.selection.decide.select_confirmed`.
 
     ``names[0]`` (the chosen candidate) and ``anchor`` (the reference of relative budgets,
     when asked for) are always answered from one process; a later call whose pair was already
@@ -247,8 +260,8 @@ def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
     """Measure what ``job`` asks (in this process) and return the result document."""
     import dataclasses
 
-    from .backends import get_backend
-    from .rounds import measure_rounds
+    from dcvit_deploy.backends import get_backend
+    from dcvit_deploy.latency.rounds import measure_rounds
 
     if job.get("kind") != JOB_KIND:
         raise ValueError(f"not a confirmation job: kind {job.get('kind')!r}")
@@ -284,7 +297,7 @@ def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dcvit_deploy.confirm",
+        prog="python -m dcvit_deploy.latency.confirm",
         description="Re-measure artifacts in this (fresh) process; write their stats as JSON.",
     )
     parser.add_argument("job", type=Path, help="job JSON written by confirm_artifacts")

@@ -670,7 +670,7 @@ def write_demo_images(
         )
     from PIL import Image
 
-    from dcvit_deploy.atomic import atomic_write_with
+    from dcvit_deploy.store.atomic import atomic_write_with
 
     photos = _bundled_photos()
     rng = random.Random(seed)

@@ -23,7 +23,7 @@ Softmax node the FP16 variant can keep in FP32. FFN-only blocks and ``nn.Identit
 plain modules and export as they are.
 
 :func:`verify_onnx` runs the file with ONNX Runtime on CPU against the PyTorch model on the same
-real images and returns a :class:`~dcvit_deploy.records.Verification`.
+real images and returns a :class:`~dcvit_deploy.store.records.Verification`.
 
 Size: this module is longer than ~500 lines because export and verification are one contract:
 every exported graph is checked with the same metrics and tolerances.
@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .atomic import atomic_write_bytes, sha256_file
-from .errors import ExportError, UserInputError
-from .fp16 import DEFAULT_FP32_OPS, convert_to_fp16
-from .records import Verification
+from dcvit_deploy.errors import ExportError, UserInputError
+from dcvit_deploy.export.fp16 import DEFAULT_FP32_OPS, convert_to_fp16
+from dcvit_deploy.store.atomic import atomic_write_bytes, sha256_file
+from dcvit_deploy.store.records import Verification
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np

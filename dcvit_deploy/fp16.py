@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ExportError
+from dcvit_deploy.errors import ExportError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import onnx

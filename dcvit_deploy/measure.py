@@ -45,9 +45,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .atomic import atomic_path, atomic_write_json
-from .errors import UserInputError
-from .records import SCHEMA_VERSION, LatencyStats, MeasureSettings, Scope
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.store.atomic import atomic_path, atomic_write_json
+from dcvit_deploy.store.records import SCHEMA_VERSION, LatencyStats, MeasureSettings, Scope
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -359,7 +359,7 @@ def _with_warnings(stats: LatencyStats, warnings: Sequence[str]) -> LatencyStats
 
 def own_threads(backend_options: Mapping[str, Any]) -> int:
     """How many CPU threads a measurement with these options keeps busy (0 = one per core)."""
-    from .envinfo import usable_cores
+    from dcvit_deploy.latency.machine import usable_cores
 
     n = backend_options.get("intra_op_num_threads", backend_options.get("num_threads", 0))
     try:
@@ -378,8 +378,8 @@ def with_machine_state(
     backend_options: Mapping[str, Any],
 ) -> LatencyStats:
     """``stats`` with ``machine`` = {before, after, threads} and a warning if the machine was
-    busy (:func:`dcvit_deploy.envinfo.busy_warning`)."""
-    from .envinfo import busy_warning, runtime_threads
+    busy (:func:`dcvit_deploy.latency.machine.busy_warning`)."""
+    from dcvit_deploy.latency.machine import busy_warning, runtime_threads
 
     machine = {
         "before": dict(before),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .errors import CheckpointMismatchError, UnsupportedModelError, UserInputError
+from dcvit_deploy.errors import CheckpointMismatchError, UnsupportedModelError, UserInputError
 
 if TYPE_CHECKING:
     import torch

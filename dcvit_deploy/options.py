@@ -2,7 +2,7 @@
 budget to deploy it (:class:`DeployOptions`).
 
 These frozen records are the contract between the CLI (which parses strings into them), the
-up-front checks in :mod:`dcvit_deploy.validate` (which refuse bad values before any work) and
+up-front checks in :mod:`dcvit_deploy.config.validate` (which refuse bad values before any work) and
 the pipeline units (which read them). A field that changes a unit's result is part of that
 unit's fingerprint; fields that only say *where* work runs (``device``) are not.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from .data import DataOverrides
+    from dcvit_deploy.model.images import DataOverrides
 
 SCHEDULES = ("default", "paper", "tiny")
 METRIC_SOURCES = ("synthetic", "real")

@@ -3,7 +3,7 @@
 A profile names the runtime (``backend``), ``device``, ``precision``, the production
 ``batch_sizes`` (TensorRT optimisation profiles are built from them), the batch size and
 ``statistic`` a latency budget applies to, the timing ``scope``, the measurement settings
-(``[measure]``, the fields of :class:`~dcvit_deploy.records.MeasureSettings`) and
+(``[measure]``, the fields of :class:`~dcvit_deploy.store.records.MeasureSettings`) and
 backend-specific ``[backend_options]``. Example::
 
     name = "cpu-ort"
@@ -34,8 +34,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ProfileError
-from .records import STATISTICS, MeasureSettings, TargetProfile
+from dcvit_deploy.errors import ProfileError
+from dcvit_deploy.store.records import STATISTICS, MeasureSettings, TargetProfile
 
 
 def _profile_dir() -> Path:
@@ -208,7 +208,7 @@ def profile_from_dict(
         raise ProfileError(f"{where}: {exc}", "fix the profile value") from exc
 
     if check_backend:
-        from .backends import get_backend
+        from dcvit_deploy.backends import get_backend
 
         try:
             backend = get_backend(profile.backend)

@@ -252,13 +252,14 @@ class Candidate:
 
 @dataclass(frozen=True)
 class MeasureSettings:
-    """How the shared timing loop measures (see :mod:`dcvit_deploy.measure`).
+    """How the shared timing loop measures (see :mod:`dcvit_deploy.latency.loop`).
 
     ``max_cov``: a run is only ``stable`` when, besides its window medians agreeing within
     ``stability_tolerance``, the coefficient of variation of the samples it reports is at most
     this (a bimodal run on a busy machine can have agreeing medians and a CoV of 40 %).
     ``min_rounds`` / ``max_rounds`` / ``round_windows``: interleaved rounds across candidates
-    (:mod:`dcvit_deploy.rounds`): at least ``min_rounds``, at most ``max_rounds`` rounds, each
+    (:mod:`dcvit_deploy.latency.rounds`): at least ``min_rounds``, at most ``max_rounds`` rounds,
+    each
     running the loop with a warm-up and exactly ``round_windows`` windows per candidate.
     """
 
@@ -328,13 +329,16 @@ class TargetProfile:
 class LatencyStats:
     """Distribution of per-iteration latency for one artifact at one batch size (milliseconds).
 
-    Measured in interleaved rounds (:mod:`dcvit_deploy.rounds`), every statistic figure is the
+    Measured in interleaved rounds (:mod:`dcvit_deploy.latency.rounds`), every statistic figure is
+    the
     median over ``rounds`` rounds of that round's figure; ``round_figures`` keeps each
     statistic's per-round values, ``round_medians`` each round's p50 and ``spread_ms`` the p50's
     round-to-round spread (see :meth:`spread`). ``settle_windows``: leading windows left out of
     the statistics because they had not settled yet (a warm-up extension, see
-    :func:`dcvit_deploy.measure.measure`). ``machine``: load average before/after, CPU governor,
-    runtime thread settings (:func:`dcvit_deploy.envinfo.machine_state`). ``actions``: what was
+    :func:`dcvit_deploy.latency.loop.measure`). ``machine``: load average before/after, CPU
+    governor,
+    runtime thread settings (:func:`dcvit_deploy.latency.machine.machine_state`). ``actions``: what
+    was
     done about instability (more rounds, re-measurement), in order.
     """
 
@@ -423,7 +427,7 @@ class Artifact:
 class LatencyBudget:
     """``statistic`` of latency at ``batch_size``, plus ``margin`` (a fraction), must be <= ms.
 
-    A relative budget (:func:`dcvit_deploy.select.relative_budget`) records how ``ms`` was
+    A relative budget (:func:`dcvit_deploy.selection.decide.relative_budget`) records how ``ms`` was
     derived: ``ms = reference_ms / speedup`` where ``reference_ms`` is candidate
     ``reference``'s ``statistic`` measured in the same run, with round-to-round spread
     ``reference_spread_ms`` (which makes the budget itself uncertain by

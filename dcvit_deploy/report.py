@@ -15,7 +15,7 @@
     Latency vs retained MACs, fidelity as colour, budget line, chosen point highlighted
     (matplotlib, imported lazily, rendered with the Agg canvas -- no display needed).
 
-Comparing two reports for CI lives in :mod:`dcvit_deploy.compare`.
+Comparing two reports for CI lives in :mod:`dcvit_deploy.reports.compare`.
 
 Size: this module is longer than ~500 lines because four writers (JSON, CSV, Markdown, plot)
 over one view of the outcomes.
@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .atomic import atomic_write_text, atomic_write_with
-from .errors import UserInputError
-from .records import (
+from dcvit_deploy import __version__
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.selection.decide import capacity_order, dominated, infeasible_error, pareto_front
+from dcvit_deploy.store.atomic import atomic_write_text, atomic_write_with
+from dcvit_deploy.store.records import (
     SCHEMA_VERSION,
     CandidateOutcome,
     LatencyBudget,
@@ -44,7 +45,6 @@ from .records import (
     from_dict,
     to_dict,
 )
-from .select import capacity_order, dominated, infeasible_error, pareto_front
 
 __all__ = [
     "CSV_COLUMNS",

@@ -7,15 +7,17 @@ denser one. Rounds spread every candidate over the whole run instead:
 
 * Round ``r`` measures every candidate (and every requested batch size) once, in an order
   shuffled per round with ``random.Random(seed)`` -- so no candidate is always first or last.
-* Each measurement is the shared timing loop (:func:`dcvit_deploy.measure.measure`) with the
+* Each measurement is the shared timing loop (:func:`dcvit_deploy.latency.loop.measure`) with the
   profile's warm-up and exactly ``round_windows`` windows (:func:`round_settings`).
 * A candidate's figures are the **median over rounds** of each round's figure (mean, p50, p90,
   p95, p99); ``spread_ms`` / :meth:`LatencyStats.spread` is the round-to-round interquartile
-  range -- the uncertainty every decision in :mod:`dcvit_deploy.select` takes into account.
+  range -- the uncertainty every decision in :mod:`dcvit_deploy.selection.decide` takes into
+  account.
 * At least ``min_rounds`` rounds run; after each further round the ``stop`` predicate (by
   default: every candidate's rounds agree, :func:`rounds_stable`) may end the run; at most
   ``max_rounds`` rounds run. Callers pass ``stop`` built from their budget decisions (see
-  :func:`dcvit_deploy.select.decisions_clear`), so rounds stop as soon as nothing the budget
+  :func:`dcvit_deploy.selection.decide.decisions_clear`), so rounds stop as soon as nothing the
+  budget
   depends on is within noise.
 * ``prior``: continue an earlier result with more rounds for some candidates (re-measure the
   ones within noise of the budget); the other candidates' results are carried over.
@@ -43,9 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .envinfo import busy_warning, machine_state, runtime_threads
-from .measure import load_raw, measure, median, own_threads, percentile, save_raw
-from .records import (
+from dcvit_deploy.latency.loop import load_raw, measure, median, own_threads, percentile, save_raw
+from dcvit_deploy.latency.machine import busy_warning, machine_state, runtime_threads
+from dcvit_deploy.store.records import (
     STATISTICS,
     Artifact,
     CandidateOutcome,

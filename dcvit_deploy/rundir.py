@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_json
-from .errors import RunDirError
+from dcvit_deploy.errors import RunDirError
+from dcvit_deploy.store.atomic import atomic_write_json
 
 MANIFEST_SCHEMA = 2
 MANIFEST = "manifest.json"

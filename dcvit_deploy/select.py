@@ -1,6 +1,6 @@
 """Budget selection: the densest verified candidate whose measured latency fits the budget.
 
-Everything here is pure logic over :class:`~dcvit_deploy.records.CandidateOutcome` records; it
+Everything here is pure logic over :class:`~dcvit_deploy.store.records.CandidateOutcome` records; it
 builds, measures and imports nothing heavy.
 
 Capacity order
@@ -22,7 +22,8 @@ Two entry points
 
 Uncertainty
     Every figure comes with a spread (:meth:`LatencyStats.spread`: the round-to-round
-    interquartile range when measured in interleaved rounds, see :mod:`dcvit_deploy.rounds`),
+    interquartile range when measured in interleaved rounds, see
+    :mod:`dcvit_deploy.latency.rounds`),
     and a relative budget with the spread of its reference (``LatencyBudget.spread_ms``).
     *Fits* is decided on the figure itself (``figure * (1 + margin) <= ms``), so a decision
     never depends on how noisy the run was; but a candidate whose interval
@@ -40,7 +41,8 @@ Preference
 Confirmation
     :func:`select_confirmed` re-measures the choice (and its denser neighbour) through a
     caller-supplied ``confirm`` function -- in practice a fresh process,
-    :func:`dcvit_deploy.confirm.confirm_in_fresh_process` -- and continues the search with the
+    :func:`dcvit_deploy.latency.confirm.confirm_in_fresh_process` -- and continues the search with
+    the
     next candidate when the confirmation no longer fits. A confirmation that misses only within
     its own spread is measured again with :data:`RECONFIRM_FACTOR` times the rounds first.
 
@@ -66,8 +68,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, NamedTuple, Protocol
 
-from .errors import BudgetInfeasible
-from .records import (
+from dcvit_deploy.errors import BudgetInfeasible
+from dcvit_deploy.store.records import (
     STATISTICS,
     CandidateOutcome,
     LatencyBudget,
@@ -688,7 +690,7 @@ def select_confirmed(
     """:func:`decide`, then confirm the choice; continue the search while confirmation fails.
 
     ``confirm(names)`` re-measures the chosen candidate and its denser neighbour (when there
-    is one not confirmed yet) -- in a fresh process, :mod:`dcvit_deploy.confirm` -- and
+    is one not confirmed yet) -- in a fresh process, :mod:`dcvit_deploy.latency.confirm` -- and
     returns their stats at ``budget.batch_size``. The choice stands when the budget admits
     the confirmed figure. A figure over the budget but within its own spread of it is not
     enough to overturn the rounds' decision: it is measured again, once, with
@@ -834,7 +836,7 @@ def bisect_search(
     candidate's interval (``figure - spread``), and "dominated" needs a difference beyond
     both spreads. With ``remeasure``, the measured candidates :func:`needs_remeasure` names
     are re-measured together (``remeasure(names)`` returns fresh outcomes, e.g. more
-    interleaved rounds of those artifacts, :func:`dcvit_deploy.rounds.measure_rounds` with
+    interleaved rounds of those artifacts, :func:`dcvit_deploy.latency.rounds.measure_rounds` with
     ``prior``) up to ``max_remeasures`` times before deciding; the re-measurements are noted
     in the chosen candidate's reason. ``prefer="fidelity"`` chooses among the *measured*
     candidates only (bisect measures few; use exhaustive search for a fidelity choice).

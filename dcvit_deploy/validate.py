@@ -42,16 +42,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import DcvitError, OptionError, PathNotWritable, RunDirError, UserInputError
-from .options import METHODS, METRIC_SOURCES, PREFERENCES, SCHEDULES
+from dcvit_deploy.config.options import METHODS, METRIC_SOURCES, PREFERENCES, SCHEDULES
+from dcvit_deploy.errors import (
+    DcvitError,
+    OptionError,
+    PathNotWritable,
+    RunDirError,
+    UserInputError,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from .compress.macs import Geometry
-    from .data import ImageList
-    from .options import CompressOptions, DeployOptions
-    from .records import LatencyBudget, TargetProfile
+    from dcvit_deploy.compress.macs import Geometry
+    from dcvit_deploy.config.options import CompressOptions, DeployOptions
+    from dcvit_deploy.model.images import ImageList
+    from dcvit_deploy.store.records import LatencyBudget, TargetProfile
 
 MAX_TARGETS = 200
 """More targets than this are refused: each is a finetuned candidate, exported, built and
@@ -182,7 +188,7 @@ def check_targets(targets: Sequence[float]) -> None:
 def targets_from_text(text: str) -> tuple[float, ...]:
     """Parse ``--targets`` (see :func:`~dcvit_deploy.compress.plan.parse_targets`), refusing a
     range that expands to more than :data:`MAX_TARGETS` values *before* expanding it."""
-    from .compress.plan import parse_targets
+    from dcvit_deploy.compress.plan import parse_targets
 
     if ":" in text:
         parts = text.split(":")
@@ -271,7 +277,7 @@ def check_deploy_options(opts: DeployOptions, *, need_budget: bool = False) -> N
 
     ``need_budget``: the command selects (``select``, ``triton``), so a budget is required.
     """
-    from .records import STATISTICS
+    from dcvit_deploy.store.records import STATISTICS
 
     if not isinstance(opts.profile, str) or not opts.profile.strip():
         raise OptionError("no target profile given", "pass e.g. --profile cpu-ort")
@@ -380,12 +386,12 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> Path:
 
 def check_images(data: str | os.PathLike[str]) -> ImageList:
     """The image folder exists and holds images (listed by suffix, not decoded)."""
-    from .data import list_images
+    from dcvit_deploy.model.images import list_images
 
     try:
         return list_images(data)
     except PermissionError as exc:
-        from .errors import DataError
+        from dcvit_deploy.errors import DataError
 
         raise DataError(
             f"image folder {data} cannot be read ({exc.strerror})",
@@ -395,7 +401,7 @@ def check_images(data: str | os.PathLike[str]) -> ImageList:
 
 def holdout_notes(image_count: int, num_samples: int | None, holdout: int) -> list[str]:
     """Warnings about the few-shot and held-out split for ``image_count`` images."""
-    from .data import holdout_note, sampling_note
+    from dcvit_deploy.model.images import holdout_note, sampling_note
 
     notes = [n for n in (sampling_note(image_count, num_samples),) if n]
     note = holdout_note(image_count, num_samples, holdout)
@@ -409,7 +415,7 @@ def check_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
     Returns the state dict (the model check infers geometry from it).
     """
-    from .models import check_finite, read_state_dict
+    from dcvit_deploy.model.loading import check_finite, read_state_dict
 
     p = Path(path).expanduser()
     if p.is_dir():
@@ -481,8 +487,8 @@ def check_report_file(path: str | os.PathLike[str], role: str) -> dict[str, Any]
 
     ``role`` ("report", "baseline") names the file in the message.
     """
-    from .records import LatencyBudget, from_dict
-    from .report import load_report, report_outcomes, report_selection
+    from dcvit_deploy.reports.writers import load_report, report_outcomes, report_selection
+    from dcvit_deploy.store.records import LatencyBudget, from_dict
 
     try:
         data = load_report(path)
@@ -519,11 +525,16 @@ def check_model(
     the wrong length, candidate blocks that do not exist, ``--round-to`` wider than the MLP.
     """
 
-    from .compress.macs import geometry_of
-    from .compress.plan import feasible_range
-    from .compress.recoverability import default_candidate_blocks
-    from .data import resolve_data_config
-    from .models import check_supported, checkpoint_kwargs, create_structure, matching_state_dict
+    from dcvit_deploy.compress.macs import geometry_of
+    from dcvit_deploy.compress.plan import feasible_range
+    from dcvit_deploy.compress.recoverability import default_candidate_blocks
+    from dcvit_deploy.model.images import resolve_data_config
+    from dcvit_deploy.model.loading import (
+        check_supported,
+        checkpoint_kwargs,
+        create_structure,
+        matching_state_dict,
+    )
 
     kwargs = dict(opts.model_kwargs)
     if state_dict is not None:
@@ -596,9 +607,9 @@ def check_model(
 def plan_targets(opts: CompressOptions, facts: ModelFacts) -> tuple[PlannedTarget, ...]:
     """The structure each target gets, per method; refuses targets DC-ViT cannot reach with
     the candidate blocks (naming the feasible range and the fix)."""
-    from .compress.plan import plan_structure
-    from .compress.practise import blocks_for_target
-    from .records import BlockSpec
+    from dcvit_deploy.compress.plan import plan_structure
+    from dcvit_deploy.compress.practise import blocks_for_target
+    from dcvit_deploy.store.records import BlockSpec
 
     geom, depth = facts.geometry, facts.depth
     lo, hi = facts.feasible
@@ -651,8 +662,8 @@ def check_profile(
     """Load the profile; check the budget against it and (``need_backend``) that its backend
     can run here. Returns the profile and the absolute budget (``None`` without
     ``--latency-ms``)."""
-    from .profiles import load_profile
-    from .records import LatencyBudget
+    from dcvit_deploy.config.profiles import load_profile
+    from dcvit_deploy.store.records import LatencyBudget
 
     profile = load_profile(opts.profile)
     if opts.batch_size is not None and opts.batch_size not in profile.batch_sizes:
@@ -675,7 +686,7 @@ def check_profile(
                 f"invalid latency budget: {exc}", "see --latency-ms, --statistic, --margin"
             ) from exc
     if need_backend:
-        from .backends import get_backend
+        from dcvit_deploy.backends import get_backend
 
         backend = get_backend(profile.backend)
         backend.validate_profile(profile)
@@ -743,11 +754,11 @@ def validate_run(
     check_train_device(copts.device)
     profile = budget = None
     if executor == "ray":
-        from .pipeline.executor import require_ray
+        from dcvit_deploy.pipeline.executor import require_ray
 
         require_ray()
     if deploying and dopts is not None:
-        from .pipeline.fleet import targets_of
+        from dcvit_deploy.pipeline.fleet import targets_of
 
         for _, one in reversed(targets_of(dopts)):
             profile, budget = check_profile(one, need_backend=executor == "local")

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dcvit_deploy.config.profiles import load_profile, profile_from_dict
+from dcvit_deploy.export.onnx import export_onnx
+from dcvit_deploy.store.records import TargetProfile
 
 import dcvit_deploy.backends as registry
 from dcvit_deploy.backends import (
@@ -22,9 +25,6 @@ from dcvit_deploy.backends import (
 )
 from dcvit_deploy.backends.onnxruntime import create_session, provider_list
 from dcvit_deploy.errors import BackendUnavailable, ProfileError, UserInputError
-from dcvit_deploy.export import export_onnx
-from dcvit_deploy.profiles import load_profile, profile_from_dict
-from dcvit_deploy.records import TargetProfile
 
 FAST_MEASURE = {
     "warmup_iters": 2,
@@ -76,9 +76,9 @@ def onnx_file(vit: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture
 def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the driver report no GPU, whatever machine runs the tests."""
-    import dcvit_deploy.envinfo
+    import dcvit_deploy.latency.machine
 
-    monkeypatch.setattr(dcvit_deploy.envinfo, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(dcvit_deploy.latency.machine, "cuda_device_count", lambda: 0)
 
 
 def test_onnxruntime_cpu_build_measure_run(
@@ -122,8 +122,9 @@ def test_onnxruntime_rounds_keep_one_session_per_candidate_open(
     and warm-up every round, which the one-slot cache forced), and spinning is configurable."""
     import dataclasses
 
+    from dcvit_deploy.latency.rounds import measure_rounds
+
     import dcvit_deploy.backends.onnxruntime as ortb
-    from dcvit_deploy.rounds import measure_rounds
 
     backend = get_backend("onnxruntime")
     profile = cpu_profile()
@@ -490,10 +491,10 @@ PROVIDERS_BY_KEY = {
 @pytest.fixture
 def fake_ort_gpu(monkeypatch: pytest.MonkeyPatch) -> list[_FakeCudaGraphSession]:
     """A GPU machine as far as the ONNX Runtime backend can tell: sessions come from the fake."""
+    import dcvit_deploy.latency.machine
     import onnxruntime as ort
 
     import dcvit_deploy.backends.onnxruntime as ortb
-    import dcvit_deploy.envinfo
 
     sessions: list[_FakeCudaGraphSession] = []
 
@@ -501,7 +502,7 @@ def fake_ort_gpu(monkeypatch: pytest.MonkeyPatch) -> list[_FakeCudaGraphSession]
         sessions.append(_FakeCudaGraphSession(provider, cuda_graph))
         return sessions[-1]
 
-    monkeypatch.setattr(dcvit_deploy.envinfo, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(dcvit_deploy.latency.machine, "cuda_device_count", lambda: 1)
     monkeypatch.setattr(ortb, "package_version", lambda name: "1.31.1")
     monkeypatch.setattr(ortb, "_tensorrt_libraries_found", lambda: True)
     monkeypatch.setattr(ortb, "create_session", create_session)

@@ -113,7 +113,7 @@ def test_read_only_and_full_file_systems_are_refused_up_front(
     import shutil
     import tempfile
 
-    from dcvit_deploy import validate
+    from dcvit_deploy.config import validate
 
     def read_only(*args: object, **kwargs: object) -> tuple[int, str]:
         raise OSError(errno.EROFS, "Read-only file system")
@@ -170,8 +170,7 @@ def test_pickled_checkpoint_refusal_keeps_torchs_explanation(
 def test_unknown_model_suggestions_are_all_supported(tmp_path: Path, photo_dir: Path) -> None:
     import timm
     import torch
-
-    from dcvit_deploy.models import check_supported
+    from dcvit_deploy.model.loading import check_supported
 
     args = ["compress", "--model", "swin_tiny_patch4", "--random-init", "--data",
             str(photo_dir), *SMALL, "--out", str(tmp_path / "run")]  # fmt: skip

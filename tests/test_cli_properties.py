@@ -1,7 +1,8 @@
 """Property: any combination of ``compress`` options either passes every check (exit 0, the plan
 on stdout) or fails with exactly one line on stderr (exit 1) -- never a traceback.
 
-Driven through ``--dry-run``, which runs all of :mod:`dcvit_deploy.validate` and no work, on the
+Driven through ``--dry-run``, which runs all of :mod:`dcvit_deploy.config.validate` and no work, on
+the
 tiny ViT of ``conftest.py``. Seeded (``derandomize``) so every run checks the same cases.
 """
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from dcvit_deploy.store.records import BlockSpec
 
 from dcvit_deploy.compress.macs import count_module_macs, geometry_of
 from dcvit_deploy.compress.plan import feasible_range, parse_targets, plan_structure
@@ -20,7 +21,6 @@ from dcvit_deploy.compress.surgery import (
     reshape,
 )
 from dcvit_deploy.errors import CheckpointMismatchError, UnsupportedModelError, UserInputError
-from dcvit_deploy.records import BlockSpec
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +179,7 @@ def test_warm_reshape_reuses_finetuned_units_and_base_for_new_ones(tiny_vit):
 
 def test_unsupported_model_is_refused_by_name():
     import timm
-
-    from dcvit_deploy.models import check_supported
+    from dcvit_deploy.model.loading import check_supported
 
     swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=3)
     with pytest.raises(UnsupportedModelError, match="SwinTransformer, not a plain ViT"):
@@ -188,16 +187,15 @@ def test_unsupported_model_is_refused_by_name():
 
 
 def test_unknown_model_name():
-    from dcvit_deploy.models import load_model
+    from dcvit_deploy.model.loading import load_model
 
     with pytest.raises(UserInputError, match="unknown timm model 'vit_nope'"):
         load_model("vit_nope", random_init=True)
 
 
 def test_checkpoint_infers_kwargs_and_reports_mismatch(tmp_path, tiny_vit):
+    from dcvit_deploy.model.loading import load_model
     from safetensors.torch import save_file
-
-    from dcvit_deploy.models import load_model
 
     ck = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(ck))
@@ -226,7 +224,7 @@ def test_checkpoint_infers_kwargs_and_reports_mismatch(tmp_path, tiny_vit):
 
 
 def test_model_kwargs_parsing():
-    from dcvit_deploy.models import parse_model_kwargs
+    from dcvit_deploy.model.loading import parse_model_kwargs
 
     assert parse_model_kwargs(["num_classes=10 img_size=32", "global_pool=avg"]) == {
         "num_classes": 10,
@@ -238,9 +236,10 @@ def test_model_kwargs_parsing():
 
 
 def test_candidate_round_trip(tmp_path, tiny_vit):
+    from dcvit_deploy.model.loading import geometry_kwargs
+    from dcvit_deploy.store.records import Candidate
+
     from dcvit_deploy.compress.candidate import load_candidate, save_candidate
-    from dcvit_deploy.models import geometry_kwargs
-    from dcvit_deploy.records import Candidate
 
     kwargs = {**geometry_kwargs(tiny_vit), "num_heads": 2}
     spec = identity_spec(tiny_vit, "vit_tiny_patch16_224", kwargs)

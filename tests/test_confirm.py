@@ -8,14 +8,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
-
-from dcvit_deploy.confirm import (
+from dcvit_deploy.latency.confirm import (
     ConfirmationError,
     FreshProcessConfirm,
     confirm_artifacts,
     confirm_in_fresh_process,
 )
-from dcvit_deploy.records import Artifact, LatencyStats, MeasureSettings, TargetProfile
+from dcvit_deploy.store.records import Artifact, LatencyStats, MeasureSettings, TargetProfile
 
 pytest.importorskip("onnxruntime")
 
@@ -65,8 +64,9 @@ def tiny_onnx(path: Path, hidden: int) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Artifact], TargetProfile]:
+    from dcvit_deploy.config.profiles import load_profile
+
     from dcvit_deploy.backends import get_backend
-    from dcvit_deploy.profiles import load_profile
 
     out = tmp_path_factory.mktemp("confirm")
     profile = dataclasses.replace(load_profile("cpu-ort"), measure=FAST)
@@ -124,7 +124,7 @@ def test_fresh_process_confirm_measures_each_candidate_once(
         calls.append(tuple(todo))
         return {n: fake for n in todo}
 
-    monkeypatch.setattr("dcvit_deploy.confirm.confirm_artifacts", fake_confirm)
+    monkeypatch.setattr("dcvit_deploy.latency.confirm.confirm_artifacts", fake_confirm)
     confirm = FreshProcessConfirm(artifacts, profile, 1)
     names: Sequence[str] = ["small", "dense"]
     assert set(confirm(names)) == {"small", "dense"}

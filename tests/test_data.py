@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dcvit_deploy.data import (
+from dcvit_deploy.model.images import (
     IMAGE_EXTENSIONS,
     DataOverrides,
     DataWarning,
@@ -26,6 +25,7 @@ from dcvit_deploy.data import (
     split_holdout,
     write_demo_images,
 )
+
 from dcvit_deploy.errors import DataError, EnvironmentProblem, UserInputError
 
 

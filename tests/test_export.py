@@ -11,10 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
-
-from dcvit_deploy.errors import ExportError, UserInputError
-from dcvit_deploy.export import (
+from dcvit_deploy.export.fp16 import check_strongly_typed
+from dcvit_deploy.export.onnx import (
     DEFAULT_TOLERANCES,
     ExportResult,
     Tolerances,
@@ -24,7 +22,9 @@ from dcvit_deploy.export import (
     onnx_precision,
     verify_onnx,
 )
-from dcvit_deploy.fp16 import check_strongly_typed
+from torch import nn
+
+from dcvit_deploy.errors import ExportError, UserInputError
 
 
 class FFNOnly(nn.Module):

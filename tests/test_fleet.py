@@ -9,14 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from dcvit_deploy.config.options import CompressOptions, DeployOptions
+from dcvit_deploy.config.profiles import load_profile
 from fakes.fleet import FIGURES_ENV, install_scripted_figures
 from test_cli import assert_one_line_error, compress, run_cli
 
 from dcvit_deploy.api import run_pipeline
-from dcvit_deploy.options import CompressOptions, DeployOptions
 from dcvit_deploy.pipeline.executor import LocalExecutor, RayExecutor
 from dcvit_deploy.pipeline.fleet import resources_for
-from dcvit_deploy.profiles import load_profile
 
 PROFILE = """
 name = "{name}"
@@ -104,7 +104,7 @@ def local_run(ray_run, photo_dir, profiles, tmp_path_factory):
                          ("family", "export")}  # fmt: skip
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.MonkeyPatch.context() as mp:
-        from dcvit_deploy.pipeline.profile import ProfileUnit
+        from dcvit_deploy.pipeline.units.measuring import ProfileUnit
 
         mp.setattr(ProfileUnit, "measure", ProfileUnit.measure)  # undone after this run
         install_scripted_figures()
@@ -196,9 +196,10 @@ def test_bad_fleet_options_are_one_line_before_any_work(tmp_path, photo_dir, ext
 
 def test_units_that_ran_elsewhere_are_taken_from_their_records_never_rerun(tmp_path):
     """The head never re-measures what a node selected; a node never re-exports."""
+    from dcvit_deploy.store.rundir import RunDir
+
     from dcvit_deploy.pipeline.context import JobContext
     from dcvit_deploy.pipeline.runner import Runner
-    from dcvit_deploy.rundir import RunDir
 
     class Measure:
         id, optional = "select/cpu-ort-1t", False

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from dcvit_deploy.export.fp16 import check_strongly_typed, convert_to_fp16
 from onnx import TensorProto, helper, numpy_helper
 
 from dcvit_deploy.errors import ExportError
-from dcvit_deploy.fp16 import check_strongly_typed, convert_to_fp16
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
@@ -163,7 +163,7 @@ def test_weights_shared_through_identity_stay_strongly_typed() -> None:
 def test_converter_output_that_is_not_strongly_typed_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import dcvit_deploy.fp16 as fp16
+    import dcvit_deploy.export.fp16 as fp16
 
     def sloppy(model: onnx.ModelProto, **_: object) -> onnx.ModelProto:
         out = onnx.ModelProto()

@@ -9,10 +9,10 @@ import textwrap
 
 MODULES = [
     "dcvit_deploy",
-    "dcvit_deploy.export",
-    "dcvit_deploy.measure",
-    "dcvit_deploy.envinfo",
-    "dcvit_deploy.profiles",
+    "dcvit_deploy.export.onnx",
+    "dcvit_deploy.latency.loop",
+    "dcvit_deploy.latency.machine",
+    "dcvit_deploy.config.profiles",
     "dcvit_deploy.backends",
     "dcvit_deploy.backends.base",
     "dcvit_deploy.backends.onnxruntime",
@@ -29,9 +29,9 @@ def test_imports_and_light_calls_stay_lazy() -> None:
         for name in {MODULES!r}:
             importlib.import_module(name)
         # Light calls used by --help, `profiles` and `doctor` must stay lazy too.
-        from dcvit_deploy.profiles import list_profiles, load_profile
+        from dcvit_deploy.config.profiles import list_profiles, load_profile
         from dcvit_deploy.backends import doctor
-        from dcvit_deploy.envinfo import capture_environment
+        from dcvit_deploy.latency.machine import capture_environment
         for name in list_profiles():
             load_profile(name)
         doctor()

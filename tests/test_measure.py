@@ -8,9 +8,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 import pytest
-
-from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.measure import (
+from dcvit_deploy.latency.loop import (
     HostTimer,
     load_raw,
     measure,
@@ -18,7 +16,9 @@ from dcvit_deploy.measure import (
     save_raw,
     spread,
 )
-from dcvit_deploy.records import LatencyStats, MeasureSettings
+from dcvit_deploy.store.records import LatencyStats, MeasureSettings
+
+from dcvit_deploy.errors import UserInputError
 
 
 class ScriptedTimer:

@@ -402,12 +402,13 @@ def test_bisect_search_through_the_pipeline_matches_exhaustive(
 ):
     """Same family, budget placed between two measured candidates: bisect picks what exhaustive
     selection picks on the same stored measurements, and records what it did not measure."""
-    from dcvit_deploy.pipeline.family import current_family
+    from dcvit_deploy.config.profiles import load_profile
+    from dcvit_deploy.pipeline.units.compressing import current_family
+    from dcvit_deploy.selection.decide import decide
+    from dcvit_deploy.store.records import LatencyBudget
+    from dcvit_deploy.store.rundir import RunDir
+
     from dcvit_deploy.pipeline.outcomes import outcomes_for
-    from dcvit_deploy.profiles import load_profile
-    from dcvit_deploy.records import LatencyBudget
-    from dcvit_deploy.rundir import RunDir
-    from dcvit_deploy.select import decide
 
     out, _text = finished_run
     profile = load_profile(profile_file)

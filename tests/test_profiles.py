@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dcvit_deploy.config.profiles import PROFILE_DIR, list_profiles, load_profile, profile_from_dict
 
 from dcvit_deploy.errors import ProfileError
-from dcvit_deploy.profiles import PROFILE_DIR, list_profiles, load_profile, profile_from_dict
 
 SHIPPED = {
     "cpu-ort",

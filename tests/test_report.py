@@ -9,10 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from dcvit_deploy.compare import check_regression, compare_to_baseline, write_comparison
-from dcvit_deploy.errors import RegressionDetected, UserInputError
-from dcvit_deploy.records import (
+from dcvit_deploy.reports.compare import check_regression, compare_to_baseline, write_comparison
+from dcvit_deploy.reports.writers import (
+    CSV_COLUMNS,
+    load_report,
+    report_outcomes,
+    report_selection,
+    write_reports,
+)
+from dcvit_deploy.selection.decide import decide
+from dcvit_deploy.store.records import (
     Artifact,
     CandidateOutcome,
     LatencyBudget,
@@ -20,14 +26,8 @@ from dcvit_deploy.records import (
     MacCount,
     Verification,
 )
-from dcvit_deploy.report import (
-    CSV_COLUMNS,
-    load_report,
-    report_outcomes,
-    report_selection,
-    write_reports,
-)
-from dcvit_deploy.select import decide
+
+from dcvit_deploy.errors import RegressionDetected, UserInputError
 
 BUDGET = LatencyBudget(ms=5.0, statistic="p50", batch_size=1, margin=0.05)
 PROFILE = {

@@ -8,11 +8,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
-
-from dcvit_deploy.backends.base import ReadyMeasurement, timed
-from dcvit_deploy.envinfo import busy_warning
-from dcvit_deploy.measure import load_raw, summarize
-from dcvit_deploy.records import (
+from dcvit_deploy.latency.loop import load_raw, summarize
+from dcvit_deploy.latency.machine import busy_warning
+from dcvit_deploy.latency.rounds import measure_rounds, with_latency
+from dcvit_deploy.selection.decide import decide, decisions_clear, dominated
+from dcvit_deploy.store.records import (
     Artifact,
     CandidateOutcome,
     LatencyStats,
@@ -20,8 +20,8 @@ from dcvit_deploy.records import (
     MeasureSettings,
     TargetProfile,
 )
-from dcvit_deploy.rounds import measure_rounds, with_latency
-from dcvit_deploy.select import decide, decisions_clear, dominated
+
+from dcvit_deploy.backends.base import ReadyMeasurement, timed
 
 BASE_MS = {"c100": 10.0, "c80": 8.0, "c60": 6.0}
 RETAINED = {"c100": 1.0, "c80": 0.8, "c60": 0.6}
@@ -248,7 +248,7 @@ def test_early_stop_after_min_rounds_and_bound_otherwise() -> None:
 def test_stop_on_clear_decisions_with_a_budget() -> None:
     settings = dataclasses.replace(SETTINGS, min_rounds=2, max_rounds=6)
     base = outcomes({n: _zero() for n in BASE_MS})  # latencies replaced below
-    from dcvit_deploy.records import LatencyBudget
+    from dcvit_deploy.store.records import LatencyBudget
 
     budgets = [LatencyBudget(7.0, "p50", 1)]  # c60 (6 ms) clearly fits, c80 (8 ms) clearly not
 

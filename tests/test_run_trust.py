@@ -120,10 +120,10 @@ def test_runtime_versions_enter_build_and_profile_but_not_compression(monkeypatc
     import importlib.metadata as md
     from types import SimpleNamespace
 
-    from dcvit_deploy.atomic import fingerprint
-    from dcvit_deploy.pipeline.family import FamilyUnit
-    from dcvit_deploy.pipeline.profile import ProfileUnit
-    from dcvit_deploy.profiles import load_profile
+    from dcvit_deploy.config.profiles import load_profile
+    from dcvit_deploy.pipeline.units.compressing import FamilyUnit
+    from dcvit_deploy.pipeline.units.measuring import ProfileUnit
+    from dcvit_deploy.store.atomic import fingerprint
 
     prep = SimpleNamespace(weights_fp="w", model_kwargs={}, input_fp="i", holdout_fp="h",
                            data_config={})  # fmt: skip
@@ -175,7 +175,7 @@ def test_second_process_is_refused_naming_the_holder_and_first_results_stay(
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
-    from dcvit_deploy.rundir import RunDir
+    from dcvit_deploy.store.rundir import RunDir
 
     out = tmp_path / "r"
     out.mkdir()
@@ -187,7 +187,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_temporary_files_are_unique_per_writer(tmp_path):
-    from dcvit_deploy.atomic import atomic_path
+    from dcvit_deploy.store.atomic import atomic_path
 
     with atomic_path(tmp_path / "x.json") as a, atomic_path(tmp_path / "x.json") as b:
         assert a != b
@@ -247,7 +247,7 @@ def test_missing_or_corrupted_artifacts_are_rebuilt_on_rerun(tmp_path, photo_dir
     result = run_pipeline(options, dopts(profile), out)
     assert any(name in n and "rebuilding" in n for n in result.notes)
     rec = manifest(out)["units"]["family"]["result"]["candidates"]
-    from dcvit_deploy.atomic import sha256_file
+    from dcvit_deploy.store.atomic import sha256_file
 
     assert sha256_file(weights) == next(c for c in rec if c["name"] == name)["weights_sha256"]
     onnx = out / "onnx" / "fp32" / f"{name}.onnx"
@@ -370,10 +370,12 @@ def test_a_relative_out_directory_finds_its_artifacts(tmp_path, photo_dir, profi
 def test_profile_naming_another_gpu_is_refused_unless_allowed(monkeypatch):
     import dataclasses
 
-    from dcvit_deploy import envinfo
+    from dcvit_deploy.config.profiles import load_profile
+    from dcvit_deploy.latency import machine as envinfo
+    from dcvit_deploy.pipeline.units import measuring as profile
+
     from dcvit_deploy.errors import EnvironmentProblem
-    from dcvit_deploy.pipeline import context, profile
-    from dcvit_deploy.profiles import load_profile
+    from dcvit_deploy.pipeline import context
 
     h100 = load_profile("h100-trt-fp16")
     monkeypatch.setattr(envinfo, "cuda_device_count", lambda: 1)

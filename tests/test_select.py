@@ -8,19 +8,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
-
-from dcvit_deploy.errors import BudgetInfeasible
-from dcvit_deploy.records import (
-    CandidateOutcome,
-    LatencyBudget,
-    LatencyStats,
-    MacCount,
-    Selection,
-    Verification,
-    from_dict,
-    to_dict,
-)
-from dcvit_deploy.select import (
+from dcvit_deploy.selection.decide import (
     bisect_search,
     budget_summary,
     capacity_order,
@@ -37,6 +25,18 @@ from dcvit_deploy.select import (
     select_confirmed,
     within_noise,
 )
+from dcvit_deploy.store.records import (
+    CandidateOutcome,
+    LatencyBudget,
+    LatencyStats,
+    MacCount,
+    Selection,
+    Verification,
+    from_dict,
+    to_dict,
+)
+
+from dcvit_deploy.errors import BudgetInfeasible
 
 BASE_MACS = 1_000_000
 

@@ -15,19 +15,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import dcvit_deploy.latency.machine
 import numpy as np
 import pytest
 import torch
+from dcvit_deploy.config.profiles import profile_from_dict
+from dcvit_deploy.store.records import Artifact, TargetProfile
 from fakes import fake_tensorrt
 from fakes.fake_tensorrt import FakeCudaDevice
 
-import dcvit_deploy.envinfo
 from dcvit_deploy.backends import BuildError, get_backend
 from dcvit_deploy.backends import tensorrt as trt_backend
 from dcvit_deploy.backends.tensorrt import TensorRTRunner
 from dcvit_deploy.errors import EngineMismatch, ProfileError, UserInputError
-from dcvit_deploy.profiles import profile_from_dict
-from dcvit_deploy.records import Artifact, TargetProfile
 
 FAST_MEASURE = {
     "warmup_iters": 1,
@@ -64,7 +64,7 @@ Install = Callable[..., ModuleType]
 @pytest.fixture
 def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Install:
     """Install a fake ``tensorrt`` (knobs as keyword arguments) on a machine with one fake GPU."""
-    monkeypatch.setattr(dcvit_deploy.envinfo, "cuda_device_count", lambda: 2)
+    monkeypatch.setattr(dcvit_deploy.latency.machine, "cuda_device_count", lambda: 2)
     # Older layouts asked torch for the GPU's identity; make that fake too.
     monkeypatch.setattr(
         trt_backend, "device_identity", lambda device_id=0: ("Fake GPU", "9.0"), raising=False

@@ -8,13 +8,15 @@ import json
 import sys
 from pathlib import Path
 
+import dcvit_deploy.latency.machine
 import numpy as np
 import pytest
 import torch
+from dcvit_deploy.config.profiles import load_profile, profile_from_dict
+from dcvit_deploy.store.records import TargetProfile
 from fakes import fake_tensorrt
 from fakes.fake_tensorrt import FakeCudaDevice
 
-import dcvit_deploy.envinfo
 from dcvit_deploy.backends import BuildError, get_backend
 from dcvit_deploy.backends import tensorrt as trt_backend
 from dcvit_deploy.backends.tensorrt import (
@@ -26,8 +28,6 @@ from dcvit_deploy.backends.tensorrt import (
     network_flags,
 )
 from dcvit_deploy.errors import BackendUnavailable, EngineMismatch, ProfileError
-from dcvit_deploy.profiles import load_profile, profile_from_dict
-from dcvit_deploy.records import TargetProfile
 
 
 def trt_profile(**changes: object) -> TargetProfile:
@@ -55,7 +55,7 @@ def tiny_onnx(tmp_path: Path) -> Path:
 @pytest.fixture
 def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """One fake GPU: the driver reports it and the backend's CUDA seam is the CPU fake."""
-    monkeypatch.setattr(dcvit_deploy.envinfo, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(dcvit_deploy.latency.machine, "cuda_device_count", lambda: 1)
     backend = get_backend("tensorrt")
     monkeypatch.setattr(
         backend, "device_factory", lambda index: FakeCudaDevice(sys.modules["tensorrt"], index)
@@ -236,7 +236,7 @@ def test_unavailable_without_tensorrt_or_gpu(monkeypatch: pytest.MonkeyPatch) ->
     a = backend.availability(trt_profile())
     assert not a.ok and "not installed" in a.reason and "pip install tensorrt" in a.fix
     monkeypatch.setattr(trt_backend, "module_found", lambda name: True)
-    monkeypatch.setattr(dcvit_deploy.envinfo, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(dcvit_deploy.latency.machine, "cuda_device_count", lambda: 0)
     a = backend.availability(trt_profile())
     assert not a.ok and "CUDA GPU" in a.reason
 
@@ -304,7 +304,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees
 @needs_gpu
 @pytest.mark.skipif(not _TRT_OK, reason=_TRT_WHY or "tensorrt unavailable")  # checked first
 def test_real_tensorrt_fp16_engine_matches_pytorch(tiny_vit, tmp_path: Path) -> None:
-    from dcvit_deploy.export import DEFAULT_TOLERANCES, compare_outputs, export_onnx
+    from dcvit_deploy.export.onnx import DEFAULT_TOLERANCES, compare_outputs, export_onnx
 
     onnx_path = tmp_path / "vit.fp16.onnx"
     export_onnx(tiny_vit, onnx_path, input_shape=(3, 32, 32), precision="fp16")
@@ -328,8 +328,8 @@ def test_real_tensorrt_fp16_engine_matches_pytorch(tiny_vit, tmp_path: Path) -> 
 @pytest.mark.gpu
 @needs_gpu
 def test_cuda_event_timer_times_gpu_work() -> None:
-    from dcvit_deploy.measure import CudaEventTimer, measure
-    from dcvit_deploy.records import MeasureSettings
+    from dcvit_deploy.latency.loop import CudaEventTimer, measure
+    from dcvit_deploy.store.records import MeasureSettings
 
     stream = torch.cuda.Stream()
     a = torch.randn(1024, 1024, device="cuda")

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.records import Artifact
 
-from dcvit_deploy.atomic import sha256_file
 from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.records import Artifact
 from dcvit_deploy.triton import (
     read_onnx_io,
     validate_config,
@@ -129,7 +129,7 @@ def tiny_onnx(tmp_path: Path) -> Path:
 
 
 def test_onnx_repository_matches_golden_and_triton_schema(tiny_onnx: Path, tmp_path: Path) -> None:
-    from dcvit_deploy.records import LatencyStats
+    from dcvit_deploy.store.records import LatencyStats
 
     stats = LatencyStats(
         batch_size=8, iterations=50, mean=1.0, std=0.1, cov=0.1, min=0.9, max=1.4, p50=1.0,
@@ -377,8 +377,9 @@ def test_validate_config_is_skipped_without_tritonclient(
 
 def test_importing_writers_stays_cheap() -> None:
     code = (
-        "import sys, dcvit_deploy.select, dcvit_deploy.triton, dcvit_deploy.report\n"
-        "import dcvit_deploy.triton.config, dcvit_deploy.triton.repository\n"
+        "import sys, dcvit_deploy.selection.decide, dcvit_deploy.triton,
+        dcvit_deploy.reports.writers\n"
+        "import dcvit_deploy.triton.model_config, dcvit_deploy.triton.repository\n"
         "import dcvit_deploy.triton.runtime\n"
         "heavy = ('onnx', 'matplotlib', 'tritonclient', 'torch', 'onnxruntime')\n"
         "print([m for m in heavy if m in sys.modules])\n"

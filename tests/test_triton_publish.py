@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.records import Artifact, LatencyStats, MeasureSettings, TargetProfile
 from test_triton import GOLDEN, fake_engine, make_onnx, onnx_artifact, parse
 
-from dcvit_deploy.atomic import sha256_file
 from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.records import Artifact, LatencyStats, MeasureSettings, TargetProfile
 from dcvit_deploy.triton import (
     NotServable,
     RepositoryConflict,

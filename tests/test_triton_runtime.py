@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dcvit_deploy.store.records import MeasureSettings, TargetProfile
 from test_triton import fake_engine, parse
 from test_triton_publish import candidate, cpu_profile, trt_profile
 
 from dcvit_deploy.errors import ProfileError
-from dcvit_deploy.records import MeasureSettings, TargetProfile
 from dcvit_deploy.triton import ServingMismatch, publish, serving_settings, validate_config
 
 

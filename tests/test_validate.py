@@ -1,4 +1,5 @@
-"""Up-front checks (:mod:`dcvit_deploy.validate`) and the model loader's refusals: each bad value
+"""Up-front checks (:mod:`dcvit_deploy.config.validate`) and the model loader's refusals: each bad
+value
 is refused with one line naming it and the fix, before any work."""
 
 from __future__ import annotations
@@ -11,17 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_VIT_KWARGS
-
-from dcvit_deploy.errors import (
-    CheckpointMismatchError,
-    OptionError,
-    PathNotWritable,
-    RunDirError,
-    UnsupportedModelError,
-    UserInputError,
-)
-from dcvit_deploy.options import CompressOptions, DeployOptions
-from dcvit_deploy.validate import (
+from dcvit_deploy.config.options import CompressOptions, DeployOptions
+from dcvit_deploy.config.validate import (
     MAX_TARGETS,
     Validated,
     check_checkpoint,
@@ -35,6 +27,15 @@ from dcvit_deploy.validate import (
     targets_from_text,
     validate_run,
     validate_stage,
+)
+
+from dcvit_deploy.errors import (
+    CheckpointMismatchError,
+    OptionError,
+    PathNotWritable,
+    RunDirError,
+    UnsupportedModelError,
+    UserInputError,
 )
 
 MODEL = "vit_tiny_patch16_224"
@@ -198,7 +199,7 @@ def test_non_finite_checkpoint_is_refused_naming_the_first_tensor(
     assert "blocks.2.attn.qkv.weight" in line and "1 of" in line
     assert ("NaN" if math.isnan(bad) else "infinite") in line
 
-    from dcvit_deploy.models import load_model
+    from dcvit_deploy.model.loading import load_model
 
     with pytest.raises(CheckpointMismatchError, match=r"blocks\.2\.attn\.qkv\.weight"):
         load_model(MODEL, checkpoint=path, model_kwargs=GEOMETRY)
@@ -279,7 +280,7 @@ def test_model_checks(changes: dict, error: type, needle: str) -> None:
 
 
 def test_input_size_must_fit_the_patch_embedding() -> None:
-    from dcvit_deploy.data import DataOverrides
+    from dcvit_deploy.model.images import DataOverrides
 
     with pytest.raises(OptionError, match=r"--img-size 64 does not fit .* 32x32"):
         check_model(copts(data_overrides=DataOverrides(img_size=64)))
@@ -360,8 +361,11 @@ def test_validate_stage(tmp_path: Path) -> None:
 def test_unknown_model_suggestions_are_supported_models_only() -> None:
     import timm
     import torch
-
-    from dcvit_deploy.models import check_supported, create_model, supported_model_suggestions
+    from dcvit_deploy.model.loading import (
+        check_supported,
+        create_model,
+        supported_model_suggestions,
+    )
 
     names = supported_model_suggestions("vit_base_patch16_siglp_224")
     assert names and all("siglip_2" not in n or "gap" in n for n in names)
@@ -374,7 +378,7 @@ def test_unknown_model_suggestions_are_supported_models_only() -> None:
 
 
 def test_model_kwargs_timm_rejects_are_named() -> None:
-    from dcvit_deploy.models import create_model
+    from dcvit_deploy.model.loading import create_model
 
     with pytest.raises(UserInputError) as info:
         create_model(MODEL, {"embed_dim": 64, "num_heads": 3})
@@ -395,8 +399,7 @@ def test_a_corrupt_run_can_still_be_overwritten(tmp_path: Path, photo_dir: Path)
 
 def test_pretrained_cache_must_hold_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
-
-    from dcvit_deploy.validate import check_pretrained_cache
+    from dcvit_deploy.config.validate import check_pretrained_cache
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
     with pytest.raises(UserInputError, match=r"not in the local Hugging Face hub cache"):

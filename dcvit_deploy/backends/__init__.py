@@ -18,11 +18,11 @@ import importlib.metadata
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import BackendUnavailable, BuildError, UserInputError
-from .base import Availability, Backend, missing_attributes
+from dcvit_deploy.backends.base import Availability, Backend, missing_attributes
+from dcvit_deploy.errors import BackendUnavailable, BuildError, UserInputError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from ..records import TargetProfile
+    from dcvit_deploy.store.records import TargetProfile
 
 __all__ = [
     "BUILTIN_BACKENDS",

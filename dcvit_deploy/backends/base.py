@@ -1,7 +1,8 @@
 """The backend protocol every runtime implements, and the helpers they share.
 
-A backend turns an exported candidate into a runnable :class:`~dcvit_deploy.records.Artifact`
-(``build``), times it with the shared loop in :mod:`dcvit_deploy.measure` (``measure``), and runs
+A backend turns an exported candidate into a runnable :class:`~dcvit_deploy.store.records.Artifact`
+(``build``), times it with the shared loop in :mod:`dcvit_deploy.latency.loop` (``measure``), and
+runs
 it on real inputs for output checks (``run``). ``availability`` says -- without raising and
 without importing the runtime -- whether it can work here, and if not, how to fix that.
 
@@ -21,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from ..envinfo import machine_state
-from ..errors import BackendUnavailable, ProfileError
-from ..measure import Timer, measure, save_raw, with_machine_state
-from ..records import Artifact, LatencyStats, TargetProfile
+from dcvit_deploy.errors import BackendUnavailable, ProfileError
+from dcvit_deploy.latency.loop import Timer, measure, save_raw, with_machine_state
+from dcvit_deploy.latency.machine import machine_state
+from dcvit_deploy.store.records import Artifact, LatencyStats, TargetProfile
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -144,7 +145,7 @@ class Backend(Protocol):
         *,
         raw_path: Path | None = None,
     ) -> LatencyStats:
-        """Time the artifact at ``batch_size`` with :func:`dcvit_deploy.measure.measure`."""
+        """Time the artifact at ``batch_size`` with :func:`dcvit_deploy.latency.loop.measure`."""
         ...
 
     def run(self, artifact: Artifact, profile: TargetProfile, inputs: np.ndarray) -> np.ndarray:
@@ -154,7 +155,7 @@ class Backend(Protocol):
 
 class OpenMeasurement(Protocol):
     """An artifact kept ready for timing across interleaved rounds (see
-    :mod:`dcvit_deploy.rounds`): ``step`` runs one inference of the batch it was opened for,
+    :mod:`dcvit_deploy.latency.rounds`): ``step`` runs one inference of the batch it was opened for,
     ``timer`` times one step, ``close`` releases the session/engine and buffers.
 
     Optional for backends: one that has ``open_measurement(artifact, profile, batch_size)``
@@ -224,7 +225,7 @@ def cuda_availability(profile: TargetProfile | None) -> Availability | None:
     """``None`` when the profile needs no GPU or a driver reports one; else why not."""
     if profile is None or profile.device != "cuda":
         return None
-    from ..envinfo import cuda_device_count
+    from dcvit_deploy.latency.machine import cuda_device_count
 
     if cuda_device_count() > 0:
         return None

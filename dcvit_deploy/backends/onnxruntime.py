@@ -11,7 +11,7 @@ Rules this backend keeps:
 
 * Sessions are created before timing and cached per artifact; creating one is never timed. The
   TensorRT provider builds its engine inside the first run, so :meth:`build` runs once per batch
-  size with an on-disk engine cache, and :func:`~dcvit_deploy.measure.measure` warms up anyway.
+  size with an on-disk engine cache, and :func:`~dcvit_deploy.latency.loop.measure` warms up anyway.
 * A session that asked for CUDA or TensorRT but silently fell back to CPU (ONNX Runtime only logs
   a warning) is refused with :class:`BackendUnavailable`, detected through
   ``session.get_providers()``: CPU numbers must never be reported as GPU numbers.
@@ -42,12 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..atomic import atomic_path, sha256_file
-from ..envinfo import UNAVAILABLE, package_version
-from ..errors import BackendUnavailable, BuildError, ProfileError, UserInputError
-from ..measure import HostTimer
-from ..records import Artifact, LatencyStats, TargetProfile
-from .base import (
+from dcvit_deploy.backends.base import (
     Availability,
     BackendBase,
     OptionSpec,
@@ -58,6 +53,11 @@ from .base import (
     random_inputs,
     timed,
 )
+from dcvit_deploy.errors import BackendUnavailable, BuildError, ProfileError, UserInputError
+from dcvit_deploy.latency.loop import HostTimer
+from dcvit_deploy.latency.machine import UNAVAILABLE, package_version
+from dcvit_deploy.store.atomic import atomic_path, sha256_file
+from dcvit_deploy.store.records import Artifact, LatencyStats, TargetProfile
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -214,9 +214,9 @@ class OnnxRuntimeBackend(BackendBase):
         if onnx_path is None or not Path(onnx_path).is_file():
             raise UserInputError(
                 f"ONNX file {str(onnx_path)!r} for candidate {candidate!r} does not exist",
-                "export the candidate first (dcvit_deploy.export.export_onnx)",
+                "export the candidate first (dcvit_deploy.export.onnx.export_onnx)",
             )
-        from ..export import onnx_io, onnx_precision
+        from dcvit_deploy.export.onnx import onnx_io, onnx_precision
 
         source = Path(onnx_path)
         out_dir = Path(out_dir)
@@ -371,7 +371,7 @@ class OnnxRuntimeBackend(BackendBase):
         self, artifact: Artifact, profile: TargetProfile, batch_size: int
     ) -> ReadyMeasurement:
         """A session of its own, kept open across interleaved rounds (see
-        :mod:`dcvit_deploy.rounds`): created once per candidate and batch size, never timed,
+        :mod:`dcvit_deploy.latency.rounds`): created once per candidate and batch size, never timed,
         and not the one-slot cache (which interleaving would empty every round)."""
         opts, provider, bind, cuda_graph = self._timing_setup(artifact, profile, batch_size)
         session = create_session(

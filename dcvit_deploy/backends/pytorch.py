@@ -21,11 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..atomic import atomic_path, sha256_file
-from ..errors import BuildError, ProfileError, UserInputError
-from ..measure import CudaEventTimer, HostTimer, Timer
-from ..records import Artifact, LatencyStats, TargetProfile
-from .base import (
+from dcvit_deploy.backends.base import (
     Availability,
     BackendBase,
     OptionSpec,
@@ -35,6 +31,10 @@ from .base import (
     module_found,
     timed,
 )
+from dcvit_deploy.errors import BuildError, ProfileError, UserInputError
+from dcvit_deploy.latency.loop import CudaEventTimer, HostTimer, Timer
+from dcvit_deploy.store.atomic import atomic_path, sha256_file
+from dcvit_deploy.store.records import Artifact, LatencyStats, TargetProfile
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np

@@ -12,9 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..atomic import atomic_write_json, atomic_write_with, sha256_file
-from ..errors import UserInputError
-from ..records import Candidate, from_dict, to_dict
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.store.atomic import atomic_write_json, atomic_write_with, sha256_file
+from dcvit_deploy.store.records import Candidate, from_dict, to_dict
 
 if TYPE_CHECKING:
     from torch import nn
@@ -53,8 +53,8 @@ def build_candidate(
     """Rebuild the torch module of ``candidate`` from its spec and weights file (eval mode)."""
     from safetensors.torch import load_file
 
-    from ..models import create_model
-    from .surgery import apply_spec
+    from dcvit_deploy.compress.surgery import apply_spec
+    from dcvit_deploy.model.loading import create_model
 
     arch = candidate.arch
     base = create_model(arch.model_name, arch.model_kwargs)

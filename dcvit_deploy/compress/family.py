@@ -33,30 +33,26 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from ..atomic import atomic_write_json, fingerprint
-from ..errors import UserInputError
-from ..progress import ProgressEvent, ProgressFn, quiet
-from ..records import ArchSpec, Candidate, to_dict
-from .candidate import build_candidate, read_candidate, save_candidate
-from .finetune import (
+from dcvit_deploy.compress.candidate import build_candidate, read_candidate, save_candidate
+from dcvit_deploy.compress.finetune import (
     FinetuneProgress,
     FinetuneSchedule,
     TeacherFeatureBank,
     _image_of,
     feature_mimic,
 )
-from .macs import Geometry, geometry_of
-from .plan import StructurePlan, plan_family
-from .practise import blocks_for_target, rank_blocks_practise
-from .recoverability import (
+from dcvit_deploy.compress.macs import Geometry, geometry_of
+from dcvit_deploy.compress.plan import StructurePlan, plan_family
+from dcvit_deploy.compress.practise import blocks_for_target, rank_blocks_practise
+from dcvit_deploy.compress.recoverability import (
     RANK_CRITERIA,
     BlockRanking,
     RankCriterion,
     default_candidate_blocks,
     rank_blocks,
 )
-from .refit import DEFAULT_RIDGE, block_streams, refit_blocks
-from .surgery import (
+from dcvit_deploy.compress.refit import DEFAULT_RIDGE, block_streams, refit_blocks
+from dcvit_deploy.compress.surgery import (
     NEURON_CHOICES,
     NeuronChoice,
     compress_blocks,
@@ -64,6 +60,10 @@ from .surgery import (
     make_chooser,
     reshape,
 )
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.progress import ProgressEvent, ProgressFn, quiet
+from dcvit_deploy.store.atomic import atomic_write_json, fingerprint
+from dcvit_deploy.store.records import ArchSpec, Candidate, to_dict
 
 Method = Literal["dcvit", "practise"]
 METHODS: tuple[str, ...] = ("dcvit", "practise")
@@ -294,7 +294,7 @@ class _Family:
         calibration: torch.Tensor | None = None,
         executor: Any = None,
     ) -> None:
-        from ..pipeline.executor import LocalExecutor
+        from dcvit_deploy.pipeline.executor import LocalExecutor
 
         self.executor = executor or LocalExecutor()
         self.teacher = teacher.eval()
@@ -826,7 +826,7 @@ def preview_family(teacher: nn.Module, config: FamilyConfig) -> FamilyPreview:
                 seen[key] = name
                 out.append(PlannedCandidate(name, m, t, p.n_blocks, p.hidden, p.achieved, p))
         else:
-            from ..records import BlockSpec
+            from dcvit_deploy.store.records import BlockSpec
 
             full = BlockSpec(kind="attn_mlp", mlp_hidden=geom.base_mlp_hidden)
             base = geom.count([full] * depth).linear_norm

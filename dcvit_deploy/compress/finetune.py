@@ -32,8 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dcvit_deploy.errors import TrainingDiverged, UnsupportedModelError
-from dcvit_deploy.records import from_dict as _record_from_dict
-from dcvit_deploy.records import to_dict as _record_to_dict
+from dcvit_deploy.store.records import from_dict as _record_from_dict
+from dcvit_deploy.store.records import to_dict as _record_to_dict
 
 AmpMode = Literal["auto", "off", "bf16"]
 TrainableUpto = int | Literal["all"]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from ..records import BlockSpec, MacCount
+from dcvit_deploy.store.records import BlockSpec, MacCount
 
 if TYPE_CHECKING:
     from torch import nn

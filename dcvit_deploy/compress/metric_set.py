@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcvit_deploy.atomic import atomic_write_with, fingerprint
-from dcvit_deploy.records import from_dict as _record_from_dict
-from dcvit_deploy.records import to_dict as _record_to_dict
+from dcvit_deploy.store.atomic import atomic_write_with, fingerprint
+from dcvit_deploy.store.records import from_dict as _record_from_dict
+from dcvit_deploy.store.records import to_dict as _record_to_dict
 
 CACHE_FORMAT = 1
 """Version of the cached metric-set file layout; part of the cache key."""

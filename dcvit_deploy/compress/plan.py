@@ -12,8 +12,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import UserInputError
-from .macs import Geometry
+from dcvit_deploy.compress.macs import Geometry
+from dcvit_deploy.errors import UserInputError
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def feasible_range(
     The minimum removes one attention branch; the maximum narrows ``max_blocks`` blocks to the
     smallest width allowed (``round_to``, at least 1 unit).
     """
-    from ..records import BlockSpec
+    from dcvit_deploy.store.records import BlockSpec
 
     total = geom.count(
         [BlockSpec(kind="attn_mlp", mlp_hidden=geom.base_mlp_hidden)] * depth
@@ -59,7 +59,7 @@ def plan_structure(
     ``round_to`` > 1 rounds h' to the nearest multiple (never to 0); the effect on the achieved
     reduction is recorded in the plan.
     """
-    from ..records import BlockSpec
+    from dcvit_deploy.store.records import BlockSpec
 
     base = [BlockSpec(kind="attn_mlp", mlp_hidden=geom.base_mlp_hidden)] * depth
     total = geom.count(base).linear_norm

@@ -19,10 +19,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..atomic import atomic_write_json
-from ..progress import ProgressEvent, ProgressFn, quiet
-from .finetune import feature_error
-from .recoverability import BlockRanking, _load_partial
+from dcvit_deploy.compress.finetune import feature_error
+from dcvit_deploy.compress.recoverability import BlockRanking, _load_partial
+from dcvit_deploy.progress import ProgressEvent, ProgressFn, quiet
+from dcvit_deploy.store.atomic import atomic_write_json
 
 
 class AdaptedGap(nn.Module):

@@ -28,12 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atomic import atomic_write_json
-from ..progress import ProgressEvent, ProgressFn, quiet
-from ..records import ArchSpec
-from .finetune import FinetuneProgress, FinetuneSchedule, feature_mimic, kl_score
-from .refit import DEFAULT_RIDGE, block_streams, refit_blocks
-from .surgery import apply_spec, compress_blocks
+from dcvit_deploy.compress.finetune import (
+    FinetuneProgress,
+    FinetuneSchedule,
+    feature_mimic,
+    kl_score,
+)
+from dcvit_deploy.compress.refit import DEFAULT_RIDGE, block_streams, refit_blocks
+from dcvit_deploy.compress.surgery import apply_spec, compress_blocks
+from dcvit_deploy.progress import ProgressEvent, ProgressFn, quiet
+from dcvit_deploy.store.atomic import atomic_write_json
+from dcvit_deploy.store.records import ArchSpec
 
 RankCriterion = Literal["finetune", "refit", "refit_finetune", "local"]
 RANK_CRITERIA: tuple[str, ...] = ("finetune", "refit", "refit_finetune", "local")
@@ -129,7 +134,7 @@ def rank_blocks(
     JSON file) receives the scores as each block finishes, with ``cache_key``; a later call with
     the same key skips the blocks already scored.
     """
-    from ..pipeline.executor import LocalExecutor
+    from dcvit_deploy.pipeline.executor import LocalExecutor
 
     if criterion not in RANK_CRITERIA:
         raise ValueError(f"unknown ranking criterion {criterion!r}; use one of {RANK_CRITERIA}")

@@ -28,8 +28,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .surgery import FFNBlock
+from dcvit_deploy.compress.surgery import FFNBlock
+from dcvit_deploy.errors import UnsupportedModelError
 
 DEFAULT_RIDGE = 1e-4
 """Ridge strength, relative to the mean diagonal of the Gram matrix of the hidden activations."""

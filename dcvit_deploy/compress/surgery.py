@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import nn
 
-from ..errors import UserInputError
-from ..records import ArchSpec, BlockSpec
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.store.records import ArchSpec, BlockSpec
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from ..records import BlockKind
+    from dcvit_deploy.store.records import BlockKind
 
 NeuronChoice = Literal["random", "activation", "weight"]
 NEURON_CHOICES: tuple[str, ...] = ("random", "activation", "weight")

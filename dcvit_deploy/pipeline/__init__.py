@@ -10,7 +10,7 @@ several targets; :mod:`.executor` runs independent work in this process or on Ra
 
 from __future__ import annotations
 
-from .job import run_job, stage_job, status_of
-from .result import JobResult
+from dcvit_deploy.pipeline.job import run_job, stage_job, status_of
+from dcvit_deploy.pipeline.result import JobResult
 
 __all__ = ["JobResult", "run_job", "stage_job", "status_of"]

@@ -6,17 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserInputError
-from ..records import CandidateOutcome
-from .outcomes import candidate_facts
-from .select import ORIGINAL, resolve_budget
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.pipeline.outcomes import candidate_facts
+from dcvit_deploy.pipeline.units.selecting import ORIGINAL, resolve_budget
+from dcvit_deploy.store.records import CandidateOutcome
 
 if TYPE_CHECKING:
-    from ..options import DeployOptions
-    from ..records import LatencyStats, TargetProfile
-    from .context import JobContext
-    from .family import Family
-    from .profile import ProfileUnit
+    from dcvit_deploy.config.options import DeployOptions
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.pipeline.units.measuring import ProfileUnit
+    from dcvit_deploy.store.records import LatencyStats, TargetProfile
 
 
 class BisectPlan:
@@ -39,7 +39,7 @@ class BisectPlan:
         errors: dict[str, str],
         files: list[Path],
     ) -> None:
-        from ..select import bisect_search
+        from dcvit_deploy.selection.decide import bisect_search
 
         order = [n for n in unit.order if n in unit.artifacts]
 

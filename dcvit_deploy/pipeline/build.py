@@ -15,17 +15,17 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from ..atomic import sha256_file
-from ..records import Artifact, Verification, from_dict, to_dict
-from .context import RUNTIME_PACKAGES, device_identity, versions
-from .unit import UnitOutput
+from dcvit_deploy.pipeline.context import RUNTIME_PACKAGES, device_identity, versions
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.records import Artifact, Verification, from_dict, to_dict
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ..records import Candidate, TargetProfile
-    from ..rundir import RunDir
-    from .context import JobContext
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.store.records import Candidate, TargetProfile
+    from dcvit_deploy.store.rundir import RunDir
 
 
 def build_unit_id(profile: str, name: str) -> str:
@@ -38,7 +38,7 @@ def verify_artifact(
     """Run ``artifact`` through ``backend`` on ``images`` and compare with ``model`` (PyTorch)."""
     import torch
 
-    from ..export import DEFAULT_TOLERANCES, compare_outputs
+    from dcvit_deploy.export.onnx import DEFAULT_TOLERANCES, compare_outputs
 
     with torch.inference_mode():
         reference = model.eval()(images.float()).float().cpu().numpy()
@@ -81,8 +81,8 @@ class BuildUnit:
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
-        from ..backends import get_backend
-        from ..compress.candidate import build_candidate
+        from dcvit_deploy.backends import get_backend
+        from dcvit_deploy.compress.candidate import build_candidate
 
         run = ctx.run
         cand = self.candidate

@@ -11,17 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserInputError
-from ..progress import ProgressEvent, ProgressFn, quiet
-from .executor import LocalExecutor
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.pipeline.executor import LocalExecutor
+from dcvit_deploy.progress import ProgressEvent, ProgressFn, quiet
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..options import CompressOptions, DeployOptions
-    from ..records import TargetProfile
-    from ..rundir import RunDir
+    from dcvit_deploy.config.options import CompressOptions, DeployOptions
+    from dcvit_deploy.store.records import TargetProfile
+    from dcvit_deploy.store.rundir import RunDir
 
 RUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "tensorrt")
 """Runtimes whose version changes a built artifact or a measurement (never a finetune)."""
@@ -41,11 +41,11 @@ def versions(packages: tuple[str, ...]) -> dict[str, str]:
 
 def device_identity(profile: TargetProfile) -> dict[str, Any]:
     """What identifies the device a profile measures on (CPU model and cores; GPU name)."""
-    from ..envinfo import cpu_model, physical_cores
+    from dcvit_deploy.latency.machine import cpu_model, physical_cores
 
     ident: dict[str, Any] = {"cpu": cpu_model(), "cores": physical_cores()}
     if profile.device == "cuda":
-        from ..envinfo import cuda_info
+        from dcvit_deploy.latency.machine import cuda_info
 
         info = cuda_info(int(profile.backend_options.get("device_id", 0)))
         ident["gpu"] = info.get("name") or info.get("gpu") or ""
@@ -87,15 +87,15 @@ def prepare(opts: CompressOptions) -> Prepared:
     few-shot images; split a held-out set."""
     import torch
 
-    from ..data import input_fingerprint as data_fp
-    from ..data import (
+    from dcvit_deploy.model.images import input_fingerprint as data_fp
+    from dcvit_deploy.model.images import (
         list_images,
         load_eval_tensor,
         resolve_data_config,
         sample_images,
         split_holdout,
     )
-    from ..models import geometry_kwargs, load_model
+    from dcvit_deploy.model.loading import geometry_kwargs, load_model
 
     images = list_images(opts.data)  # fail fast on bad data before loading the model
     torch.manual_seed(opts.seed)  # a random-init teacher is reproducible, hence resumable

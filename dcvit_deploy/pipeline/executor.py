@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import EnvironmentProblem
+from dcvit_deploy.errors import EnvironmentProblem
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..records import Verification, from_dict, to_dict
-from .context import EXPORT_PACKAGES, versions
-from .unit import UnitOutput
+from dcvit_deploy.pipeline.context import EXPORT_PACKAGES, versions
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.records import Verification, from_dict, to_dict
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ..records import Candidate
-    from ..rundir import RunDir
-    from .context import JobContext
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.store.records import Candidate
+    from dcvit_deploy.store.rundir import RunDir
 
 
 def export_unit_id(precision: str, name: str) -> str:
@@ -55,8 +55,8 @@ class ExportUnit:
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
-        from ..compress.candidate import build_candidate
-        from ..export import export_onnx, verify_onnx
+        from dcvit_deploy.compress.candidate import build_candidate
+        from dcvit_deploy.export.onnx import export_onnx, verify_onnx
 
         run = ctx.run
         cand = self.candidate

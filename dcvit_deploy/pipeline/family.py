@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ..atomic import sha256_file
-from ..errors import UserInputError
-from ..progress import ProgressEvent
-from .context import TRAIN_PACKAGES, versions
-from .unit import UnitOutput
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.pipeline.context import TRAIN_PACKAGES, versions
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.progress import ProgressEvent
+from dcvit_deploy.store.atomic import sha256_file
 
 if TYPE_CHECKING:
-    from ..options import CompressOptions
-    from ..records import Candidate
-    from ..rundir import RunDir
-    from .context import JobContext, Prepared
+    from dcvit_deploy.config.options import CompressOptions
+    from dcvit_deploy.pipeline.context import JobContext, Prepared
+    from dcvit_deploy.store.records import Candidate
+    from dcvit_deploy.store.rundir import RunDir
 
 FAMILY_UNIT = "family"
 
@@ -43,7 +43,7 @@ def family_options(copts: CompressOptions) -> dict[str, Any]:
 
 def schedules(opts: CompressOptions, n_images: int) -> tuple[Any, Any]:
     """The finetune schedule (preset + overrides) and the ranking schedule (or ``None``)."""
-    from ..compress.finetune import FinetuneSchedule
+    from dcvit_deploy.compress.finetune import FinetuneSchedule
 
     if opts.schedule == "paper":
         sched = FinetuneSchedule.paper(n_images, batch_size=opts.batch_size or 64)
@@ -72,7 +72,7 @@ def family_config(opts: CompressOptions, n_images: int) -> Any:
     """The family engine's config: the schedule preset's procedure (how blocks are ranked,
     re-fit, progressive or one-shot; see :data:`dcvit_deploy.compress.family.PROCEDURES`) with
     the user's explicit options on top."""
-    from ..compress.family import FamilyConfig
+    from dcvit_deploy.compress.family import FamilyConfig
 
     sched, rank = schedules(opts, n_images)
     fields: dict[str, Any] = {
@@ -97,7 +97,7 @@ def family_config(opts: CompressOptions, n_images: int) -> Any:
 def _repair(family_dir: Path) -> list[str]:
     """Remove candidate specs whose weights are missing or do not match their checksum, so the
     family engine rebuilds exactly those candidates. Returns the names repaired."""
-    from ..compress.candidate import read_candidate
+    from dcvit_deploy.compress.candidate import read_candidate
 
     repaired = []
     for spec in sorted(family_dir.glob("*.json")):
@@ -122,7 +122,7 @@ def _fidelity(candidates: list[Candidate], family_dir: Path, prep: Prepared) -> 
     candidate whose outputs are not finite."""
     import torch
 
-    from ..compress.candidate import build_candidate
+    from dcvit_deploy.compress.candidate import build_candidate
 
     out: dict[str, Any] = {}
     holdout = prep.holdout
@@ -161,10 +161,10 @@ class FamilyUnit:
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
-        from ..compress.family import compress_family
-        from ..compress.finetune import train_transform
-        from ..data import FewShotImages
-        from .context import torch_device
+        from dcvit_deploy.compress.family import compress_family
+        from dcvit_deploy.compress.finetune import train_transform
+        from dcvit_deploy.model.images import FewShotImages
+        from dcvit_deploy.pipeline.context import torch_device
 
         prep = ctx.prep()
         opts = ctx.copts
@@ -200,7 +200,7 @@ class FamilyUnit:
         files = [run.family_dir / "family.json"]
         for c in cands:
             files += [run.family_dir / f"{c.name}.json", run.family_dir / c.weights]
-        from ..data import skipped_summary
+        from dcvit_deploy.model.images import skipped_summary
 
         skipped = [f"{p}: {r}" for p, r in dataset.skipped]
         summary = skipped_summary(dataset.skipped, len(prep.train_paths))
@@ -229,7 +229,11 @@ class FamilyUnit:
         )
 
     def _metric_set(self, ctx: JobContext, device: str) -> Any:
-        from ..compress.metric_set import InversionSettings, load_or_synthesize, real_metric_set
+        from dcvit_deploy.compress.metric_set import (
+            InversionSettings,
+            load_or_synthesize,
+            real_metric_set,
+        )
 
         prep = ctx.prep()
         opts = ctx.copts
@@ -293,7 +297,7 @@ def current_family(run: RunDir) -> Family:
     Raises :class:`UserInputError` when compression has not finished, or when a candidate's
     files no longer match what the family unit recorded (rerun ``compress`` to rebuild it).
     """
-    from ..compress.candidate import read_candidate
+    from dcvit_deploy.compress.candidate import read_candidate
 
     rec = run.unit(FAMILY_UNIT)
     if not rec or rec.get("status") != "ok":

@@ -25,26 +25,26 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..errors import BudgetInfeasible, DcvitError, EnvironmentProblem, OptionError
-from .executor import Resources, Task, Unplaceable
-from .export import onnx_precision_for
-from .result import JobResult
-from .runner import Runner
+from dcvit_deploy.errors import BudgetInfeasible, DcvitError, EnvironmentProblem, OptionError
+from dcvit_deploy.pipeline.executor import Resources, Task, Unplaceable
+from dcvit_deploy.pipeline.result import JobResult
+from dcvit_deploy.pipeline.runner import Runner
+from dcvit_deploy.pipeline.units.exporting import onnx_precision_for
+from dcvit_deploy.store.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from ..options import CompressOptions, DeployOptions
-    from ..records import TargetProfile
-    from .context import JobContext, Prepared
-    from .executor import LocalExecutor
-    from .family import Family
+    from dcvit_deploy.config.options import CompressOptions, DeployOptions
+    from dcvit_deploy.pipeline.context import JobContext, Prepared
+    from dcvit_deploy.pipeline.executor import LocalExecutor
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.store.records import TargetProfile
 
 Target = tuple["TargetProfile", "DeployOptions"]
 
 
 def targets_of(dopts: DeployOptions) -> list[Target]:
     """Each target of ``--profile a,b,c``: its profile and the options naming it alone."""
-    from ..profiles import load_profile
+    from dcvit_deploy.config.profiles import load_profile
 
     out: list[Target] = []
     for source in (s.strip() for s in dopts.profile.split(",")):
@@ -106,10 +106,10 @@ def _target_files(root: Path, name: str) -> dict[str, bytes]:
 def run_target(shared: dict[str, bytes], job: TargetJob) -> tuple[Any, ...]:
     """A target's build, verification, measurement and selection on its node (a task):
     ``(unit records, files written, notes, error line)``."""
-    from ..rundir import MANIFEST, RunDir
-    from .context import JobContext
-    from .family import current_family
-    from .job import check_target, deploy
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.pipeline.job import check_target, deploy
+    from dcvit_deploy.pipeline.units.compressing import current_family
+    from dcvit_deploy.store.rundir import MANIFEST, RunDir
 
     root = Path(tempfile.gettempdir()) / f"dcvit-target-{job.key}"
     shutil.rmtree(root, ignore_errors=True)
@@ -170,7 +170,7 @@ def deploy_fleet(
     ctx: JobContext, family: Family, targets: list[Target], executor: LocalExecutor
 ) -> JobResult:
     """Deploy ``family`` on every target; a fleet (more than one) gets its summary."""
-    from .job import _remember_profile, decide_and_publish, deploy
+    from dcvit_deploy.pipeline.job import _remember_profile, decide_and_publish, deploy
 
     run, fleet = ctx.run, len(targets) > 1
     ctxs = {}

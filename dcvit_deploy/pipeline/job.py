@@ -13,25 +13,30 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from ..errors import UserInputError
-from ..progress import ProgressFn, quiet
-from ..rundir import RunDir
-from .build import BuildUnit, build_facts, build_unit_id
-from .context import JobContext, Prepared, identity_of, prepare
-from .executor import LocalExecutor
-from .export import ExportUnit, export_facts, onnx_precision_for
-from .family import FamilyUnit, current_family, superseded
-from .outcomes import outcomes_for
-from .profile import ProfileUnit, check_device
-from .publish import PublishUnit, unpublish_stale
-from .result import JobResult
-from .runner import Runner, terminate_as_interrupt
-from .select import SelectUnit, budget_batch, remeasured_of, selection_of
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.pipeline.context import JobContext, Prepared, identity_of, prepare
+from dcvit_deploy.pipeline.executor import LocalExecutor
+from dcvit_deploy.pipeline.outcomes import outcomes_for
+from dcvit_deploy.pipeline.result import JobResult
+from dcvit_deploy.pipeline.runner import Runner, terminate_as_interrupt
+from dcvit_deploy.pipeline.units.building import BuildUnit, build_facts, build_unit_id
+from dcvit_deploy.pipeline.units.compressing import FamilyUnit, current_family, superseded
+from dcvit_deploy.pipeline.units.exporting import ExportUnit, export_facts, onnx_precision_for
+from dcvit_deploy.pipeline.units.measuring import ProfileUnit, check_device
+from dcvit_deploy.pipeline.units.publishing import PublishUnit, unpublish_stale
+from dcvit_deploy.pipeline.units.selecting import (
+    SelectUnit,
+    budget_batch,
+    remeasured_of,
+    selection_of,
+)
+from dcvit_deploy.progress import ProgressFn, quiet
+from dcvit_deploy.store.rundir import RunDir
 
 if TYPE_CHECKING:
-    from ..options import CompressOptions, DeployOptions
-    from ..records import Artifact, TargetProfile
-    from .family import Family
+    from dcvit_deploy.config.options import CompressOptions, DeployOptions
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.store.records import Artifact, TargetProfile
 
 Until = Literal["export", "build", "profile", "select"]
 
@@ -39,7 +44,7 @@ Until = Literal["export", "build", "profile", "select"]
 def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
     """Profile, budget batch, backend and device: everything about the target that can fail
     before any work."""
-    from ..backends import get_backend
+    from dcvit_deploy.backends import get_backend
 
     budget_batch(profile, dopts)
     backend = get_backend(profile.backend)
@@ -51,8 +56,8 @@ def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
 def _validate_up_front(
     copts: CompressOptions, dopts: DeployOptions, out: str | Path, *, deploying: bool, on: str
 ) -> None:
-    """The option, path, model, profile and budget checks of :mod:`dcvit_deploy.validate`."""
-    from ..validate import validate_run
+    """The option, path, model, profile and budget checks of :mod:`dcvit_deploy.config.validate`."""
+    from dcvit_deploy.config.validate import validate_run
 
     stages = ("compress", "deploy") if deploying else ("compress",)
     validate_run(copts, dopts, out, stages=stages, executor=on)
@@ -73,7 +78,7 @@ def run_job(
     """The main job: family → export/verify → build/verify → profile → select → publish →
     report, on each target of ``dopts.profile`` (:mod:`.fleet`); ``executor`` runs the
     independent work (:mod:`.executor`; default: this process)."""
-    from .fleet import deploy_fleet, targets_of
+    from dcvit_deploy.pipeline.fleet import deploy_fleet, targets_of
 
     executor = executor or LocalExecutor()
     deploying = stop_after == "deploy"
@@ -118,8 +123,8 @@ def check_targets(copts: CompressOptions, prep: Prepared) -> list[str]:
     """Refuse DC-ViT targets that plan to the same structure as another target (they would
     add no candidate); return notes for block-dropping targets that do (block dropping only
     has whole-block sizes, so that is expected)."""
-    from ..compress.family import preview_family
-    from .family import family_config
+    from dcvit_deploy.compress.family import preview_family
+    from dcvit_deploy.pipeline.units.compressing import family_config
 
     preview = preview_family(prep.teacher, family_config(copts, len(prep.train_paths)))
     dups: dict[str, list[str]] = {}
@@ -154,7 +159,7 @@ def deploy(
 ) -> JobResult:
     """Export, build, profile, select, publish and report the current family on ``profile``
     (``publish=False``: stop after selecting, as a target's node does)."""
-    from ..select import capacity_order
+    from dcvit_deploy.selection.decide import capacity_order
 
     run = ctx.run
     ctx = ctx.with_profile(profile)
@@ -182,7 +187,7 @@ def deploy(
         return result
     bisect = None
     if ctx.dopts.search == "bisect" and ctx.dopts.has_budget:
-        from .bisect import BisectPlan
+        from dcvit_deploy.selection.bisect import BisectPlan
 
         bisect = BisectPlan(ctx.dopts, profile, family)
     runner.run(ProfileUnit(profile, artifacts, _capacity_names(family), bisect=bisect))
@@ -207,7 +212,7 @@ def decide_and_publish(
     ctx: JobContext, runner: Runner, family: Family, profile: TargetProfile, *, publish: bool = True
 ) -> JobResult:
     """Select (pure, confirmed), publish to Triton, write the reports."""
-    from ..select import capacity_order, infeasible_error
+    from dcvit_deploy.selection.decide import capacity_order, infeasible_error
 
     run = ctx.run
     outcomes = capacity_order(outcomes_for(run, family, profile))
@@ -249,7 +254,7 @@ def decide_and_publish(
         removed = unpublish_stale(ctx)
         if removed:
             ctx.note(f"removed {removed} from the run's Triton repository: nothing fits now")
-    from .report import write_run_reports
+    from dcvit_deploy.pipeline.units.reporting import write_run_reports
 
     result.reports = write_run_reports(ctx, family, profile, result)
     return result
@@ -269,8 +274,8 @@ def reopen(out: str | Path, *, lock: bool = True) -> tuple[RunDir, CompressOptio
 
 
 def options_from_manifest(run: RunDir) -> CompressOptions:
-    from ..data import DataOverrides
-    from ..options import CompressOptions
+    from dcvit_deploy.config.options import CompressOptions
+    from dcvit_deploy.model.images import DataOverrides
 
     raw = dict(run.manifest.get("inputs", {}).get("compress_options") or {})
     if not raw:
@@ -317,7 +322,7 @@ def stage_job(
     profile_given: bool = True,
 ) -> JobResult:
     """``export``/``build``/``profile``/``select`` over an existing run's current family."""
-    from ..profiles import load_profile
+    from dcvit_deploy.config.profiles import load_profile
 
     run, copts = reopen(out)
     with terminate_as_interrupt(), run:
@@ -340,7 +345,7 @@ def stage_job(
 
 def status_of(out: str | Path) -> dict[str, Any]:
     """Units, candidates and outputs of a run, read without taking its lock."""
-    from .runner import outputs_problem
+    from dcvit_deploy.pipeline.runner import outputs_problem
 
     run = RunDir.load(out, lock=False)
     units = {}
@@ -360,7 +365,7 @@ def status_of(out: str | Path) -> dict[str, Any]:
         units.setdefault("family", {"status": "not ok", "reason": exc.one_line()})
     outcomes: dict[str, dict[str, str]] = {}
     if names:
-        from ..profiles import load_profile
+        from dcvit_deploy.config.profiles import load_profile
 
         for name in run.manifest.get("inputs", {}).get("profiles", []):
             try:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..records import CandidateOutcome, LatencyStats, from_dict
-from .build import build_facts
-from .export import export_facts, export_unit_id, onnx_precision_for
+from dcvit_deploy.pipeline.units.building import build_facts
+from dcvit_deploy.pipeline.units.exporting import export_facts, export_unit_id, onnx_precision_for
+from dcvit_deploy.store.records import CandidateOutcome, LatencyStats, from_dict
 
 if TYPE_CHECKING:
-    from ..records import TargetProfile
-    from ..rundir import RunDir
-    from .family import Family
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.store.records import TargetProfile
+    from dcvit_deploy.store.rundir import RunDir
 
 
 def profile_unit_id(profile: str) -> str:

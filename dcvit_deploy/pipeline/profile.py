@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EnvironmentProblem
-from ..records import to_dict
-from .context import RUNTIME_PACKAGES, device_identity, versions
-from .outcomes import profile_unit_id
-from .unit import UnitOutput
+from dcvit_deploy.errors import EnvironmentProblem
+from dcvit_deploy.pipeline.context import RUNTIME_PACKAGES, device_identity, versions
+from dcvit_deploy.pipeline.outcomes import profile_unit_id
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.records import to_dict
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ..records import Artifact, LatencyStats, TargetProfile
-    from .context import JobContext
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.store.records import Artifact, LatencyStats, TargetProfile
 
 
 class OtherDevice(EnvironmentProblem):
@@ -32,7 +32,7 @@ def check_device(profile: TargetProfile, allow_other: bool) -> str:
     overrides); returns a note for the report when overridden, else ``""``."""
     if profile.device != "cuda" or not profile.gpu:
         return ""
-    from ..envinfo import cuda_device_count
+    from dcvit_deploy.latency.machine import cuda_device_count
 
     if cuda_device_count() == 0:
         return ""  # the backend's own availability check says there is no GPU at all
@@ -72,7 +72,7 @@ class ProfileUnit:
 
     def basis(self) -> str:
         """What every measurement of this unit depends on besides the artifact itself."""
-        from ..atomic import fingerprint
+        from dcvit_deploy.store.atomic import fingerprint
 
         return fingerprint(
             {
@@ -85,7 +85,7 @@ class ProfileUnit:
     def reusable(self, ctx: JobContext, name: str) -> list[LatencyStats] | None:
         """An earlier measurement of ``name`` with the same artifact and basis (bisect reuses
         it instead of measuring again)."""
-        from ..records import LatencyStats, from_dict
+        from dcvit_deploy.store.records import LatencyStats, from_dict
 
         prev = ctx.previous.get(self.id, {}).get("result", {})
         if prev.get("basis") != self.basis():
@@ -104,7 +104,7 @@ class ProfileUnit:
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
-        from ..envinfo import capture_environment
+        from dcvit_deploy.latency.machine import capture_environment
 
         latency: dict[str, list[LatencyStats]] = {}
         errors: dict[str, str] = {}
@@ -138,9 +138,9 @@ class ProfileUnit:
         """Measure ``names`` at every batch size of the profile in interleaved rounds (order
         shuffled per round, seeded), so no candidate gets a luckier moment than another; a
         candidate whose measurement fails is then measured alone to record its error."""
-        from ..backends import get_backend
-        from ..progress import ProgressEvent
-        from ..rounds import measure_rounds
+        from dcvit_deploy.backends import get_backend
+        from dcvit_deploy.latency.rounds import measure_rounds
+        from dcvit_deploy.progress import ProgressEvent
 
         if not names:
             return
@@ -183,7 +183,7 @@ class ProfileUnit:
         errors: dict[str, str],
         files: list[Path],
     ) -> None:
-        from ..errors import DcvitError
+        from dcvit_deploy.errors import DcvitError
 
         stats = []
         try:

@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..records import to_dict
-from .unit import UnitOutput
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.records import to_dict
 
 if TYPE_CHECKING:
-    from ..records import CandidateOutcome, Selection, TargetProfile
-    from .context import JobContext
-    from .family import Family
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.store.records import CandidateOutcome, Selection, TargetProfile
 
 
 def publish_unit_id(profile: str) -> str:
@@ -32,14 +32,14 @@ def repository(ctx: JobContext) -> Path:
 
 
 def model_name(ctx: JobContext) -> str:
-    from ..triton import default_model_name
+    from dcvit_deploy.triton import default_model_name
 
     return ctx.dopts.triton_model_name or default_model_name(ctx.copts.model)
 
 
 def unpublish_stale(ctx: JobContext, keep: tuple[str, ...] = ()) -> list[str]:
     """Remove models this run published earlier into its own repository (not in ``keep``)."""
-    from ..triton import clear_stale
+    from dcvit_deploy.triton import clear_stale
 
     repo = repository(ctx).resolve()
     if not repo.is_relative_to(ctx.run.root.resolve()):  # a user's repository is never cleaned
@@ -67,7 +67,7 @@ class PublishUnit:
 
     def _names(self, ctx: JobContext) -> list[tuple[str, str]]:
         """(model name, candidate) pairs to publish."""
-        from ..select import pareto_front
+        from dcvit_deploy.selection.decide import pareto_front
 
         base = model_name(ctx)
         assert self.selection.chosen is not None
@@ -94,7 +94,7 @@ class PublishUnit:
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
-        from ..triton import publish
+        from dcvit_deploy.triton import publish
 
         repo = repository(ctx)
         published = []

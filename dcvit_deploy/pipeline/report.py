@@ -9,16 +9,16 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..atomic import atomic_write_with
-from ..records import to_dict
-from .build import build_unit_id
-from .export import export_unit_id, onnx_precision_for
+from dcvit_deploy.pipeline.units.building import build_unit_id
+from dcvit_deploy.pipeline.units.exporting import export_unit_id, onnx_precision_for
+from dcvit_deploy.store.atomic import atomic_write_with
+from dcvit_deploy.store.records import to_dict
 
 if TYPE_CHECKING:
-    from ..records import TargetProfile
-    from .context import JobContext
-    from .family import Family
-    from .result import JobResult
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.pipeline.result import JobResult
+    from dcvit_deploy.pipeline.units.compressing import Family
+    from dcvit_deploy.store.records import TargetProfile
 
 
 def run_meta(
@@ -96,8 +96,8 @@ def _copy(src: Path, dest: Path) -> None:
 def write_run_reports(
     ctx: JobContext, family: Family, profile: TargetProfile, result: JobResult
 ) -> dict[str, Path]:
-    from ..envinfo import capture_environment
-    from ..report import write_reports
+    from dcvit_deploy.latency.machine import capture_environment
+    from dcvit_deploy.reports.writers import write_reports
 
     run = ctx.run
     folder = run.sub(f"reports/{profile.name}")

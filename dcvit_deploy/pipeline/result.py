@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..errors import DcvitError
-    from ..records import CandidateOutcome, Selection
+    from dcvit_deploy.errors import DcvitError
+    from dcvit_deploy.store.records import CandidateOutcome, Selection
 
 
 @dataclass

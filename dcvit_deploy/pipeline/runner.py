@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..atomic import fingerprint, sha256_file
-from ..errors import DcvitError
-from .unit import Unit, UnitResult
+from dcvit_deploy.errors import DcvitError
+from dcvit_deploy.pipeline.unit import Unit, UnitResult
+from dcvit_deploy.store.atomic import fingerprint, sha256_file
 
 if TYPE_CHECKING:
-    from ..rundir import RunDir
-    from .context import JobContext
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.store.rundir import RunDir
 
 
 class Terminated(KeyboardInterrupt):

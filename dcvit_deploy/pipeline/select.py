@@ -1,12 +1,15 @@
 """The select unit: the budget decision over the family's measured outcomes, re-measured where
 it is within noise, and confirmed in a fresh process.
 
-Selection itself stays a pure function of measurements (:mod:`dcvit_deploy.select`). This unit
+Selection itself stays a pure function of measurements (:mod:`dcvit_deploy.selection.decide`). This
+unit
 resolves the budget (absolute ``--latency-ms``, or relative ``--speedup`` to the original
 measured in the same run), re-measures in more interleaved rounds the candidates whose fit is
-within noise of the budget (:func:`~dcvit_deploy.select.needs_remeasure`), then decides and
+within noise of the budget (:func:`~dcvit_deploy.selection.decide.needs_remeasure`), then decides
+and
 confirms the choice in a fresh process
-(:func:`~dcvit_deploy.select.select_confirmed`): a choice whose confirmation no longer fits is
+(:func:`~dcvit_deploy.selection.decide.select_confirmed`): a choice whose confirmation no longer
+fits is
 set aside with the figure as its reason and the search continues, so a model that misses its
 budget is never published.
 """
@@ -17,14 +20,21 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserInputError
-from ..records import CandidateOutcome, LatencyBudget, LatencyStats, Selection, from_dict, to_dict
-from .unit import UnitOutput
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.store.records import (
+    CandidateOutcome,
+    LatencyBudget,
+    LatencyStats,
+    Selection,
+    from_dict,
+    to_dict,
+)
 
 if TYPE_CHECKING:
-    from ..options import DeployOptions
-    from ..records import TargetProfile
-    from .context import JobContext
+    from dcvit_deploy.config.options import DeployOptions
+    from dcvit_deploy.pipeline.context import JobContext
+    from dcvit_deploy.store.records import TargetProfile
 
 ORIGINAL = "original"
 REMEASURE_PASSES = 2
@@ -50,7 +60,7 @@ def resolve_budget(
 ) -> LatencyBudget | None:
     """The budget: ``--latency-ms``, or ``--speedup S`` = the original's figure measured in this
     run (same batch size and statistic) / S, with the original's spread as its uncertainty."""
-    from ..select import relative_budget
+    from dcvit_deploy.selection.decide import relative_budget
 
     if not dopts.has_budget:
         return None
@@ -142,9 +152,9 @@ class SelectUnit:
         """More interleaved rounds for the candidates whose fit is within noise of the budget
         (and could change the choice), up to :data:`REMEASURE_PASSES` times. A relative
         budget's reference is re-measured in the same rounds and the budget follows it."""
-        from ..backends import get_backend
-        from ..rounds import measure_rounds
-        from ..select import needs_remeasure
+        from dcvit_deploy.backends import get_backend
+        from dcvit_deploy.latency.rounds import measure_rounds
+        from dcvit_deploy.selection.decide import needs_remeasure
 
         items = list(self.outcomes)
         if ctx.dopts.search == "bisect":
@@ -185,12 +195,12 @@ class SelectUnit:
     def _decide(
         self, ctx: JobContext, items: list[CandidateOutcome], budget: LatencyBudget
     ) -> Selection:
-        from ..select import decide, select_confirmed
+        from dcvit_deploy.selection.decide import decide, select_confirmed
 
         prefer = ctx.dopts.prefer
         if not ctx.dopts.confirm:
             return decide(items, budget, search=ctx.dopts.search, prefer=prefer)
-        from ..confirm import FreshProcessConfirm
+        from dcvit_deploy.latency.confirm import FreshProcessConfirm
 
         artifacts = {o.candidate: o.artifact for o in items if o.artifact is not None}
         confirm = FreshProcessConfirm(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from .context import JobContext
+    from dcvit_deploy.pipeline.context import JobContext
 
 UnitStatus = Literal["ok", "failed", "skipped"]
 """``ok``: done (now or reused); ``failed``: recorded with its reason; ``skipped``: not

@@ -12,7 +12,7 @@ Importing this package imports neither onnx nor tritonclient (both are loaded on
 
 from __future__ import annotations
 
-from .config import (
+from dcvit_deploy.triton.model_config import (
     Accelerator,
     ConfigCheck,
     ModelIO,
@@ -27,7 +27,7 @@ from .config import (
     validate_config,
     version_dirs,
 )
-from .repository import (
+from dcvit_deploy.triton.repository import (
     Published,
     RepositoryConflict,
     check_model_name,
@@ -36,7 +36,12 @@ from .repository import (
     publish,
     write_model_repository,
 )
-from .runtime import ServingMismatch, ServingSettings, publishable, serving_settings
+from dcvit_deploy.triton.runtime import (
+    ServingMismatch,
+    ServingSettings,
+    publishable,
+    serving_settings,
+)
 
 __all__ = [
     "Accelerator",

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import UserInputError
+from dcvit_deploy.errors import UserInputError
 
 __all__ = [
     "Accelerator",

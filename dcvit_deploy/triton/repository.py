@@ -43,11 +43,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..atomic import atomic_write_json, atomic_write_text, atomic_write_with, sha256_file
-from ..errors import UserInputError
-from ..records import SCHEMA_VERSION, Artifact, LatencyStats, TargetProfile, to_dict
-from .config import (
+from dcvit_deploy import __version__
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.store.atomic import (
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_with,
+    sha256_file,
+)
+from dcvit_deploy.store.records import (
+    SCHEMA_VERSION,
+    Artifact,
+    LatencyStats,
+    TargetProfile,
+    to_dict,
+)
+from dcvit_deploy.triton.model_config import (
     _MODEL_SUFFIX,
     _NAME_RE,
     Kind,
@@ -67,7 +78,7 @@ from .config import (
     render_config,
     version_dirs,
 )
-from .runtime import ServingSettings, serving_settings
+from dcvit_deploy.triton.runtime import ServingSettings, serving_settings
 
 __all__ = [
     "Published",
@@ -492,7 +503,8 @@ def publish(
     * Refused with :class:`RepositoryConflict` (one line: problem; fix) when the existing model
       has another platform, I/O or ``max_batch_size``, unless ``replace=True``: then the new
       version is published and the older versions are retired.
-    * Refused with :class:`~dcvit_deploy.triton.config.NotServable` for ``torch`` artifacts and
+    * Refused with :class:`~dcvit_deploy.triton.model_config.NotServable` for ``torch`` artifacts
+    and
       :class:`~dcvit_deploy.triton.runtime.ServingMismatch` for measured settings Triton cannot
       reproduce; ``artifact.backend`` must be ``profile.backend``.
 

@@ -1,7 +1,7 @@
 """The runtime settings a target profile measured with, as Triton config settings.
 
 Triton must serve what was measured, so the settings in ``config.pbtxt`` come from the same
-:class:`~dcvit_deploy.records.TargetProfile` the latency numbers came from: the backend's
+:class:`~dcvit_deploy.store.records.TargetProfile` the latency numbers came from: the backend's
 validated ``[backend_options]`` (defaults filled in by the backend's own option table) and the
 ``[measure]`` settings.
 
@@ -33,9 +33,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UserInputError
-from ..records import TargetProfile
-from .config import GRAPH_LEVELS, Accelerator, Kind, NotServable, Platform, platform_for
+from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.store.records import TargetProfile
+from dcvit_deploy.triton.model_config import (
+    GRAPH_LEVELS,
+    Accelerator,
+    Kind,
+    NotServable,
+    Platform,
+    platform_for,
+)
 
 __all__ = ["ServingMismatch", "ServingSettings", "publishable", "serving_settings"]
 
@@ -78,8 +85,8 @@ class ServingSettings:
 def backend_options(profile: TargetProfile) -> dict[str, Any]:
     """The profile's ``[backend_options]``, validated by the backend (``validate_profile``),
     with the backend's defaults filled in."""
-    from ..backends import get_backend
-    from ..errors import BackendUnavailable
+    from dcvit_deploy.backends import get_backend
+    from dcvit_deploy.errors import BackendUnavailable
 
     # BackendBase.options validates against the backend's OPTIONS table (a ProfileError for a
     # bad option propagates). Publishing needs no runtime: a backend that cannot be loaded on

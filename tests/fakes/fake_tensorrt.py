@@ -625,7 +625,7 @@ class FakeCudaDevice:
             }
 
     def event_timer(self, stream: FakeStream) -> Any:
-        from dcvit_deploy.measure import HostTimer
+        from dcvit_deploy.latency.loop import HostTimer
 
         return HostTimer(sync=stream.synchronize, name="cuda_event")
 

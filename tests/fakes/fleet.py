@@ -15,7 +15,7 @@ for the profiles it names instead of measuring (every other profile is measured)
 
 
 def scripted_stats(batch: int, p50: float) -> Any:
-    from dcvit_deploy.records import LatencyStats
+    from dcvit_deploy.store.records import LatencyStats
 
     return LatencyStats(batch_size=batch, iterations=100, mean=p50, std=0.0, cov=0.0, min=p50,
                         max=p50, p50=p50, p90=p50, p95=p50, p99=p50, throughput=1e3 * batch / p50,
@@ -25,7 +25,7 @@ def scripted_stats(batch: int, p50: float) -> Any:
 
 def install_scripted_figures() -> None:
     """Patch the profile unit (in this process; in Ray workers through their setup hook)."""
-    from dcvit_deploy.pipeline.profile import ProfileUnit
+    from dcvit_deploy.pipeline.units.measuring import ProfileUnit
 
     if getattr(ProfileUnit.measure, "scripted", False):
         return

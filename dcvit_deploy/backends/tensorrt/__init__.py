@@ -36,10 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ...atomic import sha256_file
-from ...errors import BuildError, ProfileError, UserInputError
-from ...records import SCHEMA_VERSION, Artifact, LatencyStats, TargetProfile
-from ..base import (
+from dcvit_deploy.backends.base import (
     Availability,
     BackendBase,
     OptionSpec,
@@ -48,7 +45,15 @@ from ..base import (
     module_found,
     timed,
 )
-from .loaders import (
+from dcvit_deploy.backends.tensorrt.engine_runner import (
+    Binding,
+    CudaDevice,
+    TensorRTExecutionError,
+    TensorRTRunner,
+    TorchCudaDevice,
+    torch_dtype,
+)
+from dcvit_deploy.backends.tensorrt.loaders import (
     EngineBuild,
     LogCapture,
     ParsedNetwork,
@@ -63,15 +68,7 @@ from .loaders import (
     save_engine,
     tensorrt_major,
 )
-from .runner import (
-    Binding,
-    CudaDevice,
-    TensorRTExecutionError,
-    TensorRTRunner,
-    TorchCudaDevice,
-    torch_dtype,
-)
-from .settings import (
+from dcvit_deploy.backends.tensorrt.settings import (
     DEFAULT_TIMING_CACHE,
     MIB,
     OPTIONS,
@@ -82,6 +79,9 @@ from .settings import (
     engine_meta_path,
     read_engine_meta,
 )
+from dcvit_deploy.errors import BuildError, ProfileError, UserInputError
+from dcvit_deploy.store.atomic import sha256_file
+from dcvit_deploy.store.records import SCHEMA_VERSION, Artifact, LatencyStats, TargetProfile
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -153,7 +153,7 @@ class TensorRTBackend(BackendBase):
                 "the tensorrt Python package is not installed",
                 "pip install tensorrt (from NVIDIA's index) on the GPU machine",
             )
-        from ...envinfo import cuda_device_count, package_version
+        from dcvit_deploy.latency.machine import cuda_device_count, package_version
 
         if profile is None:
             if cuda_device_count() == 0:
@@ -184,9 +184,9 @@ class TensorRTBackend(BackendBase):
         if onnx_path is None or not Path(onnx_path).is_file():
             raise UserInputError(
                 f"ONNX file {str(onnx_path)!r} for candidate {candidate!r} does not exist",
-                "export the candidate first (dcvit_deploy.export.export_onnx)",
+                "export the candidate first (dcvit_deploy.export.onnx.export_onnx)",
             )
-        from ...export import onnx_io, onnx_precision
+        from dcvit_deploy.export.onnx import onnx_io, onnx_precision
 
         onnx_path = Path(onnx_path)
         precision = onnx_precision(onnx_path)

@@ -29,9 +29,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
-from ...atomic import atomic_write_bytes, atomic_write_json
-from ...errors import BackendUnavailable, BuildError, EngineMismatch
-from .settings import BuilderSettings, engine_meta_path
+from dcvit_deploy.backends.tensorrt.settings import BuilderSettings, engine_meta_path
+from dcvit_deploy.errors import BackendUnavailable, BuildError, EngineMismatch
+from dcvit_deploy.store.atomic import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("dcvit_deploy.backends.tensorrt")
 

@@ -28,11 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ...errors import EngineMismatch, ProfileError, UserInputError
-from ...measure import HostTimer, Timer
-from ...records import Artifact, Scope
-from .loaders import dtype_name, engine_from_bytes, import_tensorrt, process_logger
-from .settings import check_engine_compatible, read_engine_meta
+from dcvit_deploy.backends.tensorrt.loaders import (
+    dtype_name,
+    engine_from_bytes,
+    import_tensorrt,
+    process_logger,
+)
+from dcvit_deploy.backends.tensorrt.settings import check_engine_compatible, read_engine_meta
+from dcvit_deploy.errors import EngineMismatch, ProfileError, UserInputError
+from dcvit_deploy.latency.loop import HostTimer, Timer
+from dcvit_deploy.store.records import Artifact, Scope
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -173,7 +178,7 @@ class TorchCudaDevice:
         return self._torch.cuda.graph(graph, stream=stream)
 
     def event_timer(self, stream: Any) -> Timer:
-        from ...measure import CudaEventTimer
+        from dcvit_deploy.latency.loop import CudaEventTimer
 
         return CudaEventTimer(stream)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ...errors import EngineMismatch, ProfileError, UserInputError
-from ...records import TargetProfile
-from ..base import OptionSpec, check_options
+from dcvit_deploy.backends.base import OptionSpec, check_options
+from dcvit_deploy.errors import EngineMismatch, ProfileError, UserInputError
+from dcvit_deploy.store.records import TargetProfile
 
 DEFAULT_TIMING_CACHE = "timing.cache"
 MIB = 1 << 20
