@@ -43,11 +43,13 @@ def run_pipeline(
     progress: ProgressFn = quiet,
     stop_after: Literal["compress", "family", "deploy"] = "deploy",
     checked: Validated | None = None,
+    executor: Any = None,
 ) -> JobResult:
     """The main job: compress → export/verify → build/verify → profile → select (confirmed) →
     publish to Triton → reports. Rerunning resumes; see :mod:`dcvit_deploy.pipeline`.
     ``checked``: the result of :func:`dcvit_deploy.config.validate.validate_run`, when the caller
-    already ran it (the job then loads, reads and plans nothing twice)."""
+    already ran it (the job then loads, reads and plans nothing twice); ``executor``: where
+    independent work runs (:mod:`dcvit_deploy.pipeline.executor`)."""
     return run_job(
         copts,
         dopts,
@@ -57,6 +59,7 @@ def run_pipeline(
         progress=progress,
         stop_after="deploy" if stop_after == "deploy" else "family",
         checked=checked,
+        executor=executor,
     )
 
 

@@ -266,6 +266,22 @@ DEPLOY_OPTIONS = _options(
     click.option("--opset", type=int, default=17, show_default=True),
     click.option("--no-simplify", is_flag=True, help="Skip ONNX graph simplification."),
 )
+EXECUTOR_OPTIONS = _options(
+    click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Run independent work here, or as Ray tasks (finetunes; each target on its node).",
+    ),
+    click.option("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else local)."),
+    click.option(
+        "--task-cpus",
+        type=click.IntRange(min=1),
+        help="CPUs (torch threads) per finetune task (default: local all, ray 1); the same value "
+        "gives the same family on either executor.",
+    ),
+)
 DRY_RUN_OPTION = click.option(
     "--dry-run",
     is_flag=True,
@@ -557,6 +573,7 @@ def _result_payload(result: Any) -> dict[str, Any]:
         "triton": str(result.triton) if result.triton else None,
         "notes": [str(n) for n in getattr(result, "notes", ()) or ()],
         "skipped_images": [str(n) for n in getattr(result, "skipped_images", ()) or ()],
+        "fleet": getattr(result, "fleet", {}),
     }
 
 
@@ -570,6 +587,8 @@ def _result_text(result: Any) -> str:
         lines.append(f"chosen: {sel.chosen}" if sel.chosen else "chosen: none")
         for name, reason in sel.reasons.items():
             lines.append(f"  {name}: {reason}")
+    for target, row in getattr(result, "fleet", {}).items():
+        lines.append(f"{target}: {row['chosen'] or 'none'} ({row['why']})")
     if result.triton:
         lines.append(f"triton repository: {result.triton}")
     for k, v in result.reports.items():
@@ -609,6 +628,7 @@ def cli() -> None:
 @BUDGET_OPTIONS
 @DEPLOY_OPTIONS
 @RUN_OPTIONS
+@EXECUTOR_OPTIONS
 @DRY_RUN_OPTION
 def compress_cmd(**kw: Any) -> None:
     """The whole job: compress, export/verify, build, profile, select, Triton + reports."""
@@ -623,7 +643,9 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
 
     copts = compress_options(kw)
     dopts = deploy_options(kw) if "deploy" in stages else DeployOptions()
-    checked = validate_run(copts, dopts, kw["out"], stages=stages)
+    if kw["ray_address"] and kw["executor"] != "ray":
+        raise OptionError("--ray-address needs --executor ray", "add --executor ray or drop it")
+    checked = validate_run(copts, dopts, kw["out"], stages=stages, executor=kw["executor"])
     if kw.get("dry_run"):
         if not kw["as_json"]:
             _warn(checked.notes)
@@ -635,6 +657,7 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         return
     _warn(checked.notes)
     from dcvit_deploy.api import run_pipeline
+    from dcvit_deploy.pipeline.executor import make_executor
 
     console = _progress(kw["as_json"])  # notes are said once, at the end
     result = run_pipeline(
@@ -646,6 +669,7 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         progress=lambda ev: None if ev.stage == "note" else console(ev),
         stop_after="deploy" if "deploy" in stages else "compress",
         checked=checked,  # what validate_run established: nothing is loaded or planned twice
+        executor=make_executor(kw["executor"], kw["ray_address"], kw["task_cpus"]),
     )
     if "deploy" in stages:
         _finish(result, kw["as_json"], set(checked.notes))
@@ -659,6 +683,7 @@ def _compress_or_family(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
 @DATA_OPTIONS
 @COMPRESS_OPTIONS
 @RUN_OPTIONS
+@EXECUTOR_OPTIONS
 @DRY_RUN_OPTION
 def family_cmd(**kw: Any) -> None:
     """Compression only: the dense candidate family (safetensors + JSON specs) in RUN/family."""

@@ -58,3 +58,31 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         target = root / "sub" if i % 2 else root
         Image.fromarray(arr).save(target / f"{name}.png")
     return root
+
+
+FLEET_TARGETS = ("cpu-ort-1t", "cpu-ort-2t")
+"""The CPU targets the shared Ray cluster's node carries (``target:<name>`` resources)."""
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """The one local Ray cluster every Ray test shares: 2 CPUs, the two CPU test targets, and
+    tests/ on the workers' path, whose setup hook installs the scripted figures
+    (:mod:`fakes.fleet`; inactive until a test writes the figures file)."""
+    import ray
+    from fakes.fleet import FIGURES_ENV
+
+    tests = Path(__file__).parent
+    os.environ[FIGURES_ENV] = str(tmp_path_factory.mktemp("figures") / "figures.json")
+    path = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
+    ray.init(
+        num_cpus=2,
+        resources={f"target:{t}": 1 for t in FLEET_TARGETS},
+        include_dashboard=False,
+        runtime_env={
+            "env_vars": {"PYTHONPATH": path, FIGURES_ENV: os.environ[FIGURES_ENV]},
+            "worker_process_setup_hook": "fakes.fleet.install_scripted_figures",
+        },
+    )
+    yield ray
+    ray.shutdown()

@@ -179,6 +179,8 @@ def test_every_option_changes_the_family_identity_or_is_listed_as_not(photo_dir,
     from dcvit_deploy.pipeline.units.compressing import NOT_IDENTITY, family_identity
     from dcvit_deploy.store.atomic import fingerprint
 
+    # another input size needs a model that takes it (the run refuses one that cannot)
+    DYNAMIC = {"model_kwargs": {**TINY_VIT_KWARGS, "dynamic_img_size": True}}
     changed = {  # one other value per field (with what it needs to matter)
         "model": "vit_small_patch16_224", "model_kwargs": {**TINY_VIT_KWARGS, "depth": 3},
         "num_samples": 3, "holdout": ({"neuron_choice": "activation"}, 1),
@@ -187,7 +189,8 @@ def test_every_option_changes_the_family_identity_or_is_listed_as_not(photo_dir,
         "rank_iterations": 3, "batch_size": 2, "lr": 0.5, "metric": "real",
         "inversion": "paper", "inversion_iterations": 3, "candidate_blocks": (1,),
         "include_original": False, "seed": 1,
-        "img_size": 48, "input_size": (3, 48, 48), "mean": (0.4,), "std": (0.4,),
+        "img_size": (DYNAMIC, 48), "input_size": (DYNAMIC, (3, 48, 48)),
+        "mean": (0.4,), "std": (0.4,),
         "interpolation": "nearest", "crop_pct": 0.5, "crop_mode": "squash",
     }  # fmt: skip
     base = copts(photo_dir)
@@ -200,7 +203,9 @@ def test_every_option_changes_the_family_identity_or_is_listed_as_not(photo_dir,
     fields += [f.name for f in dataclasses.fields(DataOverrides)]
     assert set(changed) | set(NOT_IDENTITY) == set(fields)
     for name, value in changed.items():
-        extra, value = value if isinstance(value, tuple) and name == "holdout" else ({}, value)
+        extra, value = (
+            value if isinstance(value, tuple) and isinstance(value[0], dict) else ({}, value)
+        )
         if name in {f.name for f in dataclasses.fields(DataOverrides)}:
             kw = {"data_overrides": DataOverrides(**{name: value})}
         else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -242,6 +242,32 @@ def _scaled(schedule: FinetuneSchedule, fraction: float) -> FinetuneSchedule:
     )
 
 
+Building = Generator[tuple[Any, ...], dict[str, Any], tuple[Candidate, nn.Module]]
+"""A target being built: yields its finetune, returns its candidate (:meth:`_Family.settle`)."""
+
+
+def finetune_task(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Any,
+    schedule: FinetuneSchedule,
+    upto: Any,
+    seed: int,
+    device: torch.device | str | None,
+    progress: Callable[[FinetuneProgress], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One feature-mimicking finetune as an executor task: trains ``student`` (seeded by
+    ``seed``) and returns its weights and the stage record."""
+    res = feature_mimic(student, teacher, data, schedule, trainable_upto=upto, device=device,
+                        seed=seed, progress=progress)  # fmt: skip
+    state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    return state, {
+        "steps": res.steps,
+        "seconds": round(res.seconds, 3),
+        "final_loss": res.final_loss,
+    }
+
+
 class _Family:
     """One family run: holds the shared state so the per-target steps stay small."""
 
@@ -261,7 +287,11 @@ class _Family:
         device: torch.device | str | None,
         progress: ProgressFn,
         calibration: torch.Tensor | None = None,
+        executor: Any = None,
     ) -> None:
+        from dcvit_deploy.pipeline.executor import LocalExecutor
+
+        self.executor = executor or LocalExecutor()
         self.teacher = teacher.eval()
         self.calibration = calibration
         self._streams: list[torch.Tensor] | None = None
@@ -303,9 +333,7 @@ class _Family:
 
     # ------------------------------------------------------------------ helpers
 
-    def _finetune(
-        self, student: nn.Module, schedule: FinetuneSchedule, upto: int | str, label: str, seed: int
-    ) -> dict[str, Any]:
+    def _reporter(self, label: str) -> Callable[[FinetuneProgress], None] | None:
         def report(p: FinetuneProgress) -> None:
             self.progress(
                 ProgressEvent(
@@ -313,18 +341,45 @@ class _Family:
                 )
             )
 
-        res = feature_mimic(
-            student,
-            self.teacher,
-            self._train_data(),
-            schedule,
-            trainable_upto=upto,  # type: ignore[arg-type]
-            device=self.device,
-            seed=seed,
-            progress=report,
-        )
-        self.steps += res.steps
-        return {"steps": res.steps, "seconds": round(res.seconds, 3), "final_loss": res.final_loss}
+        return None if self.executor.remote else report
+
+    def _finetune(
+        self, student: nn.Module, schedule: FinetuneSchedule, upto: int | str, label: str, seed: int
+    ) -> dict[str, Any]:
+        args = (student, self.teacher, self._train_data(), schedule, upto, seed, self.device)
+        stage = finetune_task(*args, self._reporter(label))[1]
+        self.steps += stage["steps"]
+        return stage
+
+    def settle(self, targets: list[Building]) -> list[tuple[Candidate, nn.Module]]:
+        """Drive the target generators (:meth:`dcvit_target`, :meth:`practise_target`): each
+        yields its one finetune ``(label, student, schedule, trainable range, seed)`` and
+        returns its candidate. The finetunes are independent: each is one executor task, and
+        each candidate is saved as its task finishes (an interrupted family keeps them)."""
+        if not self.executor.remote and len(targets) > 1:  # one student in memory at a time
+            return [done for t in targets for done in self.settle([t])]
+        out: dict[int, tuple[Candidate, nn.Module]] = {}
+        asks: dict[str, tuple[int, list[Any]]] = {}
+        for i, gen in enumerate(targets):
+            try:
+                label, *ask = next(gen)
+                asks[label] = (i, ask)
+            except StopIteration as done:  # on disk already, or trained in order (progressive)
+                out[i] = done.value
+        data, gpu = self._train_data() if asks else None, str(self.device).startswith("cuda")
+        tasks = []
+        for k, (_, a) in asks.items():
+            args = (a[0], self.teacher, data, *a[1:], self.device, self._reporter(k))
+            tasks.append(self.executor.task(k, finetune_task, args, gpu))
+        for task, (state, stage) in self.executor.map(tasks):
+            i, ask = asks[task.key]
+            ask[0].load_state_dict(state)
+            self.steps += stage["steps"]
+            try:
+                targets[i].send(stage)
+            except StopIteration as done:
+                out[i] = done.value
+        return [out[i] for i in range(len(targets))]
 
     def _train_data(self) -> Any:
         if self.cfg.bank_views <= 0:
@@ -406,6 +461,7 @@ class _Family:
                 criterion=cast(RankCriterion, self.cfg.rank_criterion),
                 calibration=None if self.cfg.rank_criterion == "finetune" else self._calib(),
                 ridge=self.cfg.refit_ridge,
+                executor=self.executor,
             )
         else:
             r = rank_blocks_practise(
@@ -469,7 +525,9 @@ class _Family:
         prev: tuple[Candidate, nn.Module] | None,
         item: int,
         items: int,
-    ) -> tuple[Candidate, nn.Module]:
+    ) -> Building:
+        """Yields the target's finetune when it has exactly one (warm-started, one-shot; see
+        :meth:`settle`), returns the candidate and its module."""
         ranking = self.ranking(rank_width)
         chosen = list(ranking.order[: plan.n_blocks])
         name = candidate_name(
@@ -507,21 +565,15 @@ class _Family:
                 refits += self._refit(student, fresh)
             sched = _scaled(self.cfg.schedule, self.cfg.warm_fraction)
             upto = self.cfg.trainable_for("dcvit", max(chosen))
-            stages.append(
-                {"blocks": chosen, **self._finetune(student, sched, upto, name, self.cfg.seed)}
-            )
+            stages.append({"blocks": chosen, **(yield name, student, sched, upto, self.cfg.seed)})
             self.reused.append(name)
         elif not self.cfg.progressive:  # one shot: all blocks at once, re-fit, one finetune
             student = reshape(self.teacher, self.base_spec, target_spec, self.teacher)
             if self.cfg.refit:
                 refits += self._refit(student, chosen)
             upto = self.cfg.trainable_for("dcvit", max(chosen))
-            stages.append(
-                {
-                    "blocks": chosen,
-                    **self._finetune(student, self.cfg.schedule, upto, name, self.cfg.seed + 1),
-                }
-            )
+            ask = (name, student, self.cfg.schedule, upto, self.cfg.seed + 1)
+            stages.append({"blocks": chosen, **(yield ask)})
         else:  # progressive: one block at a time, best first, finetune after each
             student, spec = copy.deepcopy(self.teacher), self.base_spec
             for k in range(1, len(chosen) + 1):
@@ -565,9 +617,7 @@ class _Family:
         )
         return cand, student
 
-    def practise_target(
-        self, k: int, target: float, item: int, items: int
-    ) -> tuple[Candidate, nn.Module]:
+    def practise_target(self, k: int, target: float, item: int, items: int) -> Building:
         ranking = self.ranking(0)
         chosen = list(ranking.order[:k])
         spec = compress_blocks(self.base_spec, chosen, 0, kind="identity")
@@ -588,7 +638,7 @@ class _Family:
         t0 = time.perf_counter()
         student = reshape(self.teacher, self.base_spec, spec, self.teacher)
         upto = self.cfg.trainable_for("practise", max(chosen))
-        stage = self._finetune(student, self.cfg.schedule, upto, name, self.cfg.seed)
+        stage = yield name, student, self.cfg.schedule, upto, self.cfg.seed
         recipe = {
             "fingerprint": fp,
             "dropped": chosen,
@@ -617,13 +667,17 @@ def compress_family(
     device: torch.device | str | None = None,
     progress: ProgressFn = quiet,
     calibration_images: torch.Tensor | None = None,
+    executor: Any = None,
 ) -> FamilyResult:
     """Compress ``teacher`` at every target of ``config`` and write the candidates to ``out_dir``.
 
     ``data``: a Dataset of (augmented) few-shot image tensors for finetuning; ``metric_images``:
     the synthetic (or real held-out) images that score blocks; ``calibration_images``: the
     preprocessed images the closed-form re-fit and the re-fit/local rankings fit on (default:
-    one seeded pass over ``data``, see :func:`calibration_bank`). All targets are validated before
+    one seeded pass over ``data``, see :func:`calibration_bank`). ``executor``
+    (:mod:`dcvit_deploy.pipeline.executor`) runs the independent finetunes as tasks -- the
+    ranking's and, unless targets warm-start from each other, every target's; the family is
+    the same whichever executor ran them. All targets are validated before
     any work starts. Returns the candidates in order of increasing reduction (the original first
     when ``include_original``), every method of ``config.all_methods`` interleaved by size; a
     rerun resumes from what is on disk.
@@ -648,6 +702,7 @@ def compress_family(
             device=device,
             progress=progress,
             calibration=calib,
+            executor=executor,
         )
     t0 = time.perf_counter()
     first = fams[config.all_methods[0]]
@@ -665,15 +720,19 @@ def compress_family(
             unique = [p.plan for p in mine if p.plan is not None]
             rank_width = unique[len(unique) // 2].hidden
             prev: tuple[Candidate, nn.Module] | None = None
+            todo: list[Building] = []
             for plan in unique:
                 item += 1
                 width = rank_width if (fam.cfg.reuse or fam.cfg.shared_ranking) else plan.hidden
-                prev = fam.dcvit_target(plan, width, prev, item, items)
-                cands.append(prev[0])
+                todo.append(fam.dcvit_target(plan, width, prev, item, items))
+                if fam.cfg.reuse:  # a chain: the next target starts from this one's weights
+                    prev = fam.settle([todo.pop()])[0]
+                    cands.append(prev[0])
         else:
-            for p in mine:
-                item += 1
-                cands.append(fam.practise_target(p.n_blocks, p.target, item, items)[0])
+            todo = [fam.practise_target(p.n_blocks, p.target, item + k, items)
+                    for k, p in enumerate(mine, start=1)]  # fmt: skip
+            item += len(mine)
+        cands += [c for c, _ in fam.settle(todo)]
         calib = fam.calibration  # share the bank (and its cost) with the next method
         fam.seconds[f"method_{m}"] = time.perf_counter() - t_m
     seconds: dict[str, float] = {}

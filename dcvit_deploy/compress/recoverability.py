@@ -75,6 +75,36 @@ def _load_partial(path: Path | None, key: str) -> dict[int, float]:
     return {int(k): float(v) for k, v in data.get("scores", {}).items()}
 
 
+def score_block(
+    b: int,
+    teacher: nn.Module,
+    base_spec: ArchSpec,
+    data: Any,
+    metric_images: torch.Tensor,
+    hidden: int,
+    chooser: Callable[[int, int], Sequence[int]],
+    schedule: FinetuneSchedule,
+    seed: int,
+    criterion: str,
+    calibration: torch.Tensor | None,
+    streams: list[torch.Tensor] | None,
+    ridge: float,
+    device: torch.device | str | None,
+    progress: Callable[[FinetuneProgress], None] | None = None,
+) -> float:
+    """Block ``b``'s recoverability score (an executor task: pure, seeded by ``seed + b``)."""
+    student = apply_spec(teacher, compress_blocks(base_spec, [b], hidden, chooser))
+    if streams is not None:
+        refit_blocks(student, teacher, cast(torch.Tensor, calibration), [b], ridge=ridge,
+                     teacher_streams=streams)  # fmt: skip
+    if criterion == "local":
+        local_mimic(student, streams or [], b, schedule, seed=seed + b)
+    elif criterion != "refit":
+        feature_mimic(student, teacher, data, schedule, trainable_upto=b, device=device,
+                      seed=seed + b, progress=progress)  # fmt: skip
+    return kl_score(student, teacher, metric_images, device=device)
+
+
 def rank_blocks(
     teacher: nn.Module,
     base_spec: ArchSpec,
@@ -90,18 +120,22 @@ def rank_blocks(
     cache: Path | None = None,
     cache_key: str = "",
     progress: ProgressFn = quiet,
-    should_stop: Callable[[], bool] | None = None,
     criterion: RankCriterion = "finetune",
     calibration: torch.Tensor | None = None,
     ridge: float = DEFAULT_RIDGE,
+    executor: Any = None,
 ) -> BlockRanking:
     """Score every block in ``candidates`` by DC-ViT recoverability at width ``hidden``.
 
     ``criterion`` chooses how each compressed block is recovered before scoring (see the module
     docstring); every criterion but ``"finetune"`` needs ``calibration`` images (preprocessed,
-    ``[N, 3, H, W]``). ``cache`` (a JSON file) receives the scores after each block together with
-    ``cache_key``; a later call with the same key skips the blocks already scored.
+    ``[N, 3, H, W]``). The blocks are independent: each is one task of ``executor``
+    (:mod:`dcvit_deploy.pipeline.executor`; default: in this process, in order). ``cache`` (a
+    JSON file) receives the scores as each block finishes, with ``cache_key``; a later call with
+    the same key skips the blocks already scored.
     """
+    from dcvit_deploy.pipeline.executor import LocalExecutor
+
     if criterion not in RANK_CRITERIA:
         raise ValueError(f"unknown ranking criterion {criterion!r}; use one of {RANK_CRITERIA}")
     if criterion != "finetune" and calibration is None:
@@ -112,59 +146,26 @@ def rank_blocks(
     streams = None
     if todo and criterion != "finetune":
         streams = block_streams(teacher, cast(torch.Tensor, calibration))
-    for k, b in enumerate(todo, start=1):
-        spec = compress_blocks(base_spec, [b], hidden, chooser)
-        student = apply_spec(teacher, spec)
-        if streams is not None:
-            refit_blocks(
-                student,
-                teacher,
-                cast(torch.Tensor, calibration),
-                [b],
-                ridge=ridge,
-                teacher_streams=streams,
-            )
-        if criterion == "refit":
-            progress(ProgressEvent(stage=f"rank block {b} (re-fit)", item=k, items=len(todo)))
-            scores[b] = kl_score(student, teacher, metric_images, device=device)
-            if cache is not None:
-                atomic_write_json(cache, {"key": cache_key, "hidden": hidden, "scores": scores})
-            continue
-        if criterion == "local":
-            progress(ProgressEvent(stage=f"rank block {b} (local)", item=k, items=len(todo)))
-            local_mimic(student, streams or [], b, schedule, seed=seed + b)
-            scores[b] = kl_score(student, teacher, metric_images, device=device)
-            if cache is not None:
-                atomic_write_json(cache, {"key": cache_key, "hidden": hidden, "scores": scores})
-            continue
+    ex = executor or LocalExecutor()
 
-        def report(p: FinetuneProgress, k: int = k, b: int = b) -> None:
-            progress(
-                ProgressEvent(
-                    stage=f"rank block {b}",
-                    item=k,
-                    items=len(todo),
-                    step=p.step,
-                    steps=p.total,
-                    loss=p.loss,
-                    eta_s=p.eta,
-                )
-            )
+    def report(b: int, k: int) -> Callable[[FinetuneProgress], None] | None:
+        def on_step(p: FinetuneProgress) -> None:
+            progress(ProgressEvent(stage=f"rank block {b}", item=k, items=len(todo), step=p.step,
+                                   steps=p.total, loss=p.loss, eta_s=p.eta))  # fmt: skip
 
-        feature_mimic(
-            student,
-            teacher,
-            data,
-            schedule,
-            trainable_upto=b,
-            device=device,
-            seed=seed + b,
-            progress=report,
-            should_stop=should_stop,
-        )
-        if should_stop is not None and should_stop():
-            break
-        scores[b] = kl_score(student, teacher, metric_images, device=device)
+        return None if ex.remote else on_step
+
+    common = (teacher, base_spec, data, metric_images, hidden, chooser, schedule, seed)
+    rest = (criterion, calibration, streams, ridge, device)
+    gpu = str(device).startswith("cuda")
+    tasks = [
+        ex.task(f"rank block {b}", score_block, (b, *common, *rest, report(b, k)), gpu)
+        for k, b in enumerate(todo, start=1)
+    ]
+    for k, (task, score) in enumerate(ex.map(tasks), start=1):
+        b = task.args[0]
+        progress(ProgressEvent(stage=f"rank block {b} ({criterion})", item=k, items=len(todo)))
+        scores[b] = score
         if cache is not None:
             atomic_write_json(cache, {"key": cache_key, "hidden": hidden, "scores": scores})
     return BlockRanking(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import ProfileError, SchemaError
 from dcvit_deploy.store.records import (
@@ -175,3 +175,31 @@ def profile_from_dict(
         except ProfileError as exc:
             raise ProfileError(f"{where}: {exc.problem}", exc.fix) from exc
     return profile
+
+
+if TYPE_CHECKING:
+    from dcvit_deploy.config.options import DeployOptions
+
+
+Target = tuple[TargetProfile, "DeployOptions"]
+"""One target of ``--profile a,b,c``: its profile and the options naming it alone."""
+
+
+def targets_of(dopts: DeployOptions) -> list[Target]:
+    """Each target of ``--profile a,b,c``: its profile and the options naming it alone."""
+    from dataclasses import replace
+
+    from dcvit_deploy.errors import OptionError
+
+    out: list[Target] = []
+    for source in (s.strip() for s in dopts.profile.split(",")):
+        if not source:
+            raise OptionError(
+                f"--profile {dopts.profile!r} has an empty entry",
+                "separate targets by single commas, e.g. cpu-ort,t4-trt-fp16",
+            )
+        profile = load_profile(source)
+        if any(p.name == profile.name for p, _ in out):
+            raise OptionError(f"--profile names target {profile.name!r} twice", "list it once")
+        out.append((profile, replace(dopts, profile=source)))
+    return out

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.config.options import METHODS, METRIC_SOURCES, PREFERENCES, SCHEDULES
+from dcvit_deploy.config.profiles import Target, targets_of
 from dcvit_deploy.errors import (
     OptionError,
     PathNotWritable,
@@ -132,6 +133,8 @@ class Validated:
     model: ModelFacts | None = None
     plan: tuple[PlannedTarget, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    targets: tuple[Target, ...] = ()
+    """Each target of ``--profile a,b``: its profile and the options naming it alone."""
     state_dict: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     """The checkpoint as read once here; the job loads the model from it."""
 
@@ -649,7 +652,7 @@ def plan_targets(opts: CompressOptions, facts: ModelFacts) -> tuple[PlannedTarge
 
 
 def check_profile(
-    opts: DeployOptions, *, need_backend: bool = True
+    opts: DeployOptions, *, need_backend: bool = True, profile: TargetProfile | None = None
 ) -> tuple[TargetProfile, LatencyBudget | None]:
     """Load the profile; check the budget against it and (``need_backend``) that its backend
     can run here. Returns the profile and the absolute budget (``None`` without
@@ -657,7 +660,7 @@ def check_profile(
     from dcvit_deploy.config.profiles import load_profile
     from dcvit_deploy.store.records import LatencyBudget
 
-    profile = load_profile(opts.profile)
+    profile = profile or load_profile(opts.profile)
     if opts.batch_size is not None and opts.batch_size not in profile.batch_sizes:
         raise OptionError(
             f"--batch-size {opts.batch_size} is not one of the profile's batch sizes "
@@ -708,11 +711,14 @@ def validate_run(
     out: str | os.PathLike[str],
     *,
     stages: Collection[str] = STAGES,
+    executor: str = "local",
 ) -> Validated:
     """Everything a ``compress`` run (``stages`` = both) or a ``family`` run (``("compress",)``)
     can check before it opens the run directory: options, run and Triton directories writable,
     images present, checkpoint readable and finite, model structure, targets and blocks,
-    profile, budget and backend. Call it first; it raises the first problem found.
+    profile, budget and backend (each target of ``--profile a,b``; with ``executor="ray"`` a
+    target's backend is checked on its node instead). Call it first; it raises the first
+    problem found.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -748,8 +754,13 @@ def validate_run(
     ]
     check_train_device(copts.device)
     profile = budget = None
-    if deploying and dopts is not None:
-        profile, budget = check_profile(dopts)
+    if executor == "ray":
+        from dcvit_deploy.pipeline.executor import require_ray
+
+        require_ray()
+    targets = targets_of(dopts) if deploying and dopts is not None else []
+    for p, one in reversed(targets):  # each profile loaded once, here
+        profile, budget = check_profile(one, need_backend=executor == "local", profile=p)
     return Validated(
         profile=profile,
         budget=budget,
@@ -759,6 +770,7 @@ def validate_run(
         plan=plan,
         notes=tuple(notes),
         state_dict=sd,
+        targets=tuple(targets),
     )
 
 
@@ -773,6 +785,9 @@ def validate_stage(
     ``select``, ``triton``, ``report``): options, a readable manifest, writable run and Triton
     directories, profile, budget and (``need_backend``) the backend."""
     check_deploy_options(dopts, need_budget=need_budget)
+    if "," in dopts.profile:
+        raise OptionError(f"this command works on one target, not --profile {dopts.profile}",
+                          "run it once per target, e.g. --profile cpu-ort")  # fmt: skip
     check_manifest(out)
     if (Path(out) / "manifest.json").is_file():
         check_writable_dir(out, "--out")

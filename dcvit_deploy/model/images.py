@@ -21,6 +21,7 @@ module stays cheap (torch itself is a core dependency and is imported).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -407,7 +408,7 @@ def _to_rgb(img: Image.Image) -> Image.Image | str:
     return img.convert("RGB")
 
 
-def _decode(path: Path) -> Image.Image | str:
+def _decode(path: Path | io.BytesIO) -> Image.Image | str:
     """The fully decoded 8-bit RGB image, or a one-line reason it cannot be decoded."""
     from PIL import Image
 
@@ -516,12 +517,18 @@ class FewShotImages(Dataset[Any]):
                 "check that the files are valid images (re-export or re-download them)",
             )
         self.paths: tuple[Path, ...] = tuple(good)
+        self._blobs: list[bytes] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a worker on another machine), the dataset carries its files' bytes."""
+        return {**self.__dict__, "_blobs": self._blobs or [p.read_bytes() for p in self.paths]}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Any:
-        img = _decode(self.paths[index])
+        blob = self._blobs[index] if self._blobs else None
+        img = _decode(io.BytesIO(blob) if blob is not None else self.paths[index])
         if isinstance(img, str):  # the file changed after construction
             raise DataError(
                 f"{self.paths[index]} can no longer be decoded ({img})",

@@ -4,7 +4,8 @@ Each step is a unit with declared inputs (fingerprinted by content), a typed res
 and recorded outputs (checksummed): :mod:`.family` (compress the family; also the run's one
 source of truth), :mod:`.export`, :mod:`.build`, :mod:`.profile`, :mod:`.select`,
 :mod:`.publish`, :mod:`.report`. :mod:`.runner` executes them, skipping a unit only when its
-fingerprint is unchanged and its outputs are intact; :mod:`.job` orders them.
+fingerprint is unchanged and its outputs are intact; :mod:`.job` orders them, :mod:`.fleet` over
+several targets; :mod:`.executor` runs independent work in this process or on Ray.
 """
 
 from __future__ import annotations

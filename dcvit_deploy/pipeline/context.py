@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.pipeline.executor import LocalExecutor
 from dcvit_deploy.progress import ProgressEvent, ProgressFn, quiet
 
 if TYPE_CHECKING:
@@ -163,6 +164,10 @@ class JobContext:
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     """The record each unit had before the runner started redoing it (a unit may reuse parts
     of it, e.g. bisect reuses measurements whose basis is unchanged)."""
+    executor: LocalExecutor = field(default_factory=LocalExecutor)
+    """Where independent work runs (:mod:`.executor`); only this process writes ``run``."""
+    elsewhere: tuple[str, ...] = ()
+    """Unit ids (prefixes) that ran elsewhere (a target's node, the head): their records stand."""
 
     def prep(self) -> Prepared:
         if self._prep is None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from dcvit_deploy.errors import NotPublished, UserInputError
 from dcvit_deploy.pipeline.context import JobContext, identity_of, prepare
+from dcvit_deploy.pipeline.executor import LocalExecutor
 from dcvit_deploy.pipeline.outcomes import check_measured, outcomes_for
 from dcvit_deploy.pipeline.result import JobResult
 from dcvit_deploy.pipeline.runner import Runner, terminate_as_interrupt
@@ -64,31 +65,38 @@ def run_job(
     progress: ProgressFn = quiet,
     stop_after: Literal["family", "deploy"] = "deploy",
     checked: Validated | None = None,
+    executor: LocalExecutor | None = None,
 ) -> JobResult:
     """The main job: family → export/verify → build/verify → profile → select → publish →
-    report. ``checked``: what :func:`~dcvit_deploy.config.validate.validate_run` established
-    (run here when not given): the profile, the checkpoint and the plan are used, not redone."""
+    report, on each target of ``dopts.profile`` (:mod:`.fleet`); ``executor`` runs the
+    independent work (:mod:`.executor`; default: this process). ``checked``: what
+    :func:`~dcvit_deploy.config.validate.validate_run` established (run here when not given):
+    the profiles, the checkpoint and the plan are used, not redone."""
     from dcvit_deploy.config.validate import validate_run
+    from dcvit_deploy.pipeline.fleet import deploy_fleet
 
+    executor = executor or LocalExecutor()
     deploying = stop_after == "deploy"
     if checked is None:
         stages = ("compress", "deploy") if deploying else ("compress",)
-        checked = validate_run(copts, dopts, out, stages=stages)
-    profile = checked.profile if deploying else None
-    if profile is not None:
-        check_device(profile, dopts.allow_other_device)  # the one check validation leaves
+        checked = validate_run(copts, dopts, out, stages=stages, executor=executor.name)
+    targets = list(checked.targets) if deploying else []
+    for p, d in [] if executor.remote else targets:  # a remote target is checked on its node
+        check_device(p, d.allow_other_device)  # the one check validation leaves
+    profile = targets[0][0] if targets else None
     prep = prepare(copts, checked.state_dict)
     with (
         terminate_as_interrupt(),
         RunDir.open(out, identity_of(copts, prep), overwrite=overwrite, must_exist=resume) as run,
     ):
-        ctx = JobContext(run, copts, dopts, profile, progress, _prep=prep)
+        ctx = JobContext(run, copts, dopts, profile, progress, _prep=prep, executor=executor)
         for n in [*run.notes, prep.images_note, prep.holdout_note]:
             if n:
                 ctx.note(n)
         run.set_inputs(
             compress_options=json.loads(json.dumps(asdict(copts), default=str)),
             deploy_options=asdict(dopts),
+            fleet=[p.name for p, _ in targets] if len(targets) > 1 else [],
         )
         runner = Runner(ctx)
         runner.run(FamilyUnit())
@@ -98,8 +106,10 @@ def run_job(
             ctx.note(str(skipped))
         if profile is None:
             result = JobResult(selection=None, outcomes=[], notes=list(ctx.notes))
-        else:
+        elif len(targets) == 1 and not executor.remote:
             result = deploy(ctx, runner, family, profile)
+        else:
+            result = deploy_fleet(ctx, family, targets, executor)
         result.skipped_images = list(family.info.get("skipped_images", []))
         return result
 
@@ -115,8 +125,10 @@ def deploy(
     profile: TargetProfile,
     *,
     until: Until | None = None,
+    publish: bool = True,
 ) -> JobResult:
-    """Export, build, profile, select, publish and report the current family on ``profile``."""
+    """Export, build, profile, select, publish and report the current family on ``profile``
+    (``publish=False``: stop after selecting, as a target's node does)."""
     from dcvit_deploy.selection.decide import capacity_order
 
     run = ctx.run
@@ -150,7 +162,7 @@ def deploy(
         bisect = BisectPlan(ctx.dopts, profile, family)
     runner.run(ProfileUnit(profile, artifacts, _capacity_names(family), bisect=bisect))
     _remember_profile(run, profile, ctx.dopts.profile)
-    return decide_and_publish(ctx, runner, family, profile)
+    return decide_and_publish(ctx, runner, family, profile, publish=publish)
 
 
 def _remember_profile(run: RunDir, profile: TargetProfile, source: str) -> None:
@@ -167,10 +179,17 @@ def profile_source(run: RunDir, name: str) -> str:
 
 
 def decide_and_publish(
-    ctx: JobContext, runner: Runner, family: Family, profile: TargetProfile, *, render: bool = False
+    ctx: JobContext,
+    runner: Runner,
+    family: Family,
+    profile: TargetProfile,
+    *,
+    render: bool = False,
+    publish: bool = True,
 ) -> JobResult:
     """Select (pure, confirmed), publish to Triton, write the reports. ``render``: decide and
-    publish nothing, report what the run recorded (a decision made on these outcomes)."""
+    publish nothing, report what the run recorded (a decision made on these outcomes);
+    ``publish=False``: stop after selecting, as a target's node does."""
     from dcvit_deploy.selection.decide import capacity_order, infeasible_error
 
     run = ctx.run
@@ -195,6 +214,8 @@ def decide_and_publish(
             replace(o, latency=tuple(fresh.get((o.candidate, s.batch_size), s) for s in o.latency))
             for o in outcomes
         ]
+    if not publish:
+        return result
     sel = result.selection
     if render:
         done = run.unit(publish_unit_id(profile.name)) or {}

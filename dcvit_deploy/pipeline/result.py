@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dcvit_deploy.errors import BudgetInfeasible, NotPublished
+    from dcvit_deploy.errors import DcvitError, NotPublished
     from dcvit_deploy.store.records import CandidateOutcome, Selection
 
 
@@ -20,10 +20,11 @@ class JobResult:
     outcomes: list[CandidateOutcome]
     reports: dict[str, Path] = field(default_factory=dict)
     triton: Path | None = None
-    infeasible: BudgetInfeasible | None = None
+    infeasible: DcvitError | None = None
     not_published: NotPublished | None = None
     notes: list[str] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
     budget: dict[str, Any] = field(default_factory=dict)
     published: dict[str, Any] = field(default_factory=dict)
     skipped_images: list[str] = field(default_factory=list)
+    fleet: dict[str, Any] = field(default_factory=dict)  # target -> choice (several targets)

@@ -197,6 +197,7 @@ class FamilyUnit:
             activation_images=prep.holdout if opts.neuron_choice == "activation" else None,
             device=device,
             progress=ctx.progress,
+            executor=ctx.executor,
         )
         cands = list(result.candidates)
         names = [c.name for c in cands]

@@ -46,9 +46,10 @@ def unpublish_stale(ctx: JobContext, keep: tuple[str, ...] = ()) -> list[str]:
     ``keep``); other runs' versions stay."""
     from dcvit_deploy.triton import unpublish
 
-    if ctx.dopts.triton_repo:
+    repo = repository(ctx).resolve()
+    if not repo.is_relative_to(ctx.run.root.resolve()):  # a user's repository is never cleaned
         return []
-    return unpublish(ctx.run.root / "triton", ctx.run.run_id, run_root=ctx.run.root, keep=keep)
+    return unpublish(repo, ctx.run.run_id, run_root=ctx.run.root, keep=keep)
 
 
 class PublishUnit:

@@ -110,7 +110,7 @@ def write_run_reports(
         env_dict=capture_environment(),
     )
     current = run.manifest["inputs"].get("profiles", [profile.name])[-1]
-    if current != profile.name:
+    if current != profile.name or run.manifest["inputs"].get("fleet"):  # fleet: fleet.json
         return paths
     top = {}
     for key, path in paths.items():
