@@ -130,11 +130,11 @@ def test_engine_optimisation_profiles_must_exist(tmp_path: Path) -> None:
     good = published.config_path.read_text()
     assert validate_config(published.model_dir).ok
     published.config_path.write_text(
-        good.replace("    kind: KIND_GPU", '    kind: KIND_GPU\n    profile: [ "0" ]')
+        good.replace("  kind: KIND_GPU", '  kind: KIND_GPU\n  profile: [ "0" ]')
     )
     assert validate_config(published.model_dir).ok
     published.config_path.write_text(
-        good.replace("    kind: KIND_GPU", '    kind: KIND_GPU\n    profile: [ "0", "1" ]')
+        good.replace("  kind: KIND_GPU", '  kind: KIND_GPU\n  profile: [ "0", "1" ]')
     )
     check = validate_config(published.model_dir)
     assert check.status == "failed"
@@ -145,11 +145,7 @@ def test_engine_optimisation_profiles_must_exist(tmp_path: Path) -> None:
 def test_max_batch_above_the_engine_profile_is_rejected(tmp_path: Path) -> None:
     published = publish(tmp_path / "repo", "m", fake_engine(tmp_path), trt_profile())
     text = published.config_path.read_text().replace("max_batch_size: 16", "max_batch_size: 32")
-    published.config_path.write_text(
-        text.replace("preferred_batch_size: [ 8, 16 ]", "preferred_batch_size: [ 8 ]").replace(
-            "batch_size: 16", "batch_size: 8"
-        )
-    )
+    published.config_path.write_text(text.replace("batch_size: 16", "batch_size: 8"))
     check = validate_config(published.model_dir)
     assert any("max_batch_size 32 exceeds the engine profile max 16" in m for m in check.messages)
 

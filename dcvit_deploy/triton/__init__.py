@@ -1,7 +1,7 @@
 """Triton Inference Server: model configs and model repositories.
 
-* :mod:`.config` -- an artifact's I/O, the ``config.pbtxt`` text, validation against Triton's
-  ``ModelConfig`` schema and the rules Triton applies when loading.
+* :mod:`.model_config` -- an artifact's I/O, Triton's ``ModelConfig`` built from it, and the
+  validation of a config read back against the rules Triton applies when loading.
 * :mod:`.runtime` -- the runtime settings a target profile measured with, as config settings.
 * :mod:`.repository` -- :func:`publish` (numbered versions of one model, idempotent, atomic,
   owned) and :func:`unpublish` (a run's own versions).
@@ -22,14 +22,12 @@ from dcvit_deploy.triton.model_config import (
     platform_for,
     read_engine_io,
     read_onnx_io,
-    render_config,
     validate_config,
     version_dirs,
 )
 from dcvit_deploy.triton.repository import (
     Published,
     RepositoryConflict,
-    check_model_name,
     default_model_name,
     publish,
     unpublish,
@@ -37,7 +35,6 @@ from dcvit_deploy.triton.repository import (
 from dcvit_deploy.triton.runtime import (
     ServingMismatch,
     ServingSettings,
-    publishable,
     serving_settings,
 )
 
@@ -51,16 +48,13 @@ __all__ = [
     "ServingMismatch",
     "ServingSettings",
     "TensorSpec",
-    "check_model_name",
     "default_model_name",
     "engine_meta_path",
     "parse_config",
     "platform_for",
     "publish",
-    "publishable",
     "read_engine_io",
     "read_onnx_io",
-    "render_config",
     "serving_settings",
     "unpublish",
     "validate_config",

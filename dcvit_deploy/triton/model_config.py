@@ -19,8 +19,7 @@ names.
 
 With ``max_batch_size > 0`` Triton owns the batch dimension: ``dims`` exclude it and the
 artifact's first dimension must be dynamic. With ``max_batch_size: 0`` (written explicitly)
-``dims`` are the full shape. onnx and tritonclient are imported lazily; without tritonclient
-:func:`validate_config` reports ``skipped`` instead of pretending to have validated.
+``dims`` are the full shape. onnx and tritonclient are imported on first use.
 """
 
 from __future__ import annotations
@@ -40,11 +39,12 @@ __all__ = [
     "ModelIO",
     "NotServable",
     "TensorSpec",
+    "build_config",
+    "config_text",
     "engine_meta_path",
     "platform_for",
     "read_engine_io",
     "read_onnx_io",
-    "render_config",
     "validate_config",
 ]
 
@@ -273,17 +273,7 @@ def read_engine_io(meta_path: str | os.PathLike[str]) -> ModelIO:
     )
 
 
-# --------------------------------------------------------------------------- config text
-
-
-def _quote(text: str) -> str:
-    if any(ord(c) < 32 for c in text):
-        raise UserInputError(f"name {text!r} contains control characters", "rename the tensor")
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _dims(values: Iterable[int]) -> str:
-    return "[ " + ", ".join(str(v) for v in values) + " ]"
+# --------------------------------------------------------------------------- config message
 
 
 def _config_dims(spec: TensorSpec, max_batch_size: int, what: str) -> tuple[int, ...]:
@@ -317,11 +307,7 @@ class Accelerator:
     parameters: tuple[tuple[str, str], ...] = ()
 
 
-def _block(name: str, body: list[str], indent: str) -> list[str]:
-    return [f"{indent}{name} {{", *body, f"{indent}}}"]
-
-
-def render_config(
+def build_config(
     model_name: str,
     platform: Platform,
     io: ModelIO,
@@ -338,87 +324,84 @@ def render_config(
     graph_level: int | None = None,
     gpu_accelerators: Sequence[Accelerator] = (),
     parameters: Mapping[str, str] | None = None,
-) -> str:
-    """Deterministic ``config.pbtxt`` text (no timestamps; same inputs give the same bytes).
+) -> Any:
+    """Triton's ``ModelConfig`` message for ``io`` with these settings (valid by construction).
 
     Settings are taken as given; the repository writers decide them (from the target profile)
     and check them against the artifact first. ``graph_level``: the onnxruntime
     backend's ``optimization { graph { level } }``. ``parameters``: model-level string
-    parameters (the onnxruntime backend's thread counts, execution mode), sorted by key.
+    parameters (the onnxruntime backend's thread counts, execution mode).
     """
-    lines = [
-        f"name: {_quote(model_name)}",
-        f"platform: {_quote(platform)}",
-        f"max_batch_size: {max_batch_size}",
-    ]
-    for section, specs in (("input", io.inputs), ("output", io.outputs)):
-        lines.append(f"{section} [")
-        for i, spec in enumerate(specs):
-            lines += [
-                "  {",
-                f"    name: {_quote(spec.name)}",
-                f"    data_type: {spec.data_type}",
-                f"    dims: {_dims(_config_dims(spec, max_batch_size, section))}",
-                "  }" + ("," if i < len(specs) - 1 else ""),
-            ]
-        lines.append("]")
-    lines += ["instance_group [", "  {", f"    count: {instance_count}", f"    kind: {kind}"]
-    if gpus:
-        lines.append(f"    gpus: {_dims(gpus)}")
-    lines += ["  }", "]"]
-    if dynamic_batching:
-        lines.append("dynamic_batching {")
-        if preferred_batch_sizes:
-            lines.append(f"  preferred_batch_size: {_dims(preferred_batch_sizes)}")
-        if max_queue_delay_us:
-            lines.append(f"  max_queue_delay_microseconds: {max_queue_delay_us}")
-        lines.append("}")
-    optimization: list[str] = []
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    def tensors(specs: Iterable[TensorSpec], section: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": s.name,
+                "data_type": s.data_type,
+                "dims": list(_config_dims(s, max_batch_size, section)),
+            }
+            for s in specs
+        ]
+
+    optimization: dict[str, Any] = {}
     if graph_level is not None:
-        optimization += _block("graph", [f"    level: {graph_level}"], "  ")
+        optimization["graph"] = {"level": graph_level}
     if cuda_graphs:
-        optimization += _block("cuda", ["    graphs: true"], "  ")
+        optimization["cuda"] = {"graphs": True}
     if gpu_accelerators:
-        entries: list[str] = []
-        for i, acc in enumerate(gpu_accelerators):
-            entries += ["      {", f"        name: {_quote(acc.name)}"]
-            for key, value in acc.parameters:
-                entries.append(
-                    f"        parameters {{ key: {_quote(key)} value: {_quote(value)} }}"
-                )
-            entries.append("      }" + ("," if i < len(gpu_accelerators) - 1 else ""))
-        optimization += _block(
-            "execution_accelerators",
-            ["    gpu_execution_accelerator [", *entries, "    ]"],
-            "  ",
-        )
+        accelerators = [
+            {"name": a.name, "parameters": dict(a.parameters)} for a in gpu_accelerators
+        ]
+        optimization["execution_accelerators"] = {"gpu_execution_accelerator": accelerators}
+    warmups = [
+        {
+            "name": f"warmup_batch{batch}",
+            "batch_size": batch if max_batch_size > 0 else 1,
+            "inputs": {
+                s.name: {
+                    "data_type": s.data_type,
+                    "dims": list(_warmup_dims(s, max_batch_size, batch)),
+                    "random_data": True,
+                }
+                for s in io.inputs
+            },
+        }
+        for batch in warmup_batch_sizes
+    ]
+    config: dict[str, Any] = {
+        "name": model_name,
+        "platform": platform,
+        "max_batch_size": max_batch_size,
+        "input": tensors(io.inputs, "input"),
+        "output": tensors(io.outputs, "output"),
+        "instance_group": [{"count": instance_count, "kind": kind, "gpus": list(gpus)}],
+        "parameters": {k: {"string_value": v} for k, v in (parameters or {}).items()},
+        "model_warmup": warmups,
+    }
+    if dynamic_batching:
+        config["dynamic_batching"] = {
+            "preferred_batch_size": list(preferred_batch_sizes),
+            "max_queue_delay_microseconds": max_queue_delay_us,
+        }
     if optimization:
-        lines += _block("optimization", optimization, "")
-    for key in sorted(parameters or {}):
-        value = (parameters or {})[key]
-        lines.append(
-            f"parameters {{ key: {_quote(key)} value {{ string_value: {_quote(value)} }} }}"
-        )
-    if warmup_batch_sizes:
-        lines.append("model_warmup [")
-        for i, batch in enumerate(warmup_batch_sizes):
-            lines += ["  {", f'    name: "warmup_batch{batch}"']
-            lines.append(f"    batch_size: {batch if max_batch_size > 0 else 1}")
-            for spec in io.inputs:
-                dims = _warmup_dims(spec, max_batch_size, batch)
-                lines += [
-                    "    inputs {",
-                    f"      key: {_quote(spec.name)}",
-                    "      value {",
-                    f"        data_type: {spec.data_type}",
-                    f"        dims: {_dims(dims)}",
-                    "        random_data: true",
-                    "      }",
-                    "    }",
-                ]
-            lines.append("  }" + ("," if i < len(warmup_batch_sizes) - 1 else ""))
-        lines.append("]")
-    return "\n".join(lines) + "\n"
+        config["optimization"] = optimization
+    return json_format.ParseDict(config, model_config_pb2.ModelConfig())
+
+
+def config_text(config: Any) -> str:
+    """Deterministic ``config.pbtxt`` text of a ``ModelConfig`` message (same message, same bytes).
+
+    ``max_batch_size: 0`` is written although it is proto3's default: for a config without it,
+    Triton's auto-complete may choose a batch size of its own.
+    """
+    from google.protobuf import text_format
+
+    text = text_format.MessageToString(config)
+    if config.max_batch_size == 0:
+        text = text.replace("\ninput {", "\nmax_batch_size: 0\ninput {", 1)
+    return text
 
 
 def _warmup_dims(spec: TensorSpec, max_batch_size: int, batch: int) -> tuple[int, ...]:
@@ -437,9 +420,9 @@ def _static_for_warmup(io: ModelIO, max_batch_size: int) -> bool:
 
 @dataclass(frozen=True)
 class ConfigCheck:
-    """Outcome of :func:`validate_config`: ``ok``, ``failed`` (see messages) or ``skipped``."""
+    """Outcome of :func:`validate_config`: ``ok`` or ``failed`` (see messages)."""
 
-    status: Literal["ok", "failed", "skipped"]
+    status: Literal["ok", "failed"]
     messages: tuple[str, ...] = ()
 
     @property
@@ -447,42 +430,20 @@ class ConfigCheck:
         return self.status == "ok"
 
 
-def _parse(text: str) -> tuple[Any, ConfigCheck | None]:
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        return None, ConfigCheck(
-            "skipped",
-            (
-                "skipped: tritonclient not installed; pip install 'tritonclient[grpc]' to validate "
-                "configs against Triton's schema",
-            ),
-        )
-    try:
-        config = text_format.Parse(text, model_config_pb2.ModelConfig())
-    except text_format.ParseError as exc:
-        return None, ConfigCheck("failed", (f"not a valid Triton ModelConfig: {exc}",))
-    return config, None
-
-
 def parse_config(text: str) -> Any:
-    """Parse config text into Triton's ``ModelConfig`` message; ``None`` without tritonclient.
+    """Parse config text into Triton's ``ModelConfig`` message.
 
     Raises :class:`UserInputError` when the text is not a valid ModelConfig.
     """
-    config, early = _parse(text)
-    if early is not None and early.status == "failed":
-        raise UserInputError(early.messages[0], "fix or remove the config.pbtxt")
-    return config
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
 
-
-def _schema_check(text: str) -> ConfigCheck:
-    config, early = _parse(text)
-    if early is not None:
-        return early
-    problems = _semantic_problems(config)
-    return ConfigCheck("failed", tuple(problems)) if problems else ConfigCheck("ok")
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise UserInputError(
+            f"not a valid Triton ModelConfig: {exc}", "fix or remove the config.pbtxt"
+        ) from exc
 
 
 # The onnxruntime backend's graph levels: -1 basic, 1 extended, 2 disabled, absent/0 all.
@@ -619,18 +580,12 @@ def _semantic_problems(config: Any) -> list[str]:
     return problems
 
 
-def _config_source(
-    config: str | os.PathLike[str],
-) -> tuple[str | None, Path | None, ConfigCheck | None]:
+def _config_source(config: str | os.PathLike[str]) -> tuple[str, Path | None]:
     if isinstance(config, str) and any(c in config for c in "\n{:") and not os.path.exists(config):
-        return config, None, None
+        return config, None
     path = Path(config)
-    if path.is_dir():
-        path = path / "config.pbtxt"
-    try:
-        return path.read_text(encoding="utf-8"), path, None
-    except OSError as exc:
-        return None, path, ConfigCheck("failed", (f"cannot read {path.name}: {exc}",))
+    path = path / "config.pbtxt" if path.is_dir() else path
+    return path.read_text(encoding="utf-8"), path
 
 
 def validate_config(
@@ -638,30 +593,28 @@ def validate_config(
 ) -> ConfigCheck:
     """Validate a Triton config: schema, semantics and agreement with the model files.
 
-    ``config`` is config text, a ``config.pbtxt`` / ``configs/<name>.pbtxt`` path, or a model
-    directory. The text is parsed into Triton's own ``ModelConfig`` protobuf (from
-    ``tritonclient[grpc]``); without it the result is ``skipped``, never ``ok``. Then the rules
-    Triton applies when loading are checked (data types, dims, duplicate names, batching,
-    instance groups, version policy, platform-specific optimisation settings). With a model
-    directory (given, or derived from the path) it also checks: ``name`` matches the directory,
-    each numeric version folder holds the model file, and every input/output name, data type
-    and dims agree with the model file (ONNX graph) or, for plans, the I/O recorded in the
-    deploy facts (``<version>/deploy.json``, else the model's ``deploy.json``), including that
-    instance groups only select optimisation profiles the engine has. Never raises for an
-    invalid config; the messages say what is wrong.
+    ``config`` is config text, a ``config.pbtxt`` path, or a model directory. The text is
+    parsed into Triton's own ``ModelConfig`` protobuf. Then the rules Triton applies when
+    loading are checked (data types, dims, duplicate names, batching, instance groups, version
+    policy, platform-specific optimisation settings). With a model directory (given, or derived
+    from the path) it also checks: ``name`` matches the directory, each numeric version folder
+    holds the model file, and every input/output name, data type and dims agree with the model
+    file (ONNX graph) or, for plans, the I/O recorded in the deploy facts
+    (``<version>/deploy.json``, else the model's ``deploy.json``), including that instance
+    groups only select optimisation profiles the engine has. Never raises for an invalid
+    config; the messages say what is wrong.
     """
-    text, path, early = _config_source(config)
-    if early is not None:
-        return early
-    assert text is not None
-    parsed, early = _parse(text)
-    if early is not None:
-        return early
+    try:
+        text, path = _config_source(config)
+        parsed = parse_config(text)
+    except OSError as exc:
+        return ConfigCheck("failed", (f"cannot read {Path(config).name}: {exc}",))
+    except UserInputError as exc:
+        return ConfigCheck("failed", (exc.problem,))
     problems = _semantic_problems(parsed)
-    if model_dir is None and path is not None:
-        model_dir = path.parent.parent if path.parent.name == "configs" else path.parent
+    model_dir = model_dir if model_dir is not None else path and path.parent
     if model_dir is not None:
-        problems += _model_dir_problems(parsed, Path(model_dir), path)
+        problems += _model_dir_problems(parsed, Path(model_dir))
     return ConfigCheck("failed", tuple(problems)) if problems else ConfigCheck("ok")
 
 
@@ -675,7 +628,7 @@ def version_dirs(model_dir: Path) -> list[Path]:
     )
 
 
-def _model_dir_problems(config: Any, model_dir: Path, config_path: Path | None) -> list[str]:
+def _model_dir_problems(config: Any, model_dir: Path) -> list[str]:
     problems: list[str] = []
     if config.name and config.name != model_dir.name:
         problems.append(f"config name {config.name!r} != model directory {model_dir.name!r}")
@@ -692,7 +645,7 @@ def _model_dir_problems(config: Any, model_dir: Path, config_path: Path | None) 
         if not model_file.is_file():
             problems.append(f"{vdir.name}/{file_name} is missing")
             continue
-        io = _io_for_check(config.platform, model_file, model_dir, config_path)
+        io = _io_for_check(config.platform, model_file, model_dir)
         if isinstance(io, str):
             problems.append(io)
             continue
@@ -700,30 +653,24 @@ def _model_dir_problems(config: Any, model_dir: Path, config_path: Path | None) 
     return problems
 
 
-def _io_for_check(
-    platform: str, model_file: Path, model_dir: Path, config_path: Path | None
-) -> ModelIO | str:
+def _io_for_check(platform: str, model_file: Path, model_dir: Path) -> ModelIO | str:
     if platform == "onnxruntime_onnx":
         try:
             return read_onnx_io(model_file)
         except UserInputError as exc:
             return exc.one_line()
     # A plan cannot be opened without TensorRT: use the I/O recorded when it was written.
-    if config_path is not None and config_path.parent.name == "configs":
-        deploy = config_path.with_name(config_path.stem + ".deploy.json")
-    elif (model_file.parent / "deploy.json").is_file():
-        deploy = model_file.parent / "deploy.json"
-    else:
-        deploy = model_dir / "deploy.json"
+    deploy = model_file.parent / "deploy.json"
+    deploy = deploy if deploy.is_file() else model_dir / "deploy.json"
     try:
         data = json.loads(deploy.read_text(encoding="utf-8"))
+        inputs, outputs = (
+            tuple(TensorSpec(t["name"], t["data_type"], tuple(t["shape"])) for t in data[key])
+            for key in ("inputs", "outputs")
+        )
         return ModelIO(
-            inputs=tuple(
-                TensorSpec(t["name"], t["data_type"], tuple(t["shape"])) for t in data["inputs"]
-            ),
-            outputs=tuple(
-                TensorSpec(t["name"], t["data_type"], tuple(t["shape"])) for t in data["outputs"]
-            ),
+            inputs=inputs,
+            outputs=outputs,
             max_batch=data.get("engine_profile_max_batch"),
             facts={"profiles": int(data.get("engine_profiles", 1))},
         )

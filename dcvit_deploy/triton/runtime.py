@@ -44,7 +44,7 @@ from dcvit_deploy.triton.model_config import (
     platform_for,
 )
 
-__all__ = ["ServingMismatch", "ServingSettings", "publishable", "serving_settings"]
+__all__ = ["ServingMismatch", "ServingSettings", "serving_settings"]
 
 MIB = 1 << 20
 
@@ -209,13 +209,3 @@ def serving_settings(
         gpu_accelerators=accelerators,
         notes=tuple(notes),
     )
-
-
-def publishable(profile: TargetProfile) -> str | None:
-    """``None`` when artifacts measured under ``profile`` can be published to Triton, else the
-    one-line reason (problem; fix). Cheap: meant for up-front checks before any work."""
-    try:
-        serving_settings(profile)
-    except (NotServable, ServingMismatch) as exc:
-        return exc.one_line()
-    return None
