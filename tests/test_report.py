@@ -16,7 +16,6 @@ from dcvit_deploy.reports.writers import (
     CSV_COLUMNS,
     load_report,
     report_outcomes,
-    report_selection,
     write_reports,
 )
 from dcvit_deploy.selection.decide import decide
@@ -26,7 +25,9 @@ from dcvit_deploy.store.records import (
     LatencyBudget,
     LatencyStats,
     MacCount,
+    Selection,
     Verification,
+    from_dict,
 )
 
 BUDGET = LatencyBudget(ms=5.0, statistic="p50", batch_size=1, margin=0.05)
@@ -131,7 +132,7 @@ def test_reports_are_complete_and_round_trip(tmp_path: Path) -> None:
     assert report["environment"] == ENV and report["profile"] == PROFILE
     assert report["budget"]["ms"] == 5.0 and report["budget"]["margin"] == 0.05
     assert report_outcomes(report) == sorted(outs, key=lambda o: -o.retained)
-    assert report_selection(report) == res["selection"]
+    assert from_dict(Selection, report["selection"]) == res["selection"]
     assert report["selection"]["chosen"] == "c80"
     assert report["pareto_front"] == ["c100", "c80", "c40"]
     assert report["dominated"] == {"c70": "c80"}

@@ -49,7 +49,6 @@ __all__ = [
     "REPORT_KIND",
     "load_report",
     "report_outcomes",
-    "report_selection",
     "write_reports",
 ]
 
@@ -240,12 +239,6 @@ def load_report(
 def report_outcomes(report: Mapping[str, Any]) -> list[CandidateOutcome]:
     """The candidates' outcomes stored in a report, as records."""
     return [from_dict(CandidateOutcome, c) for c in report["candidates"]]
-
-
-def report_selection(report: Mapping[str, Any]) -> Selection | None:
-    """The selection stored in a report, as a record (``None`` when it had no budget)."""
-    data = report.get("selection")
-    return from_dict(Selection, data) if data else None
 
 
 # --------------------------------------------------------------------------- CSV

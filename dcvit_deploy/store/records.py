@@ -14,6 +14,7 @@ import math
 import os
 import re
 import reprlib
+import statistics
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,19 +180,6 @@ def safe_name(value: Any, what: str, error: type[UserInputError] = UserInputErro
     return value
 
 
-def _iqr(values: tuple[float, ...]) -> float:
-    """Interquartile range (linear interpolation between closest ranks, like numpy)."""
-    xs = sorted(values)
-
-    def q(p: float) -> float:
-        pos = (len(xs) - 1) * p
-        lo = math.floor(pos)
-        hi = math.ceil(pos)
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-    return q(0.75) - q(0.25)
-
-
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -250,20 +238,6 @@ class ArchSpec:
     @property
     def depth(self) -> int:
         return len(self.blocks)
-
-    def is_identity(self) -> bool:
-        """True when no block is modified (the spec describes the original model)."""
-        return all(
-            b.kind == "attn_mlp" and b.mlp_hidden == self.base_mlp_hidden and b.kept is None
-            for b in self.blocks
-        )
-
-    def modified_blocks(self) -> tuple[int, ...]:
-        return tuple(
-            i
-            for i, b in enumerate(self.blocks)
-            if b.kind != "attn_mlp" or b.mlp_hidden != self.base_mlp_hidden
-        )
 
 
 @dataclass(frozen=True)
@@ -456,7 +430,8 @@ class LatencyStats:
             values = tuple(m * scale for m in settled)
         if not values or len(values) < 2:
             return self.spread_ms if name == "p50" else 0.0
-        return _iqr(values)
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")  # numpy's interpolation
+        return q3 - q1
 
 
 @dataclass(frozen=True)
