@@ -112,7 +112,7 @@ def test_absolute_budget_between_two_measured_figures(mixed_run):
 
 
 def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixed_run):
-    from dcvit_deploy.triton import validate_config
+    from triton_rules import validate_config
 
     out, profile, figures, _ = mixed_run
     generous = f"{max(figures.values()) * 2:.6f}"

@@ -203,9 +203,9 @@ def test_triton_repository_parses_and_onnx_matches_pytorch(finished_run, profile
     the densest candidate (the original) is published whatever this machine measured."""
     import onnxruntime as ort
     import torch
+    from triton_rules import validate_config
 
     from dcvit_deploy.compress.candidate import load_candidate
-    from dcvit_deploy.triton import validate_config
 
     out = copy_of_run(finished_run[0], tmp_path)
     report = json.loads((out / "report.json").read_text())

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from triton_rules import validate_config
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.atomic import sha256_file
@@ -18,7 +19,6 @@ from dcvit_deploy.store.records import Artifact, LatencyStats, MeasureSettings, 
 from dcvit_deploy.triton import (
     publish,
     read_onnx_io,
-    validate_config,
 )
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -24,6 +24,7 @@ from test_triton import (
     parse,
     trt_profile,
 )
+from triton_rules import validate_config
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.atomic import sha256_file
@@ -34,7 +35,6 @@ from dcvit_deploy.triton import (
     default_model_name,
     publish,
     unpublish,
-    validate_config,
     version_dirs,
 )
 

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from test_triton import fake_engine, parse
 from test_triton_publish import candidate, cpu_profile, trt_profile
+from triton_rules import validate_config
 
 from dcvit_deploy.errors import ProfileError
 from dcvit_deploy.store.records import MeasureSettings, TargetProfile
-from dcvit_deploy.triton import ServingMismatch, publish, serving_settings, validate_config
+from dcvit_deploy.triton import ServingMismatch, publish, serving_settings
 
 
 def gpu_ort_profile(*, cuda_graphs: bool = False, **options: Any) -> TargetProfile:

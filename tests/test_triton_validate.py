@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from test_triton import fake_engine, parse
 from test_triton_publish import candidate, cpu_profile, trt_profile
+from triton_rules import validate_config
 
-from dcvit_deploy.triton import publish, validate_config
+from dcvit_deploy.triton import publish
 
 BASE = """name: "m"
 platform: "onnxruntime_onnx"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dcvit_deploy.triton.model_config import (
     Accelerator,
-    ConfigCheck,
     ModelIO,
     NotServable,
     TensorSpec,
@@ -22,7 +21,6 @@ from dcvit_deploy.triton.model_config import (
     platform_for,
     read_engine_io,
     read_onnx_io,
-    validate_config,
     version_dirs,
 )
 from dcvit_deploy.triton.repository import (
@@ -40,7 +38,6 @@ from dcvit_deploy.triton.runtime import (
 
 __all__ = [
     "Accelerator",
-    "ConfigCheck",
     "ModelIO",
     "NotServable",
     "Published",
@@ -57,6 +54,5 @@ __all__ = [
     "read_onnx_io",
     "serving_settings",
     "unpublish",
-    "validate_config",
     "version_dirs",
 ]
