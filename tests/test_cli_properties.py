@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fakes.runs import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli import run_cli
 
 GOOD_KWARGS = "img_size=32 patch_size=8 embed_dim=64 depth=4 num_heads=2 num_classes=10"
 
