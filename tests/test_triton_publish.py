@@ -9,11 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_triton import GOLDEN, fake_engine, make_onnx, onnx_artifact, parse
+from fakes.triton_inputs import (
+    GOLDEN,
+    STATS,
+    candidate,
+    cpu_profile,
+    fake_engine,
+    onnx_artifact,
+    parse,
+    trt_profile,
+)
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.atomic import sha256_file
-from dcvit_deploy.store.records import Artifact, LatencyStats, MeasureSettings, TargetProfile
+from dcvit_deploy.store.records import Artifact, TargetProfile
 from dcvit_deploy.triton import (
     NotServable,
     RepositoryConflict,
@@ -24,61 +33,6 @@ from dcvit_deploy.triton import (
     validate_config,
     version_dirs,
 )
-
-
-def cpu_profile(**options: Any) -> TargetProfile:
-    return TargetProfile(
-        name="cpu-ort",
-        backend="onnxruntime",
-        device="cpu",
-        precision="fp32",
-        batch_sizes=(1, 4),
-        budget_batch_size=1,
-        statistic="p50",
-        scope="host",
-        backend_options={"provider": "cpu", **options},
-    )
-
-
-def trt_profile(
-    *, cuda_graphs: bool = True, device_id: int = 0, max_batch: int = 16
-) -> TargetProfile:
-    return TargetProfile(
-        name="h100-trt-fp16",
-        backend="tensorrt",
-        device="cuda",
-        precision="fp16",
-        batch_sizes=(1, 8, max_batch),
-        budget_batch_size=1,
-        statistic="p50",
-        scope="device_compute",
-        measure=MeasureSettings(cuda_graphs=cuda_graphs),
-        backend_options={"device_id": device_id},
-    )
-
-
-STATS = LatencyStats(
-    batch_size=1, iterations=50, mean=1.0, std=0.1, cov=0.1, min=0.9, max=1.4, p50=1.0,
-    p90=1.1, p95=1.2, p99=1.3, throughput=1000.0, scope="host", timer="perf_counter",
-    windows=3, window_medians=(1.0, 1.0, 1.0), stable=True, warmup_iters=10, duration_s=1.0,
-)  # fmt: skip
-
-
-def candidate(tmp_path: Path, name: str, seed: int = 0, **kw: Any) -> Artifact:
-    """A tiny ONNX artifact; ``seed`` changes the weights (so the sha256) but not the I/O."""
-    src = tmp_path / "artifacts" / name
-    src.mkdir(parents=True, exist_ok=True)
-    path = make_onnx(src / f"{name}.onnx", **kw)
-    if seed:
-        import onnx
-        from onnx import numpy_helper
-
-        model = onnx.load(str(path))
-        w = numpy_helper.to_array(model.graph.initializer[0]) + seed
-        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
-        onnx.save(model, str(path))
-    return onnx_artifact(path, candidate=name)
-
 
 # --------------------------------------------------------------------------- versions
 
