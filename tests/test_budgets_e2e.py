@@ -102,16 +102,11 @@ def test_prefer_fidelity_picks_the_most_faithful_candidate_that_fits(mixed_run):
 
 @pytest.mark.parametrize(
     ("ms", "want"),
-    [
-        ("2.5", "practise-4718"),
-        ("3.3", "dcvit-4512"),
-        ("3.8", "dcvit-2505"),
-        ("4.5", "practise-2359"),
-        ("5.5", "original"),
-    ],
+    [("2.5", "practise-4718"), ("3.3", "dcvit-4512"), ("4.5", "practise-2359")],
 )
 def test_absolute_budget_between_two_measured_figures(mixed_run, ms, want):
-    """Each budget lies between two scripted figures: the densest candidate under it."""
+    """Each budget lies between two scripted figures: the densest candidate under it (3.8 ms,
+    dcvit-2505, and 10 ms, the original, are checked with the Triton versions below)."""
     out, profile = mixed_run
     assert select(out, profile, "--latency-ms", ms)["chosen"] == named(out)[want]
 
