@@ -97,16 +97,16 @@ def test_prefer_fidelity_picks_the_most_faithful_candidate_that_fits(mixed_run):
     small = [named(out)["dcvit-4512"], named(out)["practise-4718"]]
     payload = select(out, profile, "--latency-ms", "3.3", "--prefer", "fidelity")
     assert payload["chosen"] == max(small, key=lambda n: (fidelity[n], retained[n]))
-    assert select(out, profile, "--latency-ms", "10")["chosen"] == "original"  # the densest
 
 
 @pytest.mark.parametrize(
     ("ms", "want"),
-    [("2.5", "practise-4718"), ("3.3", "dcvit-4512"), ("4.5", "practise-2359")],
+    [("2.5", "practise-4718"), ("4.5", "practise-2359")],
 )
 def test_absolute_budget_between_two_measured_figures(mixed_run, ms, want):
-    """Each budget lies between two scripted figures: the densest candidate under it (3.8 ms,
-    dcvit-2505, and 10 ms, the original, are checked with the Triton versions below)."""
+    """Each budget lies between two scripted figures: the densest candidate under it, whichever
+    method made it (3.8 ms, dcvit-2505, and 10 ms, the original, are checked with the Triton
+    versions below)."""
     out, profile = mixed_run
     assert select(out, profile, "--latency-ms", ms)["chosen"] == named(out)[want]
 
@@ -151,45 +151,24 @@ def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixe
     assert not [p for p in (out / "triton").iterdir() if not p.name.startswith(".")]
 
 
-def fresh_measurements(script) -> list[str]:
-    """Candidates the confirmation process measured, in order; it is another process."""
-    fresh = [e for e in script.log() if e["process"] == "fresh"]
-    assert fresh and os.getpid() not in {e["pid"] for e in fresh}
-    return [e["candidate"] for e in fresh]
-
-
-def test_confirmation_slower_than_the_budget_moves_the_search_on(
-    mixed_run, latency_script, tmp_path
-):
-    """--speedup 1.25 picks dcvit-2505 on the rounds (3.6 <= 4.0 ms); the fresh process
-    measures it at 4.1 ms, over 5.0 / 1.25 there: set aside, and the next candidate,
-    dcvit-4512 (3.0 ms there too), is confirmed, chosen and published."""
+def test_confirmation_over_the_budget_moves_the_search_on(mixed_run, latency_script, tmp_path):
+    """--speedup 1.25 picks dcvit-2505 on the rounds (3.6 <= 5.0 / 1.25 = 4.0 ms). The fresh
+    process measures the original at 6.5 ms, so the budget there is 6.5 / 1.25 = 5.2 ms:
+    dcvit-2505 at 5.3 ms misses it and is set aside; dcvit-4512 at 4.5 ms fits it (not the
+    run's 4.0) and is confirmed, chosen and published."""
     out = copy_of(mixed_run[0], tmp_path)
     short = named(out)
-    with latency_script.fresh({"dcvit-2505": 4.1}):
+    with latency_script.fresh({"original": 6.5, "dcvit-2505": 5.3, "dcvit-4512": 4.5}):
         payload = select(out, mixed_run[1], "--speedup", "1.25", confirm=True)
     chosen = short["dcvit-4512"]
     assert payload["chosen"] == chosen
     confirmed = report(out)["selection"]["confirmed"]
-    assert confirmed[short["dcvit-2505"]][0] == 4.1 and confirmed[chosen][0] == 3.0
-    assert confirmed["original"][0] == 5.0
-    measured = fresh_measurements(latency_script)
+    assert confirmed[short["dcvit-2505"]][0] == 5.3 and confirmed[chosen][0] == 4.5
+    assert confirmed["original"][0] == 6.5
+    fresh = [e for e in latency_script.log() if e["process"] == "fresh"]
+    assert fresh and os.getpid() not in {e["pid"] for e in fresh}  # another process
+    measured = [e["candidate"] for e in fresh]
     assert measured.index(short["dcvit-2505"]) < measured.index(chosen)
     model = out / "triton" / "dcvit_vit_tiny_patch16_224"
     newest = max((v for v in model.iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
     assert json.loads((newest / "deploy.json").read_text())["source"]["candidate"] == chosen
-
-
-def test_confirmation_judges_a_relative_budget_against_the_reference_measured_there(
-    mixed_run, latency_script, tmp_path
-):
-    """The fresh process measures everything 30% slower (original 6.5, dcvit-2505 4.68 ms):
-    against 6.5 / 1.25 = 5.2 ms there, the pick stands."""
-    out = copy_of(mixed_run[0], tmp_path)
-    short = named(out)
-    with latency_script.fresh({k: round(v * 1.3, 6) for k, v in RUN.items()}):
-        payload = select(out, mixed_run[1], "--speedup", "1.25", confirm=True)
-    assert payload["chosen"] == short["dcvit-2505"]
-    confirmed = report(out)["selection"]["confirmed"]
-    assert confirmed[short["dcvit-2505"]][0] == 4.68 and confirmed["original"][0] == 6.5
-    assert set(fresh_measurements(latency_script)) >= {short["dcvit-2505"], "original"}
