@@ -1,22 +1,22 @@
-"""Shared fixtures: tiny timm ViTs and real bundled photos; no download anywhere."""
+"""Shared fixtures: tiny timm ViTs, real bundled photos and the scripted backend; no download
+anywhere. Shared plain helpers live in ``fakes/`` (``fakes.runs`` for the end-to-end tests)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fakes.runs import TINY_VIT_KWARGS
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-TINY_VIT_KWARGS = {
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "num_classes": 10,
-}
+SCRIPTED_PLUGIN = Path(__file__).parent / "fakes" / "scripted"
+"""The scripted backend's module and its ``*.dist-info`` entry point (see its docstring)."""
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -86,3 +86,51 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     )
     yield ray
     ray.shutdown()
+
+
+class LatencyScript:
+    """The scripted backend's figures: ms at batch 1 per candidate, or per short name (method
+    and achieved reduction, such as ``dcvit-1003``), in the run (``run``) and in the fresh
+    confirmation process (``fresh``, over ``run`` there); and the log of every measurement
+    either process opened."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.log_path = Path(f"{path}.log")
+
+    def write(self, run: dict[str, float], fresh: dict[str, float] | None = None) -> None:
+        self.path.write_text(json.dumps({"run": run, "fresh": fresh or {}}))
+        self.log_path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def fresh(self, figures: dict[str, float]) -> Iterator[None]:
+        """Within: the confirmation process measures ``figures`` (over the run's); the log
+        restarts and is kept after."""
+        before = self.path.read_text()
+        self.write(json.loads(before)["run"], figures)
+        try:
+            yield
+        finally:
+            self.path.write_text(before)
+
+    def log(self) -> list[dict[str, Any]]:
+        """``{"pid", "process": "run" | "fresh", "candidate", "batch"}`` per measurement."""
+        if not self.log_path.is_file():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def latency_script(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LatencyScript]:
+    """The scripted backend, installed for this module's tests as a plugin is (its folder on
+    ``sys.path`` and, for the confirmation process, ``PYTHONPATH``), and its script."""
+    from dcvit_deploy.backends import unregister_backend
+
+    script = LatencyScript(tmp_path_factory.mktemp("script") / "latency.json")
+    inherited = os.environ.get("PYTHONPATH")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(SCRIPTED_PLUGIN))
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SCRIPTED_PLUGIN), inherited])))
+        mp.setenv("DCVIT_SCRIPTED_LATENCY", str(script.path))
+        yield script
+    unregister_backend("scripted")  # the instance this process loaded

@@ -59,7 +59,7 @@ def cpu_profile(backend: str = "onnxruntime", **options: object) -> TargetProfil
 @pytest.fixture(scope="module")
 def vit() -> torch.nn.Module:
     import timm
-    from conftest import TINY_VIT_KWARGS
+    from fakes.runs import TINY_VIT_KWARGS
 
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT_KWARGS).eval()

@@ -1,122 +1,122 @@
-"""Budgets end to end on one mixed family (DC-ViT and block dropping): a relative budget
-(``--speedup``), ``--prefer fidelity``, and budgets placed between the run's own measured
-figures so the choice is really exercised."""
+"""Budgets end to end on one mixed family (DC-ViT and block dropping), on the scripted backend:
+real artifacts and verification, scripted figures, so every budget and every choice is exact.
+A relative budget (``--speedup``), ``--prefer fidelity``, absolute budgets between the figures,
+Triton versions, and the fresh-process confirmation overturning a pick."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from test_pipeline import run_cli
-from test_run_trust import PROFILE, copts, dopts
-from test_triton import parse
+from fakes.runs import SCRIPTED_PROFILE, copts, dopts, first_json, named
+from fakes.runs import run_cli_text as run_cli
 
 from dcvit_deploy.api import run_pipeline
 
+# p50 at batch 1 (ms). Densest first: original, practise-2359 (1 block dropped), dcvit-2505,
+# dcvit-4512, practise-4718 (2 blocks dropped).
+RUN = {
+    "original": 5.0,
+    "practise-2359": 4.2,
+    "dcvit-2505": 3.6,
+    "dcvit-4512": 3.0,
+    "practise-4718": 2.4,
+}
+
 
 @pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory, photo_dir) -> tuple[Path, str, dict[str, float], dict]:
+def mixed_run(tmp_path_factory, photo_dir, latency_script) -> tuple[Path, str]:
+    latency_script.write(RUN)
     root = tmp_path_factory.mktemp("mixed")
-    profile = root / "trust-cpu.toml"
-    profile.write_text(PROFILE)
+    profile = root / "test-cpu.toml"
+    profile.write_text(SCRIPTED_PROFILE.replace("[1, 2]", "[1]"))
     out = root / "r"
-    result = run_pipeline(
+    run_pipeline(
         copts(photo_dir, methods=("dcvit", "practise"), targets=(0.25, 0.45)),
         dopts(str(profile)),
         out,
     )
-    figures = {o.candidate: o.latency_at(1).p50 for o in result.outcomes if o.latency_at(1)}
-    fidelity = {o.candidate: o.fidelity for o in result.outcomes}
-    return out, str(profile), figures, fidelity
+    return out, str(profile)
 
 
-def select(out: Path, profile: str, *extra: str) -> dict:
-    code, text = run_cli(
-        ["select", "--out", str(out), "--profile", profile, "--no-confirm", "--json", *extra]
-    )
-    assert code in (0, 3), text
-    payload, _ = json.JSONDecoder().raw_decode(text[text.index("{") :])
-    return payload
+def select(out: Path, profile: str, *extra: str, code: int = 0, confirm: bool = False) -> dict:
+    """``select --json`` on the run; asserts the exit code; the JSON payload."""
+    flags = [] if confirm else ["--no-confirm"]
+    got, text = run_cli(["select", "--out", str(out), "--profile", profile, "--json", *flags,
+                         *extra])  # fmt: skip
+    assert got == code, text
+    return first_json(text)
 
 
-def decided_on(out: Path) -> dict[str, float]:
-    """The p50 figures the last decision was made on (after any re-measurement within noise
-    of the budget), as the report states them."""
-    report = json.loads((out / "report.json").read_text())
-    return {
-        c["candidate"]: next(s["p50"] for s in c["latency"] if s["batch_size"] == 1)
-        for c in report["candidates"]
-        if c["latency"]
-    }
+def report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
 
 
-def test_mixed_family_holds_both_methods(mixed_run):
-    _, _, figures, _ = mixed_run
-    methods = {n.split("-")[0] for n in figures}
-    assert {"original", "dcvit", "practise"} <= methods
+def copy_of(out: Path, tmp_path: Path) -> Path:
+    """A private copy of the shared run (a run directory is movable)."""
+    import shutil
+
+    dest = tmp_path / "r"
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns(".lock", ".lock.json"))
+    return dest
 
 
-def expected(figures: dict[str, float], retained: dict[str, float], ms: float) -> str | None:
-    fitting = [n for n in figures if figures[n] <= ms]
-    return max(fitting, key=lambda n: (retained[n], n)) if fitting else None
-
-
-def retained_of(out: Path) -> dict[str, float]:
-    report = json.loads((out / "report.json").read_text())
-    return {c["candidate"]: c["retained"] for c in report["candidates"]}
+def test_mixed_family_holds_both_methods_at_the_scripted_figures(mixed_run):
+    out, _ = mixed_run
+    short = named(out)
+    assert set(short) == set(RUN)
+    by_retained = sorted(report(out)["candidates"], key=lambda c: -c["retained"])
+    assert [c["candidate"] for c in by_retained] == [short[k] for k in RUN]  # densest first
+    figures = {c["candidate"]: c["latency"][0]["p50"] for c in report(out)["candidates"]}
+    assert figures == {short[k]: v for k, v in RUN.items()}
 
 
 def test_relative_budget_between_measured_figures(mixed_run):
-    out, profile, figures, _ = mixed_run
-    original = figures["original"]
-    faster = sorted(v for n, v in figures.items() if v < original)
-    if not faster:
-        pytest.skip("no compressed candidate measured faster than the original on this machine")
-    # a budget half-way between the original and the fastest compressed candidate
-    ms = (original + faster[0]) / 2
-    speedup = original / ms
-    payload = select(out, profile, "--speedup", f"{speedup:.6f}")
-    report = json.loads((out / "report.json").read_text())
-    ms = report["selection"]["budget"]["ms"]
-    want = expected(decided_on(out), retained_of(out), ms)
-    assert payload["chosen"] == want and want != "original"
-    assert report["run"]["budget_basis"]["kind"] == "relative"
-    budget = report["selection"]["budget"]
-    # relative to the original's figure the decision was made on (it may have been re-measured)
-    assert budget["reference"] == "original"
-    assert budget["reference_ms"] == pytest.approx(decided_on(out)["original"], rel=1e-9)
-    assert budget["ms"] == pytest.approx(budget["reference_ms"] / float(f"{speedup:.6f}"))
+    """--speedup 1.25: 5.0 / 1.25 = 4.0 ms; practise-2359 (4.2) misses, dcvit-2505 (3.6), the
+    densest of those that fit, is chosen."""
+    out, profile = mixed_run
+    payload = select(out, profile, "--speedup", "1.25")
+    assert payload["chosen"] == named(out)["dcvit-2505"]
+    rep = report(out)
+    assert rep["run"]["budget_basis"]["kind"] == "relative"
+    budget = rep["selection"]["budget"]
+    assert budget["reference"] == "original" and budget["reference_ms"] == 5.0
+    assert budget["ms"] == pytest.approx(4.0, rel=1e-12)
 
 
 def test_prefer_fidelity_picks_the_most_faithful_candidate_that_fits(mixed_run):
-    out, profile, figures, fidelity = mixed_run
-    generous = max(figures.values()) * 2
-    payload = select(out, profile, "--latency-ms", f"{generous:.6f}", "--prefer", "fidelity")
-    retained = retained_of(out)
-    best = max(
-        (n for n in figures if fidelity[n] is not None),
-        key=lambda n: (fidelity[n], retained[n]),
-    )
-    assert payload["chosen"] == best
-    capacity = select(out, profile, "--latency-ms", f"{generous:.6f}")
-    assert capacity["chosen"] == "original"  # the densest, as before
+    out, profile = mixed_run
+    rep = report(out)
+    fidelity = {c["candidate"]: c["fidelity"] for c in rep["candidates"]}
+    retained = {c["candidate"]: c["retained"] for c in rep["candidates"]}
+    payload = select(out, profile, "--latency-ms", "10", "--prefer", "fidelity")
+    assert payload["chosen"] == max(fidelity, key=lambda n: (fidelity[n], retained[n]))
+    # 3.3 ms admits only the two smallest: the more faithful of them
+    small = [named(out)["dcvit-4512"], named(out)["practise-4718"]]
+    payload = select(out, profile, "--latency-ms", "3.3", "--prefer", "fidelity")
+    assert payload["chosen"] == max(small, key=lambda n: (fidelity[n], retained[n]))
 
 
-def test_absolute_budget_between_two_measured_figures(mixed_run):
-    out, profile, figures, _ = mixed_run
-    ordered = sorted(figures.values())
-    ms = (ordered[0] + ordered[1]) / 2
-    payload = select(out, profile, "--latency-ms", f"{ms:.6f}")
-    assert payload["chosen"] == expected(decided_on(out), retained_of(out), float(f"{ms:.6f}"))
+@pytest.mark.parametrize(
+    ("ms", "want"),
+    [("2.5", "practise-4718"), ("4.5", "practise-2359")],
+)
+def test_absolute_budget_between_two_measured_figures(mixed_run, ms, want):
+    """Each budget lies between two scripted figures: the densest candidate under it, whichever
+    method made it (3.8 ms, dcvit-2505, and 10 ms, the original, are checked with the Triton
+    versions below)."""
+    out, profile = mixed_run
+    assert select(out, profile, "--latency-ms", ms)["chosen"] == named(out)[want]
 
 
-def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixed_run):
+def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixed_run, tmp_path):
+    from fakes.triton_inputs import parse
     from triton_rules import validate_config
 
-    out, profile, figures, _ = mixed_run
-    generous = f"{max(figures.values()) * 2:.6f}"
-    ordered = sorted(figures.values())
+    out = copy_of(mixed_run[0], tmp_path)
+    profile = mixed_run[1]
     model = out / "triton" / "dcvit_vit_tiny_patch16_224"
 
     def versions() -> dict[int, str]:
@@ -131,29 +131,14 @@ def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixe
         policy = parse((model / "config.pbtxt").read_text()).version_policy
         return versions()[next(iter(policy.specific.versions))]
 
-    assert select(out, profile, "--latency-ms", generous)["chosen"] == "original"
+    assert select(out, profile, "--latency-ms", "10")["chosen"] == "original"
     assert serving() == "original"
     served = versions()
-    select(out, profile, "--latency-ms", generous)  # the same pick again adds nothing
+    select(out, profile, "--latency-ms", "10")  # the same pick again adds nothing
     assert versions() == served
-    # A budget half-way between the original and the fastest smaller candidate, on the figures
-    # the last decision was made on. Candidates of this tiny model lie close together, so on a
-    # busy machine a re-measurement can move them across it: try again from the new figures.
-    for _attempt in range(3):
-        now = decided_on(out)
-        compressed = min(v for n, v in now.items() if n != "original")
-        if now["original"] <= compressed:
-            continue
-        tight = float(f"{(compressed + now['original']) / 2:.6f}")
-        smaller = select(out, profile, "--latency-ms", str(tight))["chosen"]
-        assert smaller == expected(decided_on(out), retained_of(out), tight)
-        if smaller not in (None, "original"):
-            break
-    else:
-        pytest.skip("no budget separated the original from a smaller candidate in 3 tries")
-    # every pick is a numbered version of the one model, and the served one is the latest pick;
-    # a pick some version already holds (an earlier test of this module may have published it)
-    # is served again without a copy
+    smaller = named(out)["dcvit-2505"]
+    assert select(out, profile, "--latency-ms", "3.8")["chosen"] == smaller
+    # every pick is a numbered version of the one model, and the served one is the latest pick
     assert [p.name for p in (out / "triton").iterdir() if not p.name.startswith(".")] == [
         model.name
     ]
@@ -163,12 +148,32 @@ def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixe
     assert list(now.values()).count(smaller) == 1
     check = validate_config(model / "config.pbtxt", model_dir=model)
     assert check.status == "ok", check.messages
-    assert select(out, profile, "--latency-ms", generous)["chosen"] == "original"
+    # a pick an older version holds is what Triton serves again, without a new copy
+    assert select(out, profile, "--latency-ms", "10")["chosen"] == "original"
     assert serving() == "original" and versions() == now
     # a budget nothing meets: exit 3, and the run's own repository serves nothing stale
-    code, text = run_cli(
-        ["select", "--out", str(out), "--profile", profile, "--no-confirm", "--latency-ms",
-         f"{ordered[0] / 100:.6f}"]
-    )  # fmt: skip
-    assert code == 3, text
+    assert select(out, profile, "--latency-ms", "2", code=3)["chosen"] is None
     assert not [p for p in (out / "triton").iterdir() if not p.name.startswith(".")]
+
+
+def test_confirmation_over_the_budget_moves_the_search_on(mixed_run, latency_script, tmp_path):
+    """--speedup 1.25 picks dcvit-2505 on the rounds (3.6 <= 5.0 / 1.25 = 4.0 ms). The fresh
+    process measures the original at 6.5 ms, so the budget there is 6.5 / 1.25 = 5.2 ms:
+    dcvit-2505 at 5.3 ms misses it and is set aside; dcvit-4512 at 4.5 ms fits it (not the
+    run's 4.0) and is confirmed, chosen and published."""
+    out = copy_of(mixed_run[0], tmp_path)
+    short = named(out)
+    with latency_script.fresh({"original": 6.5, "dcvit-2505": 5.3, "dcvit-4512": 4.5}):
+        payload = select(out, mixed_run[1], "--speedup", "1.25", confirm=True)
+    chosen = short["dcvit-4512"]
+    assert payload["chosen"] == chosen
+    confirmed = report(out)["selection"]["confirmed"]
+    assert confirmed[short["dcvit-2505"]][0] == 5.3 and confirmed[chosen][0] == 4.5
+    assert confirmed["original"][0] == 6.5
+    fresh = [e for e in latency_script.log() if e["process"] == "fresh"]
+    assert fresh and os.getpid() not in {e["pid"] for e in fresh}  # another process
+    measured = [e["candidate"] for e in fresh]
+    assert measured.index(short["dcvit-2505"]) < measured.index(chosen)
+    model = out / "triton" / "dcvit_vit_tiny_patch16_224"
+    newest = max((v for v in model.iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
+    assert json.loads((newest / "deploy.json").read_text())["source"]["candidate"] == chosen

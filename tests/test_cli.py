@@ -4,53 +4,18 @@ without a traceback; internal bugs keep theirs."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from fakes.runs import MODEL, SMALL, TINY_VIT_KWARGS, assert_one_line_error, compress, run_cli
 
 from dcvit_deploy.cli import main
-
-KWARGS = "img_size=32 patch_size=8 embed_dim=64 depth=4 num_heads=2 num_classes=10"
-MODEL = ["--model", "vit_tiny_patch16_224", "--random-init", "--model-kwargs", KWARGS]
-SMALL = ["--num-samples", "4", "--holdout", "2", "--targets", "10%,25%"]
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
-
-
-def compress(photo_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["compress", *MODEL, "--data", str(photo_dir), *SMALL, "--out", str(out), *extra]
-
-
-def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> str:
-    assert code == 1, (code, out, err)
-    assert "Traceback" not in out + err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith("error: ") and "; fix: " in line, line
-    for needle in needles:
-        assert needle in line, (needle, line)
-    return line
-
 
 # --------------------------------------------------------------------------- the issue's cases
 
@@ -134,7 +99,6 @@ def test_read_only_and_full_file_systems_are_refused_up_front(
 def test_nan_checkpoint_is_refused_naming_the_tensor(tmp_path: Path, photo_dir: Path) -> None:
     import timm
     import torch
-    from conftest import TINY_VIT_KWARGS
     from safetensors.torch import save_file
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT_KWARGS)
@@ -270,7 +234,7 @@ def test_select_without_budget_is_one_line(tmp_path: Path) -> None:
 
 def _reports(tmp_path: Path) -> tuple[Path, Path]:
     """A report and a baseline twice as fast (a latency regression)."""
-    from test_report import family, write
+    from fakes.report_inputs import family, write
 
     current = write(tmp_path / "cur", family())["paths"]["json"]
     data = json.loads(current.read_text())
@@ -392,41 +356,50 @@ def test_result_notes_are_printed_once(
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.02, 0.2, 1.0])
+# Where the child sends itself SIGINT: an audit event and its first argument.
+INTERRUPT_POINTS = {
+    "while the CLI module imports click": ("import", "click"),
+    "while the command imports torch": ("import", "torch"),
+    "during the checks (listing the images)": ("os.scandir", "DATA"),
+}
+
+
+@pytest.mark.parametrize("where", list(INTERRUPT_POINTS))
 def test_ctrl_c_in_the_first_second_is_one_line_exit_130(
-    tmp_path: Path, photo_dir: Path, delay: float
+    tmp_path: Path, photo_dir: Path, where: str
 ) -> None:
-    """SIGINT while the CLI module imports click, while the command imports torch and timm,
-    or during the checks: exit 130, one line, no traceback. The child says "ready" (through an
-    audit hook) when the CLI module starts importing click, so the signal never lands in
-    Python's own start-up or before the module's first line, which no code of ours can cover."""
+    """SIGINT while the CLI module imports click, while the command imports torch, or during
+    the checks: exit 130, one line, no traceback. The child raises the signal itself
+    from an audit hook at that exact point (once the CLI module has started), so it lands
+    there on any machine, never after the command finished."""
+    event, arg = INTERRUPT_POINTS[where]
     script = (
-        "import sys\n"
-        "def hook(event, args):\n"
-        "    if event == 'import' and args[0] == 'click' and 'dcvit_deploy.cli' in sys.modules:\n"
-        "        sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+        "import signal, sys\n"
+        "event, arg = sys.argv[1], sys.argv[2]\n"
+        "def hook(name, args):\n"
+        "    if name == event and args and str(args[0]) == arg and 'dcvit_deploy.cli' in "
+        "sys.modules and not getattr(hook, 'sent', False):\n"
+        "        hook.sent = True\n"
+        "        sys.stdout.write(f'SIGINT at {name} {arg}\\n'); sys.stdout.flush()\n"
+        "        signal.raise_signal(signal.SIGINT)\n"
         "sys.addaudithook(hook)\n"
         "from dcvit_deploy.cli import main\n"
-        "main(sys.argv[1:])\n"
+        "main(sys.argv[3:])\n"
     )
     args = compress(photo_dir, tmp_path / "run", "--dry-run")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    done = subprocess.run(
+        [sys.executable, "-c", script, event, str(photo_dir) if arg == "DATA" else arg, *args],
+        capture_output=True,
         env=env,
         text=True,
+        timeout=120,
     )
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    time.sleep(delay)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert "Traceback" not in err, err
-    if proc.returncode == 0:  # finished before the signal arrived (a fast machine)
-        return
-    assert proc.returncode == 130, (proc.returncode, err)
-    assert err.strip().splitlines()[-1] == "interrupted: rerun the same command to resume"
+    assert done.stdout.startswith("SIGINT at "), (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert done.stderr.strip().splitlines() == ["interrupted: rerun the same command to resume"]
+    assert "dry run" not in done.stdout
 
 
 def test_demo_data_into_an_unwritable_folder_is_one_line() -> None:

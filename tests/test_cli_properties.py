@@ -17,10 +17,9 @@ import json
 from pathlib import Path
 
 import pytest
+from fakes.runs import FAST_PROFILE, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli import run_cli
-from test_pipeline import FAST_PROFILE
 
 GOOD_KWARGS = "img_size=32 patch_size=8 embed_dim=64 depth=4 num_heads=2 num_classes=10"
 
@@ -299,7 +298,7 @@ FILE_SETTINGS = settings(max_examples=120, derandomize=True, deadline=None, data
 
 @pytest.fixture(scope="module")
 def family_run(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Path:
-    from test_run_trust import copts
+    from fakes.runs import copts
 
     from dcvit_deploy.api import DeployOptions, run_pipeline
 
@@ -323,7 +322,7 @@ def test_any_manifest_is_read_or_refused_in_one_line(data: st.DataObject, family
 
 @pytest.fixture(scope="module")
 def good_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_report import family, write
+    from fakes.report_inputs import family, write
 
     return write(tmp_path_factory.mktemp("report"), family())["paths"]["json"]
 

@@ -42,7 +42,7 @@ class FFNOnly(nn.Module):
 def compressed_vit() -> nn.Module:
     """The tiny ViT of conftest with block 1 FFN-only and block 2 dropped."""
     import timm
-    from conftest import TINY_VIT_KWARGS
+    from fakes.runs import TINY_VIT_KWARGS
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT_KWARGS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VIT_KWARGS
+from fakes.runs import TINY_VIT_KWARGS
 
 from dcvit_deploy.compress import family as family_mod
 from dcvit_deploy.compress.candidate import load_candidate

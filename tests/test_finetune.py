@@ -10,7 +10,7 @@ import pytest
 import torch
 
 # Same geometry as the ``tiny_vit`` fixture, for variants the fixture does not build.
-from conftest import TINY_VIT_KWARGS
+from fakes.runs import TINY_VIT_KWARGS
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from fakes.fleet import FIGURES_ENV, install_scripted_figures
-from test_cli import assert_one_line_error, compress, run_cli
+from fakes.runs import assert_one_line_error, compress, run_cli
 
 from dcvit_deploy.api import run_pipeline
 from dcvit_deploy.config.options import CompressOptions, DeployOptions

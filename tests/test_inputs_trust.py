@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_VIT_KWARGS
-from test_cli import assert_one_line_error, run_cli
-from test_pipeline import FAST_PROFILE
-from test_run_trust import copts, dopts, manifest
+from fakes.runs import FAST_PROFILE, assert_one_line_error, copts, dopts, manifest, run_cli
 
 from dcvit_deploy.api import run_pipeline
 from dcvit_deploy.config.options import DeployOptions
@@ -148,7 +146,7 @@ def test_a_failing_rerun_keeps_the_good_work_and_names_the_cause(
 def test_model_kwargs_that_build_but_cannot_run_are_refused_in_a_dry_run(
     tmp_path: Path, photo_dir: Path, changes: dict, needle: str
 ) -> None:
-    from test_validate import copts as model_opts
+    from fakes.runs import model_copts as model_opts
 
     from dcvit_deploy.config.validate import check_model
 
@@ -203,7 +201,7 @@ def test_a_manifest_of_the_wrong_structure_is_one_line_naming_it(tmp_path: Path,
 
 
 def _report(tmp_path: Path) -> Path:
-    from test_report import family, write
+    from fakes.report_inputs import family, write
 
     return write(tmp_path, family())["paths"]["json"]
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_VIT_KWARGS
-from test_pipeline import FAST, FAST_PROFILE, MODEL, run_cli
+from fakes.runs import FAST, FAST_PROFILE, MODEL, copts, dopts, family_names, manifest
+from fakes.runs import run_cli_text as run_cli
 
-from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
+from dcvit_deploy.api import CompressOptions, run_pipeline
 from dcvit_deploy.model.images import DataOverrides
 
 # the end-to-end tests' fast profile, at batch 1 only
@@ -29,35 +30,6 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> str:
     p = tmp_path_factory.mktemp("prof") / "trust-cpu.toml"
     p.write_text(PROFILE)
     return str(p)
-
-
-def copts(data: Path, **kw: object) -> CompressOptions:
-    base: dict[str, object] = {
-        "model": "vit_tiny_patch16_224",
-        "data": str(data),
-        "random_init": True,
-        "model_kwargs": dict(TINY_VIT_KWARGS),
-        "num_samples": 4,
-        "holdout": 2,
-        "targets": (0.10, 0.25),
-        "schedule": "tiny",
-        "iterations": 2,
-        "inversion_iterations": 2,
-    }
-    base.update(kw)
-    return CompressOptions(**base)  # type: ignore[arg-type]
-
-
-def dopts(profile: str, **kw: object) -> DeployOptions:
-    return DeployOptions(profile=profile, confirm=False, **kw)  # type: ignore[arg-type]
-
-
-def manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
-
-
-def family_names(out: Path) -> list[str]:
-    return [c["name"] for c in manifest(out)["units"]["family"]["result"]["candidates"]]
 
 
 def p50s(result) -> dict[str, float]:

@@ -310,7 +310,7 @@ def test_measure_scopes_and_cuda_graphs_through_the_fake(
 
 # --------------------------------------------------------------------------- real TensorRT
 
-from test_tensorrt_seam import _TRT_OK, _TRT_WHY  # noqa: E402 - shared probe, one reason
+_TRT_OK, _TRT_WHY = fake_tensorrt.real_tensorrt()  # the shared probe: one reason
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
 

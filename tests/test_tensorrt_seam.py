@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -285,17 +284,7 @@ def test_fake_runtime_keeps_the_documented_semantics() -> None:
 # --------------------------------------------------------------------------- real TensorRT
 
 
-def _tensorrt_importable() -> tuple[bool, str]:
-    if importlib.util.find_spec("tensorrt") is None:
-        return False, "the tensorrt package is not installed"
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:  # e.g. libnvinfer missing
-        return False, f"tensorrt is installed but cannot be imported: {exc}"
-    return True, ""
-
-
-_TRT_OK, _TRT_WHY = _tensorrt_importable()
+_TRT_OK, _TRT_WHY = fake_tensorrt.real_tensorrt()
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
 
 

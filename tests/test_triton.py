@@ -8,147 +8,26 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from fakes.triton_inputs import (
+    GOLDEN,
+    cpu_profile,
+    fake_engine,
+    make_onnx,
+    onnx_artifact,
+    parse,
+    trt_profile,
+)
 from triton_rules import validate_config
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.atomic import sha256_file
-from dcvit_deploy.store.records import Artifact, LatencyStats, MeasureSettings, TargetProfile
+from dcvit_deploy.store.records import LatencyStats
 from dcvit_deploy.triton import (
     publish,
     read_onnx_io,
 )
-
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def make_onnx(
-    path: Path,
-    *,
-    batch: str | int = "batch",
-    in_name: str = "input",
-    out_name: str = "logits",
-) -> Path:
-    """A tiny classifier: [batch, 3, 8, 8] -> Flatten -> MatMul -> [batch, 10]."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = numpy_helper.from_array(
-        np.random.default_rng(0).standard_normal((192, 10)).astype(np.float32), "W"
-    )
-    graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", [in_name], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "W"], [out_name]),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, [batch, 3, 8, 8])],
-        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [batch, 10])],
-        [weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def onnx_artifact(path: Path, **overrides: Any) -> Artifact:
-    fields: dict[str, Any] = {
-        "candidate": "c60",
-        "backend": "onnxruntime",
-        "path": str(path),
-        "sha256": sha256_file(path),
-        "precision": "fp32",
-        "input_name": "input",
-        "output_name": "logits",
-        "input_shape": (1, 3, 8, 8),
-        "build_seconds": 0.5,
-    }
-    fields.update(overrides)
-    return Artifact(**fields)
-
-
-def fake_engine(
-    tmp_path: Path, *, max_batch: int = 16, batch_dim: int = -1, short: bool = False
-) -> Artifact:
-    """Dummy plan bytes plus the engine metadata JSON the engine builder writes next to it.
-
-    The default layout is the TensorRT backend's (``gpu_name``, profile max in
-    ``settings.shape_profile``, TensorRT dtype names); ``short`` uses the documented overrides.
-    """
-    plan = tmp_path / "c60.plan"
-    plan.write_bytes(b"not-a-real-engine\x00" * 64)
-    dtype = "float16" if short else "half"
-    meta: dict[str, Any] = {
-        "tensorrt_version": "10.13.0",
-        "compute_capability": "9.0",
-        "io": [
-            {"name": "input", "mode": "input", "shape": [batch_dim, 3, 8, 8], "dtype": dtype},
-            {"name": "logits", "mode": "output", "shape": [batch_dim, 10], "dtype": dtype},
-        ],
-    }
-    if short:
-        meta.update(gpu="NVIDIA H100 80GB HBM3", max_batch=max_batch)
-    else:
-        meta.update(
-            gpu_name="NVIDIA H100 80GB HBM3",
-            settings={"shape_profile": {"input_name": "input", "min": [1, 3, 8, 8],
-                                        "opt": [1, 3, 8, 8], "max": [max_batch, 3, 8, 8]}},
-        )  # fmt: skip
-    (tmp_path / "c60.plan.json").write_text(json.dumps(meta))
-    return Artifact(
-        candidate="c60",
-        backend="tensorrt",
-        path=str(plan),
-        sha256=sha256_file(plan),
-        precision="fp16",
-        input_name="input",
-        output_name="logits",
-        input_shape=(1, 3, 8, 8),
-        build_seconds=12.0,
-    )
-
-
-def cpu_profile(**options: Any) -> TargetProfile:
-    return TargetProfile(
-        name="cpu-ort",
-        backend="onnxruntime",
-        device="cpu",
-        precision="fp32",
-        batch_sizes=(1, 4),
-        budget_batch_size=1,
-        statistic="p50",
-        scope="host",
-        backend_options={"provider": "cpu", **options},
-    )
-
-
-def trt_profile(
-    *, cuda_graphs: bool = True, device_id: int = 0, max_batch: int = 16
-) -> TargetProfile:
-    return TargetProfile(
-        name="h100-trt-fp16",
-        backend="tensorrt",
-        device="cuda",
-        precision="fp16",
-        batch_sizes=(1, 8, max_batch),
-        budget_batch_size=1,
-        statistic="p50",
-        scope="device_compute",
-        measure=MeasureSettings(cuda_graphs=cuda_graphs),
-        backend_options={"device_id": device_id},
-    )
-
-
-def parse(text: str) -> Any:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
 @pytest.fixture

@@ -12,23 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import text_format
-from test_pipeline import run_cli
-from test_run_trust import PROFILE, copts, dopts, family_names
-from test_triton import (
+from fakes.runs import FAST_PROFILE, copts, dopts, family_names
+from fakes.runs import run_cli_text as run_cli
+from fakes.triton_inputs import (
     GOLDEN,
+    STATS,
+    candidate,
     cpu_profile,
     fake_engine,
-    make_onnx,
     onnx_artifact,
     parse,
     trt_profile,
 )
+from google.protobuf import text_format
 from triton_rules import validate_config
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.atomic import sha256_file
-from dcvit_deploy.store.records import Artifact, LatencyStats, TargetProfile
+from dcvit_deploy.store.records import Artifact, TargetProfile
 from dcvit_deploy.triton import (
     NotServable,
     RepositoryConflict,
@@ -38,30 +39,9 @@ from dcvit_deploy.triton import (
     version_dirs,
 )
 
-STATS = LatencyStats(
-    batch_size=1, iterations=50, mean=1.0, std=0.1, cov=0.1, min=0.9, max=1.4, p50=1.0,
-    p90=1.1, p95=1.2, p99=1.3, throughput=1000.0, scope="host", timer="perf_counter",
-    windows=3, window_medians=(1.0, 1.0, 1.0), stable=True, warmup_iters=10, duration_s=1.0,
-)  # fmt: skip
-
-
-def candidate(tmp_path: Path, name: str, seed: int = 0, **kw: Any) -> Artifact:
-    """A tiny ONNX artifact; ``seed`` changes the weights (so the sha256) but not the I/O."""
-    src = tmp_path / "artifacts" / name
-    src.mkdir(parents=True, exist_ok=True)
-    path = make_onnx(src / f"{name}.onnx", **kw)
-    if seed:
-        import onnx
-        from onnx import numpy_helper
-
-        model = onnx.load(str(path))
-        w = numpy_helper.to_array(model.graph.initializer[0]) + seed
-        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
-        onnx.save(model, str(path))
-    return onnx_artifact(path, candidate=name)
-
-
 # --------------------------------------------------------------------------- versions
+
+PROFILE = FAST_PROFILE.replace('"test-cpu"', '"trust-cpu"').replace("[1, 2]", "[1]")
 
 
 def test_publishing_twice_gives_one_model_with_versions_1_and_2(tmp_path: Path) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_triton import fake_engine, parse
-from test_triton_publish import candidate, cpu_profile, trt_profile
+from fakes.triton_inputs import candidate, cpu_profile, fake_engine, parse, trt_profile
 from triton_rules import validate_config
 
 from dcvit_deploy.errors import ProfileError

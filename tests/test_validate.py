@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TINY_VIT_KWARGS
+from fakes.runs import TINY_VIT_KWARGS
 
 from dcvit_deploy.config.options import CompressOptions, DeployOptions
 from dcvit_deploy.config.validate import (
@@ -232,7 +232,7 @@ def test_manifest_checks(tmp_path: Path) -> None:
 
 
 def test_report_file_checks(tmp_path: Path) -> None:
-    from test_report import family, write
+    from fakes.report_inputs import family, write
 
     from dcvit_deploy.reports.writers import load_report
 

@@ -127,7 +127,8 @@ class NotServable(UserInputError):
 
 
 def platform_for(backend: str) -> Platform:
-    """Triton platform for an artifact backend name (``onnxruntime`` or ``tensorrt``).
+    """Triton platform for an artifact backend name (``onnxruntime`` or ``tensorrt``, or the
+    ``triton_platform`` a plugin backend declares).
 
     ``torch`` artifacts are refused with :class:`NotServable`: the torch backend stores a
     ``torch.export`` program (``.pt2``) and measures it op by op, cast to the profile's precision
@@ -142,14 +143,26 @@ def platform_for(backend: str) -> Platform:
             "publish from an onnxruntime or tensorrt profile (e.g. ort-cuda, h100-trt-fp16); "
             "the torch measurements stay in the reports",
         )
-    try:
-        return _PLATFORM_BY_BACKEND[key]
-    except KeyError:
+    platform = _PLATFORM_BY_BACKEND.get(key) or _declared_platform(backend)
+    if platform is None:
         raise NotServable(
             f"artifacts of backend {backend!r} cannot be served by Triton's ONNX Runtime or "
             "TensorRT platforms",
             "deploy an onnxruntime or tensorrt artifact",
-        ) from None
+        )
+    return platform
+
+
+def _declared_platform(backend: str) -> Platform | None:
+    """The platform a plugin backend declares for its artifacts (its ``triton_platform``)."""
+    from dcvit_deploy.backends import get_backend
+    from dcvit_deploy.errors import DcvitError
+
+    try:
+        declared = getattr(get_backend(backend), "triton_platform", None)
+    except DcvitError:
+        return None
+    return declared if declared in _MODEL_SUFFIX else None
 
 
 def _load_onnx(path: str | os.PathLike[str]) -> Any:

@@ -648,3 +648,16 @@ def write_tiny_onnx(path: Any) -> Any:
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
+
+
+def real_tensorrt() -> tuple[bool, str]:
+    """Whether the real ``tensorrt`` package imports here, and if not, why (a skip reason)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "the tensorrt package is not installed"
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:  # e.g. libnvinfer missing
+        return False, f"tensorrt is installed but cannot be imported: {exc}"
+    return True, ""
