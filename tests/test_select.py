@@ -193,12 +193,6 @@ def test_infeasible_budget_names_fastest_and_needed_budget() -> None:
     assert not LatencyBudget(3.25, "p50", 1, 0.05).admits(fastest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the message names 3.15 ms for 3.00 ms x 1.05, but 3.0 * 1.05 = "
-    "3.1500000000000004 > 3.15, so LatencyBudget(3.15).admits() refuses it (float noise "
-    "between the rounded-up text and the comparison)",
-)
 def test_the_budget_an_infeasible_error_names_admits_the_fastest() -> None:
     """For every figure and margin, the budget in "a budget of at least X ms would admit it"
     admits the fastest candidate (the CLI user copies it into --latency-ms)."""
