@@ -82,6 +82,14 @@ TODAY = MeasureSettings(
 )
 
 
+def latest_for(confirm: Any, name: str, anchor: str) -> LatencyStats:
+    """``anchor``'s stats from the latest fresh process that measured ``name`` with it."""
+    for group in reversed(confirm.groups):
+        if name in group and anchor in group:
+            return group[anchor]
+    raise KeyError(f"{name!r} and {anchor!r} were never confirmed together")
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -435,7 +443,7 @@ def run_phase(
         n_check = nb
         if spec.kind == "relative" and "original" in sel.confirmed and sel.chosen is not None:
             n_check = make_budget(
-                spec, [outcome("original", facts, confirm.latest_for(sel.chosen, "original"))]
+                spec, [outcome("original", facts, latest_for(confirm, sel.chosen, "original"))]
             )
         rows.append(
             {

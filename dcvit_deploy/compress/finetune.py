@@ -186,19 +186,6 @@ class FinetuneSchedule:
             preset="tiny",
         )
 
-    @classmethod
-    def from_epochs(
-        cls, epochs: float, num_images: int, *, batch_size: int = 64, **fields: Any
-    ) -> FinetuneSchedule:
-        """A schedule of ``epochs`` passes over ``num_images`` images; other fields by keyword."""
-        return cls(
-            iterations=iterations_for_epochs(epochs, num_images, batch_size),
-            batch_size=batch_size,
-            **fields,
-        )
-
-    # ------------------------------------------------------------------ serde
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible dict stamped with the records schema version."""
         return _record_to_dict(self)

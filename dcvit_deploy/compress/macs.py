@@ -92,27 +92,6 @@ class Geometry:
         full = BlockSpec(kind="attn_mlp", mlp_hidden=self.base_mlp_hidden)
         return depth * self.block_params(full)
 
-    def breakdown(self, blocks: Sequence[BlockSpec]) -> list[dict[str, int | str]]:
-        """Per-block table: kind, hidden width, MACs of each part under both conventions."""
-        rows: list[dict[str, int | str]] = []
-        for i, spec in enumerate(blocks):
-            has_attn = spec.kind == "attn_mlp"
-            has_mlp = spec.kind != "identity"
-            rows.append(
-                {
-                    "block": i,
-                    "kind": spec.kind,
-                    "mlp_hidden": spec.mlp_hidden,
-                    "attn_linear_norm": self.attn_linear_norm if has_attn else 0,
-                    "attn_matmul": self.attn_matmul if has_attn else 0,
-                    "mlp_linear_norm": (self.mlp_norm + self.mlp_linear(spec.mlp_hidden))
-                    if has_mlp
-                    else 0,
-                    "params": self.block_params(spec),
-                }
-            )
-        return rows
-
 
 def _numel(module: nn.Module | None) -> int:
     if module is None:

@@ -20,7 +20,6 @@ from dcvit_deploy.store.records import ArchSpec, BlockSpec
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from dcvit_deploy.store.records import BlockKind
 
 NeuronChoice = Literal["random", "activation", "weight"]
 NEURON_CHOICES: tuple[str, ...] = ("random", "activation", "weight")
@@ -96,14 +95,6 @@ def ffn_only(block: nn.Module, kept: Sequence[int] | None = None) -> FFNBlock:
         copy.deepcopy(block.ls2),  # type: ignore[arg-type]
         copy.deepcopy(block.drop_path2),  # type: ignore[arg-type]
     )
-
-
-def _block_spec_of(module: nn.Module) -> BlockSpec:
-    if isinstance(module, DroppedBlock):
-        return BlockSpec(kind="identity", mlp_hidden=0)
-    hidden = int(cast(Any, module).mlp.fc1.out_features)
-    kind: BlockKind = "mlp" if isinstance(module, FFNBlock) else "attn_mlp"
-    return BlockSpec(kind=kind, mlp_hidden=hidden)
 
 
 def identity_spec(model: nn.Module, model_name: str, model_kwargs: dict[str, object]) -> ArchSpec:

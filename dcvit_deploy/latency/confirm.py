@@ -218,13 +218,6 @@ class FreshProcessConfirm:
             out.update(group)
         return out
 
-    def latest_for(self, name: str, anchor: str) -> LatencyStats:
-        """``anchor``'s stats from the latest process that measured ``name`` with it."""
-        for group in reversed(self.groups):
-            if name in group and anchor in group:
-                return group[anchor]
-        raise KeyError(f"{name!r} and {anchor!r} were never confirmed together")
-
     def __call__(
         self, names: Sequence[str], *, rounds: int | None = None
     ) -> dict[str, LatencyStats]:
