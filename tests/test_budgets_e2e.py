@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 
 import pytest
-from fakes.runs import SCRIPTED_PROFILE, copts, dopts, first_json, named
+from fakes.runs import (
+    SCRIPTED_PROFILE,
+    copts,
+    copy_of_run,
+    dopts,
+    first_json,
+    named,
+    newest_published,
+)
 from fakes.runs import run_cli_text as run_cli
 
 from dcvit_deploy.api import run_pipeline
@@ -52,15 +60,6 @@ def select(out: Path, profile: str, *extra: str, code: int = 0, confirm: bool = 
 
 def report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
-
-
-def copy_of(out: Path, tmp_path: Path) -> Path:
-    """A private copy of the shared run (a run directory is movable)."""
-    import shutil
-
-    dest = tmp_path / "r"
-    shutil.copytree(out, dest, ignore=shutil.ignore_patterns(".lock", ".lock.json"))
-    return dest
 
 
 def test_mixed_family_holds_both_methods_at_the_scripted_figures(mixed_run):
@@ -115,7 +114,7 @@ def test_new_picks_become_new_versions_of_one_model_and_no_pick_leaves_none(mixe
     from fakes.triton_inputs import parse
     from triton_rules import validate_config
 
-    out = copy_of(mixed_run[0], tmp_path)
+    out = copy_of_run(mixed_run[0], tmp_path)
     profile = mixed_run[1]
     model = out / "triton" / "dcvit_vit_tiny_patch16_224"
 
@@ -161,7 +160,7 @@ def test_confirmation_over_the_budget_moves_the_search_on(mixed_run, latency_scr
     process measures the original at 6.5 ms, so the budget there is 6.5 / 1.25 = 5.2 ms:
     dcvit-2505 at 5.3 ms misses it and is set aside; dcvit-4512 at 4.5 ms fits it (not the
     run's 4.0) and is confirmed, chosen and published."""
-    out = copy_of(mixed_run[0], tmp_path)
+    out = copy_of_run(mixed_run[0], tmp_path)
     short = named(out)
     with latency_script.fresh({"original": 6.5, "dcvit-2505": 5.3, "dcvit-4512": 4.5}):
         payload = select(out, mixed_run[1], "--speedup", "1.25", confirm=True)
@@ -174,6 +173,4 @@ def test_confirmation_over_the_budget_moves_the_search_on(mixed_run, latency_scr
     assert fresh and os.getpid() not in {e["pid"] for e in fresh}  # another process
     measured = [e["candidate"] for e in fresh]
     assert measured.index(short["dcvit-2505"]) < measured.index(chosen)
-    model = out / "triton" / "dcvit_vit_tiny_patch16_224"
-    newest = max((v for v in model.iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
-    assert json.loads((newest / "deploy.json").read_text())["source"]["candidate"] == chosen
+    assert newest_published(out) == chosen

@@ -196,7 +196,7 @@ def command_lines(draw: st.DrawFn) -> list[tuple[str, ...]]:
 def places(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> dict[str, str]:
     import timm
     import torch
-    from conftest import TINY_VIT_KWARGS
+    from fakes.runs import TINY_VIT_KWARGS
     from safetensors.torch import save_file
 
     tmp = tmp_path_factory.mktemp("props")

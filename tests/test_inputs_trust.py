@@ -10,8 +10,15 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TINY_VIT_KWARGS
-from fakes.runs import FAST_PROFILE, assert_one_line_error, copts, dopts, manifest, run_cli
+from fakes.runs import (
+    FAST_PROFILE,
+    TINY_VIT_KWARGS,
+    assert_one_line_error,
+    copts,
+    dopts,
+    manifest,
+    run_cli,
+)
 
 from dcvit_deploy.api import run_pipeline
 from dcvit_deploy.config.options import DeployOptions

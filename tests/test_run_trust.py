@@ -14,8 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_VIT_KWARGS
-from fakes.runs import FAST, FAST_PROFILE, MODEL, copts, dopts, family_names, manifest
+from fakes.runs import (
+    FAST,
+    FAST_PROFILE,
+    MODEL,
+    TINY_VIT_KWARGS,
+    copts,
+    dopts,
+    family_names,
+    manifest,
+)
 from fakes.runs import run_cli_text as run_cli
 
 from dcvit_deploy.api import CompressOptions, run_pipeline

@@ -160,3 +160,20 @@ def model_copts(**changes: object) -> Any:
         targets=(0.10, 0.25),
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def copy_of_run(out: Path, tmp_path: Path) -> Path:
+    """A private copy of a shared run, for a test whose decision rewrites ``triton/`` (a run
+    directory is movable: its manifest records paths relative to its root)."""
+    import shutil
+
+    dest = tmp_path / "r"
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns(".lock", ".lock.json"))
+    return dest
+
+
+def newest_published(out: Path, model: str = "dcvit_vit_tiny_patch16_224") -> str:
+    """The candidate of the newest version of ``model`` in the run's Triton repository."""
+    root = out / "triton" / model
+    newest = max((v for v in root.iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
+    return json.loads((newest / "deploy.json").read_text())["source"]["candidate"]
