@@ -78,7 +78,10 @@ class Runner:
             res, why = dict(rec.get("result", {})), rec.get("reason", "")
             return UnitResult(unit.id, rec["status"], res, reason=why, reused=True)
         fp = fingerprint(unit.inputs(ctx))
-        for good in (rec, rec.get("kept") or {}):
+        # a unit that acts on shared state (publishing) is only current as its latest record:
+        # an older one says nothing of what the repository serves now
+        kept = {} if getattr(unit, "stateful", False) else rec.get("kept") or {}
+        for good in (rec, kept):
             if good.get("status") != "ok" or good.get("fingerprint") != fp:
                 continue
             problem = outputs_problem(run, good.get("outputs", {}))

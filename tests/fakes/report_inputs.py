@@ -89,9 +89,12 @@ def family() -> list[CandidateOutcome]:
 
 
 def write(
-    tmp: Path, outs: list[CandidateOutcome], budget: LatencyBudget = BUDGET
+    tmp: Path,
+    outs: list[CandidateOutcome],
+    budget: LatencyBudget = BUDGET,
+    prefer: str = "capacity",
 ) -> dict[str, Any]:
-    selection = decide(outs, budget)
+    selection = decide(outs, budget, prefer=prefer)  # type: ignore[arg-type]
     paths = write_reports(
         tmp, run_meta={"name": "demo", "seed": 0}, outcomes=outs, selection=selection,
         profile_dict=PROFILE, env_dict=ENV,

@@ -56,6 +56,7 @@ class PublishUnit:
     """Publish the selection's choice (and, on request, the Pareto front)."""
 
     optional = True  # a pick that is not published is reported after the reports are written
+    stateful = True  # it changes a repository others change too: no earlier record is reused
 
     def __init__(
         self,
