@@ -88,11 +88,18 @@ def report_over_run(
 def status(out: str | Path) -> dict[str, Any]:
     """Units, family, superseded candidates and per-profile outcome statuses of a run."""
     s = status_of(out)
-    steps = {k: v["status"] for k, v in s["units"].items() if "/" not in k or k.count("/") == 1}
+    steps = {
+        k: v["status"]
+        for k, v in s["units"].items()
+        if k.count("/") <= 1 and not k.startswith("train/")
+    }
     candidates: dict[str, dict[str, str]] = {}
     for unit_id, rec in s["units"].items():
         parts = unit_id.split("/")
         if parts[0] in ("export", "build") and len(parts) == 3:
-            stage = f"{parts[0]}:{parts[1]}"
-            candidates.setdefault(parts[2], {})[stage] = rec["status"]
+            name = parts[2].removesuffix(".trained")
+            stage = f"{parts[0]}:{parts[1]}" + (":trained" if name != parts[2] else "")
+            candidates.setdefault(name, {})[stage] = rec["status"]
+        elif parts[0] == "train":
+            candidates.setdefault(parts[1], {})["train"] = rec["status"]
     return {**s, "steps": steps, "candidates": candidates, "outcomes": s.get("outcomes", {})}
