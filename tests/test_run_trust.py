@@ -47,7 +47,7 @@ def copts(data: Path, **kw: object) -> CompressOptions:
 
 
 def dopts(profile: str, **kw: object) -> DeployOptions:
-    return DeployOptions(profile=profile, confirm=False, **kw)  # type: ignore[arg-type]
+    return DeployOptions(**{"profile": profile, "confirm": False, **kw})  # type: ignore[arg-type]
 
 
 def manifest(out: Path) -> dict:
