@@ -41,8 +41,11 @@ def select(out: Path, profile: str, *extra: str) -> dict:
 
 def decided_on(out: Path) -> dict[str, float]:
     """The p50 figures the last decision was made on (after any re-measurement within noise
-    of the budget), as the report states them."""
+    of the budget; the structures' figures: a pick is then measured as its trained artifact),
+    as the report states them."""
     report = json.loads((out / "report.json").read_text())
+    if report.get("selection"):
+        return {n: f[0] for n, f in report["selection"]["figures"].items()}
     return {
         c["candidate"]: next(s["p50"] for s in c["latency"] if s["batch_size"] == 1)
         for c in report["candidates"]
