@@ -171,12 +171,10 @@ def deploy(
     precision = onnx_precision_for(profile.precision)
     artifacts: dict[str, Artifact] = {}
     for cand in family.candidates:
-        rec = family.measured(cand.name)
-        export_only = until == "export"
-        artifact = (
-            None if rec is None else export_and_build(runner, rec, precision, profile, export_only)
-        )
-        if artifact is not None:
+        rec = family.measured(cand.name)  # None: not trained (training everything)
+        if rec and (
+            artifact := export_and_build(runner, rec, precision, profile, until == "export")
+        ):
             artifacts[cand.name] = artifact
     result = JobResult(selection=None, outcomes=[], notes=ctx.notes)
     result.superseded = superseded(run, family)

@@ -335,7 +335,7 @@ def train_picks(ctx: JobContext, runner: Runner, family: Family, names: Sequence
             engines.append(family_engines(ctx.prep().teacher, **family_inputs(ctx)[0]))
         return engines[0]
 
-    chained = bool(family_config(ctx.copts, len(ctx.prep().train_paths)).reuse)
+    chained = bool(ctx.copts.reuse)  # no preset warm-starts; only --reuse does
     prev: dict[str, Candidate] = {}
     for c in family.candidates:
         if c.name in names and c.state == "structure":

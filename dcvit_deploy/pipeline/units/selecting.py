@@ -157,7 +157,11 @@ class SelectUnit:
         if trained is not None and selection.chosen is not None:
             got = self.picked[selection.chosen]
             assert isinstance(got, CandidateOutcome) and got.artifact is not None
-            files = [Path(got.artifact.path)]  # gone or changed: decide (and train) again
+            # gone or changed: decide (and train) again
+            files = [
+                Path(got.artifact.path),
+                *ctx.run.family_dir.glob(f"{got.candidate}.trained.*"),
+            ]
         return UnitOutput(
             result={
                 "selection": to_dict(selection),
