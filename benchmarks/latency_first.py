@@ -15,8 +15,10 @@ choices within noise of the budget.
 Writes ``benchmarks/results/latency_first.json`` (top-level ``summary``: ``seconds_eager`` and
 ``seconds_lazy`` by target count, ``same_choice_fraction``, ``lazy_30_over_lazy_3``, and the
 eager/lazy ratio per count) and ``.md``.
-Usage: ``python benchmarks/latency_first.py [--quick] [--counts 3,15,30]``; ``--quick`` is a
-smoke run (an untrained teacher, 64 images, the tiny schedule, a short measurement profile).
+Usage: ``python benchmarks/latency_first.py [--quick | --untrained] [--counts 3,15,30]``;
+``--quick`` is a smoke run (an untrained teacher, 64 images, the tiny schedule, a short
+measurement profile); ``--untrained`` keeps everything but trains no teacher (a timing study:
+the cost of a finetune does not depend on the teacher's weights, its choices are less telling).
 """
 
 from __future__ import annotations
@@ -81,9 +83,16 @@ def setup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The teacher as a checkpoint file, the few-shot folder and the compress options' base."""
     from safetensors.torch import save_file
 
-    if args.quick:
+    if args.quick or args.untrained:
         torch.manual_seed(0)
         teacher = fmnist.build_teacher(fmnist.TEACHERS[ARCH])
+        # timm initialises biases to exactly 0, and the ONNX simplifier folds x + 0 away: a
+        # random structure's graph then lacks Adds its finetuned version has (measured: 15 of
+        # 308 nodes, ~6% faster). No trained teacher has zero biases; give this one none either.
+        with torch.no_grad():
+            for name, p in teacher.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.02)
     else:
         teacher, _info = fmnist.train_teacher(arch=ARCH, threads=args.threads, **TEACHER_TRAIN)
     checkpoint = work / "teacher.safetensors"
@@ -195,6 +204,50 @@ def compare(eager: list[dict[str, Any]], lazy: list[dict[str, Any]]) -> list[dic
     return rows
 
 
+def same_rounds(eager: Path, lazy: Path, profile: str) -> dict[str, Any]:
+    """Every structure (from the measure-first run) and every trained artifact (from the
+    train-everything run) measured in the same interleaved rounds, and the choice each set of
+    figures gives under every budget: what the weights alone change, without the drift
+    between two runs measured at different times."""
+    import dataclasses
+
+    from dcvit_deploy.backends import get_backend
+    from dcvit_deploy.config.profiles import load_profile
+    from dcvit_deploy.latency.rounds import measure_rounds
+    from dcvit_deploy.pipeline.outcomes import outcomes_for
+    from dcvit_deploy.pipeline.units.compressing import current_family
+    from dcvit_deploy.selection.decide import decide, relative_budget
+    from dcvit_deploy.store.rundir import RunDir
+
+    prof = load_profile(profile)
+    outcomes: dict[str, list[Any]] = {}
+    for tag, out in (("trained", eager), ("structure", lazy)):
+        with RunDir.load(out, lock=False) as run:
+            outcomes[tag] = [o for o in outcomes_for(run, current_family(run), prof) if o.artifact]
+    arts = {f"{o.candidate}@{t}": o.artifact for t, os in outcomes.items() for o in os}
+    res = measure_rounds(get_backend(prof.backend), arts, prof, [1], seed=7)
+    figures = {k: [round(res.at(k, 1).p50, 5), round(res.at(k, 1).spread("p50"), 5)] for k in arts}
+    rows = []
+    for sp in SPEEDUPS:
+        chosen = {}
+        for t, os in outcomes.items():
+            measured = [
+                dataclasses.replace(o, latency=(res.at(f"{o.candidate}@{t}", 1),)) for o in os
+            ]
+            ref = next(o for o in measured if o.candidate == "original").latency[0]
+            budget = relative_budget(sp, ref, statistic="p50", batch_size=1)
+            chosen[t] = decide(measured, budget).chosen
+        rows.append({"speedup": sp, **chosen, "same": chosen["trained"] == chosen["structure"]})
+    apart = [
+        n.split("@")[0]
+        for n, (f, sp) in figures.items()
+        if n.endswith("@structure")
+        and abs(f - figures[n.replace("@structure", "@trained")][0])
+        > sp + figures[n.replace("@structure", "@trained")][1]
+    ]
+    return {"rounds": res.rounds, "figures": figures, "choices": rows, "apart": apart}
+
+
 def summarize(r: dict[str, Any]) -> dict[str, Any]:
     runs = r["runs"]
     eager = {n: v["eager"]["seconds"] for n, v in runs.items()}
@@ -207,6 +260,10 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
         "seconds_lazy": lazy,
         "eager_over_lazy": {n: round(eager[n] / lazy[n], 2) for n in counts},
         "same_choice_fraction": round(same / len(cmp_rows), 3) if cmp_rows else None,
+        "same_choice_fraction_same_rounds": _fraction(
+            [row["same"] for v in runs.values() for row in v["same_rounds"]["choices"]]
+        ),
+        "structure_vs_trained_apart": {n: len(v["same_rounds"]["apart"]) for n, v in runs.items()},
         "budgets": len(SPEEDUPS),
         "compared": len(cmp_rows),
         "finetunes_eager": {n: runs[n]["eager"]["trained"] for n in counts},
@@ -215,6 +272,10 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     if "3" in lazy and "30" in lazy:
         out["lazy_30_over_lazy_3"] = round(lazy["30"] / lazy["3"], 2)
     return out
+
+
+def _fraction(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 3) if flags else None
 
 
 def render(r: dict[str, Any]) -> str:
@@ -257,13 +318,84 @@ def render(r: dict[str, Any]) -> str:
                 f"{'yes' if row['same'] else '**no**'} | {', '.join(row['within_noise']) or '-'} |"
             )
         lines.append("")
-    lines += ["## Findings", "", *[f"- {f}" for f in r.get("findings", [])], ""]
+    lines += [
+        "## Structures and trained artifacts in the same rounds",
+        "",
+        "Every structure and every trained artifact measured together (interleaved rounds), and "
+        "the choice each set of figures gives (decision only: no re-measurement, no "
+        "confirmation):",
+        "",
+    ]
+    for n, v in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
+        sr = v["same_rounds"]
+        same = sum(row["same"] for row in sr["choices"])
+        lines.append(
+            f"- {n} targets ({sr['rounds']} rounds): same choice for {same} of "
+            f"{len(sr['choices'])} budgets; structure and trained figure apart beyond both "
+            f"spreads for {len(sr['apart'])} of {len(sr['figures']) // 2} candidates"
+            + (f" ({', '.join(sr['apart'])})" if sr["apart"] else "")
+            + "; "
+            + ", ".join(
+                f"{row['speedup']}x: {row['structure']}"
+                + ("" if row["same"] else f" vs trained {row['trained']}")
+                for row in sr["choices"]
+            )
+        )
+    lines += [
+        "",
+        "For measure-first, `select` includes the units of the pick's training, export and build "
+        "(they ran inside it), which are also counted in their own columns.",
+        "",
+        "## Findings",
+        "",
+        *[f"- {f}" for f in findings(r)],
+        "",
+    ]
     return "\n".join(lines)
+
+
+def findings(r: dict[str, Any]) -> list[str]:
+    s, runs = r["summary"], r["runs"]
+    out = []
+    for n in sorted(runs, key=int):
+        e, z = runs[n]["eager"], runs[n]["lazy"]
+        fixed = sum(z["units"].get(k, 0) for k in ("family", "profile"))
+        out.append(
+            f"{n} targets: training everything took {e['seconds']} s ({e['trained']} finetunes, "
+            f"{e['units'].get('train', 0)} s of them), measuring first {z['seconds']} s "
+            f"({z['trained']} finetune(s)): {s['eager_over_lazy'][n]}x. Both orders pay the "
+            f"family (ranking, structures) and the export, build and measurement of every "
+            f"candidate (measure-first: family + profile {round(fixed, 1)} s, export "
+            f"{z['units'].get('export', 0)} s)."
+        )
+    if "15" in s["eager_over_lazy"]:
+        met = s["eager_over_lazy"]["15"] >= 5
+        out.append(
+            f"Target 'measure-first at least 5x cheaper at 15 targets': {'met' if met else 'NOT met'}."
+        )
+    if "lazy_30_over_lazy_3" in s:
+        met = s["lazy_30_over_lazy_3"] <= 1.3
+        out.append(
+            f"Target '30 targets at most 1.3x of 3' (measure-first): {s['lazy_30_over_lazy_3']}x, "
+            f"{'met' if met else 'NOT met'}."
+        )
+    rows = [(n, row) for n in sorted(runs, key=int) for row in runs[n]["choices"]]
+    differ = [f"{n} targets at {row['speedup']}x: eager {row['eager']}, lazy {row['lazy']}"
+              + (f" (within noise: {', '.join(row['within_noise'])})" if row["within_noise"]
+                 else " (not flagged within noise)") for n, row in rows if not row["same"]]  # fmt: skip
+    out.append(
+        f"Same choice for {sum(row['same'] for _, row in rows)} of {len(rows)} budgets "
+        f"({s['same_choice_fraction']}; target >= 0.9: "
+        f"{'met' if (s['same_choice_fraction'] or 0) >= 0.9 else 'NOT met'})"
+        + (": " + "; ".join(differ) if differ else ".")
+    )
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (untrained teacher)")
+    ap.add_argument("--untrained", action="store_true", help="timing study: no teacher training")
     ap.add_argument("--counts", default="3,15,30", help="target counts, e.g. 3,15,30")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (teacher training)")
     ap.add_argument("--out", type=Path, default=None, help="results file stem")
@@ -275,7 +407,7 @@ def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     r: dict[str, Any] = {
         "setup": (
-            f"Teacher {ARCH} ({'untrained, --quick' if args.quick else 'trained, cached'}), "
+            f"Teacher {ARCH} ({'trained, cached' if not (args.quick or args.untrained) else 'untrained'}), "
             f"{s['compress']['num_samples']} few-shot images, schedule "
             f"{s['compress']['schedule']}, profile {Path(s['profile']).stem}, targets "
             f"{TARGET_RANGE[0]:.0%}..{TARGET_RANGE[1]:.0%} evenly spaced, timed budget "
@@ -285,7 +417,8 @@ def main() -> None:
         "quick": args.quick,
         "runs": {},
     }
-    stem = args.out or RESULTS / ("latency_first_quick" if args.quick else "latency_first")
+    name = "latency_first" + ("_quick" if args.quick else "_untrained" if args.untrained else "")
+    stem = args.out or RESULTS / name
     for n in counts:
         run: dict[str, Any] = {}
         for order, train in (("eager", "all"), ("lazy", "pick")):
@@ -294,6 +427,9 @@ def main() -> None:
         picks = {o: choices(Path(run[o]["out"]), s["profile"]) for o in ("eager", "lazy")}
         run["choices"] = compare(picks["eager"], picks["lazy"])
         run["picks"] = picks
+        run["same_rounds"] = same_rounds(
+            Path(run["eager"]["out"]), Path(run["lazy"]["out"]), s["profile"]
+        )
         r["runs"][str(n)] = run
         r["summary"] = summarize(r)
         atomic_write_json(Path(f"{stem}.json"), r)

@@ -115,8 +115,9 @@ def test_measure_first_picks_what_training_everything_picks_and_trains_only_the_
 
     eager = copy_of(structures, tmp_path, "eager")
     before = len(finetunes)
-    run_pipeline(*job(photo_dir, profile, latency_ms=BUDGETS[0], train="all"), eager)
-    assert len(finetunes) - before == len(TARGETS)  # today's behaviour: every candidate
+    result = run_pipeline(*job(photo_dir, profile, latency_ms=BUDGETS[0], train="all"), eager)
+    assert len(finetunes) - before == len(TARGETS)  # today's behaviour: every candidate,
+    assert {o.measured_on for o in result.outcomes} == {"trained"}  # measured trained
     eager_choice = {
         ms: select_over_run(eager, dopts(profile, latency_ms=ms)).selection.chosen for ms in BUDGETS
     }

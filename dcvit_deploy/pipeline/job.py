@@ -113,6 +113,8 @@ def run_job(
         runner.run(FamilyUnit())
         family = current_family(run)
         if family.train_all:
+            if copts.train == "pick":
+                ctx.note("this procedure's targets build on each other: every one is trained")
             family = train_picks(ctx, runner, family, family.names)
         skipped = family.info.get("skipped_summary", "")
         if skipped:
