@@ -142,7 +142,7 @@ def test_a_pick_that_misses_the_fidelity_floor_makes_the_next_one_train(
     monkeypatch.setattr(job_mod, "below_floor", floor)
     result = run_pipeline(*job(photo_dir, profile, latency_ms=0.95), out)
     assert result.selection.chosen == c15 and len(finetunes) == 2
-    assert result.selection.reasons[c10] == "trained fidelity below the floor"
+    assert result.selection.reasons[c10] == "not deployable: trained fidelity below the floor"
     assert set(trained(out)) == {c10, c15}
     assert result.published["models"][0]["candidate"] == c15
 

@@ -597,7 +597,7 @@ def test_a_choice_that_is_not_ready_is_set_aside_before_its_confirmation() -> No
     sel = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), fake, ready=ready)
     assert sel.chosen == "c80" and asked == ["c90", "c80"]
     assert fake.calls == [("c80", "c90")]  # c90's structure figure: the informational neighbour
-    assert sel.reasons["c90"] == "trained fidelity 40.0% is below the floor 60.0%"
+    assert sel.reasons["c90"] == "not deployable: trained fidelity 40.0% is below the floor 60.0%"
     unconfirmed = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), None, ready=ready)
     assert unconfirmed.chosen == "c80" and unconfirmed.confirmed == {}
 

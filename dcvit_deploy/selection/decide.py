@@ -44,10 +44,11 @@ Confirmation
 
 Reason strings start with a stable prefix that tools may match on: ``chosen:``,
 ``over budget:``, ``fits, but smaller than chosen``, ``fits, but lower fidelity than chosen``,
-``fits`` (nothing chosen), ``dominated:``, ``confirmation failed:``, ``verification failed:``,
-``export failed:``, ``build failed:``, ``profile failed:``, ``not measured``. A figure measured
-in rounds reads ``p50 4.70 ms +- 0.08 (5 rounds)``; a fit within noise ends with
-``; within noise of the budget``.
+``fits`` (nothing chosen), ``dominated:``, ``confirmation failed:``, ``not deployable:`` (a
+pick that could not be trained or verified, or missed the fidelity floor), ``verification
+failed:``, ``export failed:``, ``build failed:``, ``profile failed:``, ``not measured``. A
+figure measured in rounds reads ``p50 4.70 ms +- 0.08 (5 rounds)``; a fit within noise ends
+with ``; within noise of the budget``.
 """
 
 from __future__ import annotations
@@ -712,7 +713,7 @@ def select_confirmed(
             break
         why = ready(chosen) if ready is not None else None
         if why is not None:
-            excluded[chosen] = why
+            excluded[chosen] = f"not deployable: {why}"
             notes.append(f"{chosen} set aside: {why}; continuing the search")
             continue
         if confirm is None:
