@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 from conftest import scripted_latency
 from test_run_trust import PROFILE, copts, dopts, manifest
@@ -102,6 +104,11 @@ def test_measure_first_picks_what_training_everything_picks_and_trains_only_the_
     deployed = next((lazy / "triton").rglob("deploy.json"))
     assert json.loads(deployed.read_text())["source"]["file_name"] == f"{c10}.trained.onnx"
     first_train = manifest(lazy)["units"][f"train/{c10}"]
+    # what was measured is what ships, node for node: the structure's graph is the trained one's
+    # (a random teacher's zero biases used to fold away in the structure's graph only)
+    ops = [Counter(n.op_type for n in onnx.load(lazy / "onnx" / "fp32" / f).graph.node)
+           for f in (f"{c10}.onnx", f"{c10}.trained.onnx")]  # fmt: skip
+    assert ops[0] == ops[1]
 
     # another budget: exactly one more candidate is trained; the first is reused as it is
     second = select_over_run(lazy, dopts(profile, latency_ms=BUDGETS[1]))
