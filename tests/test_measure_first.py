@@ -6,6 +6,7 @@ training, ONNX export, ONNX Runtime builds and verification are real."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -180,6 +181,27 @@ def test_interrupting_the_training_of_the_pick_resumes_it(
     for name, mtime in structures_written.items():
         assert (out / "family" / name).stat().st_mtime_ns == mtime
     assert set(trained(out)) == {c10}
+
+
+def test_a_new_schedule_trains_the_pick_again_though_its_structure_is_the_same(
+    structures, photo_dir, profile, script, finetunes, tmp_path
+):
+    """The structure's bytes, and so every measurement, do not depend on the finetune
+    schedule; the trained pick does: it is trained again, and that is what is published."""
+    out = copy_of(structures, tmp_path)
+    c10 = names(out)[1]
+    c, d = job(photo_dir, profile, latency_ms=0.95)
+    c = dataclasses.replace(c, rank_iterations=2)  # the ranking does not follow --iterations
+    run_pipeline(c, d, out)
+    before, measured = trained(out)[c10], manifest(out)["units"]["profile/trust-cpu"]
+    result = run_pipeline(dataclasses.replace(c, iterations=3), d, out)
+    assert result.selection.chosen == c10 and len(finetunes) == 2
+    assert trained(out)[c10] != before
+    assert manifest(out)["units"]["profile/trust-cpu"] == measured  # nothing measured again
+    built = manifest(out)["units"][f"build/trust-cpu/{c10}.trained"]["result"]["artifact"]
+    versions = [p for p in (out / "triton").rglob("deploy.json") if p.parent.name.isdigit()]
+    newest = max(versions, key=lambda p: int(p.parent.name))
+    assert json.loads(newest.read_text())["sha256"] == built["sha256"]
 
 
 def test_the_confirmation_measures_the_trained_artifact(

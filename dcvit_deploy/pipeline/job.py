@@ -276,8 +276,11 @@ def decide_and_publish(
     result.superseded = superseded(run, family)
     res: dict[str, Any] = {}
     if ctx.dopts.has_budget:
-        pick = None if family.train_all else _picker(ctx, runner, family, profile)
-        res = runner.run(SelectUnit(profile, outcomes, pick)).result
+        pick = ids = None
+        if not family.train_all:
+            pick = _picker(ctx, runner, family, profile)
+            ids = {c.name: c.recipe.get("fingerprint") for c in family.candidates}
+        res = runner.run(SelectUnit(profile, outcomes, pick, ids)).result
         result.selection = selection_of(res)
         result.budget = dict(res.get("budget", {}))
         remeasured = remeasured_of(res)
@@ -311,6 +314,7 @@ def decide_and_publish(
         ]
     sel = result.selection
     if sel is not None and sel.chosen is not None:
+        assert family.train_all or sel.chosen in family.trained, "never publish a structure"
         pub = runner.run(PublishUnit(profile, sel, result.outcomes, family))
         result.published = pub.result
         result.triton = Path(pub.result["repository"]) if pub.ok else None

@@ -128,10 +128,12 @@ class SelectUnit:
         profile: TargetProfile,
         outcomes: list[CandidateOutcome],
         pick: Callable[[str], CandidateOutcome | str] | None = None,
+        identities: dict[str, Any] | None = None,
     ) -> None:
         self.profile = profile
         self.outcomes = outcomes
         self.pick = pick  # measure-first: make a choice deployable (its outcome) or say why not
+        self.identities = identities  # what a pick is trained from: changed, train again
         self.picked: dict[str, CandidateOutcome | str] = {}
         self.id = select_unit_id(profile.name)
 
@@ -143,6 +145,7 @@ class SelectUnit:
             "prefer": d.prefer,
             "search": d.search,
             "confirm": d.confirm,
+            "trains": self.identities,
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
