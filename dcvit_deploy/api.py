@@ -88,11 +88,8 @@ def report_over_run(
 def status(out: str | Path) -> dict[str, Any]:
     """Units, family, superseded candidates and per-profile outcome statuses of a run."""
     s = status_of(out)
-    steps = {
-        k: v["status"]
-        for k, v in s["units"].items()
-        if k.count("/") <= 1 and not k.startswith("train/")
-    }
+    steps = {k: v["status"] for k, v in s["units"].items() if k.count("/") <= 1}
+    steps = {k: v for k, v in steps.items() if not k.startswith("train/")}
     candidates: dict[str, dict[str, str]] = {}
     for unit_id, rec in s["units"].items():
         parts = unit_id.split("/")

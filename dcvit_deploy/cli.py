@@ -806,11 +806,9 @@ def status_cmd(out: str, as_json: bool) -> None:
     lines = [f"run: {s['run']}  model: {s['identity'].get('model')}"]
     lines += [f"  step {k}: {v}" for k, v in s["steps"].items()]
     for name, stages in s["candidates"].items():
+        on = {p: f" on {m[name]}" for p, m in s["measured_on"].items() if name in m}
         per_profile = [
-            f"{p}={o[name]}"
-            + (f" on {s['measured_on'][p][name]}" if name in s["measured_on"].get(p, {}) else "")
-            for p, o in s["outcomes"].items()
-            if name in o
+            f"{p}={o[name]}{on.get(p, '')}" for p, o in s["outcomes"].items() if name in o
         ]
         lines.append(
             f"  {name:>16}: {', '.join(f'{k}={v}' for k, v in stages.items())}"

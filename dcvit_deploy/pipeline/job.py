@@ -39,7 +39,6 @@ from dcvit_deploy.pipeline.units.selecting import (
     budget_batch,
     remeasured_of,
     selection_of,
-    trained_of,
 )
 from dcvit_deploy.progress import ProgressFn, quiet
 from dcvit_deploy.store.rundir import RunDir
@@ -301,7 +300,7 @@ def decide_and_publish(
             ]
     if not family.train_all:  # the chosen as its trained artifact; which others are trained
         family = current_family(run)
-        trained = trained_of(res)
+        trained = remeasured_of(res, "trained")
         result.outcomes = [
             outcome_of(run, family, profile, o.candidate, trained[o.candidate], rec=t)
             if o.candidate in trained and (t := family.trained.get(o.candidate))

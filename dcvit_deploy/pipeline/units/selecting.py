@@ -304,15 +304,6 @@ def selection_of(result: dict[str, Any]) -> Selection | None:
     return from_dict(Selection, sel) if sel else None
 
 
-def trained_of(result: dict[str, Any]) -> dict[str, list[LatencyStats]]:
-    """The chosen trained artifact's figures recorded by a measure-first select unit."""
-    return {
-        n: [from_dict(LatencyStats, s) for s in st] for n, st in result.get("trained", {}).items()
-    }
-
-
-def remeasured_of(result: dict[str, Any]) -> dict[str, list[LatencyStats]]:
-    return {
-        n: [from_dict(LatencyStats, s) for s in st]
-        for n, st in result.get("remeasured", {}).items()
-    }
+def remeasured_of(result: dict[str, Any], key: str = "remeasured") -> dict[str, list[LatencyStats]]:
+    """The figures a select unit re-measured (``trained``: of its chosen trained artifact)."""
+    return {n: [from_dict(LatencyStats, s) for s in st] for n, st in result.get(key, {}).items()}
