@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -148,6 +149,7 @@ def one_run(setup_: dict[str, Any], n: int, train: str, work: Path) -> dict[str,
     shutil.rmtree(out, ignore_errors=True)
     copts = CompressOptions(**setup_["compress"], targets=targets_for(n), train=train)  # type: ignore[arg-type]
     dopts = DeployOptions(profile=setup_["profile"], speedup=TIMED_SPEEDUP)
+    load = os.getloadavg()[0]  # a shared machine: the figures mean little when this is high
     t0 = time.perf_counter()
     result = run_pipeline(copts, dopts, out)
     seconds = time.perf_counter() - t0
@@ -155,6 +157,7 @@ def one_run(setup_: dict[str, Any], n: int, train: str, work: Path) -> dict[str,
     return {
         "out": str(out),
         "seconds": round(seconds, 1),
+        "load_before_after": [round(load, 2), round(os.getloadavg()[0], 2)],
         "units": by_kind(out),
         "candidates": len(result.outcomes),
         "trained": trained_count(out),
