@@ -227,15 +227,15 @@ def same_rounds(eager: Path, lazy: Path, profile: str) -> dict[str, Any]:
     for tag, out in (("trained", eager), ("structure", lazy)):
         with RunDir.load(out, lock=False) as run:
             outcomes[tag] = [o for o in outcomes_for(run, current_family(run), prof) if o.artifact]
-    arts = {f"{o.candidate}@{t}": o.artifact for t, os in outcomes.items() for o in os}
+    arts = {f"{o.candidate}@{t}": o.artifact for t, outs in outcomes.items() for o in outs}
     res = measure_rounds(get_backend(prof.backend), arts, prof, [1], seed=7)
     figures = {k: [round(res.at(k, 1).p50, 5), round(res.at(k, 1).spread("p50"), 5)] for k in arts}
     rows = []
     for sp in SPEEDUPS:
         chosen = {}
-        for t, os in outcomes.items():
+        for t, outs in outcomes.items():
             measured = [
-                dataclasses.replace(o, latency=(res.at(f"{o.candidate}@{t}", 1),)) for o in os
+                dataclasses.replace(o, latency=(res.at(f"{o.candidate}@{t}", 1),)) for o in outs
             ]
             ref = next(o for o in measured if o.candidate == "original").latency[0]
             budget = relative_budget(sp, ref, statistic="p50", batch_size=1)
