@@ -97,12 +97,19 @@ def status(out: str | Path) -> dict[str, Any]:
     family (``{"status": "not measured"}`` before its first stage), and the superseded
     candidates of earlier families (``{"status": "superseded"}``)."""
     s = status_of(out)
-    steps = {k: v["status"] for k, v in s["units"].items() if "/" not in k or k.count("/") == 1}
+    steps = {k: v["status"] for k, v in s["units"].items() if k.count("/") <= 1}
+    steps = {k: v for k, v in steps.items() if not k.startswith("train/")}
     candidates: dict[str, dict[str, str]] = {name: {} for name in s["family"]}
     for unit_id, rec in s["units"].items():
         parts = unit_id.split("/")
-        if parts[0] in ("export", "build") and len(parts) == 3 and parts[2] in candidates:
-            candidates[parts[2]][f"{parts[0]}:{parts[1]}"] = rec["status"]
+        if parts[0] in ("export", "build") and len(parts) == 3:
+            name = parts[2].removesuffix(".trained")
+            if name not in candidates:
+                continue
+            stage = f"{parts[0]}:{parts[1]}" + (":trained" if name != parts[2] else "")
+            candidates[name][stage] = rec["status"]
+        elif parts[0] == "train" and parts[1] in candidates:
+            candidates[parts[1]]["train"] = rec["status"]
     for name in candidates:
         candidates[name] = candidates[name] or {"status": "not measured"}
     candidates.update({name: {"status": "superseded"} for name in s["superseded"]})

@@ -181,6 +181,14 @@ COMPRESS_OPTIONS = _options(
     ),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option(
+        "--train",
+        type=click.Choice(["pick", "all"]),
+        default="pick",
+        show_default=True,
+        help="Finetune only what can be chosen (every structure is measured first), or every "
+        "candidate first (the paper schedule always does).",
+    ),
+    click.option(
         "--device",
         type=click.Choice(["auto", "cpu", "cuda"]),
         default="auto",
@@ -432,6 +440,7 @@ def compress_options(kw: dict[str, Any]) -> Any:
         include_original=not kw.get("no_original", False),
         seed=kw["seed"],
         device=kw["device"],
+        train=kw.get("train", "pick"),
     )
 
 
@@ -836,10 +845,14 @@ def status_cmd(out: str, as_json: bool) -> None:
     lines = [f"run: {s['run']}  model: {s['identity'].get('model')}"]
     lines += [f"  step {k}: {v}" for k, v in s["steps"].items()]
     for name, stages in s["candidates"].items():
-        per_profile = [f"{p}={o[name]}" for p, o in s["outcomes"].items() if name in o]
+        on = {p: f" on {m[name]}" for p, m in s["measured_on"].items() if name in m}
+        per_profile = [
+            f"{p}={o[name]}{on.get(p, '')}" for p, o in s["outcomes"].items() if name in o
+        ]
         lines.append(
             f"  {name:>16}: {', '.join(f'{k}={v}' for k, v in stages.items())}"
             f"  outcome: {', '.join(per_profile) or '-'}"
+            + ("  (trained)" if name in s["trained"] else "")
         )
     _emit(as_json, s, "\n".join(lines))
 

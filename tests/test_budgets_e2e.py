@@ -17,7 +17,7 @@ from fakes.runs import (
     dopts,
     first_json,
     named,
-    newest_published,
+    served,
 )
 from fakes.runs import run_cli_text as run_cli
 
@@ -171,6 +171,6 @@ def test_confirmation_over_the_budget_moves_the_search_on(mixed_run, latency_scr
     assert confirmed["original"][0] == 6.5
     fresh = [e for e in latency_script.log() if e["process"] == "fresh"]
     assert fresh and os.getpid() not in {e["pid"] for e in fresh}  # another process
-    measured = [e["candidate"] for e in fresh]
-    assert measured.index(short["dcvit-2505"]) < measured.index(chosen)
-    assert newest_published(out) == chosen
+    measured = [e["candidate"] for e in fresh]  # each pick confirmed as its trained artifact
+    assert measured.index(f"{short['dcvit-2505']}.trained") < measured.index(f"{chosen}.trained")
+    assert served(out) == chosen

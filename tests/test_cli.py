@@ -53,6 +53,7 @@ REFUSED_BEFORE_ANY_WORK = [
     (["--method", "dcvit,nope"], ("--method 'nope'",)),
     (["--round-to", "100000"], ("--round-to 100000", "wider")),
     (["--triton-model-name", "a/b"], ("--triton-model-name",)),
+    (["--triton-pareto"], ("--triton-pareto", "--train pick", "add --train all")),
     (["--schedule", "nope"], ("'nope' is not one of",)),  # a usage error: one line, exit 1
     (["--no-such-option"], ("No such option",)),
 ]  # fmt: skip

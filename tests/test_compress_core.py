@@ -197,6 +197,20 @@ def test_unknown_model_name():
         load_model("vit_nope", random_init=True)
 
 
+def test_a_random_init_model_has_no_zero_bias_to_fold_away():
+    """timm zero-initialises biases and the ONNX simplifier folds x + 0 away: a random
+    structure's graph would lack nodes its finetuned version has, and measuring structures
+    first would under-measure every candidate of a random model."""
+    from conftest import TINY_VIT_KWARGS
+
+    from dcvit_deploy.model.loading import load_model
+
+    torch.manual_seed(0)
+    model = load_model("vit_tiny_patch16_224", random_init=True, model_kwargs=TINY_VIT_KWARGS)
+    biases = [p for n, p in model.model.named_parameters() if n.endswith(".bias")]
+    assert len(biases) > 20 and all(bool((p != 0).all()) for p in biases)
+
+
 def test_checkpoint_infers_kwargs_and_reports_mismatch(tmp_path, tiny_vit):
     from safetensors.torch import save_file
 

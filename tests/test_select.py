@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
+from fakes.latency import fake_stats as stats
 
 from dcvit_deploy.errors import BudgetInfeasible
 from dcvit_deploy.selection.bisect import bisect_search
@@ -36,38 +37,6 @@ from dcvit_deploy.store.records import (
 )
 
 BASE_MACS = 1_000_000
-
-
-def stats(batch: int, p50: float, rounds: Sequence[float] = ()) -> LatencyStats:
-    """Fake stats; ``rounds``: per-round p50s (figure = their median, spread = their IQR)."""
-    if rounds:
-        return dataclasses.replace(
-            stats(batch, p50),
-            rounds=len(rounds),
-            round_medians=tuple(rounds),
-            round_figures={"p50": tuple(rounds)},
-        )
-    return LatencyStats(
-        batch_size=batch,
-        iterations=100,
-        mean=p50 * 1.01,
-        std=p50 * 0.02,
-        cov=0.02,
-        min=p50 * 0.95,
-        max=p50 * 1.3,
-        p50=p50,
-        p90=p50 * 1.05,
-        p95=p50 * 1.08,
-        p99=p50 * 1.2,
-        throughput=1000.0 * batch / p50,
-        scope="device_compute",
-        timer="fake",
-        windows=3,
-        window_medians=(p50, p50, p50),
-        stable=True,
-        warmup_iters=10,
-        duration_s=1.0,
-    )
 
 
 def outcome(
@@ -630,6 +599,41 @@ def test_confirmation_that_fits_keeps_the_choice() -> None:
     sel = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), fake)
     assert sel.chosen == "c90" and fake.calls == [("c90", "c100")]
     assert any("c100 re-measured" in n and "fits too" in n for n in sel.notes)
+
+
+def test_a_choice_that_is_not_ready_is_set_aside_before_its_confirmation() -> None:
+    """Measure first: ``ready`` (train, verify, fidelity floor) runs on each choice in turn and
+    only a ready one is confirmed; nothing else is made ready."""
+    outs = [outcome("c100", 1.0, 6.0), outcome("c90", 0.9, 4.9), outcome("c80", 0.8, 4.4),
+            outcome("c70", 0.7, 4.0)]  # fmt: skip
+    asked: list[str] = []
+
+    def ready(name: str) -> str | None:
+        asked.append(name)
+        return "trained fidelity 40.0% is below the floor 60.0%" if name == "c90" else None
+
+    fake = FakeConfirm({"c100": 6.0, "c90": 4.9, "c80": 4.4, "c70": 4.0})
+    sel = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), fake, ready=ready)
+    assert sel.chosen == "c80" and asked == ["c90", "c80"]
+    assert fake.calls == [("c80", "c90")]  # c90's structure figure: the informational neighbour
+    assert sel.reasons["c90"] == "not deployable: trained fidelity 40.0% is below the floor 60.0%"
+    unconfirmed = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), None, ready=ready)
+    assert unconfirmed.chosen == "c80" and unconfirmed.confirmed == {}
+
+
+def test_must_compare_is_bounded() -> None:
+    """What a measure-first family trains to compare fidelities: under ``fidelity`` the
+    COMPARE_TOP_K densest that fit; under ``capacity`` the densest that fits and its ties."""
+    from dcvit_deploy.selection.decide import COMPARE_TOP_K, must_compare
+
+    outs = [outcome(f"c{i}", 1.0 - i / 10, 4.0 + 0.2 * (5 - i)) for i in range(6)]
+    budget = LatencyBudget(5.0, "p50", 1)  # c0 (5.0) and c1 (4.8) are over with the 5% margin
+    budget = dataclasses.replace(budget, margin=0.05)
+    assert must_compare(outs, budget, "fidelity") == ("c2", "c3", "c4")[:COMPARE_TOP_K]
+    assert must_compare(outs, budget, "capacity") == ("c2",)
+    tie = dataclasses.replace(outcome("p2", 0.8, 4.0), method="practise")
+    assert must_compare([*outs, tie], budget, "capacity") == ("c2", "p2")
+    assert must_compare(outs, LatencyBudget(1.0, "p50", 1), "fidelity") == ()
 
 
 def test_measurement_records_round_trip() -> None:

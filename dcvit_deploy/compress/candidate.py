@@ -19,16 +19,19 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def save_candidate(directory: str | Path, candidate: Candidate, model: nn.Module) -> Candidate:
-    """Write weights then spec (atomically); returns the candidate with its weights' checksum."""
+def save_candidate(
+    directory: str | Path, candidate: Candidate, model: nn.Module, stem: str = ""
+) -> Candidate:
+    """Write weights then spec (atomically) as ``<stem>.safetensors`` / ``<stem>.json`` (default
+    stem: the name); returns the candidate with its weights' checksum."""
     from safetensors.torch import save_file
 
     d = Path(directory)
-    weights = d / f"{candidate.name}.safetensors"
+    weights = d / f"{stem or candidate.name}.safetensors"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write_with(weights, lambda tmp: save_file(state, str(tmp)))
     done = replace(candidate, weights=weights.name, weights_sha256=sha256_file(weights))
-    atomic_write_json(d / f"{candidate.name}.json", to_dict(done))
+    atomic_write_json(d / f"{stem or candidate.name}.json", to_dict(done))
     return done
 
 

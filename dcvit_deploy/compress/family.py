@@ -1,5 +1,12 @@
 """Dense candidate families in one call (DC-ViT Steps 1-4 over many targets, or PRACTISE).
 
+Measure first, train what is chosen: after ranking, every target's *structure* is built at once
+from the pretrained weights (surgery plus the closed-form re-fit: seconds, no finetune) and
+written with state ``structure``; latency depends on the structure, not on weight values, so
+the whole family can be measured before any of it is trained. :meth:`_Family.train` finetunes
+one structure into ``<name>.trained`` (:func:`train_family` over many); a caller trains the
+picks only, or everything (:func:`compress_family` with ``train``).
+
 Work is reused across targets when ``reuse`` is on: blocks are ranked once (at a representative
 width) and each target is warm-started from its neighbouring, already-finetuned candidate --
 kept neurons are nested across widths, so the neighbour's units carry over and any unit it
@@ -12,8 +19,8 @@ Beyond the paper (see :data:`PROCEDURES`): blocks can be ranked without finetuni
 finetuning (``refit``, :mod:`.refit`), and a family may hold several methods at once
 (``methods=("dcvit", "practise")``), each candidate named after its exact structure.
 
-Every candidate is written (safetensors + JSON spec) as soon as it is finished, with a
-fingerprint of everything it depends on; a rerun skips candidates whose fingerprint matches.
+Every structure and trained candidate is written (safetensors + JSON spec) as soon as it is
+finished, with a fingerprint of everything it depends on; a rerun skips those that match.
 """
 
 from __future__ import annotations
@@ -242,8 +249,8 @@ def _scaled(schedule: FinetuneSchedule, fraction: float) -> FinetuneSchedule:
     )
 
 
-Building = Generator[tuple[Any, ...], dict[str, Any], tuple[Candidate, nn.Module]]
-"""A target being built: yields its finetune, returns its candidate (:meth:`_Family.settle`)."""
+Training = Generator[tuple[Any, ...], dict[str, Any], Candidate]
+"""A structure in training: yields its finetune, returns its candidate (``_Family.settle``)."""
 
 
 def finetune_task(
@@ -322,7 +329,9 @@ class _Family:
         self.common = {
             "teacher": teacher_fingerprint,
             "data": input_fingerprint,
-            "config": to_dict(config),
+            # which other targets share the family changes no candidate (its own plan and
+            # blocks are in its fingerprint), so a new target list reuses every structure
+            "config": {k: v for k, v in to_dict(config).items() if k != "targets"},
             "metric": fingerprint([float(metric_images.sum()), list(metric_images.shape)]),
         }
         self.input_fp = input_fingerprint
@@ -351,14 +360,14 @@ class _Family:
         self.steps += stage["steps"]
         return stage
 
-    def settle(self, targets: list[Building]) -> list[tuple[Candidate, nn.Module]]:
-        """Drive the target generators (:meth:`dcvit_target`, :meth:`practise_target`): each
-        yields its one finetune ``(label, student, schedule, trainable range, seed)`` and
-        returns its candidate. The finetunes are independent: each is one executor task, and
-        each candidate is saved as its task finishes (an interrupted family keeps them)."""
+    def settle(self, targets: list[Training]) -> list[Candidate]:
+        """Drive the :meth:`training` generators: each yields its one finetune ``(label,
+        student, schedule, trainable range, seed)`` and returns its trained candidate. The
+        finetunes are independent: each is one executor task, and each candidate is saved as
+        its task finishes (an interrupted family keeps them)."""
         if not self.executor.remote and len(targets) > 1:  # one student in memory at a time
             return [done for t in targets for done in self.settle([t])]
-        out: dict[int, tuple[Candidate, nn.Module]] = {}
+        out: dict[int, Candidate] = {}
         asks: dict[str, tuple[int, list[Any]]] = {}
         for i, gen in enumerate(targets):
             try:
@@ -479,8 +488,8 @@ class _Family:
         self.rankings[key_width] = r
         return r
 
-    def _existing(self, name: str, fp: str) -> Candidate | None:
-        spec = self.out / f"{name}.json"
+    def _existing(self, stem: str, fp: str) -> Candidate | None:
+        spec = self.out / f"{stem}.json"
         if not spec.is_file():
             return None
         try:
@@ -506,6 +515,7 @@ class _Family:
             input_fingerprint=self.input_fp,
             weights="",
             weights_sha256="",
+            state="trained" if name == ORIGINAL else "structure",
         )
 
     # ------------------------------------------------------------------ steps
@@ -518,34 +528,20 @@ class _Family:
         cand = self._record(ORIGINAL, 0.0, self.base_spec, {"fingerprint": fp, "finetune": None})
         return save_candidate(self.out, cand, self.teacher)
 
-    def dcvit_target(
-        self,
-        plan: StructurePlan,
-        rank_width: int,
-        prev: tuple[Candidate, nn.Module] | None,
-        item: int,
-        items: int,
-    ) -> Building:
-        """Yields the target's finetune when it has exactly one (warm-started, one-shot; see
-        :meth:`settle`), returns the candidate and its module."""
+    def dcvit_structure(
+        self, plan: StructurePlan, rank_width: int, item: int, items: int
+    ) -> Candidate:
+        """One target's structure: its best blocks made FFN-only at the planned width, each
+        re-fit in closed form (when the procedure re-fits) from the pretrained weights."""
         ranking = self.ranking(rank_width)
         chosen = list(ranking.order[: plan.n_blocks])
         name = candidate_name(
             "dcvit", plan.achieved, structure_tag("dcvit", plan.n_blocks, plan.hidden)
         )
-        warm = prev if (self.cfg.reuse and prev is not None and prev[0].name != ORIGINAL) else None
-        fp = fingerprint(
-            {
-                **self.common,
-                "name": name,
-                "plan": to_dict(plan),
-                "chosen": chosen,
-                "warm_from": warm[0].recipe.get("fingerprint") if warm else None,
-            }
-        )
+        fp = fingerprint({**self.common, "name": name, "plan": to_dict(plan), "chosen": chosen})
         done = self._existing(name, fp)
         if done is not None:
-            return done, build_candidate(done, self.out / done.weights)
+            return done
         self.progress(
             ProgressEvent(
                 stage="compress",
@@ -555,45 +551,8 @@ class _Family:
             )
         )
         t0 = time.perf_counter()
-        stages: list[dict[str, Any]] = []
         target_spec = compress_blocks(self.base_spec, chosen, plan.hidden, self.chooser)
-        refits: list[dict[str, Any]] = []
-        if warm is not None:
-            student = reshape(warm[1], warm[0].arch, target_spec, self.teacher)
-            if self.cfg.refit:  # only the blocks that lose their attention now
-                fresh = [b for b in chosen if warm[0].arch.blocks[b].kind == "attn_mlp"]
-                refits += self._refit(student, fresh)
-            sched = _scaled(self.cfg.schedule, self.cfg.warm_fraction)
-            upto = self.cfg.trainable_for("dcvit", max(chosen))
-            stages.append({"blocks": chosen, **(yield name, student, sched, upto, self.cfg.seed)})
-            self.reused.append(name)
-        elif not self.cfg.progressive:  # one shot: all blocks at once, re-fit, one finetune
-            student = reshape(self.teacher, self.base_spec, target_spec, self.teacher)
-            if self.cfg.refit:
-                refits += self._refit(student, chosen)
-            upto = self.cfg.trainable_for("dcvit", max(chosen))
-            ask = (name, student, self.cfg.schedule, upto, self.cfg.seed + 1)
-            stages.append({"blocks": chosen, **(yield ask)})
-        else:  # progressive: one block at a time, best first, finetune after each
-            student, spec = copy.deepcopy(self.teacher), self.base_spec
-            for k in range(1, len(chosen) + 1):
-                step_spec = compress_blocks(self.base_spec, chosen[:k], plan.hidden, self.chooser)
-                student = reshape(student, spec, step_spec, self.teacher)
-                spec = step_spec
-                if self.cfg.refit:
-                    refits += self._refit(student, [chosen[k - 1]])
-                stages.append(
-                    {
-                        "blocks": chosen[:k],
-                        **self._finetune(
-                            student,
-                            self.cfg.schedule,
-                            self.cfg.trainable_for("dcvit", max(chosen[:k])),
-                            f"{name} ({k}/{len(chosen)})",
-                            self.cfg.seed + k,
-                        ),
-                    }
-                )
+        student = reshape(self.teacher, self.base_spec, target_spec, self.teacher)
         recipe = {
             "fingerprint": fp,
             "n_blocks": plan.n_blocks,
@@ -604,20 +563,17 @@ class _Family:
             "ranking_width": rank_width,
             "ranking_scores": {str(b): s for b, s in ranking.scores.items()},
             "neuron_choice": self.cfg.neuron_choice,
-            "warm_from": warm[0].name if warm else None,
-            "refit": refits,
+            "refit": self._refit(student, chosen) if self.cfg.refit else [],
             "progressive": self.cfg.progressive,
             "rank_criterion": self.cfg.rank_criterion,
-            "finetune": stages,
-            "schedule": to_dict(self.cfg.schedule),
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        cand = save_candidate(
+        return save_candidate(
             self.out, self._record(name, plan.target, target_spec, recipe), student
         )
-        return cand, student
 
-    def practise_target(self, k: int, target: float, item: int, items: int) -> Building:
+    def practise_structure(self, k: int, target: float, item: int, items: int) -> Candidate:
+        """One target's structure: its ``k`` best blocks dropped from the pretrained model."""
         ranking = self.ranking(0)
         chosen = list(ranking.order[:k])
         spec = compress_blocks(self.base_spec, chosen, 0, kind="identity")
@@ -629,30 +585,88 @@ class _Family:
         fp = fingerprint({**self.common, "name": name, "chosen": chosen})
         done = self._existing(name, fp)
         if done is not None:
-            return done, build_candidate(done, self.out / done.weights)
+            return done
         self.progress(
             ProgressEvent(
                 stage="compress", item=item, items=items, message=f"{name}: drop blocks {chosen}"
             )
         )
-        t0 = time.perf_counter()
         student = reshape(self.teacher, self.base_spec, spec, self.teacher)
-        upto = self.cfg.trainable_for("practise", max(chosen))
-        stage = yield name, student, self.cfg.schedule, upto, self.cfg.seed
         recipe = {
             "fingerprint": fp,
             "dropped": chosen,
-            "trainable_upto": upto,
+            "trainable_upto": self.cfg.trainable_for("practise", max(chosen)),
             "ranking_scores": {str(b): s for b, s in ranking.scores.items()},
-            "finetune": [stage],
+        }
+        return save_candidate(self.out, self._record(name, target, spec, recipe), student)
+
+    def train(self, cand: Candidate, prev: Candidate | None = None) -> Candidate:
+        return self.settle([self.training(cand, prev)])[0]
+
+    def training(self, cand: Candidate, prev: Candidate | None = None) -> Training:
+        """Structure ``cand`` finetuned: ``<name>.trained`` (reused when on disk with the same
+        fingerprint; the original is returned as it is). One-shot procedures finetune the
+        structure's weights; ``reuse`` warm-starts from ``prev``, the trained neighbour of the
+        same method; ``progressive`` redoes the surgery from the teacher a block at a time."""
+        if cand.state == "trained":
+            return cand
+        r, sched, seed = cand.recipe, self.cfg.schedule, self.cfg.seed
+        warm = prev if self.cfg.reuse and prev is not None and prev.name != ORIGINAL else None
+        stem = f"{cand.name}.trained"
+        fp = fingerprint([r["fingerprint"], cand.weights_sha256, warm and warm.weights_sha256])
+        done = self._existing(stem, fp)
+        if done is not None:
+            return done
+        t0 = time.perf_counter()
+        refits, name = r.get("refit", []), cand.name
+        if cand.method == "practise":
+            student = build_candidate(cand, self.out / cand.weights)
+            stages = [(yield name, student, sched, r["trainable_upto"], seed)]
+        elif warm is not None:
+            chosen = r["blocks"]
+            student = reshape(
+                build_candidate(warm, self.out / warm.weights), warm.arch, cand.arch, self.teacher
+            )
+            fresh = [b for b in chosen if warm.arch.blocks[b].kind == "attn_mlp"]
+            refits = self._refit(student, fresh) if self.cfg.refit else []
+            upto = self.cfg.trainable_for("dcvit", max(chosen))
+            sched = _scaled(sched, self.cfg.warm_fraction)
+            stages = [{"blocks": chosen, **(yield name, student, sched, upto, seed)}]
+            self.reused.append(name)
+        elif not self.cfg.progressive:
+            chosen = r["blocks"]
+            student = build_candidate(cand, self.out / cand.weights)
+            upto = self.cfg.trainable_for("dcvit", max(chosen))
+            stages = [{"blocks": chosen, **(yield name, student, sched, upto, seed + 1)}]
+        else:  # one block at a time, best first, finetune after each
+            chosen, refits, stages = r["blocks"], [], []
+            student, spec = copy.deepcopy(self.teacher), self.base_spec
+            for k in range(1, len(chosen) + 1):
+                step_spec = compress_blocks(self.base_spec, chosen[:k], r["hidden"], self.chooser)
+                student, spec = reshape(student, spec, step_spec, self.teacher), step_spec
+                if self.cfg.refit:
+                    refits += self._refit(student, [chosen[k - 1]])
+                upto = self.cfg.trainable_for("dcvit", max(chosen[:k]))
+                label = f"{name} ({k}/{len(chosen)})"
+                stages.append(
+                    {"blocks": chosen[:k], **self._finetune(student, sched, upto, label, seed + k)}
+                )
+        recipe = {
+            **r,
+            "fingerprint": fp,
+            "trained_from": cand.weights_sha256,
+            "warm_from": warm.name if warm else None,
+            "refit": refits,
+            "finetune": stages,
             "schedule": to_dict(self.cfg.schedule),
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        cand = save_candidate(self.out, self._record(name, target, spec, recipe), student)
-        return cand, student
+        return save_candidate(
+            self.out, replace(cand, recipe=recipe, state="trained"), student, stem
+        )
 
 
-def compress_family(
+def family_engines(
     teacher: nn.Module,
     *,
     model_name: str,
@@ -668,27 +682,19 @@ def compress_family(
     progress: ProgressFn = quiet,
     calibration_images: torch.Tensor | None = None,
     executor: Any = None,
-) -> FamilyResult:
-    """Compress ``teacher`` at every target of ``config`` and write the candidates to ``out_dir``.
+) -> dict[str, _Family]:
+    """One engine per method of ``config``, writing to ``out_dir``; ``executor``
+    (:mod:`dcvit_deploy.pipeline.executor`) runs the independent finetunes as tasks.
 
     ``data``: a Dataset of (augmented) few-shot image tensors for finetuning; ``metric_images``:
     the synthetic (or real held-out) images that score blocks; ``calibration_images``: the
     preprocessed images the closed-form re-fit and the re-fit/local rankings fit on (default:
-    one seeded pass over ``data``, see :func:`calibration_bank`). ``executor``
-    (:mod:`dcvit_deploy.pipeline.executor`) runs the independent finetunes as tasks -- the
-    ranking's and, unless targets warm-start from each other, every target's; the family is
-    the same whichever executor ran them. All targets are validated before
-    any work starts. Returns the candidates in order of increasing reduction (the original first
-    when ``include_original``), every method of ``config.all_methods`` interleaved by size; a
-    rerun resumes from what is on disk.
+    one seeded pass over ``data``, see :func:`calibration_bank`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    preview = preview_family(teacher, config)  # validates every target of every method first
-    fams: dict[str, _Family] = {}
-    calib = calibration_images
-    for m in config.all_methods:
-        fams[m] = _Family(
+    return {
+        m: _Family(
             teacher,
             model_name=model_name,
             model_kwargs=model_kwargs,
@@ -701,54 +707,82 @@ def compress_family(
             activation_images=activation_images,
             device=device,
             progress=progress,
-            calibration=calib,
+            calibration=calibration_images,
             executor=executor,
         )
+        for m in config.all_methods
+    }
+
+
+def train_family(engines: dict[str, _Family], candidates: Sequence[Candidate]) -> list[Candidate]:
+    """``candidates`` (structures) finetuned, in order: the step whose cost grows with the
+    family. Its items are independent unless the procedure chains (``reuse`` warm-starts each
+    from the previous trained candidate of its method): then the engine's executor runs each
+    method's finetunes as tasks, and the result is the same whichever executor ran them."""
+    done: dict[str, Candidate] = {}
+    for m, fam in engines.items():
+        mine = [c for c in candidates if c.method == m]
+        if fam.cfg.reuse:
+            prev = None
+            for c in mine:
+                done[c.name] = prev = fam.train(c, prev)
+        else:
+            done.update((c.name, c) for c in fam.settle([fam.training(c) for c in mine]))
+    return [done.get(c.name, c) for c in candidates]
+
+
+def compress_family(teacher: nn.Module, *, train: bool = True, **inputs: Any) -> FamilyResult:
+    """Every target's structure at once (ranking, surgery, closed-form re-fit: no finetune),
+    then, with ``train``, every structure finetuned (:func:`train_family`).
+
+    ``inputs``: the keyword arguments of :func:`family_engines`. All targets are validated before
+    any work starts. Returns the candidates (structures, or trained with ``train``) in order of
+    increasing reduction (the original first when ``include_original``), every method of
+    ``config.all_methods`` interleaved by size; a rerun resumes from what is on disk.
+    """
+    config: FamilyConfig = inputs["config"]
+    preview = preview_family(teacher, config)  # validates every target of every method first
+    fams = family_engines(teacher, **inputs)
     t0 = time.perf_counter()
     first = fams[config.all_methods[0]]
-    cands: list[Candidate] = []
-    if config.include_original:
-        cands.append(first.original())
+    cands = [first.original()] if config.include_original else []
     items = len(preview.candidates)
     item = 0
+    calib = first.calibration
     for m, fam in fams.items():
         t_m = time.perf_counter()
-        if fam.calibration is None and calib is not None:
-            fam.calibration = calib
+        fam.calibration = fam.calibration if fam.calibration is not None else calib
         mine = [p for p in preview.candidates if p.method == m]
         if m == "dcvit":
             unique = [p.plan for p in mine if p.plan is not None]
             rank_width = unique[len(unique) // 2].hidden
-            prev: tuple[Candidate, nn.Module] | None = None
-            todo: list[Building] = []
             for plan in unique:
                 item += 1
                 width = rank_width if (fam.cfg.reuse or fam.cfg.shared_ranking) else plan.hidden
-                todo.append(fam.dcvit_target(plan, width, prev, item, items))
-                if fam.cfg.reuse:  # a chain: the next target starts from this one's weights
-                    prev = fam.settle([todo.pop()])[0]
-                    cands.append(prev[0])
+                cands.append(fam.dcvit_structure(plan, width, item, items))
         else:
-            todo = [fam.practise_target(p.n_blocks, p.target, item + k, items)
-                    for k, p in enumerate(mine, start=1)]  # fmt: skip
-            item += len(mine)
-        cands += [c for c, _ in fam.settle(todo)]
+            for p in mine:
+                item += 1
+                cands.append(fam.practise_structure(p.n_blocks, p.target, item, items))
         calib = fam.calibration  # share the bank (and its cost) with the next method
         fam.seconds[f"method_{m}"] = time.perf_counter() - t_m
-    seconds: dict[str, float] = {}
+    cands.sort(key=lambda c: (c.name != ORIGINAL, c.reduction, c.name))
+    t_train = time.perf_counter()
+    if train:
+        cands = train_family(fams, cands)
+    seconds: dict[str, float] = {"train": time.perf_counter() - t_train}
     for m, fam in fams.items():
         for k, v in fam.seconds.items():
             key = k if len(fams) == 1 or k.startswith("method_") else f"{m}_{k}"
             seconds[key] = seconds.get(key, 0.0) + v
     seconds["total"] = time.perf_counter() - t0
-    cands.sort(key=lambda c: (c.name != ORIGINAL, c.reduction, c.name))
     index = {
-        "candidates": [c.name + ".json" for c in cands],
+        "candidates": [c.key + ".json" for c in cands],
         "config": to_dict(config),
         "seconds": seconds,
         "duplicates": preview.duplicates,
     }
-    atomic_write_json(out / "family.json", index)
+    atomic_write_json(Path(inputs["out_dir"]) / "family.json", index)
     rankings: dict[int, BlockRanking] = {}
     for fam in fams.values():
         rankings.update(fam.rankings)

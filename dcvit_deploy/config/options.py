@@ -19,6 +19,7 @@ SCHEDULES = ("default", "paper", "tiny")
 METRIC_SOURCES = ("synthetic", "real")
 METHODS = ("dcvit", "practise")
 PREFERENCES = ("capacity", "fidelity")
+TRAIN = ("pick", "all")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,15 @@ class CompressOptions:
     include_original: bool = True
     seed: int = 0
     device: str = "auto"
+    # "pick": measure every structure, finetune only what selection picks; "all": finetune
+    # every candidate first (a procedure whose targets chain always does)
+    train: Literal["pick", "all"] = "pick"
+
+    @property
+    def trains_all(self) -> bool:
+        """Every candidate is finetuned before any is measured: ``--train all``, or a procedure
+        whose targets chain (the paper's progressive compression, ``--reuse``)."""
+        return self.train == "all" or self.schedule == "paper" or bool(self.reuse)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dcvit_deploy.config.options import METHODS, METRIC_SOURCES, PREFERENCES, SCHEDULES
+from dcvit_deploy.config.options import METHODS, METRIC_SOURCES, PREFERENCES, SCHEDULES, TRAIN
 from dcvit_deploy.config.profiles import Target, targets_of
 from dcvit_deploy.errors import (
     OptionError,
@@ -265,6 +265,7 @@ def check_compress_options(opts: CompressOptions) -> None:
             f"--seed must be an integer in 0..{MAX_SEED}, got {opts.seed!r}", "pass e.g. --seed 0"
         )
     _choice(opts.device, "--device", DEVICES)
+    _choice(opts.train, "--train", TRAIN)
 
 
 def check_deploy_options(opts: DeployOptions, *, need_budget: bool = False) -> None:
@@ -732,6 +733,12 @@ def validate_run(
             raise OptionError(
                 "--speedup is relative to the original model, but --no-original leaves it out",
                 "drop --no-original or give an absolute --latency-ms",
+            )
+        if dopts.triton_pareto and not copts.trains_all:
+            raise OptionError(
+                "--triton-pareto publishes every Pareto-optimal candidate, and --train pick "
+                "finetunes only the chosen one",
+                "add --train all",
             )
     # A corrupt manifest in ``out`` is not refused here: ``--overwrite`` moves such a run aside
     # (RunDir.open refuses it, with that fix, before any work otherwise).

@@ -218,6 +218,13 @@ class FreshProcessConfirm:
             out.update(group)
         return out
 
+    def use(self, name: str, artifact: Artifact) -> None:
+        """Confirm ``name`` with ``artifact`` from now on (a trained pick instead of the
+        structure that was measured): nothing measured with the old one answers for it."""
+        if self.artifacts.get(name) != artifact:
+            self.artifacts[name] = artifact
+            self.groups = [g for g in self.groups if name not in g]
+
     def __call__(
         self, names: Sequence[str], *, rounds: int | None = None
     ) -> dict[str, LatencyStats]:

@@ -402,6 +402,15 @@ def load_model(
         model = create_model(name, kwargs)
         check_supported(model, name)
         source = "random-init"
+        # timm zero-initialises biases and the ONNX simplifier folds x + 0 away, so a random
+        # structure's graph would lack nodes its finetuned version has; trained weights have
+        # no exactly-zero biases, nor has this model (seeded by the caller)
+        import torch
+
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname.endswith(".bias"):
+                    p.normal_(0.0, 0.02)
     model.eval()
     return LoadedModel(
         model=model, name=name, model_kwargs=kwargs, weights_source=source, inferred=inferred

@@ -135,12 +135,12 @@ def _task(c: JobContext, family: Family, shared: dict[str, dict[str, bytes]]) ->
     run, p = c.run, cast("TargetProfile", c.profile)
     prec = onnx_precision_for(p.precision)
     if prec not in shared:
-        rels = [f"family/{x.name}.json" for x in family.candidates]
-        rels += [f"family/{x.weights}" for x in family.candidates]
-        rels += [f"onnx/{prec}/{x.name}.onnx" for x in family.candidates]
+        recs = [*family.candidates, *family.trained.values()]
+        rels = [f"family/{x.key}.json" for x in recs] + [f"family/{x.weights}" for x in recs]
+        rels += [f"onnx/{prec}/{x.key}.onnx" for x in recs]
         shared[prec] = {r: (run.root / r).read_bytes() for r in rels if (run.root / r).is_file()}
-    units = {u: r for u, r in run.units().items()
-             if u == "family" or u.startswith(f"export/{prec}/") or _ours(u, p.name)}  # fmt: skip
+    shared_units = ("family", "train/", f"export/{prec}/")
+    units = {u: r for u, r in run.units().items() if u.startswith(shared_units) or _ours(u, p.name)}
     key = hashlib.sha256(f"{run.root}|{p.name}".encode()).hexdigest()[:16]
     prep = replace(c.prep(), teacher=cast(Any, None))  # the node needs the held-out images
     manifest = {**run.manifest, "units": units}

@@ -1,15 +1,19 @@
 """The job: the units in order over one locked run directory.
 
 ``compress`` runs family → (per candidate) export → build → profile → select → publish →
-report; the stage commands run the tail of that sequence over an existing run. Everything that
-can be checked is checked before any unit runs (options, paths, profile, budget, device,
-targets), and the run directory is locked for the whole job.
+report; the stage commands run the tail of that sequence over an existing run. Measure first
+(``--train pick``): the family unit builds every structure, those are exported, built and
+measured, and selection trains only its picks (``train/<name>``); with ``--train all`` every
+candidate is trained right after the family unit and the trained artifacts are measured.
+Everything that can be checked is checked before any unit runs (options, paths, profile,
+budget, device, targets), and the run directory is locked for the whole job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,11 +21,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from dcvit_deploy.errors import NotPublished, UserInputError
 from dcvit_deploy.pipeline.context import JobContext, identity_of, prepare
 from dcvit_deploy.pipeline.executor import LocalExecutor
-from dcvit_deploy.pipeline.outcomes import check_measured, outcomes_for
+from dcvit_deploy.pipeline.outcomes import check_measured, outcome_of, outcomes_for
 from dcvit_deploy.pipeline.result import JobResult
 from dcvit_deploy.pipeline.runner import Runner, terminate_as_interrupt
 from dcvit_deploy.pipeline.units.building import BuildUnit, build_facts, build_unit_id
-from dcvit_deploy.pipeline.units.compressing import FamilyUnit, current_family, superseded
+from dcvit_deploy.pipeline.units.compressing import (
+    FamilyUnit,
+    current_family,
+    superseded,
+    train_picks,
+    train_unit_id,
+)
 from dcvit_deploy.pipeline.units.exporting import ExportUnit, export_facts, onnx_precision_for
 from dcvit_deploy.pipeline.units.measuring import ProfileUnit, check_device
 from dcvit_deploy.pipeline.units.publishing import PublishUnit, publish_unit_id, unpublish_stale
@@ -38,7 +48,7 @@ if TYPE_CHECKING:
     from dcvit_deploy.config.options import CompressOptions, DeployOptions
     from dcvit_deploy.config.validate import Validated
     from dcvit_deploy.pipeline.units.compressing import Family
-    from dcvit_deploy.store.records import Artifact, TargetProfile
+    from dcvit_deploy.store.records import Artifact, Candidate, CandidateOutcome, TargetProfile
 
 Until = Literal["export", "build", "profile", "select", "report"]
 
@@ -77,6 +87,9 @@ def run_job(
 
     executor = executor or LocalExecutor()
     deploying = stop_after == "deploy"
+    remote_trains = executor.remote and not copts.trains_all  # a node measures, never trains
+    if remote_trains:
+        copts = dataclasses.replace(copts, train="all")
     if checked is None:
         stages = ("compress", "deploy") if deploying else ("compress",)
         checked = validate_run(copts, dopts, out, stages=stages, executor=executor.name)
@@ -101,6 +114,12 @@ def run_job(
         runner = Runner(ctx)
         runner.run(FamilyUnit())
         family = current_family(run)
+        if family.train_all:
+            if remote_trains:
+                ctx.note("with a remote executor every candidate is trained before the targets")
+            elif copts.train == "pick":
+                ctx.note("this procedure's targets build on each other: every one is trained")
+            family = train_picks(ctx, runner, family, family.names)
         skipped = family.info.get("skipped_summary", "")
         if skipped:
             ctx.note(str(skipped))
@@ -137,19 +156,11 @@ def deploy(
     precision = onnx_precision_for(profile.precision)
     artifacts: dict[str, Artifact] = {}
     for cand in family.candidates:
-        if not runner.run(ExportUnit(cand, precision)).ok:
-            runner.skip(build_unit_id(profile.name, cand.name), "export failed")
-            continue
-        onnx_path, verification = export_facts(run, precision, cand.name)
-        if until == "export":
-            continue
-        if onnx_path is None or verification is None or not verification.passed:
-            runner.skip(build_unit_id(profile.name, cand.name), "ONNX verification failed")
-            continue
-        if runner.run(BuildUnit(cand, profile, onnx_path)).ok:
-            artifact, built, _ = build_facts(run, profile.name, cand.name)
-            if artifact is not None and built is not None and built.passed:
-                artifacts[cand.name] = artifact
+        rec = family.measured(cand.name)  # None: not trained (training everything)
+        if rec and (
+            artifact := export_and_build(runner, rec, precision, profile, until == "export")
+        ):
+            artifacts[cand.name] = artifact
     result = JobResult(selection=None, outcomes=[], notes=ctx.notes)
     result.superseded = superseded(run, family)
     if until in ("export", "build"):
@@ -163,6 +174,64 @@ def deploy(
     runner.run(ProfileUnit(profile, artifacts, _capacity_names(family), bisect=bisect))
     _remember_profile(run, profile, ctx.dopts.profile)
     return decide_and_publish(ctx, runner, family, profile, publish=publish)
+
+
+def export_and_build(
+    runner: Runner, rec: Candidate, precision: str, profile: TargetProfile, export_only: bool
+) -> Artifact | None:
+    """Export record ``rec`` and build its artifact for ``profile``, each verified against
+    PyTorch; the verified artifact, or ``None``."""
+    run = runner.ctx.run
+    if not runner.run(ExportUnit(rec, precision)).ok:
+        runner.skip(build_unit_id(profile.name, rec.key), "export failed")
+        return None
+    onnx_path, verification = export_facts(run, precision, rec.key)
+    if export_only:
+        return None
+    if onnx_path is None or verification is None or not verification.passed:
+        runner.skip(build_unit_id(profile.name, rec.key), "ONNX verification failed")
+        return None
+    if runner.run(BuildUnit(rec, profile, onnx_path)).ok:
+        artifact, built, _ = build_facts(run, profile.name, rec.key)
+        if artifact is not None and built is not None and built.passed:
+            return artifact
+    return None
+
+
+def _picker(
+    ctx: JobContext, runner: Runner, family: Family, profile: TargetProfile
+) -> Callable[[str], CandidateOutcome | str]:
+    """Measure-first selection's ``pick(name)``: train the candidate (reused when trained
+    before), export, build and verify its trained artifact against PyTorch and check the
+    fidelity floor; its outcome (with the structure's figures), or why it cannot ship."""
+    precision = onnx_precision_for(profile.precision)
+    figures = {o.candidate: o.latency for o in outcomes_for(ctx.run, family, profile)}
+
+    def pick(name: str) -> CandidateOutcome | str:
+        rec = train_picks(ctx, runner, family, [name]).trained.get(name)
+        if rec is None:
+            why = (ctx.run.unit(train_unit_id(name)) or {}).get("reason", "")
+            return f"training failed: {why}"
+        export_and_build(runner, rec, precision, profile, False)
+        fam = current_family(ctx.run)
+        got = outcome_of(ctx.run, fam, profile, name, None, rec=rec)
+        if got.artifact is None or got.verification is None or not got.verification.passed:
+            return f"the trained artifact did not verify: {got.error or got.status}"
+        got = dataclasses.replace(got, status="ok", latency=figures[name])
+        return below_floor(got, ctx.dopts)
+
+    return pick
+
+
+def below_floor(outcome: CandidateOutcome, dopts: DeployOptions) -> CandidateOutcome | str:
+    """``outcome`` (a verified, trained pick) when it may ship on fidelity, else why not: the
+    fidelity floor's one place (a ``min_fidelity`` option, where there is one, is checked here)."""
+    floor = getattr(dopts, "min_fidelity", None)
+    if outcome.fidelity is None:
+        return "the trained model's outputs are not finite on the held-out images"
+    if floor is not None and outcome.fidelity < floor:
+        return f"trained fidelity {outcome.fidelity:.1%} is below the floor {floor:.1%}"
+    return outcome
 
 
 def _remember_profile(run: RunDir, profile: TargetProfile, source: str) -> None:
@@ -206,13 +275,30 @@ def decide_and_publish(
             res = None
     elif ctx.dopts.has_budget:
         check_measured(run, profile, outcomes)
-        res = runner.run(SelectUnit(profile, outcomes)).result
+        pick = ids = None
+        if not family.train_all:
+            pick = _picker(ctx, runner, family, profile)
+            ids = {c.name: c.recipe.get("fingerprint") for c in family.candidates}
+        res = runner.run(SelectUnit(profile, outcomes, pick, ids)).result
     if res is not None:
         result.selection, result.budget = selection_of(res), dict(res.get("budget", {}))
         fresh = {(n, s.batch_size): s for n, st in remeasured_of(res).items() for s in st}
         result.outcomes = [  # the report shows the figures the decision was made on
             replace(o, latency=tuple(fresh.get((o.candidate, s.batch_size), s) for s in o.latency))
             for o in outcomes
+        ]
+    if not family.train_all:  # the chosen as its trained artifact; which others are trained
+        family = current_family(run)
+        trained = remeasured_of(res or {}, "trained")
+        result.outcomes = [
+            outcome_of(run, family, profile, o.candidate, trained[o.candidate], rec=t)
+            if o.candidate in trained and (t := family.trained.get(o.candidate))
+            else replace(
+                o,
+                trained=o.candidate in family.trained,
+                fidelity=family.fidelity(o.candidate, o.candidate in family.trained),
+            )
+            for o in result.outcomes
         ]
     if not publish:
         return result
@@ -223,6 +309,7 @@ def decide_and_publish(
         if sel is not None and models and models[0]["candidate"] == sel.chosen:
             result.published = done["result"]
     elif sel is not None and sel.chosen is not None:
+        assert family.train_all or sel.chosen in family.trained, "never publish a structure"
         pub = runner.run(PublishUnit(profile, sel, result.outcomes, family))
         result.published = pub.result
         result.triton = Path(pub.result["repository"]) if pub.ok else None
@@ -365,10 +452,12 @@ def status_of(out: str | Path) -> dict[str, Any]:
         family = current_family(run)
         names = list(family.names)
         gone = superseded(run, family)
+        trained = [n for n, c in family.trained.items() if c.method != "original"]
     except UserInputError as exc:
-        names, gone = [], []
+        names, gone, trained = [], [], []
         units.setdefault("family", {"status": "not ok", "reason": exc.one_line()})
     outcomes: dict[str, dict[str, str]] = {}
+    measured_on: dict[str, dict[str, str]] = {}
     if names:
         from dcvit_deploy.config.profiles import load_profile
 
@@ -377,13 +466,17 @@ def status_of(out: str | Path) -> dict[str, Any]:
                 prof = load_profile(profile_source(run, name))
             except UserInputError:
                 continue
-            outcomes[name] = {o.candidate: o.status for o in outcomes_for(run, family, prof)}
+            found = outcomes_for(run, family, prof)
+            outcomes[name] = {o.candidate: o.status for o in found}
+            measured_on[name] = {o.candidate: o.measured_on for o in found if o.latency}
     return {
         "run": str(run.root),
         "identity": run.manifest.get("identity"),
         "units": units,
         "outcomes": outcomes,
         "family": names,
+        "trained": trained,
+        "measured_on": measured_on,
         "superseded": gone,
         "profiles": run.manifest.get("inputs", {}).get("profiles", []),
     }

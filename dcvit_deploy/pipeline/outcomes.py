@@ -15,7 +15,7 @@ from dcvit_deploy.store.records import CandidateOutcome, LatencyStats, from_dict
 
 if TYPE_CHECKING:
     from dcvit_deploy.pipeline.units.compressing import Family
-    from dcvit_deploy.store.records import TargetProfile
+    from dcvit_deploy.store.records import Candidate, TargetProfile
     from dcvit_deploy.store.rundir import RunDir
 
 
@@ -71,92 +71,92 @@ def check_measured(run: RunDir, profile: TargetProfile, outcomes: list[Candidate
             )
 
 
-def candidate_facts(family: Family, name: str) -> dict[str, Any]:
-    """The fields every outcome of candidate ``name`` shares, whatever happened to it."""
+def candidate_facts(family: Family, name: str, rec: Candidate | None = None) -> dict[str, Any]:
+    """The fields every outcome of candidate ``name`` shares, whatever happened to it, when
+    record ``rec`` (default: the one the family measures) is the one deployed."""
     cand = next(c for c in family.candidates if c.name == name)
+    rec = rec or family.measured(name)
+    final = rec is not None and rec.state == "trained"
     return {
         "candidate": cand.name,
         "method": cand.method,
         "retained": cand.retained,
         "macs": cand.macs,
-        "fidelity": family.fidelity(cand.name),
+        "fidelity": family.fidelity(cand.name, trained=final),
+        "measured_on": "trained" if final else "structure",
+        "trained": final,
     }
 
 
 def outcomes_for(run: RunDir, family: Family, profile: TargetProfile) -> list[CandidateOutcome]:
     """One outcome per candidate of ``family`` on ``profile``, in family order."""
-    precision = onnx_precision_for(profile.precision)
     latency, errors, considered = measured(run, profile.name)
-    out = []
-    for cand in family.candidates:
-        base = candidate_facts(family, cand.name)
-        rec = run.unit(export_unit_id(precision, cand.name))
-        onnx_path, verification = export_facts(run, precision, cand.name)
-        if rec is None:
-            out.append(CandidateOutcome(**base, status="not_measured"))
-            continue
-        if onnx_path is None or verification is None:
-            reason = str(rec.get("reason", "")) or f"export {rec.get('status')}"
-            out.append(CandidateOutcome(**base, status="export_failed", error=reason))
-            continue
-        if not verification.passed:
-            out.append(
-                CandidateOutcome(
-                    **base,
-                    status="verify_failed",
-                    verification=verification,
-                    error=f"ONNX verification failed: {verification.reason}",
-                )
-            )
-            continue
-        artifact, built, reason = build_facts(run, profile.name, cand.name)
-        if reason:
-            out.append(
-                CandidateOutcome(
-                    **base, status="build_failed", verification=verification, error=reason
-                )
-            )
-            continue
-        if artifact is None or built is None:
-            out.append(CandidateOutcome(**base, status="not_measured", verification=verification))
-            continue
-        if not built.passed:
-            out.append(
-                CandidateOutcome(
-                    **base,
-                    status="verify_failed",
-                    verification=built,
-                    artifact=artifact,
-                    error=f"built artifact failed verification on {profile.backend}: "
-                    f"{built.reason}",
-                )
-            )
-            continue
-        stats = latency.get(cand.name) if considered.get(cand.name) == artifact.sha256 else None
-        if stats:
-            out.append(
-                CandidateOutcome(
-                    **base,
-                    status="ok",
-                    verification=built,
-                    artifact=artifact,
-                    latency=tuple(stats),
-                )
-            )
-        elif cand.name in errors:
-            out.append(
-                CandidateOutcome(
-                    **base,
-                    status="profile_failed",
-                    verification=built,
-                    artifact=artifact,
-                    error=errors[cand.name],
-                )
-            )
-        else:
-            out.append(
-                CandidateOutcome(
-                    **base, status="not_measured", verification=built, artifact=artifact
-                )
-            )
-    return out
+    return [
+        outcome_of(
+            run,
+            family,
+            profile,
+            c.name,
+            latency.get(c.name),
+            errors.get(c.name, ""),
+            considered=considered.get(c.name, ""),
+        )
+        for c in family.candidates
+    ]
+
+
+def outcome_of(
+    run: RunDir,
+    family: Family,
+    profile: TargetProfile,
+    name: str,
+    stats: list[LatencyStats] | None,
+    error: str = "",
+    rec: Candidate | None = None,
+    considered: str | None = None,
+) -> CandidateOutcome:
+    """What happened to record ``rec`` (default: the one the family measures) of candidate
+    ``name`` on ``profile``, with its measured ``stats`` or measurement ``error``; ``considered``:
+    the checksum of the artifact those stats measured (they count only for that artifact)."""
+    rec = rec or family.measured(name)
+    base = candidate_facts(family, name, rec)
+    if rec is None:
+        return CandidateOutcome(**base, status="not_measured", error="not trained")
+    precision = onnx_precision_for(profile.precision)
+    export = run.unit(export_unit_id(precision, rec.key))
+    onnx_path, verification = export_facts(run, precision, rec.key)
+    if export is None:
+        return CandidateOutcome(**base, status="not_measured")
+    if onnx_path is None or verification is None:
+        reason = str(export.get("reason", "")) or f"export {export.get('status')}"
+        return CandidateOutcome(**base, status="export_failed", error=reason)
+    if not verification.passed:
+        return CandidateOutcome(
+            **base,
+            status="verify_failed",
+            verification=verification,
+            error=f"ONNX verification failed: {verification.reason}",
+        )
+    artifact, built, reason = build_facts(run, profile.name, rec.key)
+    if reason:
+        return CandidateOutcome(
+            **base, status="build_failed", verification=verification, error=reason
+        )
+    if artifact is None or built is None:
+        return CandidateOutcome(**base, status="not_measured", verification=verification)
+    if not built.passed:
+        return CandidateOutcome(
+            **base,
+            status="verify_failed",
+            verification=built,
+            artifact=artifact,
+            error=f"built artifact failed verification on {profile.backend}: {built.reason}",
+        )
+    done: dict[str, Any] = {"verification": built, "artifact": artifact}
+    if considered is not None and considered != artifact.sha256:
+        stats = None
+    if stats:
+        return CandidateOutcome(**base, status="ok", latency=tuple(stats), **done)
+    if error:
+        return CandidateOutcome(**base, status="profile_failed", error=error, **done)
+    return CandidateOutcome(**base, status="not_measured", **done)

@@ -64,6 +64,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "status",
     "selectable",
     "fidelity",
+    "trained",
+    "measured_on",
     "verify_passed",
     "max_abs",
     "max_rel",
@@ -262,6 +264,8 @@ def _csv_text(outcomes: Sequence[CandidateOutcome], view: _View) -> str:
                 "status": o.status,
                 "selectable": _num(o.selectable),
                 "fidelity": _num(o.fidelity),
+                "trained": _num(o.trained),
+                "measured_on": o.measured_on,
                 "verify_passed": _num(v.passed) if v else "",
                 "max_abs": _num(v.max_abs) if v else "",
                 "max_rel": _num(v.max_rel) if v else "",
@@ -365,8 +369,9 @@ def _summary_text(
         "## Candidates (densest first)",
         "",
         "| candidate | method | retained MACs | GMACs (linear+norm / full) | params (M) | status "
-        f"| fidelity | {view.statistic} ms | p99 ms | throughput/s | stable | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| fidelity | trained | {view.statistic} ms measured on | p99 ms | throughput/s | stable "
+        "| reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in capacity_order(outcomes):
         s = o.latency_at(view.batch)
@@ -381,7 +386,8 @@ def _summary_text(
             f"{o.macs.params / 1e6:.2f}",
             o.status,
             f"{o.fidelity:.1%}" if o.fidelity is not None else "-",
-            _ms(s.stat(view.statistic)) if s else "-",
+            "yes" if o.trained else "no",
+            f"{_ms(s.stat(view.statistic))} ({o.measured_on})" if s else "-",
             _ms(s.p99) if s else "-",
             f"{s.throughput:.1f}" if s else "-",
             ("yes" if s.stable else "**no**") if s else "-",

@@ -44,10 +44,11 @@ Confirmation
 
 Reason strings start with a stable prefix that tools may match on: ``chosen:``,
 ``over budget:``, ``fits, but smaller than chosen``, ``fits, but lower fidelity than chosen``,
-``fits`` (nothing chosen), ``dominated:``, ``confirmation failed:``, ``verification failed:``,
-``export failed:``, ``build failed:``, ``profile failed:``, ``not measured``. A figure measured
-in rounds reads ``p50 4.70 ms +- 0.08 (5 rounds)``; a fit within noise ends with
-``; within noise of the budget``.
+``fits`` (nothing chosen), ``dominated:``, ``confirmation failed:``, ``not deployable:`` (a
+pick that could not be trained or verified, or missed the fidelity floor), ``verification
+failed:``, ``export failed:``, ``build failed:``, ``profile failed:``, ``not measured``. A
+figure measured in rounds reads ``p50 4.70 ms +- 0.08 (5 rounds)``; a fit within noise ends
+with ``; within noise of the budget``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from dcvit_deploy.errors import BudgetInfeasible
@@ -88,6 +89,7 @@ RECONFIRM_FACTOR = 3
 rounds (the spread of a median shrinks about as the square root of the rounds)."""
 
 __all__ = [
+    "COMPARE_TOP_K",
     "RECONFIRM_FACTOR",
     "ConfirmFn",
     "budget_summary",
@@ -96,6 +98,7 @@ __all__ = [
     "dominated",
     "fit_class",
     "infeasible_error",
+    "must_compare",
     "needs_remeasure",
     "pareto_front",
     "relative_budget",
@@ -562,6 +565,25 @@ def infeasible_error(
 # --------------------------------------------------------------------------- confirmation
 
 
+COMPARE_TOP_K = 3
+"""Under ``--prefer fidelity`` a measure-first family trains the ``COMPARE_TOP_K`` densest
+candidates that fit, and compares their trained fidelity (see :func:`must_compare`)."""
+
+
+def must_compare(
+    outcomes: Iterable[CandidateOutcome], budget: LatencyBudget, prefer: Prefer
+) -> tuple[str, ...]:
+    """The fitting candidates whose order under ``prefer`` needs their trained fidelity, densest
+    first: ``fidelity``: the :data:`COMPARE_TOP_K` densest; ``capacity``: the densest and any
+    tied with it on retained MACs (a mixed family's methods at one size), which fidelity breaks.
+    A measure-first family trains these before it decides; the bound is the point: the rest
+    of the family is never trained."""
+    fitting = [o for o in capacity_order(outcomes) if _fits(o, budget)]
+    if prefer == "fidelity":
+        return tuple(o.candidate for o in fitting[:COMPARE_TOP_K])
+    return tuple(o.candidate for o in fitting if o.retained == fitting[0].retained)
+
+
 def denser_neighbour(
     outcomes: Iterable[CandidateOutcome], name: str, budget: LatencyBudget
 ) -> str | None:
@@ -634,12 +656,13 @@ def _reference_of(items: Sequence[CandidateOutcome], budget: LatencyBudget) -> s
 def select_confirmed(
     outcomes: Iterable[CandidateOutcome],
     budget: LatencyBudget,
-    confirm: ConfirmFn,
+    confirm: ConfirmFn | None,
     *,
     prefer: Prefer = "capacity",
     search: Literal["all", "bisect"] = "all",
     measured: Sequence[str] | None = None,
     max_confirmations: int = 3,
+    ready: Callable[[str], str | None] | None = None,
 ) -> Selection:
     """:func:`decide`, then confirm the choice; continue the search while confirmation fails.
 
@@ -658,7 +681,10 @@ def select_confirmed(
     original) is re-measured in the same call, last in ``names``, and the confirmation is
     judged against ``reference figure there / speedup`` -- the budget means the same thing in
     the fresh process as in the run. ``confirm`` must measure ``names[0]`` and that reference
-    in one process; the other names are informational. Pure apart from calling ``confirm``.
+    in one process; the other names are informational. ``ready(choice)``, called before the
+    confirmation, makes the choice deployable (measure-first: trains and verifies it) or says
+    why it cannot be, and the search continues without it. ``confirm=None``: no confirmation.
+    Pure apart from calling ``confirm`` and ``ready``.
     """
     if max_confirmations < 1:
         raise ValueError("max_confirmations must be >= 1")
@@ -674,7 +700,7 @@ def select_confirmed(
         chosen = sel.chosen
         if chosen is None:
             if excluded:
-                notes.append("no remaining candidate fits after failed confirmation(s)")
+                notes.append("no remaining candidate fits after those set aside")
             break
         if calls >= max_confirmations:
             notes.append(
@@ -684,6 +710,13 @@ def select_confirmed(
                 f"not confirmed: the search stopped after {calls} failed confirmation(s)"
             )
             sel = dataclasses.replace(sel, chosen=None)
+            break
+        why = ready(chosen) if ready is not None else None
+        if why is not None:
+            excluded[chosen] = f"not deployable: {why}"
+            notes.append(f"{chosen} set aside: {why}; continuing the search")
+            continue
+        if confirm is None:
             break
         names = [chosen]
         neighbour = denser_neighbour(items, chosen, budget)

@@ -33,6 +33,7 @@ STATISTICS: tuple[str, ...] = ("mean", "p50", "p90", "p95", "p99")
 Precision = Literal["fp32", "fp16", "bf16"]
 BlockKind = Literal["attn_mlp", "mlp", "identity"]
 Scope = Literal["host", "device_compute", "device_with_copies"]
+WeightsState = Literal["structure", "trained"]
 
 
 # --------------------------------------------------------------------------- serde
@@ -259,7 +260,8 @@ class Candidate:
     """One compressed (or original) model: its structure, cost and how it was made.
 
     Weights live next to the spec as ``weights`` (a safetensors file name, relative to the
-    candidate's JSON).
+    candidate's JSON). ``state``: ``structure`` (surgery + closed-form re-fit on the pretrained
+    weights, not finetuned) or ``trained`` (final weights; the original is trained as it is).
     """
 
     name: str
@@ -273,6 +275,12 @@ class Candidate:
     input_fingerprint: str
     weights: str
     weights_sha256: str
+    state: WeightsState = "trained"
+
+    @property
+    def key(self) -> str:
+        """The file stem of this record and its artifacts: ``<name>`` or ``<name>.trained``."""
+        return self.weights.removesuffix(".safetensors")
 
     def __post_init__(self) -> None:
         safe_name(self.name, "candidate name")
@@ -521,7 +529,9 @@ class CandidateOutcome:
     """What happened to one candidate on one target: verification, latency, or the failure.
 
     ``latency`` holds one entry per measured batch size. ``fidelity`` is the top-1 agreement with
-    the original model on held-out images (``None`` when not evaluated).
+    the original model on held-out images (``None`` when not evaluated). ``measured_on``: the
+    weights the artifact (and so its figures and verification) had; ``trained``: whether the
+    candidate has been finetuned (a structure is measured before, and unless, it is chosen).
     """
 
     candidate: str
@@ -534,6 +544,8 @@ class CandidateOutcome:
     fidelity: float | None = None
     artifact: Artifact | None = None
     error: str = ""
+    measured_on: WeightsState = "trained"
+    trained: bool = True
 
     def __post_init__(self) -> None:
         safe_name(self.candidate, "candidate name")

@@ -172,8 +172,12 @@ def copy_of_run(out: Path, tmp_path: Path) -> Path:
     return dest
 
 
-def newest_published(out: Path, model: str = "dcvit_vit_tiny_patch16_224") -> str:
-    """The candidate of the newest version of ``model`` in the run's Triton repository."""
+def served(out: Path, model: str = "dcvit_vit_tiny_patch16_224") -> str:
+    """The candidate of the one version ``model``'s ``config.pbtxt`` serves in the run's Triton
+    repository (a pick an older version holds is served again, not copied)."""
+    import re
+
     root = out / "triton" / model
-    newest = max((v for v in root.iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
-    return json.loads((newest / "deploy.json").read_text())["source"]["candidate"]
+    m = re.search(r"versions:\s*(\d+)", (root / "config.pbtxt").read_text())
+    assert m is not None, "config.pbtxt serves no specific version"
+    return json.loads((root / m.group(1) / "deploy.json").read_text())["source"]["candidate"]

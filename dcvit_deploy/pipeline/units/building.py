@@ -68,7 +68,7 @@ class BuildUnit:
         self.candidate = candidate
         self.profile = profile
         self.onnx_path = onnx_path
-        self.id = build_unit_id(profile.name, candidate.name)
+        self.id = build_unit_id(profile.name, candidate.key)
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         return {
@@ -92,7 +92,7 @@ class BuildUnit:
             self.onnx_path,
             self.profile,
             run.sub(f"artifacts/{self.profile.name}"),
-            candidate=cand.name,
+            candidate=cand.key,
             timing_cache=run.root / "artifacts" / f"{self.profile.name}.timing.cache",
             model=model if getattr(backend, "needs_module", False) else None,
         )
@@ -112,10 +112,11 @@ class BuildUnit:
 
 
 def build_facts(
-    run: RunDir, profile: str, name: str
+    run: RunDir, profile: str, key: str
 ) -> tuple[Artifact | None, Verification | None, str]:
-    """The built artifact, its verification and the failure reason recorded by the build unit."""
-    rec = run.unit(build_unit_id(profile, name))
+    """The built artifact, its verification and the failure reason recorded by the build unit
+    of the record ``key`` (:attr:`Candidate.key`)."""
+    rec = run.unit(build_unit_id(profile, key))
     if not rec:
         return None, None, ""
     if rec.get("status") != "ok":

@@ -1,17 +1,20 @@
 """The family unit (compress the teacher into a dense family) and the family as the run's one
 source of truth.
 
-The current family -- ``family/family.json`` plus each candidate's weights checksum, as recorded
-by the family unit -- defines which candidates exist. Every reader (export, build, profile,
-select, publish, report, status, compare) goes through :func:`current_family`; candidates of an
-earlier family that are no longer in it are *superseded*: listed as such, never chosen.
+The current family -- ``family/family.json`` plus each structure's weights checksum, as recorded
+by the family unit, and the trained subset, as recorded by the train units (``train/<name>``:
+the trained weights' checksum and the structure they were trained from) -- defines which
+candidates exist and which are trained. Every reader (export, build, profile, select, publish,
+report, status, compare) goes through :func:`current_family`; candidates of an earlier family
+that are no longer in it are *superseded*: listed as such, never chosen.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,6 +29,7 @@ from dcvit_deploy.store.rundir import MANIFEST
 if TYPE_CHECKING:
     from dcvit_deploy.config.options import CompressOptions
     from dcvit_deploy.pipeline.context import JobContext, Prepared
+    from dcvit_deploy.pipeline.runner import Runner
     from dcvit_deploy.store.records import Candidate
     from dcvit_deploy.store.rundir import RunDir
 
@@ -35,6 +39,7 @@ FAMILY_UNIT = "family"
 NOT_IDENTITY = {
     "data": "a location: the images enter by content",
     "device": "where the finetune runs, not what it computes",
+    "train": "which structures are trained, not what a structure or its training is",
     **dict.fromkeys(
         ("checkpoint", "pretrained_cache", "random_init"), "the weights enter by content"
     ),
@@ -165,40 +170,20 @@ class FamilyUnit:
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         prep = ctx.prep()  # the held-out images always enter: fidelity is measured on them
         ident = family_identity(ctx.copts, prep)
-        return {**ident, "fidelity": prep.holdout_fp, "versions": versions(TRAIN_PACKAGES)}
+        versions_ = versions(TRAIN_PACKAGES)
+        return {**ident, "fidelity": prep.holdout_fp, "versions": versions_,
+                "train_all": ctx.copts.trains_all}  # fmt: skip
 
     def execute(self, ctx: JobContext) -> UnitOutput:
         from dcvit_deploy.compress.family import compress_family
-        from dcvit_deploy.compress.finetune import train_transform
-        from dcvit_deploy.model.images import FewShotImages
-        from dcvit_deploy.pipeline.context import torch_device
+        from dcvit_deploy.model.images import skipped_summary
 
         prep = ctx.prep()
-        opts = ctx.copts
         run = ctx.run
         for name in _repair(run.family_dir):
             ctx.note(f"candidate {name}: weights missing or corrupted; rebuilding it")
-        device = torch_device(opts.device)
-        config = family_config(opts, len(prep.train_paths))
-        dataset = FewShotImages(
-            prep.train_paths, train_transform(config.schedule, prep.data_config)
-        )
-        metric = self._metric_set(ctx, device)
-        result = compress_family(
-            prep.teacher,
-            model_name=opts.model,
-            model_kwargs=prep.model_kwargs,
-            data=dataset,
-            metric_images=metric.images,
-            out_dir=run.family_dir,
-            config=config,
-            teacher_fingerprint=prep.weights_fp,
-            input_fingerprint=fingerprint(family_identity(opts, prep)),
-            activation_images=prep.holdout if opts.neuron_choice == "activation" else None,
-            device=device,
-            progress=ctx.progress,
-            executor=ctx.executor,
-        )
+        inputs, source = family_inputs(ctx)
+        result = compress_family(prep.teacher, train=False, **inputs)
         cands = list(result.candidates)
         names = [c.name for c in cands]
         if len(set(names)) != len(names):  # a bug in naming, never a user error
@@ -207,10 +192,7 @@ class FamilyUnit:
         files = [run.family_dir / "family.json"]
         for c in cands:
             files += [run.family_dir / f"{c.name}.json", run.family_dir / c.weights]
-        from dcvit_deploy.model.images import skipped_summary
-
-        skipped = [f"{p}: {r}" for p, r in dataset.skipped]
-        summary = skipped_summary(dataset.skipped, len(prep.train_paths))
+        dataset = inputs["data"]
         return UnitOutput(
             result={
                 "candidates": [
@@ -223,78 +205,186 @@ class FamilyUnit:
                     }
                     for c in cands
                 ],
+                "train_all": ctx.copts.trains_all,
                 "seconds": result.seconds,
-                "finetune_steps": result.finetune_steps,
-                "metric_set": metric.source,
+                "metric_set": source,
                 "images": len(dataset),
-                "skipped_images": skipped,
-                "skipped_summary": summary,
+                "skipped_images": [f"{p}: {r}" for p, r in dataset.skipped],
+                "skipped_summary": skipped_summary(dataset.skipped, len(prep.train_paths)),
                 "holdout": int(prep.holdout.shape[0]),
                 "holdout_note": prep.holdout_note,
             },
             files=tuple(files),
         )
 
-    def _metric_set(self, ctx: JobContext, device: str) -> Any:
-        from dcvit_deploy.compress.metric_set import (
-            InversionSettings,
-            load_or_synthesize,
-            real_metric_set,
-        )
 
-        prep = ctx.prep()
-        opts = ctx.copts
-        if opts.metric == "real":
-            return real_metric_set(prep.holdout)
-        settings = (
-            InversionSettings.paper() if opts.inversion == "paper" else InversionSettings.fast()
-        )
-        if opts.inversion_iterations is not None:
-            settings = dataclasses.replace(
-                settings,
-                iterations=opts.inversion_iterations,
-                warmup_iterations=min(settings.warmup_iterations, opts.inversion_iterations // 2),
-            )
+def family_inputs(ctx: JobContext) -> tuple[dict[str, Any], str]:
+    """The keyword arguments of :func:`~dcvit_deploy.compress.family.family_engines` for this
+    run, and where its metric set came from."""
+    from dcvit_deploy.compress.finetune import train_transform
+    from dcvit_deploy.model.images import FewShotImages
+    from dcvit_deploy.pipeline.context import torch_device
 
-        def inv_progress(p: Any) -> None:
-            ctx.progress(
-                ProgressEvent(
-                    stage="metric set",
-                    step=p.step,
-                    steps=p.total,
-                    loss=p.loss,
-                    eta_s=getattr(p, "eta", None),
-                )
-            )
+    prep, opts = ctx.prep(), ctx.copts
+    device = torch_device(opts.device)
+    config = family_config(opts, len(prep.train_paths))
+    metric = _metric_set(ctx, device)
+    inputs = {
+        "model_name": opts.model,
+        "model_kwargs": prep.model_kwargs,
+        "data": FewShotImages(prep.train_paths, train_transform(config.schedule, prep.data_config)),
+        "metric_images": metric.images,
+        "out_dir": ctx.run.family_dir,
+        "config": config,
+        "teacher_fingerprint": prep.weights_fp,
+        "input_fingerprint": fingerprint(family_identity(opts, prep)),
+        "activation_images": prep.holdout if opts.neuron_choice == "activation" else None,
+        "device": device,
+        "progress": ctx.progress,
+        "executor": ctx.executor,
+    }
+    return inputs, metric.source
 
-        return load_or_synthesize(
-            ctx.run.sub("metric_set"),
-            prep.weights_fp,
-            prep.teacher,
-            prep.data_config["input_size"],
-            prep.data_config["mean"],
-            prep.data_config["std"],
+
+def _metric_set(ctx: JobContext, device: str) -> Any:
+    from dcvit_deploy.compress.metric_set import (
+        InversionSettings,
+        load_or_synthesize,
+        real_metric_set,
+    )
+
+    prep = ctx.prep()
+    opts = ctx.copts
+    if opts.metric == "real":
+        return real_metric_set(prep.holdout)
+    settings = InversionSettings.paper() if opts.inversion == "paper" else InversionSettings.fast()
+    if opts.inversion_iterations is not None:
+        settings = dataclasses.replace(
             settings,
-            seed=opts.seed,
-            device=device,
-            progress=inv_progress,
+            iterations=opts.inversion_iterations,
+            warmup_iterations=min(settings.warmup_iterations, opts.inversion_iterations // 2),
         )
+
+    def inv_progress(p: Any) -> None:
+        ctx.progress(
+            ProgressEvent(
+                stage="metric set",
+                step=p.step,
+                steps=p.total,
+                loss=p.loss,
+                eta_s=getattr(p, "eta", None),
+            )
+        )
+
+    return load_or_synthesize(
+        ctx.run.sub("metric_set"),
+        prep.weights_fp,
+        prep.teacher,
+        prep.data_config["input_size"],
+        prep.data_config["mean"],
+        prep.data_config["std"],
+        settings,
+        seed=opts.seed,
+        device=device,
+        progress=inv_progress,
+    )
+
+
+def train_unit_id(name: str) -> str:
+    return f"train/{name}"
+
+
+class TrainUnit:
+    """Finetune one structure of the family into its trained candidate
+    (``family/<name>.trained``); its fidelity on the held-out images is recorded with it."""
+
+    optional = True  # a pick that cannot be trained is set aside; the search goes on
+
+    def __init__(
+        self, structure: Candidate, engines: Callable[[], Any], prev: Candidate | None
+    ) -> None:
+        self.structure = structure
+        self.engines = engines
+        self.prev = prev
+        self.id = train_unit_id(structure.name)
+
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
+        s = self.structure
+        return {
+            "structure": s.weights_sha256,
+            "identity": s.recipe.get("fingerprint"),  # teacher, images, procedure, schedule
+            "warm_from": self.prev.weights_sha256 if self.prev else None,
+            "versions": versions(TRAIN_PACKAGES),
+        }
+
+    def execute(self, ctx: JobContext) -> UnitOutput:
+        s = self.structure
+        cand = self.engines()[s.method].train(s, self.prev)
+        family_dir = ctx.run.family_dir
+        return UnitOutput(
+            result={
+                "weights_sha256": cand.weights_sha256,
+                **self.inputs(ctx),
+                **_fidelity([cand], family_dir, ctx.prep())[cand.name],
+            },
+            files=(family_dir / f"{cand.key}.json", family_dir / cand.weights),
+        )
+
+
+def train_picks(ctx: JobContext, runner: Runner, family: Family, names: Sequence[str]) -> Family:
+    """Finetune the candidates ``names`` of ``family`` (a trained one is reused while its
+    structure and identity are unchanged) and return the family with them: the one step
+    whose cost grows with what is chosen. The items are independent unless the procedure
+    chains (``--reuse``: each warm-starts from the previous trained one of its method), so an
+    executor may fan them out."""
+    from dcvit_deploy.compress.family import family_engines
+
+    engines: list[Any] = []
+
+    def engine() -> Any:
+        if not engines:  # built once, on the first candidate that is not trained yet
+            engines.append(family_engines(ctx.prep().teacher, **family_inputs(ctx)[0]))
+        return engines[0]
+
+    chained = bool(ctx.copts.reuse)  # no preset warm-starts; only --reuse does
+    prev: dict[str, Candidate] = {}
+    for c in family.candidates:
+        if c.name in names and c.state == "structure":
+            runner.run(TrainUnit(c, engine, prev.get(c.method) if chained else None))
+            trained = current_family(ctx.run).trained.get(c.name)
+            if trained is not None:
+                prev[c.method] = trained
+    return current_family(ctx.run)
 
 
 @dataclass(frozen=True)
 class Family:
-    """The run's current family: candidates (in family order) and their recorded facts."""
+    """The run's current family: every candidate's structure (in family order), the trained
+    ones and their recorded facts. ``train_all``: every candidate is trained before it is
+    measured; otherwise the structures are measured and only what is chosen is trained."""
 
     candidates: tuple[Candidate, ...]
     facts: dict[str, dict[str, Any]]
     info: dict[str, Any]
+    trained: dict[str, Candidate] = field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.candidates)
 
-    def fidelity(self, name: str) -> float | None:
-        v = self.facts.get(name, {}).get("fidelity")
+    @property
+    def train_all(self) -> bool:
+        return bool(self.info.get("train_all", True))
+
+    def measured(self, name: str) -> Candidate | None:
+        """The record whose artifact is measured: trained under ``train_all`` (``None`` until
+        it is), else the structure."""
+        cand = next(c for c in self.candidates if c.name == name)
+        return self.trained.get(name) if self.train_all else cand
+
+    def fidelity(self, name: str, trained: bool = False) -> float | None:
+        facts = self.facts.get(name, {})
+        v = (facts.get("trained") or facts if trained else facts).get("fidelity")
         return None if v is None else float(v)
 
 
@@ -310,10 +400,12 @@ class _Entry:
 
 
 def current_family(run: RunDir) -> Family:
-    """The family recorded by the last successful family unit (the one source of truth).
+    """The family recorded by the last successful family unit (the one source of truth), with
+    the candidates trained from its structures.
 
-    Raises :class:`UserInputError` when compression has not finished, or when a candidate's
+    Raises :class:`UserInputError` when compression has not finished, or when a structure's
     files no longer match what the family unit recorded (rerun ``compress`` to rebuild it).
+    A trained candidate whose files changed is not trained (a rerun trains it again).
     """
     from dcvit_deploy.compress.candidate import read_candidate
 
@@ -326,6 +418,7 @@ def current_family(run: RunDir) -> Family:
     result = rec.get("result", {})
     cands = []
     facts = {}
+    trained = {}
     try:
         entries = from_dict(tuple[_Entry, ...], result.get("candidates", []), schema=None)
     except SchemaError as exc:
@@ -340,9 +433,24 @@ def current_family(run: RunDir) -> Family:
                 "rerun `dcvit-deploy compress` with the same options to rebuild it",
             )
         cands.append(cand)
-        facts[cand.name] = raw
+        facts[cand.name] = dict(raw)
+        done = run.unit(train_unit_id(cand.name)) or {}
+        res = done.get("result", {})
+        spec = run.family_dir / f"{cand.name}.trained.json"
+        if cand.state == "trained":  # the original: its weights are final
+            trained[cand.name] = cand
+        elif (
+            done.get("status") == "ok"
+            and (res.get("structure"), res.get("identity"))
+            == (cand.weights_sha256, cand.recipe.get("fingerprint"))
+            and spec.is_file()
+        ):
+            t = read_candidate(spec)
+            if t.weights_sha256 == res.get("weights_sha256"):
+                trained[cand.name] = t
+                facts[cand.name]["trained"] = res
     info = {k: v for k, v in result.items() if k != "candidates"}
-    return Family(tuple(cands), facts, info)
+    return Family(tuple(cands), facts, info, trained)
 
 
 def superseded(run: RunDir, family: Family) -> list[str]:
@@ -351,6 +459,6 @@ def superseded(run: RunDir, family: Family) -> list[str]:
     names = set()
     for unit_id in run.units():
         parts = unit_id.split("/")
-        if parts[0] in ("export", "build") and len(parts) >= 3:
-            names.add(parts[-1])
+        if parts[0] in ("export", "build", "train") and len(parts) >= 2:
+            names.add(parts[-1].removesuffix(".trained"))
     return sorted(names - set(family.names))

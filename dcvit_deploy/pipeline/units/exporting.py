@@ -41,7 +41,7 @@ class ExportUnit:
     def __init__(self, candidate: Candidate, precision: str) -> None:
         self.candidate = candidate
         self.precision = precision
-        self.id = export_unit_id(precision, candidate.name)
+        self.id = export_unit_id(precision, candidate.key)
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         return {
@@ -67,10 +67,10 @@ class ExportUnit:
             "opset": ctx.dopts.opset,
             "simplify": ctx.dopts.simplify,
         }
-        path = run.sub(f"onnx/{self.precision}/{cand.name}.onnx", file=True)
+        path = run.sub(f"onnx/{self.precision}/{cand.key}.onnx", file=True)
         result: dict[str, Any] = {}
         if self.precision == "fp16":
-            fp32 = run.sub("onnx/fp32") / f".{cand.name}.fp16-reference.onnx"
+            fp32 = run.sub("onnx/fp32") / f".{cand.key}.fp16-reference.onnx"
             export_onnx(model, fp32, **common)
             reference = verify_onnx(model, fp32, images)
             fp32.unlink(missing_ok=True)
@@ -85,9 +85,10 @@ class ExportUnit:
         return UnitOutput(result=result, files=(path,))
 
 
-def export_facts(run: RunDir, precision: str, name: str) -> tuple[Path | None, Verification | None]:
-    """The exported graph and its verification as recorded by the export unit (or ``None``)."""
-    rec = run.unit(export_unit_id(precision, name))
+def export_facts(run: RunDir, precision: str, key: str) -> tuple[Path | None, Verification | None]:
+    """The exported graph and its verification as recorded by the export unit of the record
+    ``key`` (:attr:`Candidate.key`), or ``None``."""
+    rec = run.unit(export_unit_id(precision, key))
     if not rec or rec.get("status") != "ok":
         return None, None
     result = rec["result"]

@@ -49,9 +49,12 @@ def run_meta(
         )
     verified: dict[str, Any] = {}
     precision = onnx_precision_for(profile.precision)
+    chosen = result.selection.chosen if result.selection else None
     for cand in family.candidates:
-        export = run.unit(export_unit_id(precision, cand.name)) or {}
-        built = run.unit(build_unit_id(profile.name, cand.name)) or {}
+        rec = family.trained.get(cand.name) if cand.name == chosen else family.measured(cand.name)
+        key = rec.key if rec is not None else cand.name
+        export = run.unit(export_unit_id(precision, key)) or {}
+        built = run.unit(build_unit_id(profile.name, key)) or {}
         entry: dict[str, Any] = {}
         if export.get("status") == "ok":
             res = export["result"]

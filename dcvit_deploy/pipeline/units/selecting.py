@@ -12,12 +12,20 @@ confirms the choice in a fresh process
 fits is
 set aside with the figure as its reason and the search continues, so a model that misses its
 budget is never published.
+
+Measure first (``--train pick``): the outcomes are the structures' (re-fitted pretrained
+weights). Each choice is trained, exported, built and verified against PyTorch by ``pick``
+before its confirmation, which then measures the *trained* artifact (a pick that cannot be
+trained or misses the fidelity floor is set aside and the next choice is trained);
+:func:`~dcvit_deploy.selection.decide.must_compare` bounds what is trained to compare
+fidelities. The chosen artifact's published figure is the trained artifact's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import UserInputError
@@ -124,9 +132,18 @@ class SelectUnit:
 
     optional = False
 
-    def __init__(self, profile: TargetProfile, outcomes: list[CandidateOutcome]) -> None:
+    def __init__(
+        self,
+        profile: TargetProfile,
+        outcomes: list[CandidateOutcome],
+        pick: Callable[[str], CandidateOutcome | str] | None = None,
+        identities: dict[str, Any] | None = None,
+    ) -> None:
         self.profile = profile
         self.outcomes = outcomes
+        self.pick = pick  # measure-first: make a choice deployable (its outcome) or say why not
+        self.identities = identities  # what a pick is trained from: changed, train again
+        self.picked: dict[str, CandidateOutcome | str] = {}
         self.id = select_unit_id(profile.name)
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
@@ -139,6 +156,7 @@ class SelectUnit:
             "prefer": d.prefer,
             "search": d.search,
             "confirm": d.confirm,
+            "trains": self.identities,
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
@@ -148,14 +166,25 @@ class SelectUnit:
         items, remeasured = self._remeasure_within_noise(ctx, budget)
         if budget.relative:  # the original may have been re-measured: its figure moved the budget
             budget = resolve_budget(self.profile, ctx.dopts, items) or budget
-        selection = self._decide(ctx, items, budget)
+        selection, trained = self._decide(ctx, items, budget)
+        files = []
+        if trained is not None and selection.chosen is not None:
+            got = self.picked[selection.chosen]
+            assert isinstance(got, CandidateOutcome) and got.artifact is not None
+            # gone or changed: decide (and train) again
+            files = [
+                Path(got.artifact.path),
+                *ctx.run.family_dir.glob(f"{got.candidate}.trained.*"),
+            ]
         return UnitOutput(
             result={
                 "decided_on": self.inputs(ctx)["outcomes"],  # what `report` may render it with
                 "selection": to_dict(selection),
                 "budget": budget_basis(budget),
                 "remeasured": {n: [to_dict(s) for s in st] for n, st in remeasured.items()},
-            }
+                "trained": {selection.chosen: [to_dict(trained)]} if trained else {},
+            },
+            files=tuple(files),
         )
 
     def _remeasure_within_noise(
@@ -207,22 +236,79 @@ class SelectUnit:
 
     def _decide(
         self, ctx: JobContext, items: list[CandidateOutcome], budget: LatencyBudget
-    ) -> Selection:
-        from dcvit_deploy.selection.decide import decide, select_confirmed
+    ) -> tuple[Selection, LatencyStats | None]:
+        """The confirmed selection and, measure-first, the chosen trained artifact's figure."""
+        from dcvit_deploy.selection.decide import must_compare, select_confirmed
 
         prefer = ctx.dopts.prefer
-        if not ctx.dopts.confirm:
-            return decide(items, budget, search=ctx.dopts.search, prefer=prefer)
-        from dcvit_deploy.latency.confirm import FreshProcessConfirm
+        confirm = None
+        if ctx.dopts.confirm:
+            from dcvit_deploy.latency.confirm import FreshProcessConfirm
 
-        artifacts = {o.candidate: o.artifact for o in items if o.artifact is not None}
-        confirm = FreshProcessConfirm(
-            artifacts,
-            self.profile,
-            budget.batch_size,
-            anchor=budget.reference or None,
+            artifacts = {o.candidate: o.artifact for o in items if o.artifact is not None}
+            confirm = FreshProcessConfirm(
+                artifacts, self.profile, budget.batch_size, anchor=budget.reference or None
+            )
+        search, pick = ctx.dopts.search, self.pick
+        if pick is None:
+            return select_confirmed(items, budget, confirm, prefer=prefer, search=search), None
+
+        def ready(name: str) -> str | None:
+            if name not in self.picked:
+                self.picked[name] = pick(name)
+            got = self.picked[name]
+            if isinstance(got, str):
+                return got
+            if confirm is not None and got.artifact is not None:
+                confirm.use(name, got.artifact)
+            return None
+
+        items = [dataclasses.replace(o, fidelity=None) for o in items]  # only trained ones compare
+        for name in must_compare(items, budget, prefer):
+            ready(name)
+        items = [
+            dataclasses.replace(o, fidelity=got.fidelity)
+            if isinstance(got := self.picked.get(o.candidate), CandidateOutcome)
+            else o
+            for o in items
+        ]
+        sel = select_confirmed(items, budget, confirm, prefer=prefer, search=search, ready=ready)
+        if sel.chosen is None:
+            return sel, None
+        return self._trained_figure(ctx, sel, budget, confirm)
+
+    def _trained_figure(
+        self, ctx: JobContext, sel: Selection, budget: LatencyBudget, confirm: Any
+    ) -> tuple[Selection, LatencyStats]:
+        """The chosen trained artifact's figure (its confirmation, or without one a measurement
+        here), and a note comparing it with the structure's figure the decision was made on."""
+        name = sel.chosen
+        assert name is not None
+        if confirm is not None:
+            stats = confirm.latest[name]
+        else:
+            from dcvit_deploy.backends import get_backend
+            from dcvit_deploy.latency.rounds import measure_rounds
+
+            got = self.picked[name]
+            assert isinstance(got, CandidateOutcome) and got.artifact is not None
+            result = measure_rounds(
+                get_backend(self.profile.backend),
+                {name: got.artifact},
+                self.profile,
+                [budget.batch_size],
+                seed=ctx.copts.seed + 2,
+            )
+            stats = result.at(name, budget.batch_size)
+        figure, spread, _ = sel.figures[name]
+        value, tspread = stats.stat(budget.statistic), stats.spread(budget.statistic)
+        apart = abs(value - figure) > spread + tspread
+        note = (
+            f"{name} measured as the trained artifact: {budget.statistic} {value:.4g} ms "
+            f"+- {tspread:.2g}, its structure {figure:.4g} ms +- {spread:.2g}: "
+            + ("they differ beyond both spreads" if apart else "the same within noise")
         )
-        return select_confirmed(items, budget, confirm, prefer=prefer, search=ctx.dopts.search)
+        return dataclasses.replace(sel, notes=(*sel.notes, note)), stats
 
 
 def selection_of(result: dict[str, Any]) -> Selection | None:
@@ -230,8 +316,6 @@ def selection_of(result: dict[str, Any]) -> Selection | None:
     return from_dict(Selection, sel) if sel else None
 
 
-def remeasured_of(result: dict[str, Any]) -> dict[str, list[LatencyStats]]:
-    return {
-        n: [from_dict(LatencyStats, s) for s in st]
-        for n, st in result.get("remeasured", {}).items()
-    }
+def remeasured_of(result: dict[str, Any], key: str = "remeasured") -> dict[str, list[LatencyStats]]:
+    """The figures a select unit re-measured (``trained``: of its chosen trained artifact)."""
+    return {n: [from_dict(LatencyStats, s) for s in st] for n, st in result.get(key, {}).items()}
