@@ -270,11 +270,6 @@ class TensorRTRunner:
 
     # ------------------------------------------------------------------ buffers
 
-    @property
-    def graph_count(self) -> int:
-        """CUDA graphs currently held (all belong to the current binding)."""
-        return len(self._binding.graphs) if self._binding is not None else 0
-
     def bind(self, batch_size: int) -> Binding:
         """Set the input shape and bind device buffers for ``batch_size`` (reused if bound)."""
         with self._ordered():
