@@ -141,9 +141,9 @@ def cuda_info(device_index: int = 0) -> dict[str, Any]:
 
 def nvml_info(device_index: int = 0) -> dict[str, Any]:
     """Clocks, power, temperature and driver from NVML; every field ``'unavailable'`` if absent."""
-    fields = ("driver", "sm_clock_mhz", "mem_clock_mhz", "max_sm_clock_mhz", "power_w")
-    fields += ("power_limit_w", "temperature_c", "persistence_mode")
-    out: dict[str, Any] = {"nvml": UNAVAILABLE, **{f: UNAVAILABLE for f in fields}}
+    fields = "driver sm_clock_mhz mem_clock_mhz max_sm_clock_mhz power_w power_limit_w"
+    fields += " temperature_c persistence_mode"
+    out: dict[str, Any] = {"nvml": UNAVAILABLE, **{f: UNAVAILABLE for f in fields.split()}}
     try:
         import pynvml  # provided by the nvidia-ml-py distribution
     except Exception:
