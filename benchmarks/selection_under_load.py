@@ -110,7 +110,7 @@ def build_family(work: Path, profile: TargetProfile) -> tuple[dict[str, Artifact
     import torch
 
     from dcvit_deploy.backends import get_backend
-    from dcvit_deploy.compress.macs import count_module_macs, geometry_of
+    from dcvit_deploy.compress.macs import geometry_of
     from dcvit_deploy.compress.plan import plan_structure
     from dcvit_deploy.compress.recoverability import default_candidate_blocks
     from dcvit_deploy.compress.surgery import (
@@ -130,6 +130,7 @@ def build_family(work: Path, profile: TargetProfile) -> tuple[dict[str, Artifact
     blocks = default_candidate_blocks(depth)
     hidden_base = base.base_mlp_hidden
     models: dict[str, Any] = {"original": teacher}
+    specs = {"original": base}
     for t in TARGETS:
         plan = plan_structure(geom, depth, t, max_blocks=len(blocks))
         chosen = blocks[len(blocks) - plan.n_blocks :]  # late blocks first, as DC-ViT tends to
@@ -139,10 +140,11 @@ def build_family(work: Path, profile: TargetProfile) -> tuple[dict[str, Artifact
 
         spec = compress_blocks(base, chosen, plan.hidden, chooser)
         models[f"dcvit-{round(t * 1000):04d}"] = apply_spec(teacher, spec).eval()
+        specs[f"dcvit-{round(t * 1000):04d}"] = spec
     backend = get_backend(profile.backend)
     artifacts: dict[str, Artifact] = {}
     facts: dict[str, Any] = {}
-    base_macs = count_module_macs(teacher)
+    base_macs = geom.count(base.blocks)
     for cand, model in models.items():
         onnx_path = work / f"{cand}.onnx"
         if not onnx_path.is_file():
@@ -150,7 +152,7 @@ def build_family(work: Path, profile: TargetProfile) -> tuple[dict[str, Artifact
             export_onnx(model, onnx_path, input_shape=(3, 224, 224))
             log(f"exported {cand} in {time.perf_counter() - t0:.1f} s")
         artifacts[cand] = backend.build(onnx_path, profile, work / "artifacts", candidate=cand)
-        macs: MacCount = count_module_macs(model)
+        macs: MacCount = geom.count(specs[cand].blocks)  # equal to the built model's count
         facts[cand] = {
             "macs": dataclasses.asdict(macs),
             "retained": macs.linear_norm / base_macs.linear_norm,

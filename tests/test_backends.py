@@ -180,8 +180,14 @@ def test_torch_backend_builds_from_the_module(vit: torch.nn.Module, tmp_path: Pa
     with torch.inference_mode():
         ref = vit(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(backend.run(artifact, profile, x), ref, atol=1e-5, rtol=1e-5)
+    threads = torch.get_num_threads()
     stats = backend.measure(artifact, profile, 1)
-    assert stats.iterations >= 15 and stats.p50 > 0
+    assert stats.iterations >= 15 and stats.p50 > 0 and torch.get_num_threads() == threads
+    ready = backend.open_measurement(artifact, profile, 2)  # its own module, same step and timer
+    assert torch.get_num_threads() == 1 and ready.timer.name == "host"
+    ready.step()
+    ready.close()
+    assert torch.get_num_threads() == threads
 
 
 def test_gpu_profile_without_gpu_is_refused_with_fix(

@@ -3,24 +3,64 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 
-from dcvit_deploy.compress.macs import count_module_macs, geometry_of
+from dcvit_deploy.compress.macs import LN_MACS_PER_ELEMENT, _numel, geometry_of
 from dcvit_deploy.compress.plan import feasible_range, parse_targets, plan_structure
 from dcvit_deploy.compress.surgery import (
     FFNBlock,
     apply_spec,
     compress_blocks,
-    ffn_only,
     identity_spec,
     make_chooser,
     narrow_mlp,
     reshape,
 )
 from dcvit_deploy.errors import CheckpointMismatchError, UnsupportedModelError, UserInputError
-from dcvit_deploy.store.records import BlockSpec
+from dcvit_deploy.store.records import BlockSpec, MacCount
+
+
+def count_module_macs(model: torch.nn.Module) -> MacCount:
+    """MACs of a *built* model from its blocks' actual shapes: independent of
+    ``Geometry.count`` (which works from specs), to cross-check the planner against surgery."""
+    from timm.models.vision_transformer import Block
+
+    vit: Any = model
+    pe = vit.patch_embed
+    tokens = int(pe.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
+    d = int(vit.embed_dim)
+    proj = pe.proj
+    ln = int(pe.num_patches) * int(proj.weight[0].numel()) * d
+    if _numel(getattr(model, "norm", None)) > 0:
+        ln += LN_MACS_PER_ELEMENT * tokens * d
+    if _numel(getattr(model, "fc_norm", None)) > 0:
+        ln += LN_MACS_PER_ELEMENT * d
+    for head_name in ("head", "head_dist"):
+        w = getattr(getattr(model, head_name, None), "weight", None)
+        if w is not None:
+            ln += int(w.numel())
+    full = ln
+    for blk in vit.blocks:
+        mlp = getattr(blk, "mlp", None)
+        if mlp is not None:
+            h = int(mlp.fc1.out_features)
+            ln += LN_MACS_PER_ELEMENT * tokens * d + 2 * tokens * d * h
+            full += LN_MACS_PER_ELEMENT * tokens * d + 2 * tokens * d * h
+        if isinstance(blk, Block):
+            attn: Any = blk.attn
+            qkv = attn.qkv.weight
+            proj_w = attn.proj.weight
+            a = (
+                LN_MACS_PER_ELEMENT * tokens * d
+                + tokens * int(qkv.numel())
+                + tokens * int(proj_w.numel())
+            )
+            ln += a
+            full += a + 2 * tokens * tokens * d
+    return MacCount(linear_norm=ln, full=full, params=_numel(model))
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +98,7 @@ def test_planner_rounding_records_effect(vit_b_geometry):
     plan = plan_structure(vit_b_geometry, 12, 0.1655, max_blocks=10, round_to=64)
     assert plan.hidden % 64 == 0 and plan.hidden_unrounded == 1535
     assert plan.hidden == 1536
-    assert plan.rounding_error == pytest.approx(plan.achieved - 0.1655)
-    assert plan.rounding_error < 0  # one more unit kept -> slightly less reduction
+    assert plan.achieved < 0.1655  # one more unit kept -> slightly less reduction
 
 
 def test_planner_rejects_infeasible_target_naming_range(vit_b_geometry):
@@ -117,7 +156,7 @@ def test_narrowing_equals_zeroing_dropped_units(tiny_vit):
 
 def test_ffn_block_equals_block_minus_attention_residual(tiny_vit):
     blk = copy.deepcopy(tiny_vit.blocks[2])
-    ffn = ffn_only(blk)
+    ffn = FFNBlock(blk.norm2, copy.deepcopy(blk.mlp), blk.ls2, blk.drop_path2)
     with torch.no_grad():  # a block whose attention branch contributes nothing
         blk.attn.proj.weight.zero_()
         blk.attn.proj.bias.zero_()

@@ -19,6 +19,7 @@ from dcvit_deploy.compress.metric_set import (
     tv_prior,
     valid_range,
 )
+from dcvit_deploy.store.records import from_dict, to_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,7 +54,7 @@ def test_paper_settings_and_jitter_scaling() -> None:
     assert s.lr_at(0) == pytest.approx(0.0025) and s.lr_at(99) == pytest.approx(0.25)
     assert s.lr_at(1999) < 1e-5
     assert InversionSettings.fast().iterations < s.iterations
-    assert InversionSettings.from_dict(s.to_dict()) == s
+    assert from_dict(InversionSettings, to_dict(s)) == s
 
 
 def test_targets_distinct_or_cycled() -> None:

@@ -1,16 +1,9 @@
 """The backend protocol every runtime implements, and the helpers they share.
 
-A backend turns an exported candidate into a runnable :class:`~dcvit_deploy.store.records.Artifact`
-(``build``), times it with the shared loop in :mod:`dcvit_deploy.latency.loop` (``measure``), and
-runs
-it on real inputs for output checks (``run``). ``availability`` says -- without raising and
-without importing the runtime -- whether it can work here, and if not, how to fix that.
-
-Module-based backends. Most backends build from the ONNX file. A backend that runs the PyTorch
-module itself (the ``torch`` reference backend) sets ``needs_module = True`` and receives the
-candidate's module through ``build(..., model=module)``; its ``onnx_path`` argument may be
-``None``. Every other backend ignores ``model``. This keeps one protocol and one call site: the
-pipeline passes the module whenever ``backend.needs_module`` is true.
+A backend builds a runnable :class:`~dcvit_deploy.store.records.Artifact` from the ONNX file
+(``build``; one with ``needs_module = True``, the ``torch`` backend, gets the module as
+``model=`` instead), times it with the shared loop (``measure``) and runs it for output checks
+(``run``); ``availability`` says, without raising or importing the runtime, whether it can work.
 """
 
 from __future__ import annotations
@@ -154,15 +147,9 @@ class Backend(Protocol):
 
 
 class OpenMeasurement(Protocol):
-    """An artifact kept ready for timing across interleaved rounds (see
-    :mod:`dcvit_deploy.latency.rounds`): ``step`` runs one inference of the batch it was opened for,
-    ``timer`` times one step, ``close`` releases the session/engine and buffers.
-
-    Optional for backends: one that has ``open_measurement(artifact, profile, batch_size)``
-    returning this lets rounds keep one session per candidate open and run only the shared
-    loop per round; without it, rounds fall back to :meth:`Backend.measure` per round
-    (a new session and warm-up each round, not timed).
-    """
+    """An artifact kept ready for interleaved rounds: ``step`` runs one inference, ``timer``
+    times it, ``close`` releases it. Optional: a backend's ``open_measurement(artifact,
+    profile, batch_size)`` returns one; without it rounds call :meth:`Backend.measure`."""
 
     step: Callable[[], None]
     timer: Timer

@@ -158,51 +158,18 @@ class TorchBackend(BackendBase):
     ) -> LatencyStats:
         """CPU: host clock around one forward. CUDA: forward on a dedicated stream, timed with
         CUDA events (``device_*`` scopes) or the host clock plus synchronise (``host``)."""
-        import torch
-
-        self._require(profile)
-        check_batch(artifact, profile, batch_size)
-        opts = self.options(profile)
-        module = self._module(artifact, profile)
-        device = _device(profile, opts)
-        x = torch.randn(batch_size, *artifact.input_shape, device=device).to(
-            _dtype(profile.precision)
-        )
-        timer: Timer
-        if device.type == "cpu":
-            previous = torch.get_num_threads()
-            if opts["num_threads"]:
-                torch.set_num_threads(int(opts["num_threads"]))
-
-            def step() -> None:
-                with torch.inference_mode():
-                    module(x)
-
-            try:
-                return timed(
-                    step,
-                    profile=profile,
-                    artifact=artifact,
-                    batch_size=batch_size,
-                    timer=HostTimer(name="host"),
-                    raw_path=raw_path,
-                )
-            finally:
-                torch.set_num_threads(previous)
-        stream = torch.cuda.Stream(device)
-        cuda_step = _cuda_step(module, x, stream, cuda_graph=profile.measure.cuda_graphs)
-        if profile.scope == "host":
-            timer = HostTimer(sync=stream.synchronize, name="host")
-        else:
-            timer = CudaEventTimer(stream)
-        return timed(
-            cuda_step,
-            profile=profile,
-            artifact=artifact,
-            batch_size=batch_size,
-            timer=timer,
-            raw_path=raw_path,
-        )
+        ready = self._ready(lambda: self._module(artifact, profile), artifact, profile, batch_size)
+        try:
+            return timed(
+                ready.step,
+                profile=profile,
+                artifact=artifact,
+                batch_size=batch_size,
+                timer=ready.timer,
+                raw_path=raw_path,
+            )
+        finally:
+            ready.close()
 
     def open_measurement(
         self, artifact: Artifact, profile: TargetProfile, batch_size: int
@@ -212,13 +179,30 @@ class TorchBackend(BackendBase):
         them. On CPU, ``num_threads`` is applied now and restored by ``close``."""
         import torch
 
+        def load() -> torch.nn.Module:
+            device, dtype = _device(profile, self.options(profile)), _dtype(profile.precision)
+            return torch.export.load(artifact.path).module().to(device=device, dtype=dtype)
+
+        return self._ready(load, artifact, profile, batch_size)
+
+    def _ready(
+        self,
+        load: Callable[[], torch.nn.Module],
+        artifact: Artifact,
+        profile: TargetProfile,
+        batch_size: int,
+    ) -> ReadyMeasurement:
+        """The step and timer of one forward at ``batch_size`` (checks first, then ``load``)."""
+        import torch
+
         self._require(profile)
         check_batch(artifact, profile, batch_size)
         opts = self.options(profile)
+        module = load()
         device = _device(profile, opts)
-        dtype = _dtype(profile.precision)
-        module = torch.export.load(artifact.path).module().to(device=device, dtype=dtype)
-        x = torch.randn(batch_size, *artifact.input_shape, device=device).to(dtype)
+        x = torch.randn(batch_size, *artifact.input_shape, device=device).to(
+            _dtype(profile.precision)
+        )
         if device.type == "cpu":
             previous = torch.get_num_threads()
             if opts["num_threads"]:

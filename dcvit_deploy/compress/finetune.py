@@ -1,16 +1,9 @@
 """Step 4 of DC-ViT: finetune a compressed student by feature mimicking, and score students.
 
-The student learns to reproduce the original (teacher) model's ``forward_features`` output -- all
-tokens after the final norm, before pooling and head -- on a few unlabeled images. The teacher's
-classifier head is reused unchanged, so only the layers up to one block past the deepest
-compressed block are trained (see :func:`trainable_parameters`).
-
-Everything here relies only on timm's stable ``VisionTransformer`` attribute names
-(``patch_embed``, ``cls_token``, ``reg_token``, ``dist_token``, ``pos_embed``, ``norm_pre``,
-``blocks``, ``norm``, ``fc_norm``, ``head``, ``head_dist``, ``forward_features``), so it works for
-any ViT whose ``blocks`` hold original blocks, FFN-only blocks or ``nn.Identity``.
-
-Importing this module imports torch only.
+The student learns to reproduce the teacher's ``forward_features`` (all tokens after the final
+norm) on a few unlabeled images; the teacher's head is reused, so only the layers up to one block
+past the deepest compressed block train. Relies only on timm's stable ``VisionTransformer``
+attribute names, so blocks may be original, FFN-only or ``nn.Identity``.
 """
 
 from __future__ import annotations
@@ -26,25 +19,21 @@ from typing import Any, Literal, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from dcvit_deploy.errors import TrainingDiverged, UnsupportedModelError
-from dcvit_deploy.store.records import from_dict as _record_from_dict
-from dcvit_deploy.store.records import to_dict as _record_to_dict
+from dcvit_deploy.model.images import DEFAULT_AUTO_AUGMENT as PAPER_AUTO_AUGMENT
+from dcvit_deploy.model.images import build_transforms
 
 AmpMode = Literal["auto", "off", "bf16"]
 TrainableUpto = int | Literal["all"]
 
 PAPER_EPOCHS = 2000
 """Finetuning length of the paper: 2000 epochs of the few-shot set, per finetune."""
-PAPER_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
-"""timm RandAugment policy of the reference training transform."""
 
-# The cheaper ``default`` preset, chosen on the Fashion-MNIST benchmark
-# (benchmarks/results/compression_quality.md): after the closed-form re-fit, 200 steps (batch 32,
-# lr 1e-4) on plain views came within 0.3 point of -- in fact above -- the paper procedure
-# (RandAugment, progressive, finetune ranking); the paper's RandAugment + random resized crop cost
-# 1.2 points of top-1 on 28x28 inputs, so the default does not augment.
+# The ``default`` preset, from the Fashion-MNIST benchmark (benchmarks/results/
+# compression_quality.md): after the re-fit, 200 steps at lr 1e-4 on plain views matched the paper
+# procedure; RandAugment + random resized crop cost 1.2 points of top-1, so it does not augment.
 DEFAULT_ITERATIONS = 200
 DEFAULT_LR = 1e-4
 DEFAULT_LR_WARMUP_FRACTION = 0.05
@@ -58,9 +47,7 @@ def _check(condition: bool, message: str) -> None:
 def iterations_for_epochs(epochs: float, num_images: int, batch_size: int) -> int:
     """Optimiser steps that show ``num_images`` images ``epochs`` times (batch capped at the
     set size)."""
-    _check(epochs > 0, "epochs must be > 0")
-    _check(num_images >= 1, "num_images must be >= 1")
-    _check(batch_size >= 1, "batch_size must be >= 1")
+    _check(epochs > 0 and num_images >= 1 and batch_size >= 1, "epochs, images, batch must be > 0")
     per_epoch = math.ceil(num_images / min(batch_size, num_images))
     return max(1, math.ceil(epochs * per_epoch))
 
@@ -70,24 +57,13 @@ def iterations_for_epochs(epochs: float, num_images: int, batch_size: int) -> in
 
 @dataclass(frozen=True)
 class FinetuneSchedule:
-    """How one feature-mimicking finetune runs. Frozen; vary it with ``dataclasses.replace``.
+    """How one feature-mimicking finetune runs (frozen; vary with ``dataclasses.replace``).
 
-    - ``iterations``: optimiser steps; ``batch_size`` images per step (capped at the data size
-      when the data is a ``Dataset``).
-    - AdamW with ``lr``, ``weight_decay`` (applied to every trainable parameter, as the reference
-      code does), ``betas``, ``eps``.
-    - lr: linear warm-up over ``lr_warmup_iterations`` steps, then cosine from ``lr`` to
-      ``min_lr`` over the remaining steps.
-    - ``loss_warmup_fraction``: the loss weight ramps linearly from 0 (first step) to 1 over this
-      fraction of the steps (paper: the first 20 of 2000 epochs, i.e. 0.01); 0 disables the ramp.
-    - ``grad_clip``: max global gradient norm, or ``None``.
-    - ``augment`` / ``auto_augment``: whether the few-shot images get timm's training transform
-      (random resized crop, flip and this RandAugment policy). Augmentation happens where the
-      images are loaded -- build the dataset with :func:`train_transform` -- because
-      :func:`feature_mimic` receives already-transformed tensors.
-    - ``amp``: ``"auto"`` uses bf16 autocast on CUDA and none on CPU; ``"bf16"`` forces bf16
-      autocast on any device; ``"off"`` runs in fp32.
-    - ``preset``: the name of the preset it came from, for reports.
+    AdamW (weight decay on every trainable parameter, as the reference code); lr: linear warm-up
+    over ``lr_warmup_iterations``, then cosine to ``min_lr``; the loss weight ramps 0 -> 1 over
+    ``loss_warmup_fraction`` of the steps (paper: 0.01). ``augment``/``auto_augment`` select the
+    training transform (:func:`train_transform`), applied where the images are loaded. ``amp``:
+    ``auto`` = bf16 autocast on CUDA only, ``bf16`` = always, ``off`` = fp32.
     """
 
     iterations: int
@@ -111,7 +87,6 @@ class FinetuneSchedule:
         _check(self.lr > 0, "lr must be > 0")
         _check(0 <= self.min_lr <= self.lr, "min_lr must be in [0, lr]")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _check(len(self.betas) == 2, "betas must be a pair")
         _check(all(0 <= b < 1 for b in self.betas), "betas must be in [0, 1)")
         _check(self.eps > 0, "eps must be > 0")
         _check(
@@ -123,8 +98,6 @@ class FinetuneSchedule:
         _check(
             self.amp in ("auto", "off", "bf16"), f"amp must be auto, off or bf16, not {self.amp!r}"
         )
-
-    # ------------------------------------------------------------------ presets
 
     @classmethod
     def paper(cls, num_images: int, *, batch_size: int = 64) -> FinetuneSchedule:
@@ -152,10 +125,8 @@ class FinetuneSchedule:
         lr_warmup_fraction: float = DEFAULT_LR_WARMUP_FRACTION,
         augment: bool = False,
     ) -> FinetuneSchedule:
-        """A budget finetune: far fewer steps than the paper, a higher lr with a short linear
-        warm-up (a higher lr needs it), same loss and ramp; no augmentation unless ``augment``
-        (the paper's RandAugment cost 1.2 points on the 28x28 benchmark). ``iterations`` is
-        capped at the paper's length for ``num_images``, which it never needs to exceed."""
+        """A budget finetune: far fewer steps, a higher lr with a short warm-up, no augmentation
+        unless ``augment``; ``iterations`` capped at the paper's length for ``num_images``."""
         iterations = min(iterations, iterations_for_epochs(PAPER_EPOCHS, num_images, batch_size))
         return cls(
             iterations=iterations,
@@ -186,16 +157,6 @@ class FinetuneSchedule:
             preset="tiny",
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict stamped with the records schema version."""
-        return _record_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneSchedule:
-        return _record_from_dict(cls, data)
-
-    # ------------------------------------------------------------------ per-step values
-
     def lr_at(self, step: int) -> float:
         """Learning rate of 0-based ``step``: linear warm-up, then cosine to ``min_lr``."""
         warm = self.lr_warmup_iterations
@@ -205,27 +166,16 @@ class FinetuneSchedule:
         progress = min(1.0, (step - warm) / span)
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    @property
-    def loss_warmup_steps(self) -> int:
-        """Steps of the loss-weight ramp (0: no ramp)."""
-        if self.loss_warmup_fraction <= 0:
-            return 0
-        return max(1, round(self.loss_warmup_fraction * self.iterations))
-
     def loss_weight_at(self, step: int) -> float:
         """Loss weight of 0-based ``step``: 0 at step 0, rising linearly to 1 after the ramp."""
-        ramp = self.loss_warmup_steps
-        if ramp == 0:
+        if self.loss_warmup_fraction <= 0:
             return 1.0
-        return min(1.0, step / ramp)
+        return min(1.0, step / max(1, round(self.loss_warmup_fraction * self.iterations)))
 
 
 def train_transform(schedule: FinetuneSchedule, data_config: dict[str, Any]) -> Callable[..., Any]:
-    """The image transform that matches ``schedule``: the run's own
-    :func:`~dcvit_deploy.model.images.build_transforms` -- timm's training transform with
-    ``schedule.auto_augment`` when ``schedule.augment``, else the model's eval transform."""
-    from dcvit_deploy.model.images import build_transforms
-
+    """The run's :func:`~dcvit_deploy.model.images.build_transforms` for ``schedule``: timm's
+    training transform with ``auto_augment`` when ``augment``, else the eval transform."""
     aug = schedule.auto_augment
     return build_transforms(cast(Any, data_config), train=schedule.augment, auto_augment=aug)
 
@@ -245,68 +195,33 @@ def _check_vit(model: nn.Module) -> None:
         )
 
 
-def _trainable_modules_and_tokens(
-    model: nn.Module, upto: TrainableUpto
-) -> tuple[list[nn.Module], list[nn.Parameter]]:
-    _check_vit(model)
-    depth = len(model.blocks)  # type: ignore[arg-type]
-    valid_index = isinstance(upto, int) and not isinstance(upto, bool) and 0 <= upto < depth
-    if upto != "all" and not valid_index:
+def trainable_parameters(student: nn.Module, upto: TrainableUpto) -> list[nn.Parameter]:
+    """The parameters DC-ViT trains after compressing blocks up to ``upto``, in
+    ``named_parameters`` order: patch embedding (and ``norm_pre``), cls/reg/dist tokens, position
+    embedding, ``blocks[0 .. upto + 1]`` (clipped) and the final ``norm``; later blocks,
+    ``fc_norm`` and the head(s) stay frozen. ``"all"``: every parameter (PRACTISE)."""
+    _check_vit(student)
+    if upto == "all":
+        return list(student.parameters())
+    depth = len(student.blocks)  # type: ignore[arg-type]
+    if isinstance(upto, bool) or not isinstance(upto, int) or not 0 <= upto < depth:
         raise ValueError(
             f"trainable_upto must be 'all' or a block index in [0, {depth - 1}], not {upto!r}"
         )
-    modules: list[nn.Module] = []
-    # norm_pre sits between the embeddings and block 0 (a LayerNorm in CLIP-style ViTs); it is
-    # part of the embedding stage, so it trains with it.
-    for name in ("patch_embed", "norm_pre"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module):
-            modules.append(module)
-    last = depth - 1 if upto == "all" else min(depth - 1, upto + 1)
-    modules.extend(model.blocks[: last + 1])  # type: ignore[index]
-    norm = getattr(model, "norm", None)
-    if isinstance(norm, nn.Module):
-        modules.append(norm)
-    tokens = [
-        p
-        for p in (
-            getattr(model, n, None) for n in ("cls_token", "reg_token", "dist_token", "pos_embed")
-        )
-        if isinstance(p, nn.Parameter)
-    ]
-    return modules, tokens
-
-
-def trainable_parameters(
-    student: nn.Module, deepest_modified_block: TrainableUpto
-) -> list[nn.Parameter]:
-    """The parameters DC-ViT trains after compressing blocks up to ``deepest_modified_block``.
-
-    Trainable: patch embedding (and ``norm_pre``), cls/reg/dist tokens, position embedding,
-    ``blocks[0 .. deepest_modified_block + 1]`` (clipped to the last block) and the final
-    ``norm``. Everything else -- later blocks, ``fc_norm``, the classifier head(s) -- stays
-    frozen, so the teacher's head keeps reading features the student learns to reproduce.
-    ``"all"`` returns every parameter (the PRACTISE baseline finetunes the whole model). Does not
-    change ``requires_grad``; see :func:`set_trainable`. Each parameter is listed once, in
-    ``named_parameters`` order.
-    """
-    if deepest_modified_block == "all":
-        _check_vit(student)
-        return list(student.parameters())
-    modules, tokens = _trainable_modules_and_tokens(student, deepest_modified_block)
-    chosen = {id(p) for m in modules for p in m.parameters()} | {id(p) for p in tokens}
+    named = (getattr(student, n, None) for n in ("patch_embed", "norm_pre", "norm"))
+    modules = [m for m in named if isinstance(m, nn.Module)]
+    modules.extend(student.blocks[: min(depth - 1, upto + 1) + 1])  # type: ignore[index]
+    tokens = (
+        getattr(student, n, None) for n in ("cls_token", "reg_token", "dist_token", "pos_embed")
+    )
+    chosen = {id(p) for m in modules for p in m.parameters()}
+    chosen |= {id(p) for p in tokens if isinstance(p, nn.Parameter)}
     return [p for p in student.parameters() if id(p) in chosen]
 
 
-def trainable_parameter_names(student: nn.Module, upto: TrainableUpto) -> list[str]:
-    """Names (``named_parameters``) of :func:`trainable_parameters`, for logs and tests."""
-    chosen = {id(p) for p in trainable_parameters(student, upto)}
-    return [n for n, p in student.named_parameters() if id(p) in chosen]
-
-
 def set_trainable(student: nn.Module, upto: TrainableUpto) -> list[nn.Parameter]:
-    """Set ``requires_grad`` by the rule of :func:`trainable_parameters`; return the trainable
-    parameters. Every other parameter of ``student`` gets ``requires_grad=False``."""
+    """Set ``requires_grad`` by :func:`trainable_parameters` (every other parameter off); return
+    the trainable parameters."""
     params = trainable_parameters(student, upto)
     chosen = {id(p) for p in params}
     for p in student.parameters():
@@ -340,8 +255,8 @@ def _preserved_modes(*models: nn.Module) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class FinetuneProgress:
-    """A progress report: ``step`` steps of ``total`` done; ``loss`` is the unweighted feature
-    MSE of the latest batch, ``loss_weight`` its ramp weight; times in seconds."""
+    """``step`` of ``total`` done; ``loss``: unweighted feature MSE of the latest batch,
+    ``loss_weight`` its ramp weight; times in seconds."""
 
     step: int
     total: int
@@ -354,32 +269,14 @@ class FinetuneProgress:
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """Outcome of :func:`feature_mimic`.
-
-    ``initial_loss`` / ``final_loss``: unweighted feature MSE of the first / last training batch
-    (measured before that step's update). ``loss_history``: sparse ``(step, loss)`` pairs, 1-based
-    steps. ``stopped``: ``should_stop`` ended the run early. ``amp``: the autocast dtype used, or
-    ``"off"``.
-    """
+    """Outcome of :func:`feature_mimic`: unweighted feature MSE of the first / last training
+    batch (before that step's update); ``amp``: the autocast dtype used, or ``"off"``."""
 
     steps: int
-    total_steps: int
     initial_loss: float
     final_loss: float
-    loss_history: tuple[tuple[int, float], ...]
     seconds: float
-    images_per_second: float
-    trainable_params: int
-    stopped: bool
-    device: str
     amp: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return _record_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneResult:
-        return _record_from_dict(cls, data)
 
 
 def _autocast_dtype(amp: AmpMode, device: torch.device) -> torch.dtype | None:
@@ -410,48 +307,29 @@ def _image_of(item: Any) -> torch.Tensor:
 
 
 def _batches(
-    data: Dataset[Any] | DataLoader[Any] | torch.Tensor, batch_size: int, generator: torch.Generator
+    data: Dataset[Any] | torch.Tensor, batch_size: int, generator: torch.Generator
 ) -> Iterator[torch.Tensor]:
-    """Endless stream of image batches.
-
-    A ``Dataset`` (or a tensor of images) is walked in a fresh ``generator``-seeded permutation
-    each epoch, ``batch_size`` (capped at its length) images at a time, a batch never straddling
-    two epochs; items are fetched anew each time so a random transform in the dataset yields new
-    views. A ``DataLoader`` is iterated as it is, epoch after epoch.
-    """
-    if isinstance(data, torch.Tensor):
-        data = TensorDataset(data)
-    if isinstance(data, DataLoader):
-        while True:
-            empty = True
-            for item in data:
-                empty = False
-                yield _image_of(item)
-            if empty:
-                raise ValueError("the DataLoader yielded no batches")
+    """Endless image batches: a fresh ``generator``-seeded permutation each epoch, ``batch_size``
+    (capped at the set size) at a time, never straddling two epochs; dataset items are fetched
+    anew each time, so a random transform yields new views."""
     n = len(data)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("the few-shot dataset is empty")
     batch = min(batch_size, n)
-    # A TensorDataset is indexed in one gather instead of one item at a time.
-    images = data.tensors[0] if isinstance(data, TensorDataset) else None
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n - batch + 1, batch):
             idx = order[start : start + batch]
-            if images is not None:
-                yield images[idx]
+            if isinstance(data, torch.Tensor):
+                yield data[idx]
             else:
                 yield torch.stack([_image_of(data[int(i)]) for i in idx])
 
 
 class TeacherFeatureBank:
-    """A fixed bank of (augmented) views and the teacher's ``forward_features`` on them.
-
-    Passing a bank as the data of :func:`feature_mimic` skips the teacher's forward pass at every
-    step (a quarter of a step's cost); the price is that augmentation is limited to the views
-    in the bank. Build it with :meth:`build`.
-    """
+    """Fixed (augmented) views and the teacher's ``forward_features`` on them: as the data of
+    :func:`feature_mimic` it saves the teacher's forward at every step (a quarter of a step's
+    cost), at the price of augmentation limited to the views in the bank."""
 
     def __init__(self, images: torch.Tensor, features: torch.Tensor) -> None:
         if images.shape[0] != features.shape[0] or images.shape[0] == 0:
@@ -515,40 +393,27 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torc
 def feature_mimic(
     student: nn.Module,
     teacher: nn.Module,
-    data: Dataset[Any] | DataLoader[Any] | torch.Tensor | TeacherFeatureBank,
+    data: Dataset[Any] | torch.Tensor | TeacherFeatureBank,
     schedule: FinetuneSchedule,
     *,
     trainable_upto: TrainableUpto,
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: Callable[[FinetuneProgress], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    log_every: int | None = None,
 ) -> FinetuneResult:
     """Finetune ``student`` in place to reproduce ``teacher.forward_features`` on ``data``.
 
-    Contract:
-    - ``data``: a ``Dataset`` of already-transformed image tensors (items may be ``(image,
-      label)``; labels are ignored), a ``DataLoader`` yielding such batches, or an ``[N,3,H,W]``
-      tensor. Batches are drawn as in :func:`_batches`. A :class:`TeacherFeatureBank` supplies
-      the teacher's features with its views, and the teacher is not run.
-    - Loss: ``w(step) * MSE(student.forward_features(x), teacher.forward_features(x))`` over all
-      tokens and channels, ``w`` the ramp of :meth:`FinetuneSchedule.loss_weight_at` (0 at the
-      first step, so with ``weight_decay=0`` the first step leaves the weights unchanged).
-    - The teacher runs in eval mode under ``no_grad``. The student also runs in eval mode while
-      it trains: that disables dropout, drop-path and patch dropout (the method uses none) and
-      keeps any norm statistics fixed, without relying on each module's own training checks.
-    - Trainable parameters follow :func:`trainable_parameters` for ``trainable_upto``; AdamW
-      with per-step lr from :meth:`FinetuneSchedule.lr_at`; optional global-norm gradient clip.
-    - Both models are moved to ``device`` (default: the student's device) and left there. The
-      student's ``requires_grad`` flags and train/eval modes are restored on return.
-    - Deterministic on CPU: the same seed, data and schedule give bitwise-identical weights.
-      Batch order comes from a ``seed``-ed generator; torch's CPU RNG and Python's ``random``
-      are seeded for the run (for random transforms in the dataset) and restored afterwards.
-    - On CUDA, ``schedule.amp`` ``"auto"`` runs both forwards under bf16 autocast; the loss is
-      computed in fp32.
-    - ``progress`` is called every ``log_every`` steps (default: about 100 reports per run) and
-      after the last step; ``should_stop`` is polled before every step and ends the run early.
+    - ``data``: already-transformed images (a ``Dataset``, items may be ``(image, label)``, or an
+      ``[N,3,H,W]`` tensor), or a :class:`TeacherFeatureBank` (the teacher is then not run).
+    - Loss: ``loss_weight_at(step) * MSE`` over all tokens and channels, in fp32 (0 at the first
+      step: with ``weight_decay=0`` that step leaves the weights unchanged). AdamW on
+      :func:`trainable_parameters`, per-step ``lr_at``, optional gradient clip.
+    - Both models run in eval mode (no dropout/drop-path, fixed norm statistics), the teacher
+      under ``no_grad``; both move to ``device`` (default: the student's). ``requires_grad``
+      flags and train/eval modes are restored on return.
+    - Bitwise deterministic on CPU for one seed: batch order from a seeded generator; torch's CPU
+      RNG and Python's ``random`` seeded for the run and restored afterwards.
+    - ``progress`` about 100 times per run and after the last step.
     """
     if student is teacher:
         raise ValueError("student and teacher must be different modules")
@@ -558,15 +423,10 @@ def feature_mimic(
     student.to(dev)
     teacher.to(dev)
     total = schedule.iterations
-    every = max(1, total // 100) if log_every is None else max(1, log_every)
+    every = max(1, total // 100)
     amp_dtype = _autocast_dtype(schedule.amp, dev)
-
-    history: list[tuple[int, float]] = []
-    initial_loss = math.nan
-    last_loss = math.nan
-    images_seen = 0
+    initial_loss = last_loss = math.nan
     steps_done = 0
-    stopped = False
 
     with (
         _preserved_requires_grad(student),
@@ -577,9 +437,6 @@ def feature_mimic(
         params = set_trainable(student, trainable_upto)
         for p in teacher.parameters():
             p.requires_grad_(False)
-        if not params:
-            raise ValueError("the student has no trainable parameters for this trainable_upto")
-        n_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(
             params,
             lr=schedule.lr_at(0),
@@ -591,15 +448,10 @@ def feature_mimic(
         teacher.eval()
         generator = torch.Generator().manual_seed(seed)
         bank = data if isinstance(data, TeacherFeatureBank) else None
-        if isinstance(data, TeacherFeatureBank):
-            stream = _batches(torch.arange(len(data)), schedule.batch_size, generator)
-        else:
-            stream = _batches(data, schedule.batch_size, generator)
+        indices = torch.arange(len(bank)) if bank is not None else data
+        stream = _batches(cast(Any, indices), schedule.batch_size, generator)
         start = time.perf_counter()
         for step in range(total):
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
             lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -627,10 +479,8 @@ def feature_mimic(
                 torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
             optimizer.step()
             steps_done = step + 1
-            images_seen += x.shape[0]
             # Reading the loss synchronises the device, so only on reporting steps.
-            report = step == 0 or steps_done % every == 0 or steps_done == total
-            if report:
+            if step == 0 or steps_done % every == 0 or steps_done == total:
                 last_loss = float(mse.detach())
                 if not math.isfinite(last_loss):
                     raise TrainingDiverged(
@@ -640,34 +490,18 @@ def feature_mimic(
                     )
                 if step == 0:
                     initial_loss = last_loss
-                history.append((steps_done, last_loss))
                 if progress is not None:
                     elapsed = time.perf_counter() - start
                     eta = elapsed / steps_done * (total - steps_done)
                     progress(
                         FinetuneProgress(steps_done, total, last_loss, weight, lr, elapsed, eta)
                     )
-        if steps_done and history and history[-1][0] != steps_done:
-            # Stopped between reporting steps: record where it ended.
-            last_loss = float(mse.detach())
-            history.append((steps_done, last_loss))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
 
-    return FinetuneResult(
-        steps=steps_done,
-        total_steps=total,
-        initial_loss=initial_loss,
-        final_loss=last_loss,
-        loss_history=tuple(history),
-        seconds=seconds,
-        images_per_second=images_seen / seconds if seconds > 0 else math.nan,
-        trainable_params=n_trainable,
-        stopped=stopped,
-        device=str(dev),
-        amp="off" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
-    )
+    amp = "off" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+    return FinetuneResult(steps_done, initial_loss, last_loss, seconds, amp)
 
 
 # --------------------------------------------------------------------------- scores
@@ -690,11 +524,9 @@ def kl_score(
     *,
     device: str | torch.device | None = None,
 ) -> float:
-    """Mean over ``images`` of KL(softmax(teacher logits) || softmax(student logits)), in fp32.
-
-    DC-ViT's recoverability score of a compressed student: 0 when the two models agree exactly,
-    larger the more the student's predictions drift. Both models run in eval mode (their modes
-    are restored) on ``device`` (default: the student's)."""
+    """DC-ViT's recoverability score: mean over ``images`` of KL(softmax(teacher) ||
+    softmax(student)) in fp32, 0 when the models agree. Eval mode (modes restored), on
+    ``device`` (default: the student's)."""
     dev = _resolve_device(student, device)
     total = 0.0
     with _preserved_modes(student, teacher):
@@ -725,9 +557,8 @@ def feature_error(
     *,
     device: str | torch.device | None = None,
 ) -> float:
-    """MSE between student and teacher ``forward_features`` over ``images`` (every token and
-    channel weighs the same), in fp32 and eval mode -- PRACTISE's recoverability measure and the
-    finetuning objective evaluated on held-out images."""
+    """MSE between student and teacher ``forward_features`` over ``images`` in fp32 and eval mode
+    (PRACTISE's recoverability measure, the finetune objective on held-out images)."""
     dev = _resolve_device(student, device)
     sq_sum = 0.0
     count = 0
@@ -760,6 +591,5 @@ __all__ = [
     "kl_score",
     "set_trainable",
     "train_transform",
-    "trainable_parameter_names",
     "trainable_parameters",
 ]

@@ -1,24 +1,20 @@
 """Step 2 of DC-ViT: the metric set, images on which compressed students are scored.
 
-By default the set is synthetic: images inverted from the pretrained model itself (DeepInversion
-style, without the BatchNorm-statistics term, which a ViT lacks). Starting from Gaussian noise in
-normalised pixel space, the images are optimised so the teacher classifies each as its target
-class, under a total-variation prior and a small L2 penalty, with random roll and flip each step
-so the images do not overfit one alignment. The set is only used to score blocks, never to train.
-
-:func:`real_metric_set` wraps held-out real images instead. :func:`load_or_synthesize` caches a
-synthetic set on disk, keyed by everything that determines it.
-
-Importing this module imports torch only; safetensors is imported when a cache is read or written.
+By default synthetic: images inverted from the teacher (DeepInversion without the BatchNorm
+term, which a ViT lacks): from Gaussian noise, optimised so the teacher classifies each as its
+target class, under a TV prior and a small L2 penalty, with a random roll and flip each step.
+:func:`real_metric_set` wraps held-out real images instead; :func:`load_or_synthesize` caches a
+synthetic set keyed by everything that determines it. Only used to score blocks, never to train.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcvit_deploy.compress.finetune import _autocast, _resolve_device
 from dcvit_deploy.store.atomic import atomic_write_with, fingerprint
-from dcvit_deploy.store.records import from_dict as _record_from_dict
-from dcvit_deploy.store.records import to_dict as _record_to_dict
+from dcvit_deploy.store.records import to_dict
 
 CACHE_FORMAT = 1
 """Version of the cached metric-set file layout; part of the cache key."""
@@ -46,25 +42,13 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class InversionSettings:
-    """How a synthetic metric set is inverted from a classifier. Frozen; vary it with
-    ``dataclasses.replace``. Defaults are the paper's (reference code) settings.
+    """How a synthetic metric set is inverted (frozen; defaults are the reference code's).
 
-    - ``num_images`` images, one target class each: distinct random classes, or every class
-      cycled in order when the model has fewer classes than images.
-    - Adam ``lr`` / ``betas``; lr warms up linearly over ``warmup_iterations`` then follows a
-      cosine to 0 over the remaining ``iterations``.
-    - Each step rolls the whole batch by a random offset in ``[-jitter, jitter]`` pixels per axis
-      (``None``: ``round(30 * H / 224)``, at least 1) and, if ``flip``, mirrors it with
-      probability 1/2.
-    - Loss: ``CE(f(x), target) + tv_weight * TV + l2_weight * mean_i ||x_i||_2`` where
-      ``TV = sum over the 4 neighbour directions d (right, down, and both diagonals) of
-      ||x - shift_d(x)||_2 ** tv_beta`` with the norm over the whole batch tensor (so ``TV`` is
-      the reference code's "TV-L2 prior" raised to ``tv_beta``; the paper uses 0.6 for ViTs).
-    - After each step pixels are clipped to the valid normalised range ``[(0-m)/s, (1-m)/s]``.
-    - ``keep_best``: return the iterate with the lowest loss seen (as the reference stores its
-      best images), else the last one.
-    - ``amp``: ``"auto"`` runs the teacher under bf16 autocast on CUDA (the images and the loss
-      stay fp32), ``"bf16"`` everywhere, ``"off"`` never.
+    Adam with linear lr warm-up then cosine to 0; each step rolls the batch by up to ``jitter``
+    px per axis (``None``: ``round(30 * H / 224)``) and mirrors it if ``flip`` (p = 1/2). Loss:
+    ``CE + tv_weight * tv_prior(x, tv_beta) + l2_weight * mean_i ||x_i||_2``; pixels clipped to
+    the valid range after each step. ``keep_best``: return the lowest-loss iterate. ``amp``:
+    ``auto`` = bf16 autocast of the teacher on CUDA only (images and loss stay fp32).
     """
 
     num_images: int = 50
@@ -125,25 +109,12 @@ class InversionSettings:
         span = max(1, self.iterations - warm)
         return 0.5 * self.lr * (1.0 + math.cos(math.pi * (step - warm) / span))
 
-    def to_dict(self) -> dict[str, Any]:
-        return _record_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InversionSettings:
-        return _record_from_dict(cls, data)
-
 
 @dataclass(frozen=True, eq=False)
 class MetricSet:
-    """Images to score students on.
-
-    ``images``: ``[N,3,H,W]`` float32 on the CPU, normalised with the model's mean/std.
-    ``targets``: the class each synthetic image was inverted towards (``None`` for real images).
-    ``final_ce``: the teacher's mean cross-entropy on its targets and ``teacher_top1_on_targets``
-    the fraction of images it classifies as their target, both on the returned (un-jittered)
-    images; NaN for real images. ``source``: ``"synthetic"`` or ``"real"``. ``cache_key``: the key
-    it is cached under (empty when not cached); ``from_cache``: it was loaded, not computed.
-    """
+    """Images to score students on (``[N,3,H,W]`` float32 on the CPU, normalised), the class
+    each synthetic image was inverted towards (``None`` for real ones), and the teacher's mean CE
+    and top-1 on those targets (NaN for real images)."""
 
     images: torch.Tensor
     targets: torch.Tensor | None
@@ -242,13 +213,6 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _check_input_size(input_size: Sequence[int]) -> tuple[int, int, int]:
     _check(
         len(input_size) == 3 and input_size[0] == 3 and all(int(v) >= 1 for v in input_size),
@@ -277,19 +241,12 @@ def synthesize_metric_set(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Callable[[InversionProgress], None] | None = None,
-    report_every: int | None = None,
 ) -> MetricSet:
-    """Invert ``teacher`` into ``settings.num_images`` images of ``input_size`` ``(3, H, W)``.
-
-    Contract: all images are optimised as one batch (the TV prior is over the whole batch, as in
-    the reference code). ``mean``/``std`` are the model's input normalisation (timm's
-    ``pretrained_cfg``); returned images are normalised with them and lie in the valid range
-    (see :func:`valid_range`). The teacher runs in eval mode with its parameters frozen (both
-    restored afterwards) on ``device`` (default: the teacher's). Randomness (targets, the noise
-    start, roll offsets, flips) comes from one CPU generator seeded with ``seed``, so a seed
-    gives the same images on CPU on every run and the global RNG is untouched. ``progress`` is
-    called every ``report_every`` steps (default: about 20 reports) and after the last step.
-    """
+    """Invert ``teacher`` into ``settings.num_images`` images of ``input_size`` (3, H, W), one
+    batch (the TV prior spans it, as in the reference code), normalised with ``mean``/``std`` and
+    in the valid range. The teacher runs frozen in eval mode (restored after). All randomness
+    comes from one CPU generator seeded with ``seed`` (the global RNG is untouched);
+    ``progress`` about 20 times."""
     settings = settings or InversionSettings()
     _, height, width = _check_input_size(input_size)
     dev = _resolve_device(teacher, device)
@@ -297,7 +254,7 @@ def synthesize_metric_set(
     low, high = (t.to(dev) for t in valid_range(mean, std))
     jitter = settings.jitter_for(height)
     total = settings.iterations
-    every = max(1, total // 20) if report_every is None else max(1, report_every)
+    every = max(1, total // 20)
     use_bf16 = settings.amp == "bf16" or (settings.amp == "auto" and dev.type == "cuda")
     gen = torch.Generator().manual_seed(seed)
     n = settings.num_images
@@ -327,12 +284,7 @@ def synthesize_metric_set(
             view = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
             if flip:
                 view = torch.flip(view, dims=(3,))
-            autocast = (
-                torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-                if use_bf16
-                else nullcontext()
-            )
-            with autocast:
+            with _autocast(torch.bfloat16 if use_bf16 else None, dev):
                 logits = teacher(view)
             ce = F.cross_entropy(logits.float(), targets)
             loss = ce
@@ -396,7 +348,7 @@ def metric_set_key(
             "input_size": [int(v) for v in input_size],
             "mean": [float(v) for v in mean],
             "std": [float(v) for v in std],
-            "settings": settings.to_dict(),
+            "settings": to_dict(settings),
             "seed": int(seed),
         }
     )
@@ -462,13 +414,9 @@ def load_or_synthesize(
     device: str | torch.device | None = None,
     progress: Callable[[InversionProgress], None] | None = None,
 ) -> MetricSet:
-    """The synthetic metric set for this teacher, settings, seed and input size, from
-    ``cache_dir`` when present, else synthesised and cached there (atomically).
-
-    ``teacher_fingerprint`` must identify the teacher's weights (e.g. the checkpoint's sha256);
-    the cache trusts it and never hashes the model itself. A cache file that cannot be read is
-    recomputed and overwritten.
-    """
+    """The synthetic metric set from ``cache_dir``, else synthesised and cached (atomically;
+    an unreadable cache file is recomputed). ``teacher_fingerprint`` must identify the teacher's
+    weights: the cache trusts it and never hashes the model."""
     settings = settings or InversionSettings()
     key = metric_set_key(teacher_fingerprint, input_size, mean, std, settings, seed)
     path = cache_path(cache_dir, key)
@@ -485,18 +433,10 @@ def load_or_synthesize(
         "teacher": teacher_fingerprint,
         "seed": int(seed),
         "input_size": [int(v) for v in input_size],
-        "settings": settings.to_dict(),
+        "settings": to_dict(settings),
     }
     save_metric_set(path, fresh, meta)
-    return MetricSet(
-        images=fresh.images,
-        targets=fresh.targets,
-        final_ce=fresh.final_ce,
-        teacher_top1_on_targets=fresh.teacher_top1_on_targets,
-        source="synthetic",
-        cache_key=key,
-        from_cache=False,
-    )
+    return dataclasses.replace(fresh, cache_key=key)
 
 
 __all__ = [

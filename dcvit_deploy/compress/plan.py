@@ -28,11 +28,6 @@ class StructurePlan:
     achieved: float  # reduction under the reference convention, after rounding
     achieved_full: float  # reduction counting attention matmuls too
 
-    @property
-    def rounding_error(self) -> float:
-        """achieved − target: what rounding h' to a multiple did to the MAC reduction."""
-        return self.achieved - self.target
-
 
 def feasible_range(
     geom: Geometry, depth: int, max_blocks: int, round_to: int = 1

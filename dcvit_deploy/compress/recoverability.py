@@ -31,6 +31,8 @@ from torch import nn
 from dcvit_deploy.compress.finetune import (
     FinetuneProgress,
     FinetuneSchedule,
+    _preserved_modes,
+    _preserved_requires_grad,
     feature_mimic,
     kl_score,
 )
@@ -125,15 +127,10 @@ def rank_blocks(
     ridge: float = DEFAULT_RIDGE,
     executor: Any = None,
 ) -> BlockRanking:
-    """Score every block in ``candidates`` by DC-ViT recoverability at width ``hidden``.
-
-    ``criterion`` chooses how each compressed block is recovered before scoring (see the module
-    docstring); every criterion but ``"finetune"`` needs ``calibration`` images (preprocessed,
-    ``[N, 3, H, W]``). The blocks are independent: each is one task of ``executor``
-    (:mod:`dcvit_deploy.pipeline.executor`; default: in this process, in order). ``cache`` (a
-    JSON file) receives the scores as each block finishes, with ``cache_key``; a later call with
-    the same key skips the blocks already scored.
-    """
+    """Score every block in ``candidates`` by DC-ViT recoverability at width ``hidden``, each
+    one task of ``executor`` (default: here, in order). Every ``criterion`` but ``"finetune"``
+    needs ``calibration`` images. ``cache`` (JSON) receives the scores as blocks finish, with
+    ``cache_key``; a later call with the same key skips the blocks already scored."""
     from dcvit_deploy.pipeline.executor import LocalExecutor
 
     if criterion not in RANK_CRITERIA:
@@ -184,46 +181,31 @@ def local_mimic(
     *,
     seed: int = 0,
 ) -> float:
-    """Train ``student.blocks[block]`` and the next block (in place) so that, fed the teacher's
-    tokens entering ``block``, they reproduce the teacher's tokens leaving ``block + 1``.
-
-    ``streams``: the teacher's token streams (:func:`.refit.block_streams`) on calibration
-    images; batches of ``schedule.batch_size`` images; AdamW with the schedule's lr curve and
-    weight decay (no loss ramp: the start is already re-fitted). Runs only the two blocks, never
-    the rest of the model. Returns the final batch loss.
-    """
+    """Train ``student.blocks[block]`` and the next one in place to map the teacher's tokens
+    entering ``block`` to those leaving ``block + 1`` (``streams``: :func:`.refit.block_streams`),
+    with the schedule's batch, AdamW and lr curve (no loss ramp); returns the last batch loss."""
     blocks = cast(Any, student).blocks
     last = min(block + 1, len(blocks) - 1)
-    mods = [blocks[i] for i in range(block, last + 1)]
-    params = [p for m in mods for p in m.parameters()]
-    saved = [(p, p.requires_grad) for p in params]
+    pair = nn.Sequential(*(blocks[i] for i in range(block, last + 1)))  # shares, never copies
     x_all, t_all = streams[block], streams[last + 1]
     n = x_all.shape[0]
     opt = torch.optim.AdamW(
-        params, lr=schedule.lr_at(0), betas=schedule.betas, weight_decay=schedule.weight_decay
+        pair.parameters(),
+        lr=schedule.lr_at(0),
+        betas=schedule.betas,
+        weight_decay=schedule.weight_decay,
     )
     g = torch.Generator().manual_seed(seed)
     loss = torch.zeros(())
-    was = [(m, m.training) for m in mods]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        for m in mods:
-            m.eval()
+    with _preserved_requires_grad(pair), _preserved_modes(pair):
+        pair.requires_grad_(True)
+        pair.eval()
         for step in range(schedule.iterations):
             for group in opt.param_groups:
                 group["lr"] = schedule.lr_at(step)
             idx = torch.randint(0, n, (min(schedule.batch_size, n),), generator=g)
-            x = x_all[idx]
-            for m in mods:
-                x = m(x)
-            loss = F.mse_loss(x, t_all[idx])
+            loss = F.mse_loss(pair(x_all[idx]), t_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-        for m, flag in was:
-            m.train(flag)
     return float(loss.detach())

@@ -1,22 +1,10 @@
 """Closed-form re-fit of compressed blocks from unlabeled calibration tokens (no training).
 
-After surgery a block has lost its attention branch and part of its MLP, so its output drifts
-from the original block's. With the kept fc1 rows fixed, the FFN-only block's output is linear
-in fc2 (weight and bias)::
-
-    y = x + ls2(fc2(h)),   h = act(fc1(norm2(x)))
-
-so the fc2 that best reproduces the original block's output ``t`` on calibration tokens is a
-ridge regression of ``ls2⁻¹(t − x)`` on ``[h, 1]`` -- the closed-form step of CORP / NuWa-style
-compressors, applied inside DC-ViT before (or instead of) feature-mimicking finetuning.
-
-Blocks are re-fitted in depth order on the *student's* own token stream: the input ``x`` of a
-block is what the already re-fitted shallower blocks produce, and the target ``t`` is the
-teacher's output of the same block on the same images, so each fit also absorbs the drift the
-shallower blocks left.
-
-Relies on timm's stable names: ``patch_embed``, ``_pos_embed``, ``patch_drop``, ``norm_pre``,
-``blocks``, and per block ``norm2``, ``mlp.fc1``/``act``/``norm``/``fc2``, ``ls2`` (``gamma``).
+With the kept fc1 rows fixed, an FFN-only block ``y = x + ls2(fc2(h))``, ``h = act(fc1(norm2(x)))``,
+is linear in fc2, so the fc2 that best reproduces the original block's output ``t`` is a ridge
+regression of ``ls2⁻¹(t − x)`` on ``[h, 1]`` (CORP / NuWa style), applied before or instead of
+finetuning. Blocks are re-fitted in depth order on the *student's* own token stream, so each fit
+also absorbs the drift the shallower blocks left. Relies on timm's stable attribute names.
 """
 
 from __future__ import annotations
@@ -111,13 +99,9 @@ def _ls_gamma(block: nn.Module, dim: int, like: torch.Tensor) -> torch.Tensor:
 def fit_fc2(
     block: FFNBlock, x: torch.Tensor, target: torch.Tensor, ridge: float = DEFAULT_RIDGE
 ) -> None:
-    """Set ``block.mlp.fc2`` (weight and bias) to the ridge solution that makes ``block(x)``
-    reproduce ``target`` (both ``[..., D]``) in least squares.
-
-    ``ridge`` is relative to the mean diagonal of ``HᵀH`` (``H`` the hidden activations); the
-    bias is not penalised; ``ridge=0`` gives the ordinary least-squares optimum. The normal
-    equations are accumulated and solved in float64.
-    """
+    """Set ``block.mlp.fc2`` to the ridge solution making ``block(x)`` reproduce ``target`` in
+    least squares; ``ridge`` relative to the mean diagonal of ``HᵀH``, bias not penalised,
+    normal equations in float64."""
     fc2 = cast(nn.Linear, cast(Any, block.mlp).fc2)
     d = x.shape[-1]
     xs = x.reshape(-1, d)
@@ -154,14 +138,9 @@ def refit_blocks(
     teacher_streams: list[torch.Tensor] | None = None,
     batch: int = 128,
 ) -> list[RefitStats]:
-    """Re-fit the fc2 of the FFN-only ``blocks`` of ``student`` (in place), shallowest first.
-
-    ``images``: calibration images ``[N, 3, H, W]`` (already preprocessed). Each block's input is
-    the student's own stream (after the shallower re-fits), its target the teacher's output of the
-    same block. ``blocks`` defaults to every FFN-only block; other block kinds are skipped.
-    ``teacher_streams`` (from :func:`block_streams` on the same images) saves the teacher pass
-    when many students share the calibration set. Returns the per-block errors.
-    """
+    """Re-fit the fc2 of the FFN-only ``blocks`` (default: all) of ``student`` in place,
+    shallowest first, on preprocessed calibration ``images``; ``teacher_streams``
+    (:func:`block_streams` of the same images) saves the teacher pass. Per-block errors."""
     m = cast(Any, student)
     depth = len(m.blocks)
     wanted = sorted(

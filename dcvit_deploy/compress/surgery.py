@@ -84,19 +84,6 @@ def narrow_mlp(mlp: nn.Module, kept: Sequence[int]) -> nn.Module:
     return new
 
 
-def ffn_only(block: nn.Module, kept: Sequence[int] | None = None) -> FFNBlock:
-    """An FFN-only copy of a timm ``Block`` (or of another FFNBlock), optionally narrowed."""
-    mlp = block.mlp if kept is None else narrow_mlp(block.mlp, kept)  # type: ignore[arg-type]
-    if kept is None:
-        mlp = copy.deepcopy(mlp)
-    return FFNBlock(
-        copy.deepcopy(block.norm2),  # type: ignore[arg-type]
-        mlp,  # type: ignore[arg-type]
-        copy.deepcopy(block.ls2),  # type: ignore[arg-type]
-        copy.deepcopy(block.drop_path2),  # type: ignore[arg-type]
-    )
-
-
 def identity_spec(model: nn.Module, model_name: str, model_kwargs: dict[str, object]) -> ArchSpec:
     """The ArchSpec of an unmodified timm ViT."""
     vit = cast(Any, model)  # timm attributes are dynamic: nn.Module types them Tensor | Module

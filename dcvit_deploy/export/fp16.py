@@ -1,32 +1,16 @@
 """FP16 ONNX graphs for strongly typed TensorRT builds, and the check that they are clean.
 
-:func:`convert_to_fp16` makes the FP16 variant of an exported float32 graph: every float32
-tensor becomes float16 except the inputs and outputs of the ops in ``fp32_ops``
-(LayerNormalization and Softmax by default: norm statistics and attention logits overflow or
-lose accuracy in FP16 ViTs), with one explicit Cast per tensor and target type at each boundary.
+:func:`convert_to_fp16` makes every float32 tensor float16 except around ``fp32_ops``
+(LayerNormalization and Softmax: they overflow or lose accuracy in FP16 ViTs), with one explicit
+Cast per tensor and type at each boundary. :func:`check_strongly_typed` stands in for TensorRT's
+strongly typed parser: it reports inputs bound to one schema type variable with different
+types, fixed-type inputs of another type, declared types (``value_info``, outputs) other than
+what the producer makes, and strict type inference failures -- so types change only in Casts.
 
-:func:`check_strongly_typed` is the ONNX-level stand-in for TensorRT's strongly typed parser,
-which is not available here: TensorRT 11 (and TensorRT 10 with ``STRONGLY_TYPED``) takes every
-tensor's type from the graph and rejects an edge whose producer and consumer disagree. It
-reports, per node and tensor:
-
-* inputs bound to one type variable of the op's schema (``T`` of MatMul, Add, LayerNormalization,
-  ...) that carry different element types, and inputs of a fixed type that carry another;
-* declared types (``value_info``, graph outputs) that differ from the type the producing node
-  makes -- the stale annotation a consumer would read;
-* graphs whose type inference fails in strict mode.
-
-So type changes can only happen in explicit ``Cast``/``CastLike`` nodes, which it counts. Every
-graph :func:`convert_to_fp16` returns has passed it.
-
-Why a converter of our own. ``onnxconverter-common`` 1.16 (``float16.convert_float_to_float16``
-with LayerNormalization and Softmax added to its block list) was measured against this one. On
-the dynamo-exported, simplified ViTs both graphs pass the check and verify identically, but on
-a TorchScript-exported graph (the exporter's fallback) whose LayerNorm weights are shared
-through ``Identity`` nodes, its graph fails the check (49 problems: annotations declaring float16
-where float32 is produced, and Adds mixing a float32 bias with a float16 MatMul) and ONNX Runtime
-refuses to load it; with ``keep_io_types`` it also turns a float32 graph output into float16 when
-the last op is a blocked one. So this module keeps its converter and gates it with the check.
+A converter of our own because ``onnxconverter-common`` 1.16 (LayerNorm and Softmax blocked),
+measured against it, fails the check on TorchScript-exported graphs with shared LayerNorm
+weights (49 problems; ONNX Runtime refuses the graph) and turns a float32 output into float16
+when the last op is blocked.
 """
 
 from __future__ import annotations
@@ -68,13 +52,10 @@ def convert_to_fp16(
     keep_io_types: bool = True,
     notes: list[str] | None = None,
 ) -> onnx.ModelProto:
-    """FP16 copy of a float32 graph with ``fp32_ops`` kept in FP32 behind explicit Casts.
-
-    ``keep_io_types`` keeps the graph's inputs and outputs float32 (Casts inside). The result
-    must keep the I/O types promised, pass :func:`check_strongly_typed`, strict type inference
-    and the ONNX checker, else :class:`ExportError`. Float32 values beyond the FP16 range are
-    clipped to +/-65504 (counted in ``notes``). ``model`` is not modified.
-    """
+    """FP16 copy of a float32 graph, ``fp32_ops`` kept in FP32 behind Casts, I/O float32 with
+    ``keep_io_types``; values beyond FP16 clipped to +/-65504 (counted in ``notes``). The result
+    passes the I/O type promise, :func:`check_strongly_typed`, strict inference and the ONNX
+    checker, else :class:`ExportError`."""
     import onnx
 
     out = _convert_graph(model, fp32_ops=fp32_ops, keep_io_types=keep_io_types, notes=notes)
@@ -354,7 +335,7 @@ def check_strongly_typed(model: onnx.ModelProto) -> TypeCheck:
             elif type_str.startswith("tensor(") and len(kinds) >= 1:
                 want = type_str[len("tensor(") : -1]
                 for n, t in seen:
-                    if _np_name(t) != want:
+                    if _type_name(t) != want:
                         problems.append(
                             f"{label}: input {n} is {_type_name(t)} but the op takes {want}"
                         )
@@ -364,22 +345,6 @@ def check_strongly_typed(model: onnx.ModelProto) -> TypeCheck:
         problems.append(f"strict type inference fails: {_first_line(exc)}")
     casts = sum(n.op_type in _CAST_OPS for n in model.graph.node)
     return TypeCheck(tuple(dict.fromkeys(problems)), casts, len(model.graph.node))
-
-
-def _np_name(elem_type: int) -> str:
-    """ONNX schema spelling of an element type (``tensor(float16)`` -> ``float16``)."""
-    import onnx
-
-    names: dict[int, str] = {
-        onnx.TensorProto.FLOAT: "float",
-        onnx.TensorProto.FLOAT16: "float16",
-        onnx.TensorProto.BFLOAT16: "bfloat16",
-        onnx.TensorProto.DOUBLE: "double",
-        onnx.TensorProto.INT64: "int64",
-        onnx.TensorProto.INT32: "int32",
-        onnx.TensorProto.BOOL: "bool",
-    }
-    return names.get(elem_type, _type_name(elem_type))
 
 
 def require_strongly_typed(model: onnx.ModelProto) -> TypeCheck:

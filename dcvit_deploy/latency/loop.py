@@ -1,38 +1,20 @@
 """The one timing loop every backend measures with.
 
-A backend turns "run one inference" into a zero-argument ``step`` callable and hands it to
-:func:`measure` together with a :class:`Timer` that knows how to time one call of it:
+A backend hands :func:`measure` a zero-argument ``step`` (one inference; sessions, engines and
+buffers already exist) and a :class:`Timer` (:class:`HostTimer`, with ``sync`` for enqueued
+device work, or :class:`CudaEventTimer`). The rules (trtexec, perf_analyzer, Model Navigator):
 
-* :class:`HostTimer` reads the monotonic clock (``time.perf_counter_ns``) around the step; pass a
-  ``sync`` callable when the step only enqueues work on a device, so the time covers completion.
-* :class:`CudaEventTimer` records CUDA events on the inference stream before and after the step
-  and reports the GPU time between them (device scope, no host overhead).
-
-The loop (the same rules as trtexec, Triton perf_analyzer and Model Navigator):
-
-1. **Warm-up**: at least ``warmup_iters`` steps *and* at least ``warmup_min_s`` seconds. Nothing
-   is built or created inside the loop -- a backend creates sessions and engines before calling.
-2. **Windows** of ``window_iters`` steps, each extended until it lasts ``min_window_s`` seconds.
-3. **Stability**: the run is stable when the medians of the last :data:`STABILITY_WINDOWS`
-   windows satisfy ``max / min - 1 <= stability_tolerance`` (perf_analyzer's rule) *and* the
-   samples the statistics are computed over have a coefficient of variation of at most
-   ``max_cov`` -- so the verdict agrees with what the report shows (window medians and
-   dispersion): a bimodal run whose medians happen to agree is not stable.
-4. **Stop** after a window when at least ``min_windows`` windows and ``min_duration_s`` seconds
-   of windows have run and the run is stable; or, unconditionally, after ``max_windows`` windows.
-   A run that stopped unstable is reported with ``stable=False`` and a warning -- never hidden.
-5. **Settling**: when the run is stable, leading windows whose median lies outside the
-   tolerance of the agreeing tail (a fast or slow phase right after warm-up: turbo clocks,
-   thread pools spinning up, caches) are left out of the statistics -- a warm-up extension --
-   and counted in ``settle_windows`` (with an entry in ``actions``).
-6. **Statistics** over every timed iteration of the settled windows (all windows when the
-   run is unstable). The raw samples returned hold every timed iteration of every window;
-   the first ``sum(window sizes[:settle_windows])`` of them are the settling ones, so the raw
-   file still reproduces every reported number exactly.
-
-Percentiles use linear interpolation between closest ranks (numpy's default ``"linear"``
-method); ``std`` is the population standard deviation; ``cov = std / mean``; throughput is
-``batch_size * 1000 / mean`` items per second of back-to-back serial execution.
+1. **Warm-up**: at least ``warmup_iters`` steps *and* ``warmup_min_s`` seconds.
+2. **Windows** of ``window_iters`` steps, each extended to ``min_window_s`` seconds.
+3. **Stable** when the last :data:`STABILITY_WINDOWS` window medians satisfy ``max <= min *
+   (1 + stability_tolerance)`` *and* the reported samples' CoV is at most ``max_cov`` (a bimodal
+   run whose medians happen to agree is not stable).
+4. **Stop** when stable after ``min_windows`` windows and ``min_duration_s``, or after
+   ``max_windows`` (then ``stable=False`` with a warning).
+5. **Settling**: leading windows outside the tolerance of a stable tail are left out of the
+   statistics (``settle_windows``, an ``actions`` entry); the raw samples keep them first.
+6. **Statistics** over the settled windows: numpy's linear percentiles, population ``std``,
+   ``cov = std / mean``, throughput ``batch_size * 1000 / mean``.
 """
 
 from __future__ import annotations
@@ -48,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.store.atomic import atomic_path, atomic_write_json
+from dcvit_deploy.store.atomic import atomic_write_json
 from dcvit_deploy.store.records import SCHEMA_VERSION, LatencyStats, MeasureSettings, Scope
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -59,8 +41,6 @@ STABILITY_WINDOWS = 3
 
 HIGH_COV = 0.10
 """Coefficient of variation above which a warning is attached (trtexec warns on unstable runs)."""
-
-RAW_FORMATS = (".json", ".npy")
 
 
 class Timer(Protocol):
@@ -73,18 +53,13 @@ class Timer(Protocol):
         ...
 
     def wall_ns(self) -> int:
-        """Monotonic wall-clock nanoseconds (for warm-up, window and total-duration limits).
-
-        Integer nanoseconds keep the time budgets free of floating-point drift."""
+        """Monotonic integer nanoseconds for the loop's time budgets (no float drift)."""
         ...
 
 
 class HostTimer:
-    """Monotonic host clock around the step.
-
-    ``sync`` is called inside the timed region after the step; pass the stream's or device's
-    synchronise function when the step only enqueues asynchronous work.
-    """
+    """Monotonic host clock around the step; ``sync`` (inside the timed region) for a step
+    that only enqueues asynchronous work."""
 
     def __init__(self, sync: Callable[[], None] | None = None, *, name: str = "host") -> None:
         self.name = name
@@ -103,12 +78,8 @@ class HostTimer:
 
 
 class CudaEventTimer:
-    """GPU time between two CUDA events recorded on ``stream`` around the step.
-
-    The step must enqueue its work on the same stream. The end event is synchronised each
-    iteration, so every sample is the latency of one inference, not a pipelined throughput.
-    torch is imported only when this timer is created.
-    """
+    """GPU time between CUDA events on ``stream`` (the step's stream) around the step; the
+    end event is synchronised each time, so a sample is one inference's latency."""
 
     def __init__(
         self, stream: torch.cuda.Stream | None = None, *, name: str = "cuda_event"
@@ -157,10 +128,7 @@ def mean_std_cov(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def within_tolerance(medians: Sequence[float], tolerance: float) -> bool:
-    """The stability rule: ``max <= min * (1 + tolerance)`` (perf_analyzer's max/min ratio).
-
-    Written as a product, not ``max / min - 1``, so a spread of exactly the tolerance passes.
-    """
+    """``max <= min * (1 + tolerance)``: a product, so a spread of exactly the tolerance passes."""
     return max(medians) <= min(medians) * (1.0 + tolerance)
 
 
@@ -228,14 +196,8 @@ def measure(
     timer: Timer,
     cov_warn: float = HIGH_COV,
 ) -> tuple[LatencyStats, list[float]]:
-    """Warm up, time ``step`` in windows until stable (or bounded out), and summarise.
-
-    Returns the statistics and every timed per-iteration latency in milliseconds, in order.
-    ``step`` must perform exactly one inference of ``batch_size`` items; everything it needs
-    (sessions, engines, buffers, CUDA graphs) must already exist.
-    """
-    # Warm-up: count *and* time, so a fast model still runs long enough for clocks, caches and
-    # lazy allocations to settle, and a slow one still runs at least warmup_iters times.
+    """Warm up, time ``step`` in windows until stable (or bounded out), and summarise; returns
+    the statistics and every timed latency (ms) in order."""
     warmup_ns = _ns(settings.warmup_min_s)
     window_ns = _ns(settings.min_window_s)
     duration_ns = _ns(settings.min_duration_s)
@@ -394,47 +356,19 @@ def with_machine_state(
 def save_raw(
     path: str | Path, raw_ms: Sequence[float], *, meta: dict[str, Any] | None = None
 ) -> Path:
-    """Write per-iteration latencies atomically as ``.json`` (with ``meta``) or ``.npy``.
-
-    JSON layout: ``{"schema", "unit": "ms", "samples": [...], "meta": {...}}``. ``.npy`` holds
-    a float64 array of milliseconds (no metadata; keep it next to the stats JSON).
-    """
+    """Write per-iteration latencies atomically as ``{"schema", "unit": "ms", "samples",
+    "meta"}`` JSON."""
     target = Path(path)
-    if target.suffix not in RAW_FORMATS:
+    if target.suffix != ".json":
         raise UserInputError(
-            f"cannot save raw timings as {target.name!r}",
-            f"use a file name ending in {' or '.join(RAW_FORMATS)}",
+            f"cannot save raw timings as {target.name!r}", "use a file name ending in .json"
         )
-    if target.suffix == ".json":
-        atomic_write_json(
-            target,
-            {
-                "schema": SCHEMA_VERSION,
-                "unit": "ms",
-                "samples": [float(x) for x in raw_ms],
-                "meta": dict(meta or {}),
-            },
-        )
-        return target
-    import numpy as np
-
-    with atomic_path(target) as tmp, open(tmp, "wb") as f:
-        # A file object, not a name: np.save would append ".npy" to the temporary name.
-        np.save(f, np.asarray(raw_ms, dtype=np.float64))
+    samples = [float(x) for x in raw_ms]
+    data = {"schema": SCHEMA_VERSION, "unit": "ms", "samples": samples, "meta": dict(meta or {})}
+    atomic_write_json(target, data)
     return target
 
 
 def load_raw(path: str | Path) -> list[float]:
     """Read per-iteration latencies written by :func:`save_raw`."""
-    source = Path(path)
-    if source.suffix == ".json":
-        data = json.loads(source.read_text(encoding="utf-8"))
-        return [float(x) for x in data["samples"]]
-    if source.suffix == ".npy":
-        import numpy as np
-
-        return [float(x) for x in np.load(source)]
-    raise UserInputError(
-        f"cannot read raw timings from {source.name!r}",
-        f"use a file written by save_raw ({' or '.join(RAW_FORMATS)})",
-    )
+    return [float(x) for x in json.loads(Path(path).read_text(encoding="utf-8"))["samples"]]

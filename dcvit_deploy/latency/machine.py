@@ -1,13 +1,7 @@
-"""Capture the machine state a latency number depends on.
-
-:func:`capture_environment` returns a JSON-compatible dict: OS, Python, CPU model and core
-counts, package versions, thread settings and -- where a CUDA driver is present -- the GPU's
-name, compute capability, driver and, through NVML when ``nvidia-ml-py`` is installed, its
-clocks and power.
-
-Package versions come from distribution metadata, never from importing the package (importing
-``tensorrt`` or ``onnxruntime`` just to print a version is slow, and fails loudly where their
-libraries are missing). Anything that cannot be determined reads :data:`UNAVAILABLE`.
+"""Capture the machine state a latency number depends on: OS, CPU, package versions (from
+distribution metadata, never by importing the package), threads, GPU identity and NVML state,
+and the load around each measurement. Anything that cannot be determined reads
+:data:`UNAVAILABLE`.
 """
 
 from __future__ import annotations
@@ -50,19 +44,6 @@ def package_version(component: str) -> str:
     return UNAVAILABLE
 
 
-def tensorrt_info() -> dict[str, Any]:
-    """TensorRT's installed version and whether its module can be found -- without importing it.
-
-    The registry's ``tensorrt`` packages can be installed while their libraries are missing,
-    so "found" does not promise "importable"; the backend's availability check says that.
-    """
-    try:
-        found = importlib.util.find_spec("tensorrt") is not None
-    except (ImportError, ValueError):
-        found = False
-    return {"version": package_version("tensorrt"), "module_found": found}
-
-
 def cpu_model() -> str:
     """CPU model name from /proc/cpuinfo, else what :mod:`platform` knows."""
     try:
@@ -96,11 +77,8 @@ def physical_cores() -> int | None:
 
 
 def cuda_device_count() -> int:
-    """Number of CUDA devices the driver reports, probed through ``libcuda`` with ctypes.
-
-    Cheap and import-free (no torch, no onnxruntime): 0 where there is no driver library, the
-    driver fails to initialise, or it sees no device.
-    """
+    """CUDA devices the driver reports, probed through ``libcuda`` with ctypes (import-free);
+    0 without a driver, when it fails to initialise, or sees no device."""
     names = ("libcuda.so.1", "libcuda.so", "nvcuda.dll", "libcuda.dylib")
     for name in names:
         try:
@@ -133,12 +111,8 @@ def threads() -> dict[str, Any]:
 
 
 def cuda_info(device_index: int = 0) -> dict[str, Any]:
-    """Stable GPU identity for ``device_index``: name, compute capability, CUDA and driver.
-
-    Imports torch (only called when a driver reports a device, or when asked explicitly).
-    Volatile state (clocks, power, temperature) is in :func:`nvml_info`, kept apart so that a
-    fingerprint of this dict does not change between two runs on the same machine.
-    """
+    """Stable GPU identity (name, compute capability, CUDA, driver; imports torch), apart from
+    the volatile :func:`nvml_info` so that a fingerprint of it stays the same on one machine."""
     info: dict[str, Any] = {
         "available": False,
         "device_index": device_index,
@@ -167,17 +141,9 @@ def cuda_info(device_index: int = 0) -> dict[str, Any]:
 
 def nvml_info(device_index: int = 0) -> dict[str, Any]:
     """Clocks, power, temperature and driver from NVML; every field ``'unavailable'`` if absent."""
-    fields = (
-        "driver",
-        "sm_clock_mhz",
-        "mem_clock_mhz",
-        "max_sm_clock_mhz",
-        "power_w",
-        "power_limit_w",
-        "temperature_c",
-        "persistence_mode",
-    )
-    out: dict[str, Any] = {"nvml": UNAVAILABLE, **{f: UNAVAILABLE for f in fields}}
+    fields = "driver sm_clock_mhz mem_clock_mhz max_sm_clock_mhz power_w power_limit_w"
+    fields += " temperature_c persistence_mode"
+    out: dict[str, Any] = {"nvml": UNAVAILABLE, **{f: UNAVAILABLE for f in fields.split()}}
     try:
         import pynvml  # provided by the nvidia-ml-py distribution
     except Exception:
@@ -234,18 +200,14 @@ def _driver_from_proc() -> str:
 
 
 def capture_environment(*, cuda: bool | None = None, device_index: int = 0) -> dict[str, Any]:
-    """Environment facts for a benchmark record.
-
-    Keys: ``os``, ``machine``, ``python``, ``cpu`` (model and core counts), ``packages``,
-    ``tensorrt``, ``threads``, ``cuda`` (stable GPU identity) and ``gpu_state`` (NVML clocks,
-    power, temperature: volatile, so leave it out of fingerprints).
-    ``cuda=None`` probes the GPU only where the driver reports a device; ``False`` skips it
-    (fast, imports nothing heavy); ``True`` always tries (imports torch).
-    """
+    """Environment facts for a record; ``gpu_state`` is volatile (keep it out of
+    fingerprints). ``cuda=None`` probes the GPU only where the driver reports a device, ``False``
+    never, ``True`` always (imports torch). ``tensorrt.module_found`` does not promise
+    importable (its libraries may be missing)."""
     try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = os.cpu_count() or 0
+        trt_found = importlib.util.find_spec("tensorrt") is not None
+    except (ImportError, ValueError):
+        trt_found = False
     info: dict[str, Any] = {
         "os": platform.platform(),
         "machine": platform.machine(),
@@ -255,10 +217,10 @@ def capture_environment(*, cuda: bool | None = None, device_index: int = 0) -> d
             "model": cpu_model(),
             "count_logical": os.cpu_count() or 0,
             "count_physical": physical_cores() or UNAVAILABLE,
-            "count_usable": affinity,
+            "count_usable": usable_cores(),
         },
         "packages": {name: package_version(name) for name in PACKAGES},
-        "tensorrt": tensorrt_info(),
+        "tensorrt": {"version": package_version("tensorrt"), "module_found": trt_found},
         "threads": threads(),
     }
     if cuda is False:
@@ -274,10 +236,6 @@ def capture_environment(*, cuda: bool | None = None, device_index: int = 0) -> d
         info["cuda"] = {"available": False, "reason": "no CUDA device reported by the driver"}
         info["gpu_state"] = {"nvml": UNAVAILABLE}
     return info
-
-
-capture = capture_environment
-"""Short alias of :func:`capture_environment`."""
 
 
 # --------------------------------------------------------------------------- machine state
@@ -361,12 +319,8 @@ def machine_state() -> dict[str, Any]:
 def busy_warning(
     before: dict[str, Any], after: dict[str, Any], *, own_threads: int = 1
 ) -> str | None:
-    """A warning when other processes loaded the machine during a measurement, else ``None``.
-
-    The 1-minute load average *before* counts only others; *after* includes up to
-    ``own_threads`` of ours (the average lags, so it is only partly ours). Busy when either,
-    less our share, exceeds :data:`BUSY_LOAD_PER_CORE` per usable core.
-    """
+    """A warning when others loaded the machine during a measurement: the 1-minute load before,
+    or after less our ``own_threads``, above :data:`BUSY_LOAD_PER_CORE` per usable core."""
     cores = int(before.get("usable_cores") or usable_cores())
     limit = BUSY_LOAD_PER_CORE * cores
     first = (before.get("load_avg") or (None,))[0]

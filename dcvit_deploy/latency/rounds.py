@@ -1,30 +1,14 @@
 """Interleaved rounds: measure a family of candidates so that all of them see the same machine.
 
-Measuring each candidate once, one after the other, gives each its own moment: a burst of load
-from another process, a turbo phase right after start-up or a thermal drift lands on whichever
-candidate happened to be measured then, and a smaller candidate can come out slower than a
-denser one. Rounds spread every candidate over the whole run instead:
-
-* Round ``r`` measures every candidate (and every requested batch size) once, in an order
-  shuffled per round with ``random.Random(seed)`` -- so no candidate is always first or last.
-* Each measurement is the shared timing loop (:func:`dcvit_deploy.latency.loop.measure`) with the
-  profile's warm-up and exactly ``round_windows`` windows (:func:`round_settings`).
-* A candidate's figures are the **median over rounds** of each round's figure (mean, p50, p90,
-  p95, p99); ``spread_ms`` / :meth:`LatencyStats.spread` is the round-to-round interquartile
-  range -- the uncertainty every decision in :mod:`dcvit_deploy.selection.decide` takes into
-  account.
-* At least ``min_rounds`` rounds run; after each further round the run ends once every
-  candidate's rounds agree (:func:`rounds_stable`); at most ``max_rounds`` rounds run.
-
-Backends that offer ``open_measurement`` (:class:`~dcvit_deploy.backends.base.OpenMeasurement`)
-keep one session per candidate open for the whole run; others are measured with their plain
-``measure()`` per round (a fresh session and warm-up each round; neither is timed).
-
-Raw per-round samples go to ``raw_dir/<profile>/<candidate>-b<B>.json`` (or where ``raw_path``
-says): every timed sample of every round, concatenated, with a per-round index in ``meta``.
-Machine state (load average before/after each round, CPU pressure, governor, thread settings)
-is recorded in each combined :class:`LatencyStats`'s ``machine``, with a warning when the
-machine was busy.
+Measured one after another, a load burst, turbo phase or thermal drift lands on whichever
+candidate ran then. Instead round ``r`` measures every candidate and batch size once, in an
+order shuffled per round (seeded), with the shared loop and exactly ``round_windows`` windows. A
+candidate's figures are the **median over rounds**; ``spread_ms`` (round-to-round interquartile
+range) is the uncertainty every selection decision takes into account. Rounds run from
+``min_rounds`` until every candidate's rounds agree (:func:`rounds_stable`), at most
+``max_rounds``. Backends with ``open_measurement`` keep one session per candidate open;
+others are measured with ``measure()`` each round. Raw samples of all rounds go to one file per
+candidate and batch size, with a per-round index; machine state per round goes to ``machine``.
 """
 
 from __future__ import annotations
@@ -66,9 +50,6 @@ __all__ = [
     "rounds_stable",
 ]
 
-"""Called after each round from ``min_rounds`` on with every candidate's current combined
-stats (one per batch size, like ``CandidateOutcome.latency``); ``True`` ends the rounds."""
-
 RawPath = Callable[[str, int], Path]
 
 
@@ -86,16 +67,10 @@ class RoundRecord:
 
 @dataclass(frozen=True)
 class RoundsResult:
-    """Combined statistics per candidate and batch size, and how they were obtained.
-
-    ``records[name][batch]``: every round's :class:`RoundRecord`; ``stats[name][batch]``: the
-    combined :class:`LatencyStats` (median over rounds, spread, machine state); ``orders``:
-    the candidate order of each round; ``rounds``: rounds run in total (the last call's rounds
-    are ``rounds - prior rounds``); ``seconds``: wall time spent measuring, all calls together.
-    """
+    """Combined stats per candidate and batch size, the candidate order of each round, rounds
+    run, and wall seconds spent measuring."""
 
     stats: dict[str, dict[int, LatencyStats]]
-    records: dict[str, dict[int, tuple[RoundRecord, ...]]]
     orders: tuple[tuple[str, ...], ...]
     rounds: int
     stopped_early: bool
@@ -150,13 +125,10 @@ def combine_rounds(
     backend_options: Mapping[str, Any] | None = None,
     actions: Sequence[str] = (),
 ) -> LatencyStats:
-    """One :class:`LatencyStats` from the rounds of one candidate at one batch size.
-
-    Figures (mean, p50..p99) are medians over rounds; ``min``/``max`` the extremes of all
-    samples; ``std``/``cov`` over all settled samples pooled (so round-to-round drift shows in
-    the dispersion); ``stable`` when the rounds' p50s agree -- interquartile range at most
-    ``stability_tolerance`` of the median -- and the pooled CoV is at most ``max_cov``.
-    """
+    """One candidate's rounds at one batch size as one :class:`LatencyStats`: figures are
+    medians over rounds; ``std``/``cov`` over the settled samples pooled (drift shows);
+    ``stable`` when the rounds' p50 IQR is within ``stability_tolerance`` of the median and the
+    pooled CoV within ``max_cov``."""
     if not records:
         raise ValueError("no rounds to combine")
     per = [r.stats for r in records]
@@ -268,16 +240,10 @@ def measure_rounds(
     max_rounds: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> RoundsResult:
-    """Measure ``artifacts`` (candidate name -> built artifact) in interleaved rounds.
-
-    ``backend`` is a :class:`~dcvit_deploy.backends.base.Backend` (``open_measurement`` is
-    used when it has one). ``batch_sizes`` defaults to the profile's budget batch size.
-    ``min_rounds``/``max_rounds`` default to the profile's ``[measure]`` values. Raw files go to
-    ``raw_path(name, batch)`` or ``raw_dir/<profile>/<name>-b<B>.json`` (neither: not saved).
-
-    Measurement errors propagate (a failing candidate should have failed its build); every
-    session opened here is closed.
-    """
+    """Measure ``artifacts`` (name -> artifact) in interleaved rounds at ``batch_sizes``
+    (default: the budget batch size); rounds bounds default to the profile's. Raw files go to
+    ``raw_path(name, batch)`` or ``raw_dir/<profile>/<name>-b<B>.json``. Errors propagate;
+    every session opened here is closed."""
     settings = profile.measure
     batches = tuple(batch_sizes) if batch_sizes else (profile.budget_batch_size,)
     lo = settings.min_rounds if min_rounds is None else min_rounds
@@ -328,7 +294,6 @@ def measure_rounds(
                 order = names[:]
                 rng.shuffle(order)
                 orders.append(tuple(order))
-                round_no = r
                 for position, name in enumerate(order):
                     for b in batches:
                         before = machine_state()
@@ -342,18 +307,18 @@ def measure_rounds(
                                 timer=handle.timer,
                             )
                         else:
-                            tmp_raw = Path(tmp) / f"r{round_no}-{position}-b{b}.json"
+                            tmp_raw = Path(tmp) / f"r{r}-{position}-b{b}.json"
                             stats = backend.measure(
                                 artifacts[name], round_profile, b, raw_path=tmp_raw
                             )
                             raw = load_raw(tmp_raw) if tmp_raw.exists() else []
                         after = machine_state()
                         records[name][b].append(
-                            RoundRecord(round_no, position, stats, tuple(raw), before, after)
+                            RoundRecord(r, position, stats, tuple(raw), before, after)
                         )
                         if progress is not None:
                             progress(
-                                f"round {round_no + 1} {name} b{b}: p50 {stats.p50:.4g} ms "
+                                f"round {r + 1} {name} b{b}: p50 {stats.p50:.4g} ms "
                                 f"(load {(after.get('load_avg') or ['?'])[0]})"
                             )
                 done = r + 1
@@ -392,7 +357,6 @@ def measure_rounds(
                 raw_files[name][b] = str(target)
     return RoundsResult(
         stats=stats_out,
-        records={n: {b: tuple(rs) for b, rs in by.items()} for n, by in records.items()},
         orders=tuple(orders),
         rounds=done,
         stopped_early=stopped_early,

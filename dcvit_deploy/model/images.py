@@ -1,21 +1,6 @@
-"""Few-shot image data: folder listing, seeded sampling, timm preprocessing, decoding.
-
-DC-ViT needs only a few hundred *unlabeled* images. A user points at a folder -- flat, or one
-subfolder per class as ImageNet-style trees are laid out (labels are ignored) -- and this module
-turns it into tensors with the model's own preprocessing:
-
-* :func:`list_images` finds the images (recursive, sorted, deterministic);
-* :func:`sample_images` picks a seeded subset;
-* :func:`resolve_data_config` reads the model's preprocessing from timm, with
-  :class:`DataOverrides` for the knobs timm's own scripts expose;
-* :func:`build_transforms` builds timm's train (RandAugment) or eval transform;
-* :class:`FewShotImages` decodes with PIL, skipping and counting undecodable files;
-* :func:`load_eval_tensor` gives a deterministic batch for verification and metrics;
-* :func:`input_fingerprint` hashes the chosen files so a run can tell when its inputs changed;
-* :func:`write_demo_images` writes real photos bundled with scikit-image for a no-download demo.
-
-timm, PIL and scikit-image are imported inside the functions that need them, so importing this
-module stays cheap (torch itself is a core dependency and is imported).
+"""Few-shot image data: folder listing, seeded sampling, timm preprocessing, decoding, and
+bundled demo photos. A folder may be flat or one subfolder per class (labels are ignored).
+timm, PIL and scikit-image are imported on first use.
 """
 
 from __future__ import annotations
@@ -27,7 +12,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -90,16 +75,10 @@ class ImageList:
 
 
 def list_images(root: str | os.PathLike[str]) -> ImageList:
-    """List every image under ``root``, recursively, in a deterministic order.
-
-    Works for a flat folder and for class subfolders (labels are not used). A file counts as an
-    image when its suffix, lower-cased, is in :data:`IMAGE_EXTENSIONS`; hidden files and folders
-    (names starting with ``.``) are ignored, and so are dcvit-deploy run directories (known by
-    their manifest, written before any output): a run inside its own image folder never learns
-    from its plots. Symlinked folders are not followed. Contents are not checked here (see
-    :class:`FewShotImages`). Raises :class:`DataError` when ``root`` does not exist, is not a
-    directory, or holds no image.
-    """
+    """Every image under ``root`` (by suffix), recursively, sorted by relative path. Hidden
+    names, symlinked folders and dcvit-deploy run directories (known by their manifest: a run in
+    its own image folder never learns from its plots) are left out. :class:`DataError` when
+    ``root`` is missing, not a folder, or holds no image."""
     base = Path(root).expanduser()
     if not base.exists():
         raise DataError(
@@ -160,20 +139,15 @@ def sampling_note(available: int, num_samples: int | None) -> str | None:
 def sample_images(
     paths: ImageList | Sequence[Path], num_samples: int | None, seed: int
 ) -> list[Path]:
-    """A seeded subset of ``paths`` of size ``num_samples``, in the input order.
-
-    ``num_samples=None`` keeps every path. The choice depends only on ``len(paths)``,
-    ``num_samples`` and ``seed``, so it is the same on every machine for the same listing.
-    Asking for more images than exist uses all of them; :func:`sampling_note` says so once,
-    as a run note (never through Python's warnings, which would print a source line). Raises
-    :class:`UserInputError` for ``num_samples < 1`` and :class:`DataError` for empty ``paths``.
-    """
+    """A seeded subset of ``num_samples`` paths (``None``: all), in input order; depends only
+    on ``len(paths)``, ``num_samples`` and ``seed``. Asking for more than exist uses all of them
+    (:func:`sampling_note` says so once, as a run note)."""
     items = list(paths)
     if not items:
         raise DataError("there are no images to sample from", "point to a folder with images")
     if num_samples is None:
         return items
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if not _positive_int(num_samples):
         raise UserInputError(
             f"number of few-shot samples must be a positive integer, got {num_samples!r}",
             "pass e.g. --num-samples 500, or omit it to use every image",
@@ -190,29 +164,28 @@ def sample_images(
 _EXAMPLES = {"mean": "0.485 0.456 0.406", "std": "0.229 0.224 0.225"}
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_floats(name: str, values: tuple[float, ...], allow_zero: bool) -> None:
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise UserInputError(
-                f"{name} values must be finite numbers, got {values}",
-                f"pass e.g. {name} {_EXAMPLES[name]}",
-            )
-        if v < 0 or (v == 0 and not allow_zero):
-            raise UserInputError(
-                f"{name} values must be {'>= 0' if allow_zero else '> 0'}, got {values}",
-                f"pass e.g. {name} {_EXAMPLES[name]}",
-            )
+            problem = "finite numbers"
+        elif v < 0 or (v == 0 and not allow_zero):
+            problem = ">= 0" if allow_zero else "> 0"
+        else:
+            continue
+        raise UserInputError(
+            f"{name} values must be {problem}, got {values}", f"pass e.g. {name} {_EXAMPLES[name]}"
+        )
 
 
 @dataclass(frozen=True)
 class DataOverrides:
-    """User overrides of the model's preprocessing, as timm's scripts allow; ``None`` = keep.
-
-    ``img_size`` sets height and width (channels kept); ``input_size`` sets (C, H, W); give at
-    most one. ``mean``/``std`` take one value (replicated per channel) or one per channel.
-    ``interpolation`` is one of :data:`INTERPOLATIONS`, ``crop_pct`` in (0, 1], ``crop_mode``
-    one of :data:`CROP_MODES`. Construction raises :class:`UserInputError` on invalid values.
-    """
+    """Overrides of the model's preprocessing, as timm's scripts allow (``None`` = keep):
+    ``img_size`` (H = W) or ``input_size`` (C, H, W); ``mean``/``std`` one value or one per
+    channel. Invalid values raise :class:`UserInputError` on construction."""
 
     img_size: int | None = None
     input_size: tuple[int, int, int] | None = None
@@ -225,19 +198,13 @@ class DataOverrides:
     def __post_init__(self) -> None:
         if self.img_size is not None and self.input_size is not None:
             raise UserInputError("img_size and input_size were both given", "pass only one of them")
-        if self.img_size is not None and (
-            isinstance(self.img_size, bool)
-            or not isinstance(self.img_size, int)
-            or self.img_size < 1
-        ):
+        if self.img_size is not None and not _positive_int(self.img_size):
             raise UserInputError(
                 f"img_size must be a positive integer, got {self.img_size!r}", "pass e.g. 224"
             )
         if self.input_size is not None:
             size = tuple(self.input_size)
-            if len(size) != 3 or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size
-            ):
+            if len(size) != 3 or not all(_positive_int(s) for s in size):
                 raise UserInputError(
                     f"input_size must be three positive integers (C, H, W), "
                     f"got {self.input_size!r}",
@@ -285,12 +252,8 @@ def _per_channel(name: str, values: tuple[float, ...], channels: int) -> tuple[f
 
 
 def _fixed_input_size(model: nn.Module) -> tuple[int, int, int] | None:
-    """(C, H, W) a timm ViT-style model was built for, if its patch embedding enforces one.
-
-    timm keeps the architecture's default ``input_size`` (e.g. 224) in ``pretrained_cfg`` even
-    when the model is created with another ``img_size``; such a model only accepts the size its
-    patch embedding was built with, so that size is the truth.
-    """
+    """(C, H, W) the patch embedding enforces, if any: timm keeps the architecture's default
+    ``input_size`` in ``pretrained_cfg`` even for a model built with another ``img_size``."""
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "img_size", None)
     proj = getattr(embed, "proj", None)
@@ -304,15 +267,8 @@ def _fixed_input_size(model: nn.Module) -> tuple[int, int, int] | None:
 
 
 def resolve_data_config(model: nn.Module, overrides: DataOverrides | None = None) -> DataConfig:
-    """The model's own preprocessing (``timm.data.resolve_data_config``) with ``overrides``.
-
-    Input size, unless overridden, is the size the model's patch embedding is fixed to when it
-    enforces one (timm ViTs built with ``img_size=...``), else the ``pretrained_cfg`` value.
-    Returns a fresh dict with ``input_size`` (C, H, W), ``mean``/``std`` (one float per
-    channel), ``interpolation``, ``crop_pct`` and ``crop_mode``. A model without a timm
-    ``pretrained_cfg`` gets timm's ImageNet defaults. Raises :class:`UserInputError` when an
-    override's mean/std length does not match the channel count.
-    """
+    """The model's own preprocessing (``timm.data.resolve_data_config``; the patch embedding's
+    enforced size wins over ``pretrained_cfg``) with ``overrides``; mean/std one per channel."""
     import timm.data
 
     base = timm.data.resolve_data_config({}, model=model)
@@ -338,36 +294,20 @@ def resolve_data_config(model: nn.Module, overrides: DataOverrides | None = None
 
 
 def build_transforms(
-    data_config: DataConfig,
-    train: bool,
-    auto_augment: str | None = DEFAULT_AUTO_AUGMENT,
-    re_prob: float = 0.0,
+    data_config: DataConfig, train: bool, auto_augment: str | None = DEFAULT_AUTO_AUGMENT
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's transform for ``data_config``: PIL RGB image -> normalised ``[C, H, W]`` tensor.
-
-    ``train=True``: timm's training transform (random resized crop, horizontal flip, the
-    RandAugment policy ``auto_augment`` -- ``None`` disables it -- and random erasing with
-    probability ``re_prob``, off by default; no mixup/cutmix, which are batch-level and never
-    applied here). ``train=False``: the model's deterministic eval transform (resize by
-    ``crop_pct``, crop per ``crop_mode``). Both produce the config's ``input_size``.
-    """
+    """timm's transform for ``data_config`` (PIL RGB -> normalised ``[C, H, W]``): with
+    ``train``, random resized crop, flip and RandAugment ``auto_augment`` (``None``: off); else
+    the deterministic eval transform (``crop_pct``, ``crop_mode``)."""
     import timm.data
 
-    common: dict[str, Any] = {
-        "input_size": tuple(data_config["input_size"]),
-        "interpolation": data_config["interpolation"],
-        "mean": tuple(data_config["mean"]),
-        "std": tuple(data_config["std"]),
-    }
+    cfg = data_config
+    common: dict[str, Any] = {k: tuple(cfg[k]) for k in ("input_size", "mean", "std")}
+    common["interpolation"] = cfg["interpolation"]
     if train:
-        return timm.data.create_transform(
-            is_training=True, auto_augment=auto_augment, re_prob=re_prob, **common
-        )
+        return timm.data.create_transform(is_training=True, auto_augment=auto_augment, **common)
     return timm.data.create_transform(
-        is_training=False,
-        crop_pct=data_config["crop_pct"],
-        crop_mode=data_config.get("crop_mode"),
-        **common,
+        crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode"), **common
     )
 
 
@@ -379,14 +319,9 @@ SIXTEEN_BIT_MODES: frozenset[str] = frozenset({"I;16", "I;16L", "I;16B", "I;16N"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image | str:
-    """``img`` as 8-bit RGB, or a one-line reason it cannot be converted faithfully.
-
-    PIL's own ``convert("RGB")`` *clips* 16- and 32-bit integer pixels to 255 (a 16-bit photo
-    becomes mostly white), so those are scaled instead: 16-bit values by 255/65535; 32-bit
-    integer images (mode ``I``, how some PIL versions open 16-bit PNGs) are taken as 16-bit
-    when their values fit 0..65535 and as 8-bit when they fit 0..255. Floating-point images
-    (mode ``F``) have no agreed range and are refused by name.
-    """
+    """``img`` as 8-bit RGB, or a one-line reason it cannot be converted faithfully. PIL's
+    ``convert("RGB")`` *clips* 16/32-bit pixels, so those are scaled: 16-bit by 255/65535, mode
+    ``I`` as 8-bit when it fits 0..255, else as 16-bit; mode ``F`` has no range and is refused."""
     from PIL import Image
 
     mode = img.mode
@@ -422,11 +357,8 @@ def _decode(path: Path | io.BytesIO) -> Image.Image | str:
 
 
 def skipped_summary(skipped: Sequence[tuple[Path, str]], total: int, limit: int = 3) -> str:
-    """One line for the console and ``SUMMARY.md``: how many images were skipped and why.
-
-    Empty when nothing was skipped. Names at most ``limit`` files (by file name) with their
-    reasons.
-    """
+    """One line (empty when none): how many images were skipped, ``limit`` of them by name
+    with their reasons."""
     if not skipped:
         return ""
     shown = "; ".join(f"{Path(p).name}: {reason}" for p, reason in skipped[:limit])
@@ -436,13 +368,8 @@ def skipped_summary(skipped: Sequence[tuple[Path, str]], total: int, limit: int 
 
 @dataclass(frozen=True)
 class HoldoutSplit:
-    """The held-out images (verification and fidelity) and a note when they fall short.
-
-    ``paths`` are the candidates in their seeded order: the caller uses the first ``holdout``
-    that decode (as :func:`load_eval_tensor` with ``max_images`` does). ``note`` is empty when
-    that many were available outside the few-shot set; otherwise it says what was used instead
-    (for the console and ``SUMMARY.md``).
-    """
+    """Held-out candidates in seeded order (the caller uses the first ``holdout`` that decode)
+    and a note when fewer than ``holdout`` were left outside the few-shot set."""
 
     paths: tuple[Path, ...]
     note: str = ""
@@ -451,14 +378,9 @@ class HoldoutSplit:
 def split_holdout(
     all_paths: Sequence[Path], train: Sequence[Path], holdout: int, seed: int
 ) -> HoldoutSplit:
-    """Up to ``holdout`` images not in ``train``, in a seeded order; falls back to ``train``.
-
-    With no image left over, the training images are used and the note says so; with fewer
-    than ``holdout`` left over, all of them are used and the note says how many. The order is
-    the one this project has always used (``random.Random(seed + 1)`` shuffle), so resumed
-    runs keep their held-out set.
-    """
-    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 1:
+    """Images not in ``train`` in a ``Random(seed + 1)`` order (kept so resumed runs keep
+    their held-out set); ``train`` itself when none is left over (the note says so)."""
+    if not _positive_int(holdout):
         raise UserInputError(
             f"--holdout must be a positive integer, got {holdout!r}", "pass e.g. --holdout 32"
         )
@@ -487,13 +409,9 @@ def holdout_note(available: int, num_samples: int | None, holdout: int) -> str:
 
 
 class FewShotImages(Dataset[Any]):
-    """A map-style torch dataset of decodable images; ``dataset[i]`` is ``transform(rgb_image)``.
-
-    Every file is decoded once at construction; files that fail are left out and listed in
-    ``skipped`` as ``(path, reason)``, so ``len(dataset)`` counts only usable images and
-    ``paths`` lists them in input order. Items carry no label (DC-ViT is label-free). Raises
-    :class:`DataError` when no file decodes. ``transform=None`` returns the PIL image.
-    """
+    """Map-style dataset of the decodable images (``dataset[i]`` is ``transform(rgb)``, no
+    label). Each file is decoded once on construction; failures go to ``skipped`` as
+    ``(path, reason)``; :class:`DataError` when none decodes."""
 
     def __init__(
         self,
@@ -542,12 +460,8 @@ def load_eval_tensor(
     data_config: DataConfig,
     max_images: int | None = None,
 ) -> torch.Tensor:
-    """The first ``max_images`` decodable images (all if ``None``) as one eval-mode batch.
-
-    Deterministic: uses :func:`build_transforms` with ``train=False`` and keeps the input
-    order; undecodable files are skipped. Returns float ``[N, C, H, W]``. Raises
-    :class:`DataError` if no image decodes, ``ValueError`` if ``max_images < 1``.
-    """
+    """The first ``max_images`` decodable images (all if ``None``), in order, through the eval
+    transform, as one float ``[N, C, H, W]`` batch."""
     import torch
 
     if max_images is not None and max_images < 1:
@@ -574,12 +488,8 @@ def load_eval_tensor(
 
 
 def input_fingerprint(paths: ImageList | Iterable[str | os.PathLike[str]]) -> str:
-    """sha256 hex digest identifying the image set: relative paths, sizes and contents.
-
-    Paths are taken relative to the ``ImageList`` root, or to the common parent folder of
-    plain paths, and sorted, so the result does not depend on where the folder lives or on the
-    order given, but changes when a file is added, removed, renamed or edited.
-    """
+    """sha256 of the image set: sorted paths relative to the listing's root (or the common
+    parent), sizes and contents; independent of where the folder lives and of the order."""
     if isinstance(paths, ImageList):
         root, items = paths.root, list(paths.paths)
     else:
@@ -608,13 +518,8 @@ DEMO_PHOTOS: tuple[str, ...] = (
 """Photos bundled inside scikit-image (no download) used by :func:`write_demo_images`."""
 
 
-@dataclass(frozen=True)
-class _Photo:
-    name: str
-    pixels: Any = field(repr=False)  # uint8 [H, W, 3] numpy array
-
-
-def _bundled_photos() -> list[_Photo]:
+def _bundled_photos() -> list[tuple[str, Any]]:
+    """(name, uint8 [H, W, 3] pixels) of the bundled photos this scikit-image provides."""
     try:
         from skimage import data as skdata
     except ImportError as exc:
@@ -624,7 +529,7 @@ def _bundled_photos() -> list[_Photo]:
         ) from exc
     import numpy as np
 
-    photos: list[_Photo] = []
+    photos: list[tuple[str, Any]] = []
     for name in DEMO_PHOTOS:
         loader = getattr(skdata, name, None)
         if loader is None:
@@ -637,7 +542,7 @@ def _bundled_photos() -> list[_Photo]:
             continue
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
-        photos.append(_Photo(name, np.ascontiguousarray(arr[:, :, :3])))
+        photos.append((name, np.ascontiguousarray(arr[:, :, :3])))
     if not photos:
         raise EnvironmentProblem(
             "this scikit-image installation provides none of the bundled demo photos",
@@ -649,15 +554,9 @@ def _bundled_photos() -> list[_Photo]:
 def write_demo_images(
     out_dir: str | os.PathLike[str], count: int = 32, seed: int = 0
 ) -> list[Path]:
-    """Write ``count`` real photos as JPEG files into ``out_dir``; returns their paths, sorted.
-
-    The first images are scikit-image's bundled photos (astronaut, chelsea, coffee, rocket,
-    camera, ...); the rest are seeded random crops (40-100 % of each side) of them, half of
-    them mirrored. Same ``count`` and ``seed`` -> same files. Raises
-    :class:`EnvironmentProblem` when scikit-image is missing (fix:
-    ``pip install dcvit-deploy[demo]``).
-    """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    """Write ``count`` JPEGs into ``out_dir`` (sorted paths): the bundled photos, then seeded
+    crops (40-100 % of each side), half mirrored; same ``count`` and ``seed``, same files."""
+    if not _positive_int(count):
         raise UserInputError(
             f"demo image count must be a positive integer, got {count!r}", "pass e.g. 32"
         )
@@ -665,14 +564,12 @@ def write_demo_images(
 
     from dcvit_deploy.store.atomic import atomic_write_with
 
-    photos = _bundled_photos()
-    rng = random.Random(seed)
+    photos, rng = _bundled_photos(), random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for i in range(count):
-        photo = photos[i % len(photos)]
-        arr = photo.pixels
+        name, arr = photos[i % len(photos)]
         if i >= len(photos):
             h, w = arr.shape[:2]
             ch, cw = (
@@ -684,7 +581,7 @@ def write_demo_images(
             if rng.random() < 0.5:
                 arr = arr[:, ::-1]
         img = Image.fromarray(arr.copy())
-        path = out / f"demo_{i:04d}_{photo.name}.jpg"
+        path = out / f"demo_{i:04d}_{name}.jpg"
         # the default binds this iteration's image; cast: mypy cannot infer such a lambda
         atomic_write_with(
             path, cast(Any, lambda tmp, im=img: im.save(tmp, format="JPEG", quality=90))

@@ -1,10 +1,6 @@
-"""CI comparison of a run's ``report.json`` against a stored baseline.
-
-:func:`compare_to_baseline` / :func:`check_regression` compare two reports with a relative
-latency tolerance and a fidelity threshold -- never exact numbers -- and refuse reports measured
-on another profile, device or runtime version (:func:`check_same_target`) unless told to;
-:func:`check_regression` raises :class:`~dcvit_deploy.errors.RegressionDetected` (exit code 4)
-on a regression and writes ``comparison.json`` / ``COMPARISON.md`` when asked.
+"""CI comparison of a run's ``report.json`` against a stored baseline: a relative latency
+tolerance and a fidelity threshold, never exact numbers; :func:`check_regression` raises
+:class:`~dcvit_deploy.errors.RegressionDetected` (exit 4) and writes ``COMPARISON.md``.
 """
 
 from __future__ import annotations
@@ -152,19 +148,13 @@ def compare_to_baseline(
     fidelity_tolerance: float = 0.01,
     allow_other_device: bool = False,
 ) -> ComparisonResult:
-    """Compare ``report`` with ``baseline_report`` (paths, folders or loaded dicts).
-
-    ``statistic``/``batch_size`` default to the current report's axis (its budget's statistic
-    and batch, or the profile's when it had no budget). A candidate regresses
-    when its latency ratio (current / baseline) exceeds ``1 + tolerance``, when its fidelity
-    drops by more than ``fidelity_tolerance`` (absolute), or when it was selectable in the
-    baseline and is not now. Under the same budget (the same ``--speedup``, not the
-    milliseconds each run derived from its own original) choosing nothing where the baseline
-    chose, or a less dense (``prefer=fidelity``: a less faithful) pick, is a regression too.
-    New and missing candidates, another choice and clear speed-ups are notes. Exact numbers
-    are never compared. Reports measured on another profile, device or runtime version are
-    refused unless ``allow_other_device`` (then noted).
-    """
+    """Compare ``report`` with ``baseline_report`` (paths, folders or dicts) on the current
+    report's statistic and batch (unless given). A candidate regresses when its latency ratio
+    exceeds ``1 + tolerance``, its fidelity drops by more than ``fidelity_tolerance``, or it is
+    no longer selectable; under the same budget (the same ``--speedup``, not the derived ms),
+    choosing nothing or a less dense (``prefer=fidelity``: less faithful) pick regresses too.
+    Other changes are notes. Another profile, device or runtime is refused unless
+    ``allow_other_device`` (then noted)."""
     if tolerance <= 0 or fidelity_tolerance < 0:
         raise UserInputError(
             "the comparison tolerance must be > 0 and the fidelity tolerance >= 0",
@@ -343,11 +333,8 @@ def check_regression(
     out_dir: str | os.PathLike[str] | None = None,
     allow_other_device: bool = False,
 ) -> ComparisonResult:
-    """CI entry point: compare, write the comparison (when ``out_dir``), raise on regression.
-
-    Raises :class:`RegressionDetected` (exit code 4) whose one line lists the first findings;
-    returns the result when there is no regression.
-    """
+    """CI entry point: compare, write the comparison (when ``out_dir``), and raise
+    :class:`RegressionDetected` listing the first findings on a regression."""
     result = compare_to_baseline(
         report,
         baseline_report,

@@ -14,15 +14,10 @@ Layout (all writes atomic, temporary files unique per writer)::
     RUN/reports/<profile>/         the same reports, one folder per measured profile
     RUN/triton/                    the run-local Triton model repository
 
-A run's *identity* is the model and the content of its weights: a directory holding another
-model's run is refused (``--overwrite`` moves it aside, never deletes it), unless that run never
-finished a unit. Everything else -- images, targets, profile, budget -- is an input of the units
-that use it, and their fingerprints decide what is redone (see :mod:`dcvit_deploy.pipeline`).
-
-Only one process works on a run directory at a time: :meth:`RunDir.open` takes an exclusive
-``filelock`` lock (an OS-level ``flock``, released by the kernel when its holder dies, so a stale
-lock from a killed process is taken over safely) and a second process is refused with one line
-naming the holder's pid.
+A run's *identity* is the model and its weights' content: another model's run is refused
+(``--overwrite`` moves it aside, never deletes) unless it never finished a unit; everything else
+is a unit input. One process at a time: an OS-level ``flock`` (released by the kernel when its
+holder dies, so a killed process's lock is taken over); a second is refused naming the pid.
 """
 
 from __future__ import annotations
@@ -108,17 +103,15 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
 @dataclass
 class RunLock:
-    """An exclusive lock on a run directory (``filelock.FileLock`` on ``RUN/.lock``).
-
-    ``took_over`` names the pid of a dead process whose lock information was still on disk.
-    """
+    """An exclusive ``filelock`` on ``RUN/.lock``; ``took_over``: the pid of a dead process
+    whose lock information was still on disk."""
 
     root: Path
     took_over: int | None = None
@@ -175,10 +168,8 @@ def _lock_info(path: Path) -> dict[str, Any]:
 
 @dataclass
 class RunDir:
-    """An open, locked run directory; :meth:`save` is called by every mutator.
-
-    Use as a context manager (or call :meth:`close`) to release the lock.
-    """
+    """An open, locked run directory (a context manager; :meth:`close` releases the lock);
+    every mutator saves the manifest."""
 
     root: Path
     manifest: dict[str, Any]
@@ -196,14 +187,10 @@ class RunDir:
         overwrite: bool = False,
         must_exist: bool = False,
     ) -> RunDir:
-        """Lock and open (or create) ``root`` for a run of ``identity``.
-
-        Same identity: resume. Different identity, a corrupt manifest, or a non-empty folder that
-        is not a run: :class:`RunDirError` unless ``overwrite``, which renames the old folder to
-        ``<root>.old-<timestamp>`` (never deletes). A run of another identity that never
-        finished a unit (e.g. started with a wrong checkpoint) is replaced without asking.
-        ``must_exist``: refuse to start a new run (``--resume`` of a run that is not there).
-        """
+        """Lock and open (or create) ``root`` for a run of ``identity``: the same identity
+        resumes; another one, a corrupt manifest or a non-run folder is :class:`RunDirError`
+        unless ``overwrite`` (moved to ``<root>.old-<stamp>``), or replaced when that run never
+        finished a unit. ``must_exist``: refuse to start a new run (``--resume``)."""
         path = Path(root).absolute()  # artifacts recorded relative to it resolve from any cwd
         if must_exist and not (path / MANIFEST).is_file():
             raise RunDirError(
@@ -290,9 +277,7 @@ class RunDir:
     @staticmethod
     def _clear(path: Path) -> None:
         """Remove a run that never finished a unit (nothing of value), keeping the lock."""
-        for entry in path.iterdir():
-            if entry.name in _OWN_FILES:
-                continue
+        for entry in (e for e in path.iterdir() if e.name not in _OWN_FILES):
             if entry.is_dir():
                 shutil.rmtree(entry)
             else:
@@ -300,10 +285,8 @@ class RunDir:
 
     @classmethod
     def load(cls, root: str | Path, *, lock: bool = True) -> RunDir:
-        """Open an existing run without an identity check (commands that read a run).
-
-        ``lock=False`` reads without locking (``status``), so it works while a run is going on.
-        """
+        """Open an existing run without an identity check; ``lock=False`` reads without locking
+        (``status`` while a run is going on)."""
         base = Path(root).absolute()
         path = base / MANIFEST
         if not path.is_file():

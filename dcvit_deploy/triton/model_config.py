@@ -1,25 +1,12 @@
-"""Triton model configs: the artifact's I/O, the ``config.pbtxt`` text, and its validation.
+"""Triton model configs: the artifact's I/O and Triton's ``ModelConfig`` built from it.
 
-Every input/output name, data type and shape in a config comes from the artifact itself:
-an ONNX file's graph inputs/outputs, or, for a TensorRT plan (which cannot be inspected without
-TensorRT), the engine metadata JSON the engine builder writes next to the plan. That file is
-``<plan>.json`` (e.g. ``c60.plan.json``, as the TensorRT backend writes it) unless
-``artifact.meta["engine_meta"]`` names another file. The fields read::
-
-    {"tensorrt_version": "10.13.0", "gpu_name": "NVIDIA H100 80GB HBM3",
-     "compute_capability": "9.0",
-     "settings": {"shape_profile": {"max": [8, 3, 224, 224], ...}, ...},
-     "io": [{"name": "input", "mode": "input", "shape": [-1, 3, 224, 224], "dtype": "half"},
-            {"name": "logits", "mode": "output", "shape": [-1, 1000], "dtype": "half"}]}
-
-The profile's largest batch is ``settings.shape_profile.max[0]``; a top-level ``max_batch``
-(or ``profile_max_batch``) overrides it, and ``gpu`` is accepted for ``gpu_name``. ``-1``
-marks a dynamic dimension; dtypes may be TensorRT (``float``/``half``), numpy or torch
-names.
-
-With ``max_batch_size > 0`` Triton owns the batch dimension: ``dims`` exclude it and the
-artifact's first dimension must be dynamic. With ``max_batch_size: 0`` (written explicitly)
-``dims`` are the full shape. onnx and tritonclient are imported on first use.
+Every name, data type and shape in a config comes from the artifact: an ONNX file's graph, or
+for a TensorRT plan the engine metadata JSON written next to it (``<plan>.json`` unless
+``artifact.meta["engine_meta"]`` names another): ``io`` entries (name, mode, shape with ``-1``
+dynamic, TensorRT/numpy/torch dtype names), the profile's max batch from ``max_batch``,
+``profile_max_batch`` or ``settings.shape_profile.max[0]``, and the build facts. With
+``max_batch_size > 0`` Triton owns the batch dimension (``dims`` exclude it; it must be
+dynamic); ``max_batch_size: 0`` is written explicitly. onnx and tritonclient load on first use.
 """
 
 from __future__ import annotations
@@ -60,37 +47,18 @@ _MODEL_SUFFIX: dict[str, str] = {"onnxruntime_onnx": ".onnx", "tensorrt_plan": "
 
 # ONNX TensorProto element type names -> Triton data types.
 _ONNX_TYPES = {
-    "FLOAT": "TYPE_FP32",
-    "FLOAT16": "TYPE_FP16",
-    "BFLOAT16": "TYPE_BF16",
-    "DOUBLE": "TYPE_FP64",
-    "INT8": "TYPE_INT8",
-    "INT16": "TYPE_INT16",
-    "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64",
-    "UINT8": "TYPE_UINT8",
-    "UINT16": "TYPE_UINT16",
-    "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64",
-    "BOOL": "TYPE_BOOL",
-    "STRING": "TYPE_STRING",
-}
+    "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16", "DOUBLE": "TYPE_FP64",
+    "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64",
+    "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64", "BOOL": "TYPE_BOOL", "STRING": "TYPE_STRING",
+}  # fmt: skip
 # Engine metadata dtype spellings (numpy, torch, TensorRT enum names) -> Triton data types.
 _ENGINE_TYPES = {
-    "float32": "TYPE_FP32",
-    "fp32": "TYPE_FP32",
-    "float": "TYPE_FP32",
-    "float16": "TYPE_FP16",
-    "fp16": "TYPE_FP16",
-    "half": "TYPE_FP16",
-    "bfloat16": "TYPE_BF16",
-    "bf16": "TYPE_BF16",
-    "int8": "TYPE_INT8",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "uint8": "TYPE_UINT8",
+    "float32": "TYPE_FP32", "fp32": "TYPE_FP32", "float": "TYPE_FP32", "float16": "TYPE_FP16",
+    "fp16": "TYPE_FP16", "half": "TYPE_FP16", "bfloat16": "TYPE_BF16", "bf16": "TYPE_BF16",
+    "int8": "TYPE_INT8", "int32": "TYPE_INT32", "int64": "TYPE_INT64", "uint8": "TYPE_UINT8",
     "bool": "TYPE_BOOL",
-}
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- artifact I/O
@@ -107,11 +75,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ModelIO:
-    """The I/O of an artifact and, for engines, the facts a deployment must match.
-
-    ``max_batch`` is the engine profile's largest batch (``None``: not limited by the file).
-    ``facts`` holds ``tensorrt_version``, ``gpu`` and ``compute_capability`` when known.
-    """
+    """An artifact's I/O; for engines the profile's ``max_batch`` (``None``: not limited) and
+    ``facts`` (``tensorrt_version``, ``gpu``, ``compute_capability`` when known)."""
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -127,14 +92,9 @@ class NotServable(UserInputError):
 
 
 def platform_for(backend: str) -> Platform:
-    """Triton platform for an artifact backend name (``onnxruntime`` or ``tensorrt``, or the
-    ``triton_platform`` a plugin backend declares).
-
-    ``torch`` artifacts are refused with :class:`NotServable`: the torch backend stores a
-    ``torch.export`` program (``.pt2``) and measures it op by op, cast to the profile's precision
-    and replayed from a CUDA graph; Triton's PyTorch backend loads TorchScript and runs neither
-    that program nor its CUDA graph, so a published model would not be the one measured.
-    """
+    """Triton platform for an artifact backend (or the ``triton_platform`` a plugin declares).
+    ``torch`` is :class:`NotServable`: Triton's PyTorch backend loads TorchScript, not the
+    measured ``torch.export`` program and its CUDA graph."""
     key = backend.lower()
     if key in ("torch", "pytorch"):
         raise NotServable(
@@ -177,10 +137,8 @@ def _load_onnx(path: str | os.PathLike[str]) -> Any:
 
 
 def read_onnx_io(path: str | os.PathLike[str], *, model: Any = None) -> ModelIO:
-    """Graph inputs (minus initializers) and outputs of an ONNX file, weights not loaded.
-
-    ``model`` may pass an already loaded ``onnx.ModelProto`` of ``path``.
-    """
+    """Graph inputs (minus initializers) and outputs of an ONNX file (or its loaded ``model``),
+    weights not loaded."""
     import onnx
 
     if model is None:
@@ -336,13 +294,8 @@ def build_config(
     gpu_accelerators: Sequence[Accelerator] = (),
     parameters: Mapping[str, str] | None = None,
 ) -> Any:
-    """Triton's ``ModelConfig`` message for ``io`` with these settings (valid by construction).
-
-    Settings are taken as given; the repository writers decide them (from the target profile)
-    and check them against the artifact first. ``graph_level``: the onnxruntime
-    backend's ``optimization { graph { level } }``. ``parameters``: model-level string
-    parameters (the onnxruntime backend's thread counts, execution mode).
-    """
+    """Triton's ``ModelConfig`` message for ``io`` with these settings, taken as given (the
+    repository checks them against the artifact first); valid by construction."""
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2
 
@@ -402,11 +355,8 @@ def build_config(
 
 
 def config_text(config: Any) -> str:
-    """Deterministic ``config.pbtxt`` text of a ``ModelConfig`` message (same message, same bytes).
-
-    ``max_batch_size: 0`` is written although it is proto3's default: for a config without it,
-    Triton's auto-complete may choose a batch size of its own.
-    """
+    """Deterministic ``config.pbtxt`` text of a ``ModelConfig``; ``max_batch_size: 0`` is
+    written although proto3's default (without it, Triton's auto-complete may pick a batch)."""
     from google.protobuf import text_format
 
     text = text_format.MessageToString(config)
@@ -426,14 +376,8 @@ def _static_for_warmup(io: ModelIO, max_batch_size: int) -> bool:
     return all(d > 0 for spec in io.inputs for d in _warmup_dims(spec, max_batch_size, 1))
 
 
-# --------------------------------------------------------------------------- validation
-
-
 def parse_config(text: str) -> Any:
-    """Parse config text into Triton's ``ModelConfig`` message.
-
-    Raises :class:`UserInputError` when the text is not a valid ModelConfig.
-    """
+    """Config text as Triton's ``ModelConfig``; :class:`UserInputError` when it is not one."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -443,10 +387,6 @@ def parse_config(text: str) -> Any:
         raise UserInputError(
             f"not a valid Triton ModelConfig: {exc}", "fix or remove the config.pbtxt"
         ) from exc
-
-
-# The onnxruntime backend's graph levels: -1 basic, 1 extended, 2 disabled, absent/0 all.
-GRAPH_LEVELS = {"basic": -1, "extended": 1, "disable": 2}
 
 
 def version_dirs(model_dir: Path) -> list[Path]:

@@ -1,26 +1,11 @@
 """Triton model repositories: publish measured artifacts as numbered versions of one model.
 
-Layout written by :func:`publish`::
-
-    <repo>/<model>/config.pbtxt            one config for the model (written last)
-    <repo>/<model>/<N>/model.onnx          (ONNX Runtime) | model.plan (TensorRT)
-    <repo>/<model>/<N>/deploy.json         facts of version N: sha256, source candidate,
-                                           profile, runtime settings, latency, run metadata
-    <repo>/<model>/deploy.json             a copy of the served version's facts
-
-Publishing into an existing model adds version N+1 beside the older ones, and the config serves
-that version only (``version_policy { specific { versions: [ N+1 ] } }``; the config, which
-holds the runtime settings, always describes the version that is served). A version is
-immutable: an artifact that a version already holds with the same settings is served again
-without a copy. Each version records its owner (the id of the run that published it): a
-publisher never changes what a model serves while it serves another owner's version (unless
-``replace=True``), and :func:`unpublish` removes only the owner's versions. A model whose
-platform, inputs/outputs or ``max_batch_size`` differ is refused unless ``replace=True``, which
-publishes the new version and then retires the older ones. A version folder is staged under a
-unique hidden name inside the model directory and renamed into place, so Triton never sees a
-half-written version; publishers of one repository take turns through a file lock on
-``<repo>/.dcvit-publish.lock``.
-
+Layout: ``<repo>/<model>/config.pbtxt`` (written last; serves one version, with the settings
+that version was measured with), ``<model>/<N>/model.onnx|model.plan`` and ``<N>/deploy.json``
+(the version's facts: sha256, source, profile, settings, latency, owner run), and
+``<model>/deploy.json`` (the served version's facts). Versions are immutable and staged under a
+hidden name, then renamed into place; publishers of one repository take turns through a file
+lock (``.dcvit-publish.lock``).
 """
 
 from __future__ import annotations
@@ -94,13 +79,8 @@ class RepositoryConflict(UserInputError):
 
 
 def default_model_name(model: str) -> str:
-    """A stable, Triton-legal model name for a base model: ``dcvit_<name>``.
-
-    ``deit_small_patch16_224`` -> ``dcvit_deit_small_patch16_224``;
-    ``hf-hub:timm/vit_small_patch16_224.augreg_in21k`` ->
-    ``dcvit_vit_small_patch16_224_augreg_in21k``. Lower case letters, digits and ``_`` only, so
-    the name is also a safe URL path segment and directory name everywhere.
-    """
+    """``dcvit_<name>`` in lower case letters, digits and ``_`` (a safe path segment anywhere);
+    ``hf-hub:timm/vit_s.augreg`` -> ``dcvit_vit_s_augreg``."""
     name = model.strip()
     for prefix in ("hf-hub:", "hf_hub:", "timm:"):
         name = name.removeprefix(prefix)
@@ -143,9 +123,8 @@ def _resolve(
     preferred_batch_sizes: Sequence[int],
     cuda_graphs: bool,
 ) -> _Plan:
-    """Check the settings against the artifact's I/O (no writes): dynamic batching with the
-    preferred sizes above 1 when batching, one warm-up at the largest batch when the inputs'
-    other dims are static."""
+    """Check the settings against the artifact's I/O (no writes); dynamic batching prefers the
+    sizes above 1; one warm-up at the largest batch when the other dims are static."""
     platform = platform_for(artifact.backend)
     input_names = [t.name for t in io.inputs]
     output_names = [t.name for t in io.outputs]
@@ -210,13 +189,9 @@ def _verify_digest(src: Path, artifact: Artifact) -> str:
 
 @dataclass(frozen=True)
 class Published:
-    """What :func:`publish` did.
-
-    ``created`` is False when a version already held this artifact with these settings: nothing
-    was copied and ``version`` is that version, which the config now serves. ``retired`` lists
-    the versions removed by ``replace=True`` over another interface. ``notes`` name measured
-    settings Triton cannot mirror (see :mod:`dcvit_deploy.triton.runtime`).
-    """
+    """What :func:`publish` did: ``created`` False when an existing ``version`` already held the
+    artifact with these settings; ``retired``: versions ``replace=True`` removed; ``notes``:
+    measured settings Triton cannot mirror."""
 
     model_name: str
     model_dir: Path
@@ -367,29 +342,16 @@ def publish(
 ) -> Published:
     """Publish ``artifact``, measured under ``profile``, as the served version of ``model_name``.
 
-    * The config's runtime settings are the measured ones (:func:`serving_settings`): instance
-      kind and GPU id, ONNX Runtime threads / execution mode / graph level / TensorRT provider
-      options, CUDA graphs exactly when a TensorRT profile measured with them.
-    * ``max_batch_size`` is the profile's largest batch (0 when the artifact's batch dimension
-      is static), with dynamic batching preferring the profile's batch sizes.
-    * Versions: a new model gets version 1, an existing compatible model N+1; the config serves
-      that version only (``version_policy specific``). A version that already holds the
-      artifact with the same settings is served again without a copy (``created=False``);
-      versions are immutable, so other settings make a new version.
-    * Ownership: ``owner`` (a run's id) is recorded in the version. Refused with
-      :class:`RepositoryConflict` when the config would change while it serves a version of
-      another owner (or of none recorded), unless ``replace=True``; ``owner=None`` skips it.
-    * Refused with :class:`RepositoryConflict` (one line: problem; fix) when the existing model
-      has another platform, I/O or ``max_batch_size``, unless ``replace=True``: then the new
-      version is published and the older versions are retired.
-    * Refused with :class:`~dcvit_deploy.triton.model_config.NotServable` for ``torch`` artifacts
-    and
-      :class:`~dcvit_deploy.triton.runtime.ServingMismatch` for measured settings Triton cannot
-      reproduce; ``artifact.backend`` must be ``profile.backend``.
-
-    ``latency`` (one or several batch sizes), ``source_candidate`` (default
-    ``artifact.candidate``) and ``run_meta`` (the run's identity, inputs, anything JSON) go to
-    ``<N>/deploy.json``. The config is built as Triton's ``ModelConfig`` message.
+    * The config carries the measured runtime settings (:func:`serving_settings`);
+      ``max_batch_size`` is the profile's largest batch (0 for a static batch dimension).
+    * A new model gets version 1, a compatible one N+1, and the config serves that version only;
+      a version already holding the artifact with the same settings is served again without a
+      copy (``created=False``).
+    * :class:`RepositoryConflict` unless ``replace=True``: the model serves a version of another
+      ``owner`` (``None`` skips the check), or has another platform, I/O or ``max_batch_size``
+      (``replace`` then retires the older versions).
+    * :class:`NotServable` for ``torch`` artifacts, :class:`ServingMismatch` for settings
+      Triton cannot reproduce. ``latency``, ``source_candidate``, ``run_meta``: ``deploy.json``.
     """
     repo = Path(repo)
     safe_name(model_name, "model name")
@@ -400,14 +362,7 @@ def publish(
             "publish with the profile the artifact was built and measured under",
         )
     platform = platform_for(artifact.backend)  # NotServable for torch, before any work
-    stats: tuple[LatencyStats, ...]
-    if latency is None:
-        stats = ()
-    elif isinstance(latency, LatencyStats):
-        stats = (latency,)
-    else:
-        stats = tuple(latency)
-
+    stats = (latency,) if isinstance(latency, LatencyStats) else tuple(latency or ())
     if instance_count < 1:
         raise UserInputError("instance_count must be >= 1", "pass instance_count=1 or more")
     src = Path(artifact.path)
@@ -583,17 +538,9 @@ def unpublish(
     run_root: str | os.PathLike[str],
     keep: Iterable[str] = (),
 ) -> list[str]:
-    """Remove the versions ``owner`` published into a run's own repository; return the models
-    it touched.
-
-    For a rerun that picks nothing (or picks under another model name): call it on the run's
-    own repository (``RUN/triton``) so no stale pick of the run stays behind to be served.
-    ``keep`` names models to leave in place (the ones the run publishes now). Never removes a
-    version of another owner: a model left with such versions serves the newest of them, with
-    its own settings. Never touches a repository outside ``run_root`` (a user's
-    ``--triton-repo`` is refused with :class:`UserInputError`). Versions are hidden from Triton
-    (renamed to non-numeric names) before they are deleted.
-    """
+    """Remove the versions ``owner`` published into a run's own repository (inside
+    ``run_root``, else :class:`UserInputError`), except in the ``keep`` models; return the models
+    touched. A model left with another owner's versions serves the newest of them."""
     repo = Path(repo)
     root = Path(run_root).resolve()
     if not repo.exists():

@@ -1,31 +1,12 @@
 """The runtime settings a target profile measured with, as Triton config settings.
 
-Triton must serve what was measured, so the settings in ``config.pbtxt`` come from the same
-:class:`~dcvit_deploy.store.records.TargetProfile` the latency numbers came from: the backend's
-validated ``[backend_options]`` (defaults filled in by the backend's own option table) and the
-``[measure]`` settings.
-
-* ``device = "cpu"`` -> ``instance_group { kind: KIND_CPU }``; ``"cuda"`` ->
-  ``{ kind: KIND_GPU gpus: [device_id] }``.
-* onnxruntime ``intra_op_num_threads`` / ``inter_op_num_threads`` -> ``parameters``
-  ``intra_op_thread_count`` / ``inter_op_thread_count`` (0 is ONNX Runtime's default in both).
-* onnxruntime ``execution_mode`` -> ``parameters { key: "execution_mode" }`` (0 / 1).
-* onnxruntime ``graph_optimization_level`` -> ``optimization { graph { level } }``: basic -1,
-  extended 1, disable 2; omitted for ``all``, the Triton backend's default.
-* onnxruntime ``provider = "tensorrt"`` -> ``optimization { execution_accelerators {
-  gpu_execution_accelerator [{ name: "tensorrt" ... }] } }`` with the workspace, builder
-  optimisation level and min/opt/max shapes the measuring session used.
-* tensorrt ``[measure] cuda_graphs`` -> ``optimization { cuda { graphs: true } }``, exactly
-  when measured with CUDA graphs; onnxruntime with ``provider = "tensorrt"`` and
-  ``[measure] cuda_graphs`` -> the accelerator's ``trt_cuda_graph_enable: "1"``.
-
-Refused (:class:`ServingMismatch`, one line with a fix), because Triton cannot reproduce them:
-ONNX Runtime's CUDA provider measured with CUDA graph capture (Triton's onnxruntime backend has
-no such option for it). Profiles the backend itself refuses (``validate_profile``) raise its
-:class:`~dcvit_deploy.errors.ProfileError`. Not mirrored, and recorded in
-``notes``: I/O binding / ``no_copy`` (Triton always copies request tensors, so served latency
-includes copies the measurement may have left out) and the TensorRT provider's engine and
-timing cache paths (machine-local; they change load time, not latency).
+Triton must serve what was measured: the device becomes the instance group; ONNX Runtime's
+thread counts and execution mode become ``parameters``, its graph level ``optimization.graph``,
+its TensorRT provider (workspace, builder level, the measuring session's shape profile, CUDA
+graphs) a GPU execution accelerator; TensorRT's CUDA graphs ``optimization.cuda.graphs``.
+ONNX Runtime's CUDA provider measured with CUDA graphs is refused (:class:`ServingMismatch`:
+Triton has no such option); what Triton cannot mirror (bound I/O, no spinning, the provider's
+caches) is recorded in ``notes``.
 """
 
 from __future__ import annotations
@@ -35,18 +16,13 @@ from typing import Any
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.records import TargetProfile
-from dcvit_deploy.triton.model_config import (
-    GRAPH_LEVELS,
-    Accelerator,
-    Kind,
-    NotServable,
-    Platform,
-    platform_for,
-)
+from dcvit_deploy.triton.model_config import Accelerator, Kind, NotServable, Platform, platform_for
 
 __all__ = ["ServingMismatch", "ServingSettings", "serving_settings"]
 
 MIB = 1 << 20
+# The onnxruntime backend's graph levels: -1 basic, 1 extended, 2 disabled, absent/0 all.
+GRAPH_LEVELS = {"basic": -1, "extended": 1, "disable": 2}
 
 
 class ServingMismatch(UserInputError):
@@ -83,21 +59,16 @@ class ServingSettings:
 
 
 def backend_options(profile: TargetProfile) -> dict[str, Any]:
-    """The profile's ``[backend_options]``, validated by the backend (``validate_profile``),
-    with the backend's defaults filled in."""
+    """The profile's ``[backend_options]``, validated by the backend (a profile it would refuse
+    to measure has no settings to publish), defaults filled in; passed through as given when
+    the backend cannot be loaded here or has no ``options`` (publishing needs no runtime)."""
     from dcvit_deploy.backends import get_backend
     from dcvit_deploy.errors import BackendUnavailable
 
-    # BackendBase.options validates against the backend's OPTIONS table (a ProfileError for a
-    # bad option propagates). Publishing needs no runtime: a backend that cannot be loaded on
-    # this machine, or one without ``options`` (not in the Backend protocol), passes the
-    # profile's options through and the defaults below apply.
     try:
         backend = get_backend(profile.backend)
     except BackendUnavailable:
         return dict(profile.backend_options)
-    # The backend's own profile check first: a profile it would refuse to measure (say, CUDA
-    # graphs without bound buffers) has no measured settings to publish.
     validate = getattr(backend, "validate_profile", None)
     if callable(validate):
         validate(profile)
@@ -110,13 +81,8 @@ def backend_options(profile: TargetProfile) -> dict[str, Any]:
 def serving_settings(
     profile: TargetProfile, *, artifact_input: str = "input", item_shape: tuple[int, ...] = ()
 ) -> ServingSettings:
-    """Triton settings for an artifact measured under ``profile``.
-
-    ``artifact_input`` and ``item_shape`` (one item's shape, e.g. ``(3, 224, 224)``) give the
-    TensorRT provider's shape profile, as the onnxruntime backend built it when measuring.
-    Raises :class:`NotServable` for backends Triton cannot serve (``torch``) and
-    :class:`ServingMismatch` for measured settings Triton cannot reproduce.
-    """
+    """Triton settings for an artifact measured under ``profile``; ``artifact_input`` and
+    ``item_shape`` (e.g. ``(3, 224, 224)``) give the TensorRT provider's shape profile."""
     platform = platform_for(profile.backend)
     opts = backend_options(profile)
     gpu = profile.device == "cuda"

@@ -1,23 +1,11 @@
 """The TensorRT runner: one engine, one execution context, one stream, owned buffers and graphs.
 
-CUDA comes through a small seam, :class:`CudaDevice`: :class:`TorchCudaDevice` implements it with
-torch CUDA tensors, streams, events and graphs (no pycuda); the tests use a CPU fake with the
-same methods, so the runner's call sequence and error paths run without a GPU.
-
-Rules the runner keeps (each guarded by a test through the fake runtime):
-
-* **Device.** The profile's device is made current before the runtime, the engine and the
-  execution context are created, and around every later use.
-* **One stream.** Buffers are allocated and filled, inputs copied in, the engine enqueued and
-  outputs copied out on the runner's own stream, which first waits for work the caller already
-  queued on its current stream -- nothing the runner reads can still be in flight elsewhere.
-* **Checked calls.** ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``,
-  ``deserialize_cuda_engine`` and ``create_execution_context`` results are checked and failures
-  raised with TensorRT's own messages (output shapes are read only after the input shape is set).
-* **Graphs with their buffers.** Device buffers for one batch size form a :class:`Binding`; CUDA
-  graphs captured over it belong to it and are reset before its buffers are released when the
-  runner rebinds, so no graph can replay freed memory, and graphs never pile up.
-* **Dtypes.** Every I/O dtype maps to a torch dtype or is refused by name when the engine loads.
+CUDA comes through the :class:`CudaDevice` seam (:class:`TorchCudaDevice`: torch, no pycuda; the
+tests use a CPU fake). The rules, each guarded by a test: the device is current around every
+use; buffers, copies and enqueues run on the runner's own stream, which first waits for the
+caller's queued work; every TensorRT call result is checked and failures quote TensorRT; CUDA
+graphs belong to the :class:`Binding` they were captured over and are reset before its buffers
+are released; every I/O dtype maps to a torch dtype or is refused by name.
 """
 
 from __future__ import annotations
@@ -196,10 +184,8 @@ class Binding:
 
 
 class TensorRTRunner:
-    """One deserialized engine and execution context on a dedicated stream of one device.
-
-    ``device`` is the CUDA seam (default :class:`TorchCudaDevice` for ``device_id``).
-    """
+    """One deserialized engine and execution context on a dedicated stream of one device
+    (``device``: the CUDA seam, default :class:`TorchCudaDevice`)."""
 
     def __init__(
         self, artifact: Artifact, *, device_id: int = 0, device: CudaDevice | None = None
@@ -269,11 +255,6 @@ class TensorRTRunner:
                 yield
 
     # ------------------------------------------------------------------ buffers
-
-    @property
-    def graph_count(self) -> int:
-        """CUDA graphs currently held (all belong to the current binding)."""
-        return len(self._binding.graphs) if self._binding is not None else 0
 
     def bind(self, batch_size: int) -> Binding:
         """Set the input shape and bind device buffers for ``batch_size`` (reused if bound)."""

@@ -1,19 +1,10 @@
-"""TensorRT loaders: each turns one thing into the next, named for what it makes from what.
-
-:func:`network_from_onnx_path` (ONNX file -> parsed network), :func:`engine_bytes_from_network`
-(network -> serialized plan, with the shared timing cache), :func:`engine_from_bytes` (plan ->
-deserialized engine) and :func:`save_engine` (plan + metadata -> files, atomically);
-:func:`build_engine` chains the first two. Every function takes the ``tensorrt`` module as an
-argument -- the real one, or the fake in the tests -- and never imports it itself.
-
-Logging. TensorRT treats its logger as a process-wide singleton: the logger given to the first
-builder or runtime is used while any of them is alive, and a logger passed later is ignored.
-So there is exactly one :class:`ProcessLogger` per ``tensorrt`` module (:func:`process_logger`),
-given to every builder and runtime; a build *captures* the messages logged while it runs
-(:meth:`ProcessLogger.capture`) and quotes them when it fails.
-
-Return values. Every TensorRT call that reports failure through its result (``None``, ``False``
-or a negative index) is checked, and the failure is raised with the captured messages.
+"""TensorRT loaders, named for what they make from what: :func:`network_from_onnx_path`,
+:func:`engine_bytes_from_network` (with the shared timing cache), :func:`engine_from_bytes`,
+:func:`save_engine`; :func:`build_engine` chains the first two. Each takes the ``tensorrt``
+module (real or the tests' fake) as an argument. TensorRT uses the logger of the first builder
+or runtime while any is alive, so there is one :class:`ProcessLogger` per module, and a build
+*captures* what is logged while it runs to quote it when it fails. Every call that reports
+failure through its result (``None``, ``False``, a negative index) is checked.
 """
 
 from __future__ import annotations
@@ -100,12 +91,8 @@ _LOGGERS_LOCK = threading.Lock()
 
 
 def process_logger(trt: ModuleType) -> ProcessLogger:
-    """The one TensorRT logger of this process for module ``trt`` (created on first use).
-
-    It forwards every message to :mod:`logging` (errors as errors, warnings as warnings, the
-    rest at debug), keeps the last errors for runtime failures, and records WARNING-or-worse
-    messages into every open :meth:`capture`. TensorRT requires a thread-safe logger.
-    """
+    """The one thread-safe TensorRT logger of this process for ``trt``: forwards to
+    :mod:`logging`, keeps the last errors, and records WARNING-or-worse into open captures."""
     with _LOGGERS_LOCK:
         entry = _LOGGERS.get(id(trt))
         if entry is None or entry[0] is not trt:
@@ -189,11 +176,8 @@ def _parser_error(err: Any) -> str:
 def network_from_onnx_path(
     trt: ModuleType, onnx_path: Path, *, candidate: str, capture: LogCapture
 ) -> ParsedNetwork:
-    """Builder -> strongly typed network -> ``OnnxParser.parse_from_file``.
-
-    ``parse_from_file`` (not ``parse(bytes)``) so weights stored as external data are found.
-    Raises :class:`BuildError` with the parser's messages when the graph is rejected.
-    """
+    """Builder -> strongly typed network -> ``OnnxParser.parse_from_file`` (finds external
+    weights, unlike ``parse(bytes)``); :class:`BuildError` with the parser's messages."""
     logger: Any = process_logger(trt)
     builder = trt.Builder(logger)
     if builder is None:
@@ -227,13 +211,9 @@ def engine_bytes_from_network(
     candidate: str,
     capture: LogCapture,
 ) -> EngineBuild:
-    """Configure the builder from ``settings`` and build a serialized engine.
-
-    The timing cache at ``settings.timing_cache`` (if any) is read and merged under a file lock
-    so parallel builds keep each other's entries. A cache TensorRT refuses (made on another GPU
-    or TensorRT version) is not fatal: the build starts a fresh cache for this device and the
-    file is replaced by it; the outcome is returned in :attr:`EngineBuild.timing_cache`.
-    """
+    """Configure the builder from ``settings`` and build a serialized engine. The timing cache
+    is read and merged under a file lock (parallel builds keep each other's entries); one
+    TensorRT refuses (another GPU or version) is replaced by a fresh one (``timing_cache``)."""
     from filelock import FileLock
 
     def fail(what: str, fix: str) -> BuildError:
