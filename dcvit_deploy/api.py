@@ -100,9 +100,10 @@ def status(out: str | Path) -> dict[str, Any]:
     steps = {k: v["status"] for k, v in s["units"].items() if "/" not in k or k.count("/") == 1}
     candidates: dict[str, dict[str, str]] = {name: {} for name in s["family"]}
     for unit_id, rec in s["units"].items():
-        parts = unit_id.split("/")
-        if parts[0] in ("export", "build") and len(parts) == 3 and parts[2] in candidates:
-            candidates[parts[2]][f"{parts[0]}:{parts[1]}"] = rec["status"]
+        kind, where, *rest = [*unit_id.split("/"), "", ""]
+        name = f"{rest[1]}.{rest[0]}" if kind == "quantize" else rest[0]  # quantize/<p>/<prec>/<c>
+        if kind in ("export", "build", "quantize") and name.split(".")[0] in s["family"]:
+            candidates.setdefault(name, {})[f"{kind}:{where}"] = rec["status"]
     for name in candidates:
         candidates[name] = candidates[name] or {"status": "not measured"}
     candidates.update({name: {"status": "superseded"} for name in s["superseded"]})

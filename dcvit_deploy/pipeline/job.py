@@ -25,6 +25,7 @@ from dcvit_deploy.pipeline.units.compressing import FamilyUnit, current_family, 
 from dcvit_deploy.pipeline.units.exporting import ExportUnit, export_facts, onnx_precision_for
 from dcvit_deploy.pipeline.units.measuring import ProfileUnit, check_device
 from dcvit_deploy.pipeline.units.publishing import PublishUnit, publish_unit_id, unpublish_stale
+from dcvit_deploy.pipeline.units.quantizing import artifact_plan, quantize_unit_id, quantized
 from dcvit_deploy.pipeline.units.selecting import (
     SelectUnit,
     budget_batch,
@@ -47,8 +48,10 @@ def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
     """Profile, budget batch, backend and device: everything about the target that can fail
     before any work."""
     from dcvit_deploy.backends import get_backend
+    from dcvit_deploy.export.quantize import check_precisions
 
     budget_batch(profile, dopts)
+    check_precisions(profile, dopts, probe=True)
     backend = get_backend(profile.backend)
     backend.validate_profile(profile)
     backend.availability(profile).require(profile.backend)
@@ -114,10 +117,6 @@ def run_job(
         return result
 
 
-def _capacity_names(family: Family) -> list[str]:
-    return [c.name for c in sorted(family.candidates, key=lambda c: (-c.retained, c.name))]
-
-
 def deploy(
     ctx: JobContext,
     runner: Runner,
@@ -129,48 +128,73 @@ def deploy(
 ) -> JobResult:
     """Export, build, profile, select, publish and report the current family on ``profile``
     (``publish=False``: stop after selecting, as a target's node does)."""
+    from dcvit_deploy.export.quantize import QUANTIZED, check_precisions
     from dcvit_deploy.selection.decide import capacity_order
 
     run = ctx.run
     ctx = ctx.with_profile(profile)
     runner = Runner(ctx)
-    precision = onnx_precision_for(profile.precision)
+    precisions = check_precisions(profile, ctx.dopts)
     artifacts: dict[str, Artifact] = {}
-    for cand in family.candidates:
-        if not runner.run(ExportUnit(cand, precision)).ok:
-            runner.skip(build_unit_id(profile.name, cand.name), "export failed")
+    exported: dict[tuple[str, str], bool] = {}
+    methods: dict[str, str] = {}  # the CPU's measured quantization method, per precision
+    for cand, p, name in artifact_plan(family, profile, precisions):
+        src, qid = onnx_precision_for(p), quantize_unit_id(profile.name, p, cand.name)
+
+        def fail(why: str, qid: str = qid, name: str = name, q: bool = p in QUANTIZED) -> None:
+            for uid in [qid] * q + [build_unit_id(profile.name, name)]:
+                runner.skip(uid, why)
+
+        if (src, cand.name) not in exported:
+            exported[src, cand.name] = runner.run(ExportUnit(cand, src)).ok
+        if not exported[src, cand.name]:
+            fail("export failed")
             continue
-        onnx_path, verification = export_facts(run, precision, cand.name)
+        onnx_path, verification = export_facts(run, src, cand.name)
         if until == "export":
             continue
         if onnx_path is None or verification is None or not verification.passed:
-            runner.skip(build_unit_id(profile.name, cand.name), "ONNX verification failed")
+            fail("ONNX verification failed")
             continue
-        if runner.run(BuildUnit(cand, profile, onnx_path)).ok:
-            artifact, built, _ = build_facts(run, profile.name, cand.name)
+        if p in QUANTIZED:
+            onnx_path = quantized(runner, cand, p, profile, onnx_path, methods)
+            if onnx_path is None:
+                runner.skip(build_unit_id(profile.name, name), "quantization failed")
+                continue
+        target = dataclasses.replace(profile, precision=p)
+        if runner.run(BuildUnit(cand, target, onnx_path, name)).ok:
+            artifact, built, _ = build_facts(run, profile.name, name)
             if artifact is not None and built is not None and built.passed:
-                artifacts[cand.name] = artifact
+                artifacts[name] = artifact
     result = JobResult(selection=None, outcomes=[], notes=ctx.notes)
     result.superseded = superseded(run, family)
     if until in ("export", "build"):
-        result.outcomes = capacity_order(outcomes_for(run, family, profile))
+        result.outcomes = capacity_order(outcomes_for(run, family, profile, precisions))
         return result
     bisect = None
     if ctx.dopts.search == "bisect" and ctx.dopts.has_budget:
         from dcvit_deploy.pipeline.units.measuring import BisectPlan
 
         bisect = BisectPlan(ctx.dopts, profile, family)
-    runner.run(ProfileUnit(profile, artifacts, _capacity_names(family), bisect=bisect))
-    _remember_profile(run, profile, ctx.dopts.profile)
+    from dcvit_deploy.store.records import PRECISION_BITS
+
+    order = [n for _, _, n in sorted(artifact_plan(family, profile, precisions),
+             key=lambda t: (-t[0].retained, -PRECISION_BITS[t[1]], t[2]))]  # fmt: skip
+    runner.run(ProfileUnit(profile, artifacts, order, bisect=bisect))
+    _remember_profile(run, profile, ctx.dopts)
     return decide_and_publish(ctx, runner, family, profile, publish=publish)
 
 
-def _remember_profile(run: RunDir, profile: TargetProfile, source: str) -> None:
-    """Record the profiles this run was measured with (the last one is the run's current)."""
+def _remember_profile(run: RunDir, profile: TargetProfile, dopts: DeployOptions) -> None:
+    """Record the profiles this run was measured with (the last one is the run's current),
+    where each came from and the precisions it was measured at."""
+    from dcvit_deploy.export.quantize import check_precisions
+
     inputs = run.manifest["inputs"]
     measured = [p for p in inputs.get("profiles", []) if p != profile.name]
-    sources = {**inputs.get("profile_sources", {}), profile.name: source}
-    run.set_inputs(profiles=[*measured, profile.name], profile_sources=sources)
+    sources = {**inputs.get("profile_sources", {}), profile.name: dopts.profile}
+    tried = {**inputs.get("precisions", {}), profile.name: check_precisions(profile, dopts)}
+    run.set_inputs(profiles=[*measured, profile.name], profile_sources=sources, precisions=tried)
 
 
 def profile_source(run: RunDir, name: str) -> str:
@@ -191,9 +215,15 @@ def decide_and_publish(
     publish nothing, report what the run recorded (a decision made on these outcomes);
     ``publish=False``: stop after selecting, as a target's node does."""
     from dcvit_deploy.selection.decide import capacity_order, infeasible_error
+    from dcvit_deploy.selection.fidelity import apply_floors
 
     run = ctx.run
-    outcomes = capacity_order(outcomes_for(run, family, profile))
+    outcomes, undecided = apply_floors(
+        outcomes_for(run, family, profile, ctx.dopts.precisions or ()), ctx.dopts
+    )
+    for line in undecided:
+        ctx.note(line)
+    outcomes = capacity_order(outcomes)
     result = JobResult(selection=None, outcomes=outcomes, notes=ctx.notes)
     result.superseded = superseded(run, family)
     res: dict[str, Any] | None = None

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.pipeline.units.building import build_facts
-from dcvit_deploy.pipeline.units.exporting import export_facts, export_unit_id, onnx_precision_for
+from dcvit_deploy.export.quantize import QUANTIZED, structure_of
+from dcvit_deploy.pipeline.units.building import build_facts, closeness_of
+from dcvit_deploy.pipeline.units.exporting import export_unit_id, graph_facts, onnx_precision_for
+from dcvit_deploy.pipeline.units.quantizing import artifact_plan, quantize_unit_id, tried_precisions
 from dcvit_deploy.store.atomic import sha256_file
 from dcvit_deploy.store.records import CandidateOutcome, LatencyStats, from_dict
 
@@ -71,27 +73,38 @@ def check_measured(run: RunDir, profile: TargetProfile, outcomes: list[Candidate
             )
 
 
-def candidate_facts(family: Family, name: str) -> dict[str, Any]:
-    """The fields every outcome of candidate ``name`` shares, whatever happened to it."""
-    cand = next(c for c in family.candidates if c.name == name)
+def candidate_facts(family: Family, name: str, precision: str = "") -> dict[str, Any]:
+    """The fields every outcome of artifact ``name`` shares, whatever happened to it."""
+    cand = next(c for c in family.candidates if c.name == structure_of(name))
     return {
-        "candidate": cand.name,
+        "candidate": name,
         "method": cand.method,
         "retained": cand.retained,
         "macs": cand.macs,
         "fidelity": family.fidelity(cand.name),
+        "precision": precision,
     }
 
 
-def outcomes_for(run: RunDir, family: Family, profile: TargetProfile) -> list[CandidateOutcome]:
-    """One outcome per candidate of ``family`` on ``profile``, in family order."""
-    precision = onnx_precision_for(profile.precision)
+def graph_unit_id(profile: TargetProfile, precision: str, name: str) -> str:
+    """The unit that makes the ONNX graph artifact (``name``, ``precision``) is built from."""
+    if precision in QUANTIZED:
+        return quantize_unit_id(profile.name, precision, name)
+    return export_unit_id(onnx_precision_for(precision), name)
+
+
+def outcomes_for(
+    run: RunDir, family: Family, profile: TargetProfile, precisions: tuple[str, ...] = ()
+) -> list[CandidateOutcome]:
+    """One outcome per artifact (candidate, precision) of ``family`` on ``profile`` (default:
+    the precisions it was last deployed with), in family order."""
     latency, errors, considered = measured(run, profile.name)
     out = []
-    for cand in family.candidates:
-        base = candidate_facts(family, cand.name)
-        rec = run.unit(export_unit_id(precision, cand.name))
-        onnx_path, verification = export_facts(run, precision, cand.name)
+    tried = precisions or tried_precisions(run, profile)
+    for cand, p, name in artifact_plan(family, profile, tried):
+        base = candidate_facts(family, name, p)
+        rec = run.unit(graph_unit_id(profile, p, cand.name))
+        onnx_path, verification = graph_facts(run, graph_unit_id(profile, p, cand.name))
         if rec is None:
             out.append(CandidateOutcome(**base, status="not_measured"))
             continue
@@ -109,7 +122,9 @@ def outcomes_for(run: RunDir, family: Family, profile: TargetProfile) -> list[Ca
                 )
             )
             continue
-        artifact, built, reason = build_facts(run, profile.name, cand.name)
+        artifact, built, reason = build_facts(run, profile.name, name)
+        close = closeness_of(run, profile.name, name)
+        base.update({"fidelity": close.agreement, "closeness": close} if close else {})
         if reason:
             out.append(
                 CandidateOutcome(
@@ -132,7 +147,7 @@ def outcomes_for(run: RunDir, family: Family, profile: TargetProfile) -> list[Ca
                 )
             )
             continue
-        stats = latency.get(cand.name) if considered.get(cand.name) == artifact.sha256 else None
+        stats = latency.get(name) if considered.get(name) == artifact.sha256 else None
         if stats:
             out.append(
                 CandidateOutcome(
@@ -143,14 +158,14 @@ def outcomes_for(run: RunDir, family: Family, profile: TargetProfile) -> list[Ca
                     latency=tuple(stats),
                 )
             )
-        elif cand.name in errors:
+        elif name in errors:
             out.append(
                 CandidateOutcome(
                     **base,
                     status="profile_failed",
                     verification=built,
                     artifact=artifact,
-                    error=errors[cand.name],
+                    error=errors[name],
                 )
             )
         else:

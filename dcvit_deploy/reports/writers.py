@@ -12,7 +12,8 @@
 ``SUMMARY.md``
     What was chosen and why, the budget definition, and a table of all candidates.
 ``pareto.png``
-    Latency vs retained MACs, fidelity as colour, budget line, chosen point highlighted
+    Latency vs retained MACs, fidelity as colour, precision as marker, budget line, chosen
+    point highlighted
     (matplotlib, imported lazily, rendered with the Agg canvas -- no display needed).
 
 Comparing two reports for CI lives in :mod:`dcvit_deploy.reports.compare`.
@@ -61,9 +62,15 @@ CSV_COLUMNS: tuple[str, ...] = (
     "macs_linear_norm",
     "macs_full",
     "params",
+    "precision",
     "status",
     "selectable",
     "fidelity",
+    "fidelity_low",
+    "fidelity_high",
+    "kl",
+    "logit_cosine",
+    "top1",
     "verify_passed",
     "max_abs",
     "max_rel",
@@ -249,7 +256,7 @@ def _csv_text(outcomes: Sequence[CandidateOutcome], view: _View) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for o in capacity_order(outcomes):
-        v = o.verification
+        v, c = o.verification, o.closeness
         s = o.latency_at(view.batch)
         writer.writerow(
             {
@@ -259,9 +266,15 @@ def _csv_text(outcomes: Sequence[CandidateOutcome], view: _View) -> str:
                 "macs_linear_norm": o.macs.linear_norm,
                 "macs_full": o.macs.full,
                 "params": o.macs.params,
+                "precision": o.precision,
                 "status": o.status,
                 "selectable": _num(o.selectable),
                 "fidelity": _num(o.fidelity),
+                "fidelity_low": _num(c.interval[0]) if c else "",
+                "fidelity_high": _num(c.interval[1]) if c else "",
+                "kl": _num(c.kl) if c else "",
+                "logit_cosine": _num(c.cosine) if c else "",
+                "top1": _num(c.top1) if c else "",
                 "verify_passed": _num(v.passed) if v else "",
                 "max_abs": _num(v.max_abs) if v else "",
                 "max_rel": _num(v.max_rel) if v else "",
@@ -294,7 +307,7 @@ def _budget_rows(
     scopes = sorted({s.scope for o in outcomes for s in o.latency if s.batch_size == view.batch})
     scope = str(profile.get("scope") or (", ".join(scopes) if scopes else "unknown"))
     precisions = sorted({o.artifact.precision for o in outcomes if o.artifact is not None})
-    precision = str(profile.get("precision") or (", ".join(precisions) or "unknown"))
+    precision = ", ".join(precisions) or str(profile.get("precision") or "unknown")
     budget = view.budget
     rows: list[tuple[str, str]] = []
     if budget is None:
@@ -320,7 +333,22 @@ def _budget_rows(
     return rows
 
 
+def _fidelity_cell(o: CandidateOutcome) -> str:
+    c = o.closeness
+    if c is None:
+        return f"{o.fidelity:.1%}" if o.fidelity is not None else "-"
+    top1 = f"; top-1 {c.top1:.1%}" if c.top1 is not None else ""
+    return f"{c.agreement:.1%} [{c.interval[0]:.1%}, {c.interval[1]:.1%}], KL {c.kl:.3g}{top1}"
+
+
 def _headline(outcomes: Sequence[CandidateOutcome], view: _View) -> list[str]:
+    if any(o.closeness is not None and o.closeness.on_training for o in outcomes):
+        return ["**Fidelity was measured on TRAINING images** (no held-out image was left): "
+                "it overstates agreement.", "", *_decision(outcomes, view)]  # fmt: skip
+    return _decision(outcomes, view)
+
+
+def _decision(outcomes: Sequence[CandidateOutcome], view: _View) -> list[str]:
     if view.selection is None or view.budget is None:
         return ["**No latency budget was given**: every candidate was measured; none selected."]
     budget = view.budget
@@ -332,11 +360,11 @@ def _headline(outcomes: Sequence[CandidateOutcome], view: _View) -> list[str]:
             infeasible_error(view.selection, outcomes).one_line(),
         ]
     lat = _stat_of(chosen, view.batch, view.statistic)
-    fidelity = f", fidelity {chosen.fidelity:.1%}" if chosen.fidelity is not None else ""
+    fidelity = f", fidelity {_fidelity_cell(chosen)}" if chosen.fidelity is not None else ""
     return [
-        f"**Chosen: `{chosen.candidate}`** ({chosen.method}) -- retains {chosen.retained:.1%} of "
-        f"the original MACs{fidelity}; {view.statistic} {_ms(lat)} ms at batch {view.batch} "
-        f"against a budget of {_ms(budget.ms)} ms.",
+        f"**Chosen: `{chosen.candidate}`** ({chosen.method}, {chosen.precision or '-'}) -- "
+        f"retains {chosen.retained:.1%} of the original MACs{fidelity}; {view.statistic} "
+        f"{_ms(lat)} ms at batch {view.batch} against a budget of {_ms(budget.ms)} ms.",
         "",
         f"Why: {view.reason(chosen.candidate)}",
     ]
@@ -364,9 +392,10 @@ def _summary_text(
         "",
         "## Candidates (densest first)",
         "",
-        "| candidate | method | retained MACs | GMACs (linear+norm / full) | params (M) | status "
-        f"| fidelity | {view.statistic} ms | p99 ms | throughput/s | stable | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| candidate | method | precision | retained MACs | GMACs (linear+norm / full) "
+        f"| params (M) | status | fidelity [95%] | {view.statistic} ms | p99 ms | throughput/s "
+        "| stable | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in capacity_order(outcomes):
         s = o.latency_at(view.batch)
@@ -376,11 +405,12 @@ def _summary_text(
         cells = [
             name,
             _md(o.method),
+            o.precision or "-",
             f"{o.retained:.1%}",
             f"{o.macs.linear_norm / 1e9:.3f} / {o.macs.full / 1e9:.3f}",
             f"{o.macs.params / 1e6:.2f}",
             o.status,
-            f"{o.fidelity:.1%}" if o.fidelity is not None else "-",
+            _fidelity_cell(o),
             _ms(s.stat(view.statistic)) if s else "-",
             _ms(s.p99) if s else "-",
             f"{s.throughput:.1f}" if s else "-",
@@ -438,17 +468,15 @@ def _plot(path: Path, outcomes: Sequence[CandidateOutcome], view: _View) -> None
         f"{view.statistic} latency vs capacity"
         + (f" ({hidden} failed/unmeasured not shown)" if hidden else "")
     )
-    scored = [(x, y, o.fidelity) for x, y, o in points if o.fidelity is not None]
+    scored = [(x, y, o) for x, y, o in points if o.fidelity is not None]
     unscored = [(x, y) for x, y, o in points if o.fidelity is None]
-    if scored:
-        sc = ax.scatter(
-            [p[0] for p in scored],
-            [p[1] for p in scored],
-            c=[p[2] for p in scored],
-            cmap="viridis",
-            s=36,
-            zorder=3,
-        )
+    sc = None
+    for i, prec in enumerate(sorted({o.precision for _, _, o in scored})):  # a marker each
+        pts = [p for p in scored if p[2].precision == prec]
+        sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2].fidelity for p in pts],
+                        cmap="viridis", vmin=0, vmax=1, s=36, zorder=3, marker="os^Dv"[i % 5],
+                        edgecolors="k", linewidths=0.4, label=prec or None)  # fmt: skip
+    if sc is not None:
         fig.colorbar(sc, ax=ax, label="fidelity (top-1 agreement)")
     if unscored:
         ax.scatter([p[0] for p in unscored], [p[1] for p in unscored], c="0.5", s=36, zorder=3)

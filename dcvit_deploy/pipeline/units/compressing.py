@@ -351,6 +351,6 @@ def superseded(run: RunDir, family: Family) -> list[str]:
     names = set()
     for unit_id in run.units():
         parts = unit_id.split("/")
-        if parts[0] in ("export", "build") and len(parts) >= 3:
-            names.add(parts[-1])
+        if parts[0] in ("export", "build", "quantize") and len(parts) >= 3:
+            names.add(parts[-1].split(".", 1)[0])  # an artifact's candidate
     return sorted(names - set(family.names))
