@@ -67,7 +67,7 @@ def check_precisions(
     listed = profile.precisions or (profile.precision,)
     where = f"profile {profile.name}"
     if profile.precision in QUANTIZED:
-        fix = "set precision to fp32 or fp16 and list int8 in precisions"
+        fix = f"use one of fp32, fp16, bf16 and list {profile.precision} in precisions"
         raise UserInputError(f"{where}: precision = {profile.precision!r} must be a float", fix)
     asked = dopts.precisions if dopts else None
     if dopts and dopts.search == "bisect" and not asked:
