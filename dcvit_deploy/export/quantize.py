@@ -4,12 +4,9 @@ quantization of an FP32 graph with ``onnxruntime.quantization``: only the profil
 activations with Q/DQ on the inputs only; the attention MatMuls stay float unless
 ``attention``, and LayerNorm, Softmax, GELU and the residual Adds always. ``dynamic`` graphs are
 for CPUs; TensorRT gets a static QDQ graph, built strongly typed with no precision flag.
-
-NVIDIA ModelOpt's ONNX PTQ (0.47) was evaluated for TensorRT and not adopted: its ``[onnx]``
-extra pins ``onnx~=1.21``, ``onnxruntime-gpu~=1.24`` and ``cupy-cuda12x`` (ours: 1.23, 1.31,
-CUDA 13), and its INT8 path is ONNX Runtime's ``quantize_static`` (patched) plus TensorRT Q/DQ
-placement and FP16 for the non-quantized ops -- gains that need a GPU to show.
-"""
+NVIDIA ModelOpt's ONNX PTQ was not adopted: its ``[onnx]`` extra pins ``onnx~=1.21``,
+``onnxruntime-gpu~=1.24`` and ``cupy-cuda12x`` (ours: 1.23, 1.31, CUDA 13), and its INT8 path
+is ONNX Runtime's ``quantize_static`` plus Q/DQ placement and FP16 elsewhere (README)."""
 
 from __future__ import annotations
 

@@ -69,7 +69,6 @@ CSV_COLUMNS: tuple[str, ...] = (
     "fidelity_low",
     "fidelity_high",
     "kl",
-    "logit_cosine",
     "top1",
     "verify_passed",
     "max_abs",
@@ -273,7 +272,6 @@ def _csv_text(outcomes: Sequence[CandidateOutcome], view: _View) -> str:
                 "fidelity_low": _num(c.interval[0]) if c else "",
                 "fidelity_high": _num(c.interval[1]) if c else "",
                 "kl": _num(c.kl) if c else "",
-                "logit_cosine": _num(c.cosine) if c else "",
                 "top1": _num(c.top1) if c else "",
                 "verify_passed": _num(v.passed) if v else "",
                 "max_abs": _num(v.max_abs) if v else "",
@@ -342,13 +340,6 @@ def _fidelity_cell(o: CandidateOutcome) -> str:
 
 
 def _headline(outcomes: Sequence[CandidateOutcome], view: _View) -> list[str]:
-    if any(o.closeness is not None and o.closeness.on_training for o in outcomes):
-        return ["**Fidelity was measured on TRAINING images** (no held-out image was left): "
-                "it overstates agreement.", "", *_decision(outcomes, view)]  # fmt: skip
-    return _decision(outcomes, view)
-
-
-def _decision(outcomes: Sequence[CandidateOutcome], view: _View) -> list[str]:
     if view.selection is None or view.budget is None:
         return ["**No latency budget was given**: every candidate was measured; none selected."]
     budget = view.budget
@@ -380,6 +371,8 @@ def _summary_text(
 ) -> str:
     title = run_meta.get("name") or run_meta.get("model") or run_meta.get("run_dir") or "run"
     lines = [f"# dcvit-deploy report: {title}", "", *_headline(outcomes, view)]
+    if any(o.closeness is not None and o.closeness.on_training for o in outcomes):
+        lines[2:2] = ["**Fidelity was measured on TRAINING images** (none was left out).", ""]
     if view.selection is not None:
         lines += [
             "",

@@ -68,13 +68,6 @@ def closeness(
     )
 
 
-def describe(f: Fidelity) -> str:
-    """``agreement 93.8% [79.9%, 98.3%] on 32 held-out images, KL 0.0123 +- 0.004``."""
-    where = "TRAINING" if f.on_training else "held-out"
-    return (f"agreement {f.agreement:.1%} [{f.interval[0]:.1%}, {f.interval[1]:.1%}] on "
-            f"{f.samples} {where} images, KL {f.kl:.4g} +- {f.kl_se:.2g}")  # fmt: skip
-
-
 def _judge(value: float, low: float, high: float, limit: float, above: bool) -> str:
     """``pass`` / ``miss`` when ``[low, high]`` is on one side of ``limit`` (a floor when
     ``above``, else a ceiling); else ``pass?`` / ``miss?`` by the estimate."""
@@ -98,8 +91,10 @@ def apply_floors(
             out.append(o)
             continue
         if dopts.min_fidelity:
-            limit = 100 * dopts.min_fidelity
-            checks.append((f"--min-fidelity {limit:g}%", describe(f), 100 * f.agreement,
+            limit, where = 100 * dopts.min_fidelity, "TRAINING" if f.on_training else "held-out"
+            shown = (f"agreement {f.agreement:.1%} [{f.interval[0]:.1%}, {f.interval[1]:.1%}] on "
+                     f"{f.samples} {where} images, KL {f.kl:.4g} +- {f.kl_se:.2g}")  # fmt: skip
+            checks.append((f"--min-fidelity {limit:g}%", shown, 100 * f.agreement,
                            *(100 * v for v in f.interval), limit, True))  # fmt: skip
         if f.top1_drop and dopts.max_accuracy_drop is not None:
             d, lo, hi = (100 * v for v in f.top1_drop)

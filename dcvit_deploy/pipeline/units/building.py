@@ -117,12 +117,10 @@ class BuildUnit:
         )
         verification = verify_artifact(backend, artifact, self.profile, model, ctx.prep().holdout)
         close, fs = None, fidelity_set(ctx.prep(), ctx.dopts.eval_data)
-        if verification.passed:  # engines run at most their profile's batch; sessions any
-            x = fs.images.numpy()
-            step = self.profile.max_batch if self.profile.backend == "tensorrt" else len(x)
-            out = [backend.run(artifact, self.profile, x[i : i + step])
-                   for i in range(0, len(x), step)]  # fmt: skip
-            out = np.concatenate(out)
+        if verification.passed:  # an engine runs at most its profile's largest batch
+            x, step = fs.images.numpy(), self.profile.max_batch
+            out = np.concatenate([backend.run(artifact, self.profile, x[i : i + step])
+                                  for i in range(0, len(x), step)])  # fmt: skip
             close = closeness(fs.reference, out, fs.labels, on_training=fs.on_training)
         path = run.resolve(artifact.path)
         files = [path] if path.is_file() else []
