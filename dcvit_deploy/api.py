@@ -100,8 +100,8 @@ def status(out: str | Path) -> dict[str, Any]:
     steps = {k: v["status"] for k, v in s["units"].items() if "/" not in k or k.count("/") == 1}
     candidates: dict[str, dict[str, str]] = {name: {} for name in s["family"]}
     for unit_id, rec in s["units"].items():
-        kind, where, *rest = [*unit_id.split("/"), "", ""]
-        name = f"{rest[1]}.{rest[0]}" if kind == "quantize" else rest[0]  # quantize/<p>/<prec>/<c>
+        kind, where, a, b = [*str(unit_id).split("/"), "", "", ""][:4]
+        name = f"{b}.{a}" if kind == "quantize" else a  # quantize/<profile>/<precision>/<name>
         if kind in ("export", "build", "quantize") and name.split(".")[0] in s["family"]:
             candidates.setdefault(name, {})[f"{kind}:{where}"] = rec["status"]
     for name in candidates:

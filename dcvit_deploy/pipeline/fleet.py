@@ -231,7 +231,7 @@ def fleet_result(
             "statistic": f"{sel.budget.statistic} at batch {sel.budget.batch_size}" if sel else "",
             "figure_ms": fig[0],
             "spread_ms": fig[1],
-            "fidelity": family.fidelity(chosen) if chosen else None,
+            "fidelity": out.fidelity if out else None,
             "why": sel.reasons[chosen] if sel and chosen else why,
             "published": [f"{m['model']} v{m['version']}" for m in r.published.get("models", [])],
             "measured": True,

@@ -161,7 +161,7 @@ def deploy(
             if onnx_path is None:
                 runner.skip(build_unit_id(profile.name, name), "quantization failed")
                 continue
-        target = dataclasses.replace(profile, precision=p)
+        target = dataclasses.replace(profile, precision=p)  # type: ignore[arg-type]
         if runner.run(BuildUnit(cand, target, onnx_path, name)).ok:
             artifact, built, _ = build_facts(run, profile.name, name)
             if artifact is not None and built is not None and built.passed:

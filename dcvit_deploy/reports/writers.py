@@ -465,8 +465,8 @@ def _plot(path: Path, outcomes: Sequence[CandidateOutcome], view: _View) -> None
     unscored = [(x, y) for x, y, o in points if o.fidelity is None]
     sc = None
     for i, prec in enumerate(sorted({o.precision for _, _, o in scored})):  # a marker each
-        pts = [p for p in scored if p[2].precision == prec]
-        sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2].fidelity for p in pts],
+        pts = [(x, y, o.fidelity or 0.0) for x, y, o in scored if o.precision == prec]
+        sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts],
                         cmap="viridis", vmin=0, vmax=1, s=36, zorder=3, marker="os^Dv"[i % 5],
                         edgecolors="k", linewidths=0.4, label=prec or None)  # fmt: skip
     if sc is not None:

@@ -86,7 +86,7 @@ def apply_floors(
     pass only by an estimate the images cannot decide."""
     out, notes = [], []
     for o in outcomes:
-        f, checks = o.closeness, []
+        f, checks = o.closeness, list[tuple[Any, ...]]()
         if f is None or o.status != "ok":
             out.append(o)
             continue
