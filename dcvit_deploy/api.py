@@ -101,15 +101,13 @@ def status(out: str | Path) -> dict[str, Any]:
     steps = {k: v for k, v in steps.items() if not k.startswith("train/")}
     candidates: dict[str, dict[str, str]] = {name: {} for name in s["family"]}
     for unit_id, rec in s["units"].items():
-        parts = unit_id.split("/")
-        if parts[0] in ("export", "build") and len(parts) == 3:
-            name = parts[2].removesuffix(".trained")
-            if name not in candidates:
-                continue
-            stage = f"{parts[0]}:{parts[1]}" + (":trained" if name != parts[2] else "")
-            candidates[name][stage] = rec["status"]
-        elif parts[0] == "train" and parts[1] in candidates:
-            candidates[parts[1]]["train"] = rec["status"]
+        kind, where, a, b = [*str(unit_id).split("/"), "", "", ""][:4]
+        name = f"{b}.{a}" if kind == "quantize" else a  # quantize/<profile>/<precision>/<name>
+        if kind == "train" and where in candidates:
+            candidates[where]["train"] = rec["status"]
+        elif kind in ("export", "build", "quantize") and name.split(".")[0] in candidates:
+            stage = f"{kind}:{where}" + (":trained" if ".trained" in name else "")
+            candidates.setdefault(name.replace(".trained", ""), {})[stage] = rec["status"]
     for name in candidates:
         candidates[name] = candidates[name] or {"status": "not measured"}
     candidates.update({name: {"status": "superseded"} for name in s["superseded"]})

@@ -196,6 +196,16 @@ COMPRESS_OPTIONS = _options(
         help="Where to finetune.",
     ),
 )
+PRECISION_OPTIONS: dict[str, dict[str, Any]] = {  # the precision axis and the fidelity floors
+    "--precisions": {"help": "Precisions to try, comma-separated (default: each profile's list)."},
+    "--min-fidelity": {"type": float, "default": 0.0, "help": "Floor on top-1 agreement with the "
+                       "original, 0-1 (default 0 = none: 32 held-out images cannot resolve one)."},
+    "--eval-data": {"type": click.Path(), "help": "Labelled images (a sub-folder per class, sorted "
+                    "= class index): fidelity and top-1 per artifact are measured on them."},
+    "--max-accuracy-drop": {"type": float, "help": "Floor: top-1 points an artifact may lose "
+                            "against the original (needs --eval-data)."},
+}  # fmt: skip
+
 BUDGET_OPTIONS = _options(
     click.option(
         "--profile",
@@ -216,6 +226,7 @@ BUDGET_OPTIONS = _options(
         show_default=True,
         help="Among candidates that fit: the densest, or the most faithful to the original.",
     ),
+    *(click.option(flag, **kw) for flag, kw in PRECISION_OPTIONS.items()),
     click.option(
         "--statistic",
         type=click.Choice(["mean", "p50", "p90", "p95", "p99"]),
@@ -465,6 +476,12 @@ def deploy_options(kw: dict[str, Any]) -> Any:
         triton_pareto=kw.get("triton_pareto", False),
         opset=kw.get("opset", 17),
         simplify=not kw.get("no_simplify", False),
+        precisions=tuple(p.strip() for p in kw["precisions"].split(","))
+        if kw.get("precisions")
+        else None,
+        min_fidelity=kw.get("min_fidelity", 0.0),
+        eval_data=kw.get("eval_data") and str(Path(kw["eval_data"]).expanduser().absolute()),
+        max_accuracy_drop=kw.get("max_accuracy_drop"),
     )
 
 
@@ -572,7 +589,9 @@ def _result_payload(result: Any) -> dict[str, Any]:
                 "name": o.candidate,
                 "status": o.status,
                 "retained": o.retained,
+                "precision": o.precision,
                 "fidelity": o.fidelity,
+                "top1": o.closeness.top1 if o.closeness else None,
                 "latency": [to_dict(s) for s in o.latency],
                 "error": o.error,
             }

@@ -134,3 +134,37 @@ def latency_script(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Latency
         mp.setenv("DCVIT_SCRIPTED_LATENCY", str(script.path))
         yield script
     unregister_backend("scripted")  # the instance this process loaded
+
+
+class TrainedTinyViT:
+    """A tiny ViT trained (40 AdamW steps, ~5 s on one core) to separate 10 noisy class
+    prototypes, and a sampler of images of those classes: logits that mean something, so
+    quantization can be judged on top-1 (a random-init model's near-ties cannot)."""
+
+    def __init__(self) -> None:
+        import timm
+        import torch
+
+        torch.manual_seed(0)
+        self.protos = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        self.model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT_KWARGS)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(40):
+            x, y = self.images(16, gen)
+            loss = torch.nn.functional.cross_entropy(self.model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.model.eval()
+
+    def images(self, n: int, gen: Any) -> tuple[Any, Any]:
+        import torch
+
+        y = torch.randint(0, 10, (n,), generator=gen)
+        return self.protos[y] + torch.randn(n, 3, 32, 32, generator=gen), y
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_vit() -> TrainedTinyViT:
+    return TrainedTinyViT()

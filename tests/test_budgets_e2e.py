@@ -86,9 +86,10 @@ def test_relative_budget_between_measured_figures(mixed_run):
 
 
 def test_prefer_fidelity_picks_the_most_faithful_candidate_that_fits(mixed_run):
+    """The most faithful: the lowest KL to the original of the built artifact's outputs."""
     out, profile = mixed_run
     rep = report(out)
-    fidelity = {c["candidate"]: c["fidelity"] for c in rep["candidates"]}
+    fidelity = {c["candidate"]: -c["closeness"]["kl"] for c in rep["candidates"]}
     retained = {c["candidate"]: c["retained"] for c in rep["candidates"]}
     payload = select(out, profile, "--latency-ms", "10", "--prefer", "fidelity")
     assert payload["chosen"] == max(fidelity, key=lambda n: (fidelity[n], retained[n]))

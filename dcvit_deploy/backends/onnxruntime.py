@@ -134,10 +134,10 @@ class OnnxRuntimeBackend(BackendBase):
                 f"{profile.device!r}",
                 "use provider 'cpu' with device 'cpu', and 'cuda' or 'tensorrt' with 'cuda'",
             )
-        if profile.precision not in ("fp32", "fp16"):
+        if profile.precision not in ("fp32", "fp16", "int8"):
             raise ProfileError(
                 f"precision = {profile.precision!r} is not supported by backend 'onnxruntime'",
-                "use fp32 or fp16 (an FP16 ONNX graph from export_onnx(precision='fp16'))",
+                "use fp32, fp16 or int8 (a quantized graph from dcvit_deploy.export.quantize)",
             )
         if profile.scope != "host":
             raise ProfileError(

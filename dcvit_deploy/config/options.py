@@ -76,7 +76,10 @@ class DeployOptions:
 
     The budget is either absolute (``latency_ms``) or relative to the original model measured
     in the same run (``speedup``: the chosen candidate must be at least that many times faster
-    than the original, e.g. 1.3), never both.
+    than the original, e.g. 1.3), never both. ``precisions`` narrows the profiles' lists;
+    ``min_fidelity`` (top-1 agreement with the original, a fraction; 0 = no floor) and, with
+    labelled ``eval_data``, ``max_accuracy_drop`` (top-1 points) are the floors an artifact
+    must meet (:mod:`dcvit_deploy.selection.fidelity`).
     """
 
     profile: str = "cpu-ort"
@@ -95,6 +98,10 @@ class DeployOptions:
     triton_pareto: bool = False
     opset: int = 17
     simplify: bool = True
+    precisions: tuple[str, ...] | None = None
+    min_fidelity: float = 0.0
+    eval_data: str | None = None
+    max_accuracy_drop: float | None = None
 
     @property
     def has_budget(self) -> bool:

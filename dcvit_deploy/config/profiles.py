@@ -3,8 +3,10 @@
 A profile names the runtime (``backend``), ``device``, ``precision``, the production
 ``batch_sizes`` (TensorRT optimisation profiles are built from them), the batch size and
 ``statistic`` a latency budget applies to, the timing ``scope``, the measurement settings
-(``[measure]``, the fields of :class:`~dcvit_deploy.store.records.MeasureSettings`) and
-backend-specific ``[backend_options]``. Example::
+(``[measure]``, the fields of :class:`~dcvit_deploy.store.records.MeasureSettings`),
+backend-specific ``[backend_options]``, the ``precisions`` it tries (the reference
+``precision`` among them) and how it quantizes (``[quantize]``,
+:class:`~dcvit_deploy.store.records.QuantizeSettings`). Example::
 
     name = "cpu-ort"
     backend = "onnxruntime"
@@ -33,9 +35,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dcvit_deploy.errors import ProfileError, SchemaError
+from dcvit_deploy.errors import ProfileError, SchemaError, UserInputError
 from dcvit_deploy.store.records import (
     MeasureSettings,
+    QuantizeSettings,
     TargetProfile,
     from_dict,
     safe_name,
@@ -134,6 +137,7 @@ def profile_from_dict(
     for table, record, label in (
         (data, TargetProfile, ""),
         (data.get("measure"), MeasureSettings, "[measure] "),
+        (data.get("quantize"), QuantizeSettings, "[quantize] "),
     ):
         known = [f.name for f in dataclasses.fields(record)]
         unknown = [k for k in table if k not in known] if isinstance(table, Mapping) else []
@@ -170,10 +174,14 @@ def profile_from_dict(
             fix = getattr(exc, "fix", None) or "install the backend or pick a built-in one"
             problem = getattr(exc, "problem", str(exc))
             raise ProfileError(f"{where}: backend = {profile.backend!r}: {problem}", fix) from exc
+        from dcvit_deploy.export.quantize import check_precisions
+
         try:
             backend.validate_profile(profile)
-        except ProfileError as exc:
-            raise ProfileError(f"{where}: {exc.problem}", exc.fix) from exc
+            check_precisions(profile)
+        except UserInputError as exc:
+            problem = exc.problem.removeprefix(f"profile {profile.name}: ")
+            raise ProfileError(f"{where}: {problem}", exc.fix) from exc
     return profile
 
 

@@ -303,6 +303,20 @@ def check_deploy_options(opts: DeployOptions, *, need_budget: bool = False) -> N
             "pass e.g. --margin 5%",
         )
     _positive_int(opts.batch_size, "--batch-size", "one of the profile's batch sizes, or omit it")
+    if not _finite(opts.min_fidelity) or not 0 <= opts.min_fidelity <= 1:
+        raise OptionError(f"--min-fidelity must be in [0, 1], got {opts.min_fidelity!r}",
+                          "pass e.g. --min-fidelity 0.95 (top-1 agreement)")  # fmt: skip
+    drop = opts.max_accuracy_drop
+    if drop is not None and not (_finite(drop) and drop >= 0 and opts.eval_data):
+        raise OptionError(f"--max-accuracy-drop {drop!r} needs labelled --eval-data and a "
+                          "number of top-1 points >= 0",
+                          "pass e.g. --eval-data val/ --max-accuracy-drop 1")  # fmt: skip
+    if opts.eval_data:
+        from dcvit_deploy.model.images import list_images
+        from dcvit_deploy.selection.fidelity import eval_folders
+
+        for folder in eval_folders(opts.eval_data):
+            list_images(folder)
     _choice(opts.search, "--search", SEARCHES)
     _choice(opts.prefer, "--prefer", PREFERENCES)
     from dcvit_deploy.export.onnx import DEFAULT_OPSET, supported_opsets
@@ -681,6 +695,9 @@ def check_profile(
             raise OptionError(
                 f"invalid latency budget: {exc}", "see --latency-ms, --statistic, --margin"
             ) from exc
+    from dcvit_deploy.export.quantize import check_precisions
+
+    check_precisions(profile, opts, probe=need_backend)
     if need_backend:
         from dcvit_deploy.backends import get_backend
 
@@ -768,6 +785,11 @@ def validate_run(
     targets = targets_of(dopts) if deploying and dopts is not None else []
     for p, one in reversed(targets):  # each profile loaded once, here
         profile, budget = check_profile(one, need_backend=executor == "local", profile=p)
+    classes, folders = facts.model_kwargs.get("num_classes"), targets and dopts and dopts.eval_data
+    if classes and folders and len([p for p in Path(folders).iterdir() if p.is_dir()]) > classes:
+        fix = "give one sub-folder per class of the model"
+        raise OptionError(f"--eval-data {folders} has more class sub-folders than the model's "
+                          f"{classes} outputs", fix)  # fmt: skip
     return Validated(
         profile=profile,
         budget=budget,

@@ -94,6 +94,8 @@ DEFAULT_TOLERANCES: dict[str, Tolerances] = {
     "fp32": Tolerances(rtol=1e-3, atol=1e-4, min_cosine=0.9999, min_top1=0.99),
     # FP16 logits carry ~3 significant digits; argmax may flip on near-ties.
     "fp16": Tolerances(rtol=2e-2, atol=1e-2, min_cosine=0.999, min_top1=0.9),
+    # Quantized logits: closeness by cosine; top-1 is judged by the fidelity floors, with intervals.
+    **dict.fromkeys(("int8", "fp8"), Tolerances(rtol=1.0, atol=1.0, min_cosine=0.98, min_top1=0)),
 }
 
 
@@ -299,12 +301,13 @@ def _export_graph(
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence exporter chatter (progress prints, tracer/deprecation warnings) on success."""
+def _quiet(root: bool = False) -> Iterator[None]:
+    """Silence exporter chatter (progress prints, tracer/deprecation warnings) on success;
+    ``root``: the root logger too (ONNX Runtime's quantizer logs there)."""
     import logging
 
     # "torch" covers torch.onnx/torch.export/torch.fx, whose failures dump whole graphs.
-    names = ("torch", "onnxscript", "onnx_ir", "onnxslim")
+    names = ("torch", "onnxscript", "onnx_ir", "onnxslim", *([""] if root else []))
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     try:
@@ -426,15 +429,16 @@ def onnx_io(path: str | Path) -> dict[str, Any]:
     }
 
 
-def onnx_precision(path: str | Path) -> Literal["fp32", "fp16"]:
-    """``fp16`` when the graph computes in float16 (our metadata, else its weights), else fp32."""
+def onnx_precision(path: str | Path) -> str:
+    """Our metadata's precision (``int8``/``fp8`` for quantized graphs), else ``fp16`` when the
+    graph computes in float16 (its weights), else fp32."""
     import onnx
     from onnx import TensorProto
 
     proto = onnx.load(str(path), load_external_data=False)
     for prop in proto.metadata_props:
-        if prop.key == _META_PRECISION and prop.value in ("fp32", "fp16"):
-            return "fp16" if prop.value == "fp16" else "fp32"
+        if prop.key == _META_PRECISION and prop.value in DEFAULT_TOLERANCES:
+            return prop.value
     halves = sum(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer)
     floats = sum(t.data_type == TensorProto.FLOAT for t in proto.graph.initializer)
     return "fp16" if halves > floats else "fp32"
@@ -546,6 +550,8 @@ def verify_onnx(
     so = ort.SessionOptions()
     so.intra_op_num_threads = intra_op_threads
     so.log_severity_level = 3
+    if precision == "fp8":  # ORT's CPU fusions take only int8 Q/DQ; run fp8 Q/DQ as written
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         session = ort.InferenceSession(
             str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"]

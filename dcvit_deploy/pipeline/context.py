@@ -82,6 +82,8 @@ class Prepared:
     holdout_note: str
     input_fp: str
     images_note: str = ""
+    holdout_on_training: bool = False
+    fidelity: Any = None  # (--eval-data, FidelitySet): selection.fidelity.fidelity_set
 
 
 def prepare(
@@ -129,6 +131,7 @@ def prepare(
         holdout_note=split.note,
         input_fp=data_fp(train),
         images_note=images.note,
+        holdout_on_training=set(split.paths) <= set(train),
     )
 
 

@@ -30,6 +30,7 @@ from dcvit_deploy.pipeline.executor import Resources, Task, Unplaceable
 from dcvit_deploy.pipeline.result import JobResult
 from dcvit_deploy.pipeline.runner import Runner
 from dcvit_deploy.pipeline.units.exporting import onnx_precision_for
+from dcvit_deploy.selection.fidelity import fidelity_set
 from dcvit_deploy.store.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -70,13 +71,15 @@ class TargetJob:
 
 
 def _ours(unit_id: str, name: str) -> bool:
-    return unit_id in (f"profile/{name}", f"select/{name}") or unit_id.startswith(f"build/{name}/")
+    return unit_id in (f"profile/{name}", f"select/{name}") or unit_id.startswith(
+        (f"build/{name}/", f"quantize/{name}/")
+    )
 
 
 def _target_files(root: Path, name: str) -> dict[str, bytes]:
     """The files a target's units write: artifacts, timing cache, raw latencies, logs."""
     globs = (f"artifacts/{name}/**/*", f"artifacts/{name}.*", f"raw/{name}/**/*",
-             f"logs/build_{name}_*", f"logs/*_{name}.log")  # fmt: skip
+             f"logs/build_{name}_*", f"logs/*_{name}.log", f"onnx/*/{name}/*")  # fmt: skip
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for g in globs
@@ -130,18 +133,21 @@ def _merge(run: Any, records: dict[str, Any], files: dict[str, bytes]) -> None:
         run.record_unit(uid, rec)
 
 
-def _task(c: JobContext, family: Family, shared: dict[str, dict[str, bytes]]) -> Task:
-    """The target of ``c`` as a task; ``shared`` (by precision): the family and its graphs."""
+def _task(c: JobContext, family: Family, shared: dict[Any, dict[str, bytes]]) -> Task:
+    """The target of ``c`` as a task; ``shared`` (by precisions): the family and its graphs."""
+    from dcvit_deploy.export.quantize import check_precisions
+
     run, p = c.run, cast("TargetProfile", c.profile)
-    prec = onnx_precision_for(p.precision)
+    prec = tuple(sorted({onnx_precision_for(x) for x in check_precisions(p, c.dopts)}))
     if prec not in shared:
         recs = [*family.candidates, *family.trained.values()]
         rels = [f"family/{x.key}.json" for x in recs] + [f"family/{x.weights}" for x in recs]
-        rels += [f"onnx/{prec}/{x.key}.onnx" for x in recs]
+        rels += [f"onnx/{q}/{x.key}.onnx" for x in recs for q in prec]
         shared[prec] = {r: (run.root / r).read_bytes() for r in rels if (run.root / r).is_file()}
-    shared_units = ("family", "train/", f"export/{prec}/")
+    shared_units = ("family", "train/", *(f"export/{q}/" for q in prec))
     units = {u: r for u, r in run.units().items() if u.startswith(shared_units) or _ours(u, p.name)}
     key = hashlib.sha256(f"{run.root}|{p.name}".encode()).hexdigest()[:16]
+    fidelity_set(c.prep(), c.dopts.eval_data)  # the original's logits go with the images
     prep = replace(c.prep(), teacher=cast(Any, None))  # the node needs the held-out images
     manifest = {**run.manifest, "units": units}
     job = TargetJob(key, p, c.copts, c.dopts, prep, manifest, _target_files(run.root, p.name))
@@ -173,7 +179,7 @@ def deploy_fleet(
         for p, _ in targets:
             attempt(p.name, lambda c=ctxs[p.name], p=p: deploy(c, Runner(c), family, p))
     else:
-        shared: dict[str, dict[str, bytes]] = {}
+        shared: dict[Any, dict[str, bytes]] = {}
         for p, _ in targets:  # one export per precision serves every target
             deploy(ctxs[p.name], Runner(ctxs[p.name]), family, p, until="export")
         tasks = [_task(ctxs[p.name], family, shared) for p, _ in targets]
@@ -188,7 +194,7 @@ def deploy_fleet(
                 c.note(n)
             if not results[task.key]:  # no error on the node: select there, publish here
                 prof = cast("TargetProfile", c.profile)
-                _remember_profile(run, prof, c.dopts.profile)
+                _remember_profile(run, prof, c.dopts)
                 c = replace(c, elsewhere=("select/",))
                 attempt(task.key, lambda c=c, p=prof: decide_and_publish(c, Runner(c), family, p))
     if fleet:
@@ -224,7 +230,7 @@ def fleet_result(
             "statistic": f"{sel.budget.statistic} at batch {sel.budget.batch_size}" if sel else "",
             "figure_ms": fig[0],
             "spread_ms": fig[1],
-            "fidelity": family.fidelity(chosen) if chosen else None,
+            "fidelity": out.fidelity if out else None,
             "why": sel.reasons[chosen] if sel and chosen else why,
             "published": [f"{m['model']} v{m['version']}" for m in r.published.get("models", [])],
             "measured": True,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from dcvit_deploy.errors import NotPublished, UserInputError
+from dcvit_deploy.export.quantize import structure_of
 from dcvit_deploy.pipeline.context import JobContext, identity_of, prepare
 from dcvit_deploy.pipeline.executor import LocalExecutor
 from dcvit_deploy.pipeline.outcomes import check_measured, outcome_of, outcomes_for
@@ -35,6 +36,7 @@ from dcvit_deploy.pipeline.units.compressing import (
 from dcvit_deploy.pipeline.units.exporting import ExportUnit, export_facts, onnx_precision_for
 from dcvit_deploy.pipeline.units.measuring import ProfileUnit, check_device
 from dcvit_deploy.pipeline.units.publishing import PublishUnit, publish_unit_id, unpublish_stale
+from dcvit_deploy.pipeline.units.quantizing import artifact_plan, quantize_unit_id, quantized
 from dcvit_deploy.pipeline.units.selecting import (
     SelectUnit,
     budget_batch,
@@ -57,8 +59,10 @@ def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
     """Profile, budget batch, backend and device: everything about the target that can fail
     before any work."""
     from dcvit_deploy.backends import get_backend
+    from dcvit_deploy.export.quantize import check_precisions
 
     budget_batch(profile, dopts)
+    check_precisions(profile, dopts, probe=True)
     backend = get_backend(profile.backend)
     backend.validate_profile(profile)
     backend.availability(profile).require(profile.backend)
@@ -133,10 +137,6 @@ def run_job(
         return result
 
 
-def _capacity_names(family: Family) -> list[str]:
-    return [c.name for c in sorted(family.candidates, key=lambda c: (-c.retained, c.name))]
-
-
 def deploy(
     ctx: JobContext,
     runner: Runner,
@@ -148,98 +148,125 @@ def deploy(
 ) -> JobResult:
     """Export, build, profile, select, publish and report the current family on ``profile``
     (``publish=False``: stop after selecting, as a target's node does)."""
+    from dcvit_deploy.export.quantize import check_precisions
     from dcvit_deploy.selection.decide import capacity_order
 
     run = ctx.run
     ctx = ctx.with_profile(profile)
     runner = Runner(ctx)
-    precision = onnx_precision_for(profile.precision)
+    precisions = check_precisions(profile, ctx.dopts)
     artifacts: dict[str, Artifact] = {}
-    for cand in family.candidates:
+    make = ArtifactMaker(runner, profile)
+    for cand, p, name in artifact_plan(family, profile, precisions):
         rec = family.measured(cand.name)  # None: not trained (training everything)
-        if rec and (
-            artifact := export_and_build(runner, rec, precision, profile, until == "export")
-        ):
-            artifacts[cand.name] = artifact
+        if rec and (artifact := make(rec, p, export_only=until == "export")):
+            artifacts[name] = artifact
     result = JobResult(selection=None, outcomes=[], notes=ctx.notes)
     result.superseded = superseded(run, family)
     if until in ("export", "build"):
-        result.outcomes = capacity_order(outcomes_for(run, family, profile))
+        result.outcomes = capacity_order(outcomes_for(run, family, profile, precisions))
         return result
     bisect = None
     if ctx.dopts.search == "bisect" and ctx.dopts.has_budget:
         from dcvit_deploy.pipeline.units.measuring import BisectPlan
 
         bisect = BisectPlan(ctx.dopts, profile, family)
-    runner.run(ProfileUnit(profile, artifacts, _capacity_names(family), bisect=bisect))
-    _remember_profile(run, profile, ctx.dopts.profile)
+    from dcvit_deploy.store.records import PRECISION_BITS
+
+    order = [n for _, _, n in sorted(artifact_plan(family, profile, precisions),
+             key=lambda t: (-t[0].retained, -PRECISION_BITS[t[1]], t[2]))]  # fmt: skip
+    runner.run(ProfileUnit(profile, artifacts, order, bisect=bisect))
+    _remember_profile(run, profile, ctx.dopts)
     return decide_and_publish(ctx, runner, family, profile, publish=publish)
 
 
-def export_and_build(
-    runner: Runner, rec: Candidate, precision: str, profile: TargetProfile, export_only: bool
-) -> Artifact | None:
-    """Export record ``rec`` and build its artifact for ``profile``, each verified against
-    PyTorch; the verified artifact, or ``None``."""
-    run = runner.ctx.run
-    if not runner.run(ExportUnit(rec, precision)).ok:
-        runner.skip(build_unit_id(profile.name, rec.key), "export failed")
+class ArtifactMaker:
+    """Make one profile's artifact of a record at a precision: export (once per record and
+    graph precision), quantize, build, each verified against PyTorch; a failed step skips the
+    steps after it. ``methods``: the CPU's measured quantization method, per precision."""
+
+    def __init__(self, runner: Runner, profile: TargetProfile) -> None:
+        self.runner, self.profile = runner, profile
+        self.exported: dict[tuple[str, str], bool] = {}
+        self.methods: dict[str, str] = {}
+
+    def __call__(self, rec: Candidate, p: str, *, export_only: bool = False) -> Artifact | None:
+        from dcvit_deploy.export.quantize import QUANTIZED, artifact_name
+
+        runner, profile, run = self.runner, self.profile, self.runner.ctx.run
+        src, name = onnx_precision_for(p), artifact_name(rec.key, p, profile.precision)
+        after = [quantize_unit_id(profile.name, p, rec.key)] * (p in QUANTIZED)
+
+        def fail(why: str, skipped: list[str] = after) -> Artifact | None:
+            for uid in [*skipped, build_unit_id(profile.name, name)]:
+                runner.skip(uid, why)
+            return None
+
+        if (src, rec.key) not in self.exported:
+            self.exported[src, rec.key] = runner.run(ExportUnit(rec, src)).ok
+        if not self.exported[src, rec.key]:
+            return fail("export failed")
+        onnx_path, verification = export_facts(run, src, rec.key)
+        if export_only:
+            return None
+        if onnx_path is None or verification is None or not verification.passed:
+            return fail("ONNX verification failed")
+        if p in QUANTIZED:
+            onnx_path = quantized(runner, rec, p, profile, onnx_path, self.methods)
+            if onnx_path is None:
+                return fail("quantization failed", [])
+        target = dataclasses.replace(profile, precision=p)  # type: ignore[arg-type]
+        if runner.run(BuildUnit(rec, target, onnx_path, name)).ok:
+            artifact, built, _ = build_facts(run, profile.name, name)
+            if artifact is not None and built is not None and built.passed:
+                return artifact
         return None
-    onnx_path, verification = export_facts(run, precision, rec.key)
-    if export_only:
-        return None
-    if onnx_path is None or verification is None or not verification.passed:
-        runner.skip(build_unit_id(profile.name, rec.key), "ONNX verification failed")
-        return None
-    if runner.run(BuildUnit(rec, profile, onnx_path)).ok:
-        artifact, built, _ = build_facts(run, profile.name, rec.key)
-        if artifact is not None and built is not None and built.passed:
-            return artifact
-    return None
 
 
 def _picker(
     ctx: JobContext, runner: Runner, family: Family, profile: TargetProfile
 ) -> Callable[[str], CandidateOutcome | str]:
-    """Measure-first selection's ``pick(name)``: train the candidate (reused when trained
-    before), export, build and verify its trained artifact against PyTorch and check the
-    fidelity floor; its outcome (with the structure's figures), or why it cannot ship."""
-    precision = onnx_precision_for(profile.precision)
-    figures = {o.candidate: o.latency for o in outcomes_for(ctx.run, family, profile)}
+    """Measure-first selection's ``pick(name)`` (an artifact: candidate and precision): train
+    the candidate (reused when trained before), make, verify and measure the fidelity of its
+    trained artifact at that precision and check the floors; its outcome (with the
+    structure's figures), or why it cannot ship."""
+    from dcvit_deploy.selection.fidelity import apply_floors
+
+    outcomes = {o.candidate: o for o in outcomes_for(ctx.run, family, profile)}
+    make = ArtifactMaker(runner, profile)
 
     def pick(name: str) -> CandidateOutcome | str:
-        rec = train_picks(ctx, runner, family, [name]).trained.get(name)
+        cand, p = structure_of(name), outcomes[name].precision or profile.precision
+        rec = train_picks(ctx, runner, family, [cand]).trained.get(cand)
         if rec is None:
-            why = (ctx.run.unit(train_unit_id(name)) or {}).get("reason", "")
+            why = (ctx.run.unit(train_unit_id(cand)) or {}).get("reason", "")
             return f"training failed: {why}"
-        export_and_build(runner, rec, precision, profile, False)
+        make(rec, p)
         fam = current_family(ctx.run)
-        got = outcome_of(ctx.run, fam, profile, name, None, rec=rec)
+        got = outcome_of(ctx.run, fam, profile, name, None, rec=rec, precision=p)
         if got.artifact is None or got.verification is None or not got.verification.passed:
             return f"the trained artifact did not verify: {got.error or got.status}"
-        got = dataclasses.replace(got, status="ok", latency=figures[name])
-        return below_floor(got, ctx.dopts)
+        if got.fidelity is None:
+            return "the trained model's outputs are not finite on the held-out images"
+        got = dataclasses.replace(got, status="ok", latency=outcomes[name].latency)
+        (got,), notes = apply_floors([got], ctx.dopts)
+        for line in notes:
+            ctx.note(line)
+        return got if got.status == "ok" else f"trained artifact below the floor: {got.error}"
 
     return pick
 
 
-def below_floor(outcome: CandidateOutcome, dopts: DeployOptions) -> CandidateOutcome | str:
-    """``outcome`` (a verified, trained pick) when it may ship on fidelity, else why not: the
-    fidelity floor's one place (a ``min_fidelity`` option, where there is one, is checked here)."""
-    floor = getattr(dopts, "min_fidelity", None)
-    if outcome.fidelity is None:
-        return "the trained model's outputs are not finite on the held-out images"
-    if floor is not None and outcome.fidelity < floor:
-        return f"trained fidelity {outcome.fidelity:.1%} is below the floor {floor:.1%}"
-    return outcome
+def _remember_profile(run: RunDir, profile: TargetProfile, dopts: DeployOptions) -> None:
+    """Record the profiles this run was measured with (the last one is the run's current),
+    where each came from and the precisions it was measured at."""
+    from dcvit_deploy.export.quantize import check_precisions
 
-
-def _remember_profile(run: RunDir, profile: TargetProfile, source: str) -> None:
-    """Record the profiles this run was measured with (the last one is the run's current)."""
     inputs = run.manifest["inputs"]
     measured = [p for p in inputs.get("profiles", []) if p != profile.name]
-    sources = {**inputs.get("profile_sources", {}), profile.name: source}
-    run.set_inputs(profiles=[*measured, profile.name], profile_sources=sources)
+    sources = {**inputs.get("profile_sources", {}), profile.name: dopts.profile}
+    tried = {**inputs.get("precisions", {}), profile.name: check_precisions(profile, dopts)}
+    run.set_inputs(profiles=[*measured, profile.name], profile_sources=sources, precisions=tried)
 
 
 def profile_source(run: RunDir, name: str) -> str:
@@ -260,9 +287,15 @@ def decide_and_publish(
     publish nothing, report what the run recorded (a decision made on these outcomes);
     ``publish=False``: stop after selecting, as a target's node does."""
     from dcvit_deploy.selection.decide import capacity_order, infeasible_error
+    from dcvit_deploy.selection.fidelity import apply_floors
 
     run = ctx.run
-    outcomes = capacity_order(outcomes_for(run, family, profile))
+    outcomes = outcomes_for(run, family, profile, ctx.dopts.precisions or ())
+    if family.train_all:  # else a structure's fidelity says nothing: its trained pick is judged
+        outcomes, undecided = apply_floors(outcomes, ctx.dopts)
+        for line in undecided:
+            ctx.note(line)
+    outcomes = capacity_order(outcomes)
     result = JobResult(selection=None, outcomes=outcomes, notes=ctx.notes)
     result.superseded = superseded(run, family)
     res: dict[str, Any] | None = None
@@ -288,18 +321,17 @@ def decide_and_publish(
             for o in outcomes
         ]
     if not family.train_all:  # the chosen as its trained artifact; which others are trained
-        family = current_family(run)
-        trained = remeasured_of(res or {}, "trained")
-        result.outcomes = [
-            outcome_of(run, family, profile, o.candidate, trained[o.candidate], rec=t)
-            if o.candidate in trained and (t := family.trained.get(o.candidate))
-            else replace(
-                o,
-                trained=o.candidate in family.trained,
-                fidelity=family.fidelity(o.candidate, o.candidate in family.trained),
-            )
-            for o in result.outcomes
-        ]
+        family, trained = current_family(run), remeasured_of(res or {}, "trained")
+
+        def final(o: CandidateOutcome) -> CandidateOutcome:
+            t = family.trained.get(cand := structure_of(o.candidate))
+            if o.candidate in trained and t:
+                stats = trained[o.candidate]
+                return outcome_of(run, family, profile, o.candidate, stats, rec=t,
+                                  precision=o.precision)  # fmt: skip
+            return replace(o, trained=t is not None, fidelity=family.fidelity(cand, t is not None))
+
+        result.outcomes = [final(o) for o in result.outcomes]
     if not publish:
         return result
     sel = result.selection
@@ -309,7 +341,7 @@ def decide_and_publish(
         if sel is not None and models and models[0]["candidate"] == sel.chosen:
             result.published = done["result"]
     elif sel is not None and sel.chosen is not None:
-        assert family.train_all or sel.chosen in family.trained, "never publish a structure"
+        assert family.train_all or structure_of(sel.chosen) in family.trained, "a structure"
         pub = runner.run(PublishUnit(profile, sel, result.outcomes, family))
         result.published = pub.result
         result.triton = Path(pub.result["repository"]) if pub.ok else None

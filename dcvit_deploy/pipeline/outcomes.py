@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import UserInputError
-from dcvit_deploy.pipeline.units.building import build_facts
-from dcvit_deploy.pipeline.units.exporting import export_facts, export_unit_id, onnx_precision_for
+from dcvit_deploy.export.quantize import QUANTIZED, artifact_name, structure_of
+from dcvit_deploy.pipeline.units.building import build_facts, closeness_of
+from dcvit_deploy.pipeline.units.exporting import export_unit_id, graph_facts, onnx_precision_for
+from dcvit_deploy.pipeline.units.quantizing import artifact_plan, quantize_unit_id, tried_precisions
 from dcvit_deploy.store.atomic import sha256_file
 from dcvit_deploy.store.records import CandidateOutcome, LatencyStats, from_dict
 
@@ -71,37 +73,52 @@ def check_measured(run: RunDir, profile: TargetProfile, outcomes: list[Candidate
             )
 
 
-def candidate_facts(family: Family, name: str, rec: Candidate | None = None) -> dict[str, Any]:
-    """The fields every outcome of candidate ``name`` shares, whatever happened to it, when
+def candidate_facts(
+    family: Family, name: str, rec: Candidate | None = None, precision: str = ""
+) -> dict[str, Any]:
+    """The fields every outcome of artifact ``name`` shares, whatever happened to it, when
     record ``rec`` (default: the one the family measures) is the one deployed."""
-    cand = next(c for c in family.candidates if c.name == name)
-    rec = rec or family.measured(name)
+    cand = next(c for c in family.candidates if c.name == structure_of(name))
+    rec = rec or family.measured(cand.name)
     final = rec is not None and rec.state == "trained"
     return {
-        "candidate": cand.name,
+        "candidate": name,
         "method": cand.method,
         "retained": cand.retained,
         "macs": cand.macs,
         "fidelity": family.fidelity(cand.name, trained=final),
         "measured_on": "trained" if final else "structure",
         "trained": final,
+        "precision": precision,
     }
 
 
-def outcomes_for(run: RunDir, family: Family, profile: TargetProfile) -> list[CandidateOutcome]:
-    """One outcome per candidate of ``family`` on ``profile``, in family order."""
+def graph_unit_id(profile: TargetProfile, precision: str, key: str) -> str:
+    """The unit that makes the ONNX graph artifact (record ``key``, ``precision``) is built from."""
+    if precision in QUANTIZED:
+        return quantize_unit_id(profile.name, precision, key)
+    return export_unit_id(onnx_precision_for(precision), key)
+
+
+def outcomes_for(
+    run: RunDir, family: Family, profile: TargetProfile, precisions: tuple[str, ...] = ()
+) -> list[CandidateOutcome]:
+    """One outcome per artifact (candidate, precision) of ``family`` on ``profile`` (default:
+    the precisions it was last deployed with), in family order."""
     latency, errors, considered = measured(run, profile.name)
+    tried = precisions or tried_precisions(run, profile)
     return [
         outcome_of(
             run,
             family,
             profile,
-            c.name,
-            latency.get(c.name),
-            errors.get(c.name, ""),
-            considered=considered.get(c.name, ""),
+            name,
+            latency.get(name),
+            errors.get(name, ""),
+            considered=considered.get(name, ""),
+            precision=p,
         )
-        for c in family.candidates
+        for _, p, name in artifact_plan(family, profile, tried)
     ]
 
 
@@ -114,21 +131,24 @@ def outcome_of(
     error: str = "",
     rec: Candidate | None = None,
     considered: str | None = None,
+    precision: str = "",
 ) -> CandidateOutcome:
-    """What happened to record ``rec`` (default: the one the family measures) of candidate
-    ``name`` on ``profile``, with its measured ``stats`` or measurement ``error``; ``considered``:
-    the checksum of the artifact those stats measured (they count only for that artifact)."""
-    rec = rec or family.measured(name)
-    base = candidate_facts(family, name, rec)
+    """What happened to artifact ``name`` (candidate and precision) made from record ``rec``
+    (default: the one the family measures) on ``profile``, with its measured ``stats`` or
+    measurement ``error``; ``considered``: the checksum of the artifact those stats measured
+    (they count only for that artifact)."""
+    precision = precision or (name.split(".")[-1] if "." in name else profile.precision)
+    rec = rec or family.measured(structure_of(name))
+    base = candidate_facts(family, name, rec, precision)
     if rec is None:
         return CandidateOutcome(**base, status="not_measured", error="not trained")
-    precision = onnx_precision_for(profile.precision)
-    export = run.unit(export_unit_id(precision, rec.key))
-    onnx_path, verification = export_facts(run, precision, rec.key)
-    if export is None:
+    key = artifact_name(rec.key, precision, profile.precision)
+    graph = run.unit(graph_unit_id(profile, precision, rec.key))
+    onnx_path, verification = graph_facts(run, graph_unit_id(profile, precision, rec.key))
+    if graph is None:
         return CandidateOutcome(**base, status="not_measured")
     if onnx_path is None or verification is None:
-        reason = str(export.get("reason", "")) or f"export {export.get('status')}"
+        reason = str(graph.get("reason", "")) or f"export {graph.get('status')}"
         return CandidateOutcome(**base, status="export_failed", error=reason)
     if not verification.passed:
         return CandidateOutcome(
@@ -137,7 +157,9 @@ def outcome_of(
             verification=verification,
             error=f"ONNX verification failed: {verification.reason}",
         )
-    artifact, built, reason = build_facts(run, profile.name, rec.key)
+    artifact, built, reason = build_facts(run, profile.name, key)
+    close = closeness_of(run, profile.name, key)
+    base.update({"fidelity": close.agreement, "closeness": close} if close else {})
     if reason:
         return CandidateOutcome(
             **base, status="build_failed", verification=verification, error=reason
@@ -152,9 +174,9 @@ def outcome_of(
             artifact=artifact,
             error=f"built artifact failed verification on {profile.backend}: {built.reason}",
         )
-    done: dict[str, Any] = {"verification": built, "artifact": artifact}
     if considered is not None and considered != artifact.sha256:
         stats = None
+    done: dict[str, Any] = {"verification": built, "artifact": artifact}
     if stats:
         return CandidateOutcome(**base, status="ok", latency=tuple(stats), **done)
     if error:

@@ -12,7 +12,8 @@
 ``SUMMARY.md``
     What was chosen and why, the budget definition, and a table of all candidates.
 ``pareto.png``
-    Latency vs retained MACs, fidelity as colour, budget line, chosen point highlighted
+    Latency vs retained MACs, fidelity as colour, precision as marker, budget line, chosen
+    point highlighted
     (matplotlib, imported lazily, rendered with the Agg canvas -- no display needed).
 
 Comparing two reports for CI lives in :mod:`dcvit_deploy.reports.compare`.
@@ -61,11 +62,16 @@ CSV_COLUMNS: tuple[str, ...] = (
     "macs_linear_norm",
     "macs_full",
     "params",
+    "precision",
     "status",
     "selectable",
     "fidelity",
     "trained",
     "measured_on",
+    "fidelity_low",
+    "fidelity_high",
+    "kl",
+    "top1",
     "verify_passed",
     "max_abs",
     "max_rel",
@@ -251,7 +257,7 @@ def _csv_text(outcomes: Sequence[CandidateOutcome], view: _View) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for o in capacity_order(outcomes):
-        v = o.verification
+        v, c = o.verification, o.closeness
         s = o.latency_at(view.batch)
         writer.writerow(
             {
@@ -261,11 +267,16 @@ def _csv_text(outcomes: Sequence[CandidateOutcome], view: _View) -> str:
                 "macs_linear_norm": o.macs.linear_norm,
                 "macs_full": o.macs.full,
                 "params": o.macs.params,
+                "precision": o.precision,
                 "status": o.status,
                 "selectable": _num(o.selectable),
                 "fidelity": _num(o.fidelity),
                 "trained": _num(o.trained),
                 "measured_on": o.measured_on,
+                "fidelity_low": _num(c.interval[0]) if c else "",
+                "fidelity_high": _num(c.interval[1]) if c else "",
+                "kl": _num(c.kl) if c else "",
+                "top1": _num(c.top1) if c else "",
                 "verify_passed": _num(v.passed) if v else "",
                 "max_abs": _num(v.max_abs) if v else "",
                 "max_rel": _num(v.max_rel) if v else "",
@@ -298,7 +309,7 @@ def _budget_rows(
     scopes = sorted({s.scope for o in outcomes for s in o.latency if s.batch_size == view.batch})
     scope = str(profile.get("scope") or (", ".join(scopes) if scopes else "unknown"))
     precisions = sorted({o.artifact.precision for o in outcomes if o.artifact is not None})
-    precision = str(profile.get("precision") or (", ".join(precisions) or "unknown"))
+    precision = ", ".join(precisions) or str(profile.get("precision") or "unknown")
     budget = view.budget
     rows: list[tuple[str, str]] = []
     if budget is None:
@@ -324,6 +335,14 @@ def _budget_rows(
     return rows
 
 
+def _fidelity_cell(o: CandidateOutcome) -> str:
+    c = o.closeness
+    if c is None:
+        return f"{o.fidelity:.1%}" if o.fidelity is not None else "-"
+    top1 = f"; top-1 {c.top1:.1%}" if c.top1 is not None else ""
+    return f"{c.agreement:.1%} [{c.interval[0]:.1%}, {c.interval[1]:.1%}], KL {c.kl:.3g}{top1}"
+
+
 def _headline(outcomes: Sequence[CandidateOutcome], view: _View) -> list[str]:
     if view.selection is None or view.budget is None:
         return ["**No latency budget was given**: every candidate was measured; none selected."]
@@ -336,11 +355,11 @@ def _headline(outcomes: Sequence[CandidateOutcome], view: _View) -> list[str]:
             infeasible_error(view.selection, outcomes).one_line(),
         ]
     lat = _stat_of(chosen, view.batch, view.statistic)
-    fidelity = f", fidelity {chosen.fidelity:.1%}" if chosen.fidelity is not None else ""
+    fidelity = f", fidelity {_fidelity_cell(chosen)}" if chosen.fidelity is not None else ""
     return [
-        f"**Chosen: `{chosen.candidate}`** ({chosen.method}) -- retains {chosen.retained:.1%} of "
-        f"the original MACs{fidelity}; {view.statistic} {_ms(lat)} ms at batch {view.batch} "
-        f"against a budget of {_ms(budget.ms)} ms.",
+        f"**Chosen: `{chosen.candidate}`** ({chosen.method}, {chosen.precision or '-'}) -- "
+        f"retains {chosen.retained:.1%} of the original MACs{fidelity}; {view.statistic} "
+        f"{_ms(lat)} ms at batch {view.batch} against a budget of {_ms(budget.ms)} ms.",
         "",
         f"Why: {view.reason(chosen.candidate)}",
     ]
@@ -356,6 +375,8 @@ def _summary_text(
 ) -> str:
     title = run_meta.get("name") or run_meta.get("model") or run_meta.get("run_dir") or "run"
     lines = [f"# dcvit-deploy report: {title}", "", *_headline(outcomes, view)]
+    if any(o.closeness is not None and o.closeness.on_training for o in outcomes):
+        lines[2:2] = ["**Fidelity was measured on TRAINING images** (none was left out).", ""]
     if view.selection is not None:
         lines += [
             "",
@@ -368,9 +389,9 @@ def _summary_text(
         "",
         "## Candidates (densest first)",
         "",
-        "| candidate | method | retained MACs | GMACs (linear+norm / full) | params (M) | status "
-        f"| fidelity | trained | {view.statistic} ms measured on | p99 ms | throughput/s | stable "
-        "| reason |",
+        "| candidate | method | precision | retained MACs | GMACs (linear+norm / full) "
+        f"| params (M) | status | fidelity [95%] | trained | {view.statistic} ms measured on "
+        "| p99 ms | throughput/s | stable | reason |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in capacity_order(outcomes):
@@ -381,11 +402,12 @@ def _summary_text(
         cells = [
             name,
             _md(o.method),
+            o.precision or "-",
             f"{o.retained:.1%}",
             f"{o.macs.linear_norm / 1e9:.3f} / {o.macs.full / 1e9:.3f}",
             f"{o.macs.params / 1e6:.2f}",
             o.status,
-            f"{o.fidelity:.1%}" if o.fidelity is not None else "-",
+            _fidelity_cell(o),
             "yes" if o.trained else "no",
             f"{_ms(s.stat(view.statistic))} ({o.measured_on})" if s else "-",
             _ms(s.p99) if s else "-",
@@ -444,17 +466,15 @@ def _plot(path: Path, outcomes: Sequence[CandidateOutcome], view: _View) -> None
         f"{view.statistic} latency vs capacity"
         + (f" ({hidden} failed/unmeasured not shown)" if hidden else "")
     )
-    scored = [(x, y, o.fidelity) for x, y, o in points if o.fidelity is not None]
+    scored = [(x, y, o) for x, y, o in points if o.fidelity is not None]
     unscored = [(x, y) for x, y, o in points if o.fidelity is None]
-    if scored:
-        sc = ax.scatter(
-            [p[0] for p in scored],
-            [p[1] for p in scored],
-            c=[p[2] for p in scored],
-            cmap="viridis",
-            s=36,
-            zorder=3,
-        )
+    sc = None
+    for i, prec in enumerate(sorted({o.precision for _, _, o in scored})):  # a marker each
+        pts = [(x, y, o.fidelity or 0.0) for x, y, o in scored if o.precision == prec]
+        sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts],
+                        cmap="viridis", vmin=0, vmax=1, s=36, zorder=3, marker="os^Dv"[i % 5],
+                        edgecolors="k", linewidths=0.4, label=prec or None)  # fmt: skip
+    if sc is not None:
         fig.colorbar(sc, ax=ax, label="fidelity (top-1 agreement)")
     if unscored:
         ax.scatter([p[0] for p in unscored], [p[1] for p in unscored], c="0.5", s=36, zorder=3)

@@ -3,10 +3,11 @@
 Everything here is pure logic over :class:`~dcvit_deploy.store.records.CandidateOutcome` records; it
 builds, measures and imports nothing heavy.
 
-Capacity order
-    Candidates are ranked by ``retained`` (fraction of the original MACs, larger is denser),
-    ties broken by ``fidelity`` (higher first; ``None`` ranks last) and then by name, so every
-    decision is deterministic.
+Capacity order (over both axes)
+    Artifacts are ranked by ``retained`` (fraction of the original MACs, larger is denser, on a
+    grid of :data:`RETAINED_TIE`: sizes within half a point are one size), ties broken toward
+    the higher ``precision`` (bits), then the more faithful (:func:`faithfulness`; ``None``
+    ranks last), then by name, so every decision is deterministic.
 
 Selectable
     ``outcome.selectable`` (status ``ok`` and verification passed or not run) *and* a finite
@@ -31,8 +32,9 @@ Uncertainty
 
 Preference
     ``prefer="capacity"`` (default) chooses the densest candidate that fits;
-    ``prefer="fidelity"`` the highest measured ``fidelity`` among those that fit (``None``
-    ranks last), ties broken by capacity order.
+    ``prefer="fidelity"`` the most faithful among those that fit (:func:`faithfulness`: the
+    lowest KL to the original, else the highest ``fidelity``), ties broken by capacity order;
+    when the images cannot separate it from the runner-up, its reason says so.
 
 Confirmation
     :func:`select_confirmed` re-measures the choice (and its denser neighbour) through a
@@ -43,12 +45,13 @@ Confirmation
     its own spread is measured again with :data:`RECONFIRM_FACTOR` times the rounds first.
 
 Reason strings start with a stable prefix that tools may match on: ``chosen:``,
-``over budget:``, ``fits, but smaller than chosen``, ``fits, but lower fidelity than chosen``,
-``fits`` (nothing chosen), ``dominated:``, ``confirmation failed:``, ``not deployable:`` (a
-pick that could not be trained or verified, or missed the fidelity floor), ``verification
-failed:``, ``export failed:``, ``build failed:``, ``profile failed:``, ``not measured``. A
-figure measured in rounds reads ``p50 4.70 ms +- 0.08 (5 rounds)``; a fit within noise ends
-with ``; within noise of the budget``.
+``over budget:``, ``fits, but smaller than chosen``, ``fits, but lower precision than chosen``,
+``fits, but lower fidelity than chosen``, ``fits`` (nothing chosen), ``dominated:``,
+``confirmation failed:``, ``not deployable:`` (a pick that could not be trained or verified, or
+missed the fidelity floor), ``verification failed:``, ``export failed:``, ``build failed:``,
+``profile failed:``, ``below floor:``, ``not measured``. A figure measured in rounds reads
+``p50 4.70 ms +- 0.08 (5 rounds)``; a fit within noise ends with ``; within noise of the
+budget``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from typing import Literal, Protocol
 
 from dcvit_deploy.errors import BudgetInfeasible
 from dcvit_deploy.store.records import (
+    PRECISION_BITS,
     STATISTICS,
     CandidateOutcome,
     LatencyBudget,
@@ -112,17 +116,27 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- helpers
 
 
-def _capacity_key(outcome: CandidateOutcome) -> tuple[float, float]:
-    fidelity = outcome.fidelity if outcome.fidelity is not None else -math.inf
-    return (outcome.retained, fidelity)
+RETAINED_TIE = 0.005
+"""Retained-MAC fractions on one grid step (half a point of the original's MACs) are one size."""
+
+
+def faithfulness(outcome: CandidateOutcome) -> float:
+    """Higher is closer to the original: minus the KL divergence when measured (it ranks with
+    far less variance than top-1 agreement), else the top-1 agreement (``-inf`` when none)."""
+    c = outcome.closeness
+    if c is not None:
+        return -c.kl if math.isfinite(c.kl) else -math.inf
+    return outcome.fidelity if outcome.fidelity is not None else -math.inf
+
+
+def _capacity_key(outcome: CandidateOutcome) -> tuple[float, float, float]:
+    size = round(outcome.retained / RETAINED_TIE)
+    return (size, PRECISION_BITS.get(outcome.precision, 32), faithfulness(outcome))
 
 
 def capacity_order(outcomes: Iterable[CandidateOutcome]) -> list[CandidateOutcome]:
-    """Outcomes sorted densest first: ``retained`` desc, then ``fidelity`` desc, then name."""
-    return sorted(
-        outcomes,
-        key=lambda o: (-_capacity_key(o)[0], -_capacity_key(o)[1], o.candidate),
-    )
+    """Outcomes densest first: size, then precision, then faithfulness (desc), then name."""
+    return sorted(outcomes, key=lambda o: (*(-v for v in _capacity_key(o)), o.candidate))
 
 
 def _latency(outcome: CandidateOutcome, batch_size: int, statistic: str) -> float | None:
@@ -314,6 +328,8 @@ def _failure_reason(outcome: CandidateOutcome, batch_size: int) -> str | None:
         return f"build failed: {detail}"
     if outcome.status == "profile_failed":
         return f"profile failed: {detail}"
+    if outcome.status == "below_floor":
+        return f"below floor: {detail}"
     if outcome.status == "not_measured":
         return "not measured" + (f": {outcome.error.strip()}" if outcome.error.strip() else "")
     if outcome.status == "verify_failed":
@@ -404,8 +420,22 @@ def _choose(
         return None
     if prefer == "fidelity":
         # max() keeps the first of equals: ordered is capacity order, so ties go to capacity.
-        return max(fitting, key=lambda o: o.fidelity if o.fidelity is not None else -math.inf)
+        return max(fitting, key=faithfulness)
     return fitting[0]
+
+
+def _undecided(chosen: CandidateOutcome, others: Sequence[CandidateOutcome]) -> str:
+    """``; N images cannot separate it from X (...)`` when the runner-up in faithfulness is
+    within 1.96 standard errors of the chosen one's KL, else ``""``."""
+    runner = max(others, key=faithfulness, default=None)
+    a, b = chosen.closeness, runner.closeness if runner else None
+    if runner is None or a is None or b is None or not math.isfinite(a.kl + b.kl):
+        return ""
+    if abs(a.kl - b.kl) > 1.96 * math.hypot(a.kl_se, b.kl_se):
+        return ""
+    return (f"; {a.samples} images cannot separate it from {runner.candidate} (KL {a.kl:.3g} "
+            f"+- {a.kl_se:.2g} vs {b.kl:.3g} +- {b.kl_se:.2g}): add --holdout images or "
+            "--eval-data")  # fmt: skip
 
 
 def _reasons(
@@ -430,7 +460,10 @@ def _reasons(
         if chosen is not None and o.candidate == chosen.candidate:
             if prefer == "fidelity":
                 fid = f"fidelity {o.fidelity:.1%}" if o.fidelity is not None else "no fidelity"
+                fid += f", KL {o.closeness.kl:.3g}" if o.closeness else ""
                 why = f"highest-fidelity verified candidate within budget ({fid}, retained "
+                rest = [f for f in ordered if _fits(f, budget) and f is not o]
+                noise = _undecided(o, rest) + noise
             else:
                 why = "densest verified candidate within budget (retained "
             reasons[o.candidate] = f"chosen: {why}{o.retained:.1%} MACs); {expr} <= {limit}{noise}"
@@ -438,10 +471,9 @@ def _reasons(
         if _fits(o, budget):
             status = f"fits ({expr} <= {limit})"
             if chosen is not None:
-                rel = "smaller than"
-                if prefer == "fidelity" and (o.fidelity or -math.inf) < (
-                    chosen.fidelity or -math.inf
-                ):
+                same_size = _capacity_key(o)[0] == _capacity_key(chosen)[0]
+                rel = "lower precision than" if same_size else "smaller than"
+                if prefer == "fidelity" and faithfulness(o) < faithfulness(chosen):
                     rel = "lower fidelity than"
                 status = f"fits, but {rel} chosen {chosen.candidate} ({expr} <= {limit})"
         else:

@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 Statistic = Literal["mean", "p50", "p90", "p95", "p99"]
 STATISTICS: tuple[str, ...] = ("mean", "p50", "p90", "p95", "p99")
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "fp8": 8}
 BlockKind = Literal["attn_mlp", "mlp", "identity"]
 Scope = Literal["host", "device_compute", "device_with_copies"]
 WeightsState = Literal["structure", "trained"]
@@ -340,8 +341,27 @@ class MeasureSettings:
 
 
 @dataclass(frozen=True)
+class QuantizeSettings:
+    """A profile's ``[quantize]`` (:mod:`dcvit_deploy.export.quantize`): ``auto`` measures the
+    ``dynamic`` and ``static`` methods once on a CPU; ``ops`` are the op types quantized;
+    ``attention`` quantizes the attention MatMuls too (for targets that fuse them)."""
+
+    method: Literal["auto", "dynamic", "static"] = "auto"
+    calibration_images: int = 32
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    ops: tuple[str, ...] = ("MatMul", "Gemm")
+    attention: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.calibration_images >= 1, "calibration_images must be >= 1")
+
+
+@dataclass(frozen=True)
 class TargetProfile:
-    """A deployment target: runtime, device, precision, shapes, budget statistic, measurement."""
+    """A deployment target: runtime, device, precision, shapes, budget statistic, measurement.
+
+    ``precision`` is the reference (a float one; its artifacts keep the bare candidate name),
+    ``precisions`` every precision the profile tries (empty: the reference alone)."""
 
     name: str
     backend: str
@@ -355,10 +375,14 @@ class TargetProfile:
     backend_options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     gpu: str = ""
+    precisions: tuple[Precision, ...] = ()
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
 
     def __post_init__(self) -> None:
         _check(self.device in ("cpu", "cuda"), f"device must be cpu or cuda, not {self.device!r}")
-        _check(self.precision in ("fp32", "fp16", "bf16"), f"unknown precision {self.precision!r}")
+        _check(self.precision in PRECISION_BITS, f"unknown precision {self.precision!r}")
+        listed = not self.precisions or self.precision in self.precisions
+        _check(listed, f"precisions = {list(self.precisions)} leaves out {self.precision!r}")
         _check(len(self.batch_sizes) > 0, "batch_sizes must not be empty")
         _check(all(b >= 1 for b in self.batch_sizes), "batch_sizes must be >= 1")
         _check(
@@ -457,6 +481,24 @@ class Verification:
 
 
 @dataclass(frozen=True)
+class Fidelity:
+    """Closeness of an artifact's outputs to the original's (FP32) on ``samples`` images: top-1
+    ``agreement`` and its 95% Wilson ``interval``, mean KL(original || artifact) and its standard
+    error, mean logit cosine; with labels ``top1`` and ``top1_drop`` (the original's top-1 minus
+    this one, with its paired 95% interval). See :mod:`dcvit_deploy.selection.fidelity`."""
+
+    agreement: float
+    interval: tuple[float, float]
+    samples: int
+    kl: float
+    kl_se: float
+    cosine: float
+    on_training: bool = False
+    top1: float | None = None
+    top1_drop: tuple[float, float, float] | None = None
+
+
+@dataclass(frozen=True)
 class Artifact:
     """A built, runnable artifact (an ONNX file, a TensorRT plan...) and its build facts."""
 
@@ -519,19 +561,20 @@ class LatencyBudget:
 
 # --------------------------------------------------------------------------- outcomes & selection
 
-OutcomeStatus = Literal[
-    "ok", "export_failed", "verify_failed", "build_failed", "profile_failed", "not_measured"
-]
+OutcomeStatus = Literal["ok", "export_failed", "verify_failed", "build_failed", "profile_failed",
+                        "not_measured", "below_floor"]  # fmt: skip
 
 
 @dataclass(frozen=True)
 class CandidateOutcome:
     """What happened to one candidate on one target: verification, latency, or the failure.
 
-    ``latency`` holds one entry per measured batch size. ``fidelity`` is the top-1 agreement with
-    the original model on held-out images (``None`` when not evaluated). ``measured_on``: the
-    weights the artifact (and so its figures and verification) had; ``trained``: whether the
-    candidate has been finetuned (a structure is measured before, and unless, it is chosen).
+    ``candidate`` names the artifact (``<candidate>.<precision>`` off the profile's reference
+    precision). ``latency`` holds one entry per measured batch size. ``fidelity`` is the top-1
+    agreement with the original model on held-out images (``None`` when not evaluated),
+    ``closeness`` the artifact's full :class:`Fidelity`. ``measured_on``: the weights the
+    artifact (and so its figures and verification) had; ``trained``: whether the candidate has
+    been finetuned (a structure is measured before, and unless, it is chosen).
     """
 
     candidate: str
@@ -546,6 +589,8 @@ class CandidateOutcome:
     error: str = ""
     measured_on: WeightsState = "trained"
     trained: bool = True
+    precision: str = ""
+    closeness: Fidelity | None = None
 
     def __post_init__(self) -> None:
         safe_name(self.candidate, "candidate name")

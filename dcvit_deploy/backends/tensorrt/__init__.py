@@ -140,10 +140,10 @@ class TensorRTBackend(BackendBase):
             raise ProfileError(
                 f"device = {profile.device!r} cannot run backend 'tensorrt'", "use device 'cuda'"
             )
-        if profile.precision not in ("fp32", "fp16"):
+        if profile.precision not in ("fp32", "fp16", "int8", "fp8"):
             raise ProfileError(
                 f"precision = {profile.precision!r} is not supported by backend 'tensorrt'",
-                "use fp32 or fp16 (an FP16 ONNX graph from export_onnx(precision='fp16'))",
+                "use fp32 or fp16 (int8/fp8: a Q/DQ graph from dcvit_deploy.export.quantize)",
             )
 
     def _probe(self, profile: TargetProfile | None) -> Availability:

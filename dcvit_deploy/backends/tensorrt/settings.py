@@ -45,7 +45,7 @@ class ShapeProfile:
 class BuilderSettings:
     """Everything the builder is told, derived from a profile by :func:`builder_settings`."""
 
-    precision: Literal["fp32", "fp16"]
+    precision: Literal["fp32", "fp16", "int8", "fp8"]  # the graph's: no builder flag sets it
     strongly_typed: bool
     workspace_bytes: int
     optimization_level: int
@@ -71,10 +71,10 @@ def builder_settings(
     The shape profile spans the profile's batch sizes: min = smallest, opt = the budget batch
     size (the one the latency budget is judged at), max = largest.
     """
-    if profile.precision not in ("fp32", "fp16"):
+    if profile.precision not in ("fp32", "fp16", "int8", "fp8"):
         raise ProfileError(
             f"precision = {profile.precision!r} is not supported by backend 'tensorrt'",
-            "use fp32 or fp16",
+            "use fp32, fp16, int8 or fp8",
         )
     if not input_shape or any(int(d) < 1 for d in input_shape):
         raise UserInputError(f"input shape {input_shape!r} is not a static (C, H, W)", "re-export")

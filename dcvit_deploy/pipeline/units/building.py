@@ -17,8 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.pipeline.context import RUNTIME_PACKAGES, device_identity, versions
 from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.selection.fidelity import closeness, fidelity_set
 from dcvit_deploy.store.atomic import sha256_file
-from dcvit_deploy.store.records import Artifact, Verification, from_dict, to_dict
+from dcvit_deploy.store.records import (
+    Artifact,
+    Fidelity,
+    QuantizeSettings,
+    Verification,
+    from_dict,
+    to_dict,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -42,7 +50,7 @@ def verify_artifact(
 
     with torch.inference_mode():
         reference = model.eval()(images.float()).float().cpu().numpy()
-    tol = DEFAULT_TOLERANCES["fp32" if artifact.precision == "fp32" else "fp16"]
+    tol = DEFAULT_TOLERANCES.get(artifact.precision, DEFAULT_TOLERANCES["fp16"])
     try:
         outputs = backend.run(artifact, profile, images.cpu().numpy())
     except Exception as exc:  # a runtime that cannot run its own artifact: not shippable
@@ -60,27 +68,38 @@ def verify_artifact(
 
 
 class BuildUnit:
-    """Build and verify one candidate's artifact for ``profile``."""
+    """Build and verify one candidate's artifact ``name`` (default: the candidate's) for
+    ``profile`` (at the artifact's precision), and measure its fidelity to the original on the
+    held-out (or ``--eval-data``) images."""
 
     optional = True
 
-    def __init__(self, candidate: Candidate, profile: TargetProfile, onnx_path: Path) -> None:
+    def __init__(
+        self, candidate: Candidate, profile: TargetProfile, onnx_path: Path, name: str = ""
+    ) -> None:
         self.candidate = candidate
         self.profile = profile
         self.onnx_path = onnx_path
-        self.id = build_unit_id(profile.name, candidate.key)
+        self.name = name or candidate.key
+        self.id = build_unit_id(profile.name, self.name)
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         return {
             "onnx": sha256_file(self.onnx_path),
             "weights": self.candidate.weights_sha256,
-            "profile": to_dict(self.profile),
+            # the quantized graph's checksum carries [quantize]; the precision list is no input
+            "profile": to_dict(
+                dataclasses.replace(self.profile, precisions=(), quantize=QuantizeSettings())
+            ),
             "runtime": versions(RUNTIME_PACKAGES),
             "device": device_identity(self.profile) if self.profile.device == "cuda" else {},
             "holdout": ctx.prep().holdout_fp,
+            "fidelity": fidelity_set(ctx.prep(), ctx.dopts.eval_data).fingerprint,
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
+        import numpy as np
+
         from dcvit_deploy.backends import get_backend
         from dcvit_deploy.compress.candidate import build_candidate
 
@@ -92,11 +111,17 @@ class BuildUnit:
             self.onnx_path,
             self.profile,
             run.sub(f"artifacts/{self.profile.name}"),
-            candidate=cand.key,
+            candidate=self.name,
             timing_cache=run.root / "artifacts" / f"{self.profile.name}.timing.cache",
             model=model if getattr(backend, "needs_module", False) else None,
         )
         verification = verify_artifact(backend, artifact, self.profile, model, ctx.prep().holdout)
+        close, fs = None, fidelity_set(ctx.prep(), ctx.dopts.eval_data)
+        if verification.passed:  # an engine runs at most its profile's largest batch
+            x, step = fs.images.numpy(), self.profile.max_batch
+            out = np.concatenate([backend.run(artifact, self.profile, x[i : i + step])
+                                  for i in range(0, len(x), step)])  # fmt: skip
+            close = closeness(fs.reference, out, fs.labels, on_training=fs.on_training)
         path = run.resolve(artifact.path)
         files = [path] if path.is_file() else []
         # recorded relative to the run, so a moved run still finds its artifacts
@@ -106,6 +131,7 @@ class BuildUnit:
                 "artifact": to_dict(stored),
                 "verification": to_dict(verification),
                 "verified_with": f"{self.profile.backend} ({self.profile.name})",
+                "closeness": close and to_dict(close),
             },
             files=tuple(files),
         )
@@ -128,3 +154,10 @@ def build_facts(
         from_dict(Verification, result["verification"]),
         "",
     )
+
+
+def closeness_of(run: RunDir, profile: str, name: str) -> Fidelity | None:
+    """The fidelity the build unit measured for artifact ``name`` (``None``: not measured)."""
+    rec = run.unit(build_unit_id(profile, name)) or {}
+    close = rec.get("result", {}).get("closeness") if rec.get("status") == "ok" else None
+    return from_dict(Fidelity, close) if close else None

@@ -459,6 +459,6 @@ def superseded(run: RunDir, family: Family) -> list[str]:
     names = set()
     for unit_id in run.units():
         parts = unit_id.split("/")
-        if parts[0] in ("export", "build", "train") and len(parts) >= 2:
-            names.add(parts[-1].removesuffix(".trained"))
+        if parts[0] in ("export", "build", "quantize", "train") and len(parts) >= 2:
+            names.add(parts[-1].split(".", 1)[0])  # an artifact's candidate
     return sorted(names - set(family.names))

@@ -1,8 +1,8 @@
 """The export unit: one candidate to ONNX at one precision, verified against PyTorch.
 
 The graph is verified with ONNX Runtime (CPU) against the candidate's PyTorch module on the
-held-out images. An FP16 graph is verified too, and its fidelity loss against the FP32 graph is
-recorded. Inputs: the candidate's weights checksum and structure, opset, simplification,
+held-out images (each built artifact's fidelity to the original is measured by the build
+unit). Inputs: the candidate's weights checksum and structure, opset, simplification,
 precision, the held-out images' content and the exporter versions -- never the target profile
 beyond its precision, so switching between profiles of one precision reuses the export.
 """
@@ -29,7 +29,7 @@ def export_unit_id(precision: str, name: str) -> str:
 
 def onnx_precision_for(profile_precision: str) -> str:
     """The ONNX graph a profile deploys: FP16 graphs for FP16 profiles, FP32 otherwise (bf16
-    profiles run the PyTorch module)."""
+    profiles run the PyTorch module; int8/fp8 graphs are quantized from the FP32 one)."""
     return "fp16" if profile_precision == "fp16" else "fp32"
 
 
@@ -68,27 +68,22 @@ class ExportUnit:
             "simplify": ctx.dopts.simplify,
         }
         path = run.sub(f"onnx/{self.precision}/{cand.key}.onnx", file=True)
-        result: dict[str, Any] = {}
-        if self.precision == "fp16":
-            fp32 = run.sub("onnx/fp32") / f".{cand.key}.fp16-reference.onnx"
-            export_onnx(model, fp32, **common)
-            reference = verify_onnx(model, fp32, images)
-            fp32.unlink(missing_ok=True)
-            export_onnx(model, path, precision="fp16", **common)
-            verification = verify_onnx(model, path, images)
-            result["fp32_verification"] = to_dict(reference)
-            result["fp16_top1_loss"] = reference.top1_agreement - verification.top1_agreement
-        else:
-            export_onnx(model, path, **common)
-            verification = verify_onnx(model, path, images)
-        result.update(path=run.rel(path), verification=to_dict(verification))
-        return UnitOutput(result=result, files=(path,))
+        export_onnx(model, path, precision="fp16" if self.precision == "fp16" else "fp32", **common)
+        verification = verify_onnx(model, path, images)
+        return UnitOutput(
+            result={"path": run.rel(path), "verification": to_dict(verification)}, files=(path,)
+        )
 
 
 def export_facts(run: RunDir, precision: str, key: str) -> tuple[Path | None, Verification | None]:
     """The exported graph and its verification as recorded by the export unit of the record
     ``key`` (:attr:`Candidate.key`), or ``None``."""
-    rec = run.unit(export_unit_id(precision, key))
+    return graph_facts(run, export_unit_id(precision, key))
+
+
+def graph_facts(run: RunDir, unit_id: str) -> tuple[Path | None, Verification | None]:
+    """The graph and its verification recorded by an export or quantization unit."""
+    rec = run.unit(unit_id)
     if not rec or rec.get("status") != "ok":
         return None, None
     result = rec["result"]

@@ -266,7 +266,8 @@ class BisectPlan:
         latency: dict[str, list[LatencyStats]],
         errors: dict[str, str],
     ) -> CandidateOutcome:
-        base = {**candidate_facts(self.family, name), "artifact": unit.artifacts[name]}
+        art = unit.artifacts[name]
+        base = {**candidate_facts(self.family, name, precision=art.precision), "artifact": art}
         if name in latency:
             return CandidateOutcome(**base, status="ok", latency=tuple(latency[name]))
         return CandidateOutcome(**base, status="profile_failed", error=errors.get(name, ""))

@@ -14,6 +14,7 @@ unit's outputs; ``config.pbtxt`` is not, since another run may serve its own ver
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +83,7 @@ class PublishUnit:
             b = self.selection.budget
             front = pareto_front(list(self.outcomes.values()), b.batch_size, b.statistic)
             pairs += [
-                (f"{base}_{o.candidate.replace('-', '_')}", o.candidate)
+                (f"{base}_{o.candidate.replace('-', '_').replace('.', '_')}", o.candidate)
                 for o in front
                 if o.candidate != self.selection.chosen
             ]
@@ -116,7 +117,7 @@ class PublishUnit:
                     repo,
                     name,
                     outcome.artifact,
-                    self.profile,
+                    replace(self.profile, precision=outcome.artifact.precision),  # as measured
                     latency=outcome.latency,
                     source_candidate=cand,
                     run_meta=meta,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.pipeline.units.building import build_unit_id
-from dcvit_deploy.pipeline.units.exporting import export_unit_id, onnx_precision_for
+from dcvit_deploy.pipeline.units.quantizing import artifact_plan, tried_precisions
 from dcvit_deploy.store.atomic import atomic_write_with
 from dcvit_deploy.store.records import to_dict
 
@@ -48,30 +48,28 @@ def run_meta(
             + ("" if pub["created"] else " (already there)")
         )
     verified: dict[str, Any] = {}
-    precision = onnx_precision_for(profile.precision)
+    from dcvit_deploy.export.quantize import artifact_name
+    from dcvit_deploy.pipeline.outcomes import graph_unit_id
+
     chosen = result.selection.chosen if result.selection else None
-    for cand in family.candidates:
-        rec = family.trained.get(cand.name) if cand.name == chosen else family.measured(cand.name)
+    for cand, p, name in artifact_plan(family, profile, tried_precisions(run, profile)):
+        rec = family.trained.get(cand.name) if name == chosen else family.measured(cand.name)
         key = rec.key if rec is not None else cand.name
-        export = run.unit(export_unit_id(precision, key)) or {}
-        built = run.unit(build_unit_id(profile.name, key)) or {}
+        export = run.unit(graph_unit_id(profile, p, key)) or {}
+        built = run.unit(build_unit_id(profile.name, artifact_name(key, p, profile.precision)))
+        built = built or {}
         entry: dict[str, Any] = {}
         if export.get("status") == "ok":
             res = export["result"]
             entry["onnx"] = f"{res['path']} with onnxruntime (CPU) against PyTorch"
-            if "fp16_top1_loss" in res:
-                loss = float(res["fp16_top1_loss"])
-                entry["fp16_top1_loss"] = loss
-                if loss > 0:
-                    notes.append(
-                        f"{cand.name}: the FP16 graph agrees with PyTorch on {loss:.1%} fewer "
-                        "held-out images than the FP32 graph"
-                    )
+            if "method" in res:  # a quantized graph: how, and on a CPU why (measured once)
+                keys = ("method", "method_timing_ms", "quantized_ops")
+                entry["quantization"] = {k: res[k] for k in keys}
         if built.get("status") == "ok":
             entry["artifact"] = (
                 f"{built['result']['artifact']['path']} with {built['result']['verified_with']}"
             )
-        verified[cand.name] = entry
+        verified[name] = entry
     return {
         "run_dir": run.root.name,
         "verified": verified,
