@@ -138,19 +138,25 @@ def test_measure_first_picks_what_training_everything_picks_and_trains_only_the_
 def test_a_pick_that_misses_the_fidelity_floor_makes_the_next_one_train(
     structures, photo_dir, profile, script, finetunes, tmp_path, monkeypatch
 ):
-    from dcvit_deploy.pipeline import job as job_mod
+    import dataclasses
+
+    from dcvit_deploy.selection import fidelity
 
     out = copy_of(structures, tmp_path)
     c10, c20 = names(out)[1:3]
-    real = job_mod.below_floor
+    real = fidelity.apply_floors
 
-    def floor(outcome: Any, d: Any) -> Any:
-        return "trained fidelity below the floor" if outcome.candidate == c10 else real(outcome, d)
+    def floor(outcomes: list[Any], d: Any) -> Any:  # c10's trained artifact misses the floor
+        got, notes = real(outcomes, d)
+        low = [dataclasses.replace(o, status="below_floor", error="agreement 50.0% misses it")
+               if o.candidate == c10 else o for o in got]  # fmt: skip
+        return low, notes
 
-    monkeypatch.setattr(job_mod, "below_floor", floor)
+    monkeypatch.setattr(fidelity, "apply_floors", floor)
     result = run_pipeline(*job(photo_dir, profile, latency_ms=0.95), out)
     assert result.selection.chosen == c20 and len(finetunes) == 2
-    assert result.selection.reasons[c10] == "not deployable: trained fidelity below the floor"
+    why = "not deployable: trained artifact below the floor: agreement 50.0% misses it"
+    assert result.selection.reasons[c10] == why
     assert set(trained(out)) == {c10, c20}
     assert result.published["models"][0]["candidate"] == c20
 
