@@ -347,6 +347,11 @@ def train_picks(ctx: JobContext, runner: Runner, family: Family, names: Sequence
         return engines[0]
 
     chained = bool(ctx.copts.reuse)  # no preset warm-starts; only --reuse does
+    todo = [c for c in family.candidates if c.name in names and c.name not in family.trained]
+    if ctx.executor.remote and not chained and len(todo) > 1:  # the finetunes as tasks first:
+        from dcvit_deploy.compress.family import train_family  # each unit then finds its own
+
+        train_family(engine(), todo)
     prev: dict[str, Candidate] = {}
     for c in family.candidates:
         if c.name in names and c.state == "structure":
