@@ -190,7 +190,7 @@ def test_family_dry_run_needs_no_budget(tmp_path: Path, photo_dir: Path) -> None
 
 
 def test_new_options_reach_the_option_records() -> None:
-    from dcvit_deploy.cli import compress_options, deploy_options
+    from dcvit_deploy.cli.options import compress_options, deploy_options
 
     kw = {
         "model": "m", "data": "d", "targets": "10%", "method": "dcvit,practise", "round_to": 1,
@@ -335,14 +335,11 @@ def test_result_notes_are_printed_once(
 ) -> None:
     """Skipped images and a missing held-out set come back from the API as data; the CLI prints
     each note once, after the ones the up-front checks printed."""
-    from types import SimpleNamespace
-
     from dcvit_deploy import api
 
-    def fake(*args: object, **kwargs: object) -> object:
-        return SimpleNamespace(
-            selection=None, outcomes=[], reports={}, triton=None, infeasible=None,
-            not_published=None,
+    def fake(*args: object, **kwargs: object) -> api.JobResult:
+        return api.JobResult(
+            selection=None, outcomes=[],
             notes=["2 of 8 images could not be used and were skipped (a.jpg: broken)",
                    "no images left over for a held-out set: fidelity and verification use "
                    "training images (add images or lower --num-samples)"],
