@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from fakes.runs import MODEL, SMALL, TINY_VIT_KWARGS, assert_one_line_error, compress, run_cli
 
+from dcvit_deploy import api
 from dcvit_deploy.cli import main
 
 # --------------------------------------------------------------------------- the issue's cases
@@ -230,6 +231,33 @@ def test_select_without_budget_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(code, out, err, "needs a budget", "--latency-ms")
 
 
+API_CALLS_WITH_BAD_OPTIONS = {
+    "select without a budget": (lambda out, d: api.select_over_run(out, d()), "needs a budget"),
+    "select under a NaN budget": (
+        lambda out, d: api.select_over_run(out, d(latency_ms=float("nan"))), "--latency-ms"),
+    "export on two targets": (
+        lambda out, d: api.stage_over_run(out, d(profile="cpu-ort,ort-cuda"), until="export"),
+        "one target"),
+    "report of an unknown profile": (
+        lambda out, d: api.report_over_run(out, "no-such-profile"), "unknown profile"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(API_CALLS_WITH_BAD_OPTIONS))
+def test_the_api_over_a_run_checks_its_options_first_like_the_cli(
+    tmp_path: Path, case: str
+) -> None:
+    """The Python API refuses what the commands refuse, before it reads the run (a select
+    without a budget was accepted and rewrote the reports)."""
+    from dcvit_deploy.api import DeployOptions
+    from dcvit_deploy.errors import UserInputError
+
+    call, needle = API_CALLS_WITH_BAD_OPTIONS[case]
+    with pytest.raises(UserInputError, match=needle):
+        call(tmp_path, DeployOptions)
+    assert not list(tmp_path.iterdir())
+
+
 # --------------------------------------------------------------------------- compare
 
 
@@ -291,8 +319,6 @@ def test_compare_with_a_structurally_wrong_baseline_is_one_line(tmp_path: Path, 
 def test_os_errors_from_the_environment_are_one_line(
     tmp_path: Path, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dcvit_deploy import api
-
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x"))
 
@@ -304,8 +330,6 @@ def test_os_errors_from_the_environment_are_one_line(
 def test_interrupt_hidden_in_another_exception_exits_130(
     tmp_path: Path, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dcvit_deploy import api
-
     def interrupted_import(*args: object, **kwargs: object) -> None:
         try:
             raise KeyboardInterrupt
@@ -320,8 +344,6 @@ def test_interrupt_hidden_in_another_exception_exits_130(
 def test_internal_bugs_keep_their_traceback(
     tmp_path: Path, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dcvit_deploy import api
-
     def bug(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("a bug")
 
@@ -335,7 +357,6 @@ def test_result_notes_are_printed_once(
 ) -> None:
     """Skipped images and a missing held-out set come back from the API as data; the CLI prints
     each note once, after the ones the up-front checks printed."""
-    from dcvit_deploy import api
 
     def fake(*args: object, **kwargs: object) -> api.JobResult:
         return api.JobResult(

@@ -29,11 +29,9 @@ def _stage_command(until: Literal["export", "build", "profile"], doc: str) -> No
     @opt.STAGE
     def command(**kw: Any) -> None:
         from dcvit_deploy.api import stage_over_run
-        from dcvit_deploy.config.validate import validate_stage
 
-        dopts = opt.deploy_options(kw)
-        validate_stage(kw["out"], dopts, need_backend=until != "export")
-        result = stage_over_run(kw["out"], dopts, until=until, progress=progress(kw["as_json"]))
+        dopts, console = opt.deploy_options(kw), progress(kw["as_json"])
+        result = stage_over_run(kw["out"], dopts, until=until, progress=console)
         if until == "profile" and result.selection is not None:
             finish(result, kw["as_json"])
             return
@@ -54,12 +52,10 @@ _stage_command(
 
 def _select(**kw: Any) -> None:
     from dcvit_deploy.api import select_over_run
-    from dcvit_deploy.config.validate import validate_stage
 
-    dopts = opt.deploy_options(kw)
-    validate_stage(kw["out"], dopts, need_budget=True, need_backend=False)
     given = kw["profile"] is not None
-    finish(select_over_run(kw["out"], dopts, profile_given=given), kw["as_json"])
+    result = select_over_run(kw["out"], opt.deploy_options(kw), profile_given=given)
+    finish(result, kw["as_json"])
 
 
 cli.command(
@@ -81,14 +77,11 @@ def report_cmd(ctx: click.Context, out: str, profile: str | None, as_json: bool)
     """Rewrite report.json, candidates.csv, SUMMARY.md and pareto.png from what a run recorded
     (its outcomes, choice and publication); decides and publishes nothing."""
     from dcvit_deploy.api import report_over_run
-    from dcvit_deploy.config.options import DeployOptions
-    from dcvit_deploy.config.validate import validate_stage
 
     if ctx.args:
         raise OptionError(
             f"`report` only writes the reports of what the run recorded; it takes no {ctx.args[0]}",
             "decide under a budget with `dcvit-deploy select --out RUN ...` (it writes them too)",
         )
-    validate_stage(out, DeployOptions(profile=profile or "cpu-ort"), need_backend=False)
     paths = {k: str(v) for k, v in report_over_run(out, profile).items()}
     emit(as_json, paths, "\n".join(f"{k}: {v}" for k, v in paths.items()))
