@@ -11,6 +11,7 @@ import click
 from click import option
 
 from dcvit_deploy.config.options import (
+    METHODS,
     METRIC_SOURCES,
     PREFERENCES,
     SCHEDULES,
@@ -190,8 +191,6 @@ def _blocks(text: str | None) -> tuple[int, ...] | None:
 
 
 def _methods(text: str) -> tuple[str, ...]:
-    from dcvit_deploy.config.options import METHODS
-
     names = tuple(m.strip() for m in text.split(","))
     for m in names:
         if m not in METHODS:
