@@ -79,7 +79,7 @@ def _compress_or_family(kw: dict[str, Any], *, deploy: bool) -> None:
     warn(result.notes, checked.notes)
     from dcvit_deploy.compress.family import load_family
 
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"name": c.name, "reduction": round(c.reduction, 4), "macs": c.macs.linear_norm,
          "macs_full": c.macs.full, "params": c.macs.params}
         for c in load_family(Path(out) / "family")
