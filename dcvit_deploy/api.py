@@ -1,30 +1,25 @@
 """The public Python API: the main job and the commands over an existing run.
 
 A thin layer over :mod:`dcvit_deploy.pipeline`, whose units do the work. Every function takes
-the options records of :mod:`dcvit_deploy.config.options`, locks the run directory for its duration,
-and raises :class:`~dcvit_deploy.errors.DcvitError` subclasses for problems a user can fix.
+the options records of :mod:`dcvit_deploy.config.options`, checks them before any work
+(:mod:`dcvit_deploy.config.validate`), locks the run directory for its duration, and raises
+:class:`~dcvit_deploy.errors.DcvitError` subclasses for problems a user can fix.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from dcvit_deploy.config.options import CompressOptions, DeployOptions
+from dcvit_deploy.config.validate import Validated, validate_stage
 from dcvit_deploy.pipeline import JobResult, run_job, stage_job, status_of
 from dcvit_deploy.progress import ProgressFn, quiet
-
-if TYPE_CHECKING:
-    from dcvit_deploy.config.validate import Validated
-
-PipelineResult = JobResult
-"""What a job returns (selection, outcomes, reports, Triton repository, notes)."""
 
 __all__ = [
     "CompressOptions",
     "DeployOptions",
     "JobResult",
-    "PipelineResult",
     "report_over_run",
     "run_pipeline",
     "select_over_run",
@@ -41,7 +36,7 @@ def run_pipeline(
     overwrite: bool = False,
     resume: bool = False,
     progress: ProgressFn = quiet,
-    stop_after: Literal["compress", "family", "deploy"] = "deploy",
+    stop_after: Literal["family", "deploy"] = "deploy",
     checked: Validated | None = None,
     executor: Any = None,
 ) -> JobResult:
@@ -57,7 +52,7 @@ def run_pipeline(
         overwrite=overwrite,
         resume=resume,
         progress=progress,
-        stop_after="deploy" if stop_after == "deploy" else "family",
+        stop_after=stop_after,
         checked=checked,
         executor=executor,
     )
@@ -72,6 +67,7 @@ def stage_over_run(
 ) -> JobResult:
     """Export, build or profile (and select when a budget is given) the current family of an
     existing run."""
+    validate_stage(out, dopts, need_backend=until != "export")
     return stage_job(out, dopts, until=until, progress=progress)
 
 
@@ -82,6 +78,7 @@ def select_over_run(
     the Triton repository and model name the run was deployed with, unless ``dopts`` names
     them) and write the reports. ``profile_given=False``: use the profile the run was last
     measured with instead of ``dopts.profile``."""
+    validate_stage(out, dopts, need_budget=True, need_backend=False)
     return stage_job(out, dopts, until="select", profile_given=profile_given)
 
 
@@ -89,6 +86,7 @@ def report_over_run(out: str | Path, profile: str | None = None) -> dict[str, Pa
     """Rewrite the reports of a run from what it recorded (never with less; nothing is decided
     or published); ``profile``: default the profile the run was last measured with."""
     dopts = DeployOptions(profile=profile or "cpu-ort")
+    validate_stage(out, dopts, need_backend=False)
     return stage_job(out, dopts, until="report", profile_given=profile is not None).reports
 
 

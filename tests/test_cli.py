@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from fakes.runs import MODEL, SMALL, TINY_VIT_KWARGS, assert_one_line_error, compress, run_cli
 
+from dcvit_deploy import api
 from dcvit_deploy.cli import main
 
 # --------------------------------------------------------------------------- the issue's cases
@@ -190,7 +191,7 @@ def test_family_dry_run_needs_no_budget(tmp_path: Path, photo_dir: Path) -> None
 
 
 def test_new_options_reach_the_option_records() -> None:
-    from dcvit_deploy.cli import compress_options, deploy_options
+    from dcvit_deploy.cli.options import compress_options, deploy_options
 
     kw = {
         "model": "m", "data": "d", "targets": "10%", "method": "dcvit,practise", "round_to": 1,
@@ -228,6 +229,33 @@ def test_manifest_of_the_wrong_shape_is_one_line(tmp_path: Path) -> None:
 def test_select_without_budget_is_one_line(tmp_path: Path) -> None:
     code, out, err = run_cli(["select", "--out", str(tmp_path)])
     assert_one_line_error(code, out, err, "needs a budget", "--latency-ms")
+
+
+API_CALLS_WITH_BAD_OPTIONS = {
+    "select without a budget": (lambda out, d: api.select_over_run(out, d()), "needs a budget"),
+    "select under a NaN budget": (
+        lambda out, d: api.select_over_run(out, d(latency_ms=float("nan"))), "--latency-ms"),
+    "export on two targets": (
+        lambda out, d: api.stage_over_run(out, d(profile="cpu-ort,ort-cuda"), until="export"),
+        "one target"),
+    "report of an unknown profile": (
+        lambda out, d: api.report_over_run(out, "no-such-profile"), "unknown profile"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(API_CALLS_WITH_BAD_OPTIONS))
+def test_the_api_over_a_run_checks_its_options_first_like_the_cli(
+    tmp_path: Path, case: str
+) -> None:
+    """The Python API refuses what the commands refuse, before it reads the run (a select
+    without a budget was accepted and rewrote the reports)."""
+    from dcvit_deploy.api import DeployOptions
+    from dcvit_deploy.errors import UserInputError
+
+    call, needle = API_CALLS_WITH_BAD_OPTIONS[case]
+    with pytest.raises(UserInputError, match=needle):
+        call(tmp_path, DeployOptions)
+    assert not list(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- compare
@@ -291,8 +319,6 @@ def test_compare_with_a_structurally_wrong_baseline_is_one_line(tmp_path: Path, 
 def test_os_errors_from_the_environment_are_one_line(
     tmp_path: Path, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dcvit_deploy import api
-
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x"))
 
@@ -304,8 +330,6 @@ def test_os_errors_from_the_environment_are_one_line(
 def test_interrupt_hidden_in_another_exception_exits_130(
     tmp_path: Path, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dcvit_deploy import api
-
     def interrupted_import(*args: object, **kwargs: object) -> None:
         try:
             raise KeyboardInterrupt
@@ -320,8 +344,6 @@ def test_interrupt_hidden_in_another_exception_exits_130(
 def test_internal_bugs_keep_their_traceback(
     tmp_path: Path, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dcvit_deploy import api
-
     def bug(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("a bug")
 
@@ -335,14 +357,10 @@ def test_result_notes_are_printed_once(
 ) -> None:
     """Skipped images and a missing held-out set come back from the API as data; the CLI prints
     each note once, after the ones the up-front checks printed."""
-    from types import SimpleNamespace
 
-    from dcvit_deploy import api
-
-    def fake(*args: object, **kwargs: object) -> object:
-        return SimpleNamespace(
-            selection=None, outcomes=[], reports={}, triton=None, infeasible=None,
-            not_published=None,
+    def fake(*args: object, **kwargs: object) -> api.JobResult:
+        return api.JobResult(
+            selection=None, outcomes=[],
             notes=["2 of 8 images could not be used and were skipped (a.jpg: broken)",
                    "no images left over for a held-out set: fidelity and verification use "
                    "training images (add images or lower --num-samples)"],
