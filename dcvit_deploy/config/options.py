@@ -38,10 +38,6 @@ METRIC_SOURCES: tuple[str, ...] = get_args(MetricSource)
 METHODS: tuple[str, ...] = get_args(Method)
 PREFERENCES: tuple[str, ...] = get_args(Preference)
 TRAIN: tuple[str, ...] = get_args(Train)
-NEURON_CHOICES: tuple[str, ...] = get_args(NeuronChoice)
-INVERSIONS: tuple[str, ...] = get_args(Inversion)
-DEVICES: tuple[str, ...] = get_args(Device)
-SEARCHES: tuple[str, ...] = get_args(Search)
 
 MAX_TARGETS = 200
 """More targets than this are refused: each is a finetuned candidate, exported, built and

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.config.options import targets_from_text  # noqa: F401  (the CLI imports it here)
 from dcvit_deploy.config.profiles import Target, targets_of
-from dcvit_deploy.errors import OptionError, PathNotWritable, UserInputError
+from dcvit_deploy.errors import DataError, OptionError, PathNotWritable, UserInputError
 
 if TYPE_CHECKING:
     import torch
@@ -126,12 +126,9 @@ def check_deploy_options(opts: DeployOptions, *, need_budget: bool = False) -> N
 
 
 def _nearest_existing(path: Path) -> Path:
-    p = path
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
-    return p
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def check_writable_dir(path: str | os.PathLike[str], flag: str) -> Path:
@@ -191,8 +188,6 @@ def check_images(data: str | os.PathLike[str]) -> ImageList:
     try:
         return list_images(data)
     except PermissionError as exc:
-        from dcvit_deploy.errors import DataError
-
         raise DataError(
             f"image folder {data} cannot be read ({exc.strerror})",
             "check the folder's permissions",
@@ -200,8 +195,7 @@ def check_images(data: str | os.PathLike[str]) -> ImageList:
 
 
 def data_notes(images: ImageList, num_samples: int | None, holdout: int) -> list[str]:
-    """What to know about the images: run directories left out, the few-shot and held-out
-    split."""
+    """What to know about the images: run directories left out, few-shot and held-out split."""
     from dcvit_deploy.model.images import holdout_note, sampling_note
 
     n = len(images)
@@ -210,10 +204,8 @@ def data_notes(images: ImageList, num_samples: int | None, holdout: int) -> list
 
 
 def check_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The checkpoint exists, is readable, holds a state dict and every tensor is finite.
-
-    Returns the state dict (the model check infers geometry from it).
-    """
+    """The checkpoint's state dict (the model check infers geometry from it): the file exists,
+    is readable, holds a state dict and every tensor is finite."""
     from dcvit_deploy.model.loading import check_finite, read_state_dict
 
     p = Path(path).expanduser()
