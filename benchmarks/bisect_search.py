@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
-from dcvit_deploy.compress.plan import parse_targets
+from dcvit_deploy.config.options import targets_from_text
 from dcvit_deploy.model.images import write_demo_images
 from dcvit_deploy.selection.bisect import bisect_search
 from dcvit_deploy.selection.decide import capacity_order, decide
@@ -48,7 +48,7 @@ def main() -> None:
             model_kwargs={"num_classes": 10},
             num_samples=16,
             holdout=4,
-            targets=tuple(parse_targets(args.targets)),
+            targets=targets_from_text(args.targets),
             schedule="tiny",
             iterations=1,
             metric="real",

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dcvit_deploy.api import CompressOptions, DeployOptions, run_pipeline
-from dcvit_deploy.compress.plan import parse_targets
+from dcvit_deploy.config.options import targets_from_text
 from dcvit_deploy.latency.machine import cpu_model
 from dcvit_deploy.model.images import write_demo_images
 from dcvit_deploy.pipeline.executor import LocalExecutor, RayExecutor
@@ -118,7 +118,7 @@ def main() -> None:
             },
             num_samples=32,
             holdout=8,
-            targets=tuple(parse_targets(args.targets)),
+            targets=targets_from_text(args.targets),
             schedule="default",
             iterations=args.iterations,
             rank_iterations=args.rank_iterations,

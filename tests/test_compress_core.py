@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dcvit_deploy.compress.macs import LN_MACS_PER_ELEMENT, _numel, geometry_of
-from dcvit_deploy.compress.plan import feasible_range, parse_targets, plan_structure
+from dcvit_deploy.compress.plan import feasible_range, plan_structure
 from dcvit_deploy.compress.surgery import (
     FFNBlock,
     apply_spec,
@@ -108,16 +108,6 @@ def test_planner_rejects_infeasible_target_naming_range(vit_b_geometry):
     with pytest.raises(UserInputError, match="feasible range"):
         plan_structure(vit_b_geometry, 12, hi + 0.01, max_blocks=10)
     assert plan_structure(vit_b_geometry, 12, hi, max_blocks=10).n_blocks == 10
-
-
-def test_parse_targets_forms():
-    assert parse_targets("5%:10%:2.5%") == pytest.approx([0.05, 0.075, 0.10])
-    assert parse_targets("5:10:2.5") == pytest.approx([0.05, 0.075, 0.10])
-    assert parse_targets("0.25, 16.6%") == pytest.approx([0.166, 0.25])
-    with pytest.raises(UserInputError, match="cannot read target"):
-        parse_targets("abc")
-    with pytest.raises(UserInputError, match="between 0% and 100%"):
-        parse_targets("150%")
 
 
 # ----------------------------------------------------------------------------- surgery contracts

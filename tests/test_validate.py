@@ -13,18 +13,20 @@ from pathlib import Path
 import pytest
 from fakes.runs import TINY_VIT_KWARGS
 
-from dcvit_deploy.config.options import CompressOptions, DeployOptions
-from dcvit_deploy.config.validate import (
+from dcvit_deploy.config.options import (
     MAX_TARGETS,
+    CompressOptions,
+    DeployOptions,
+    targets_from_text,
+)
+from dcvit_deploy.config.validate import (
     Validated,
     check_checkpoint,
-    check_compress_options,
     check_deploy_options,
     check_manifest,
     check_model,
     check_writable_dir,
     plan_targets,
-    targets_from_text,
     validate_run,
     validate_stage,
 )
@@ -95,14 +97,14 @@ def copts(**changes: object) -> CompressOptions:
     ],
 )
 def test_compress_option_checks(changes: dict, needle: str) -> None:
-    with pytest.raises(OptionError) as info:
-        check_compress_options(copts(**changes))
+    with pytest.raises(OptionError) as info:  # the record refuses itself on construction
+        copts(**changes)
     assert needle in info.value.one_line() and "; fix: " in info.value.one_line()
 
 
 def test_good_compress_options_pass() -> None:
-    check_compress_options(copts())
-    check_compress_options(copts(methods=("dcvit", "practise"), num_samples=None, lr=1e-4))
+    assert copts().methods == ("dcvit",)
+    assert copts(methods=("dcvit", "practise"), num_samples=None, lr=1e-4).lr == 1e-4
 
 
 @pytest.mark.parametrize(
@@ -142,6 +144,13 @@ def test_budget_required_only_where_the_command_selects() -> None:
 
 def test_target_ranges_are_capped_before_they_are_expanded() -> None:
     assert targets_from_text("10%:30%:10%") == (0.1, 0.2, 0.3)
+    assert targets_from_text("5%:10%:2.5%") == pytest.approx((0.05, 0.075, 0.10))
+    assert targets_from_text("5:10:2.5") == pytest.approx((0.05, 0.075, 0.10))
+    assert targets_from_text("0.25, 16.6%") == pytest.approx((0.166, 0.25))
+    with pytest.raises(OptionError, match="cannot read target 'abc'"):
+        targets_from_text("abc")
+    with pytest.raises(OptionError, match="cannot read target 'a'"):
+        targets_from_text("a:b:c")  # a syntax error, not a traceback
     with pytest.raises(OptionError, match="38001 targets"):
         targets_from_text("0.001%:38.001%:0.001%")
     with pytest.raises(OptionError, match="targets"):  # would allocate 10**12 floats

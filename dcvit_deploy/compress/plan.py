@@ -8,7 +8,6 @@ For a target reduction ΔM (reference convention) the DC-ViT rule is
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,47 +93,6 @@ def _range(geom: Geometry, total: int, max_blocks: int, round_to: int) -> tuple[
     lo = m_attn / total
     per_block = m_attn + m_mlp - geom.mlp_linear(max(1, round_to))
     return lo, max_blocks * per_block / total
-
-
-def parse_targets(text: str) -> list[float]:
-    """Parse a target list: ``"16.6%,25%"``, ``"0.1,0.2"``, or a range ``"5%:50%:2.5%"``.
-
-    Percent signs are optional on a range/list when values are > 1 (``"5:50:2.5"``); a bare value
-    <= 1 is a fraction. Returns sorted unique fractions.
-    """
-    text = text.strip()
-    if not text:
-        raise UserInputError("empty --targets", "write e.g. --targets 5%:50%:2.5% or 16.6%,25%")
-
-    def frac(tok: str, force_pct: bool) -> float:
-        tok = tok.strip()
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%?)", tok)
-        if not m:
-            raise UserInputError(
-                f"cannot read target {tok!r}",
-                "write percentages like 16.6% or fractions like 0.166",
-            )
-        v = float(m.group(1))
-        return v / 100.0 if (m.group(2) or force_pct or v > 1) else v
-
-    if ":" in text:
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise UserInputError(f"range {text!r} needs start:stop:step", "write e.g. 5%:50%:2.5%")
-        pct = any("%" in p for p in parts) or any(float(p.strip("% ")) > 1 for p in parts)
-        start, stop, step = (frac(p, pct) for p in parts)
-        if step <= 0 or stop < start:
-            raise UserInputError(
-                f"range {text!r} is empty", "use start <= stop and a positive step"
-            )
-        count = math.floor((stop - start) / step + 1e-9) + 1
-        values = [round(start + i * step, 10) for i in range(count)]
-    else:
-        values = [frac(p, False) for p in text.split(",") if p.strip()]
-    bad = [v for v in values if not 0 < v < 1]
-    if bad:
-        raise UserInputError(f"targets must be between 0% and 100%, got {bad}", "use e.g. 5%..50%")
-    return sorted(set(values))
 
 
 def plan_family(

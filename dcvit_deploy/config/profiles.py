@@ -177,8 +177,9 @@ def profile_from_dict(
         from dcvit_deploy.export.quantize import check_precisions
 
         try:
-            backend.validate_profile(profile)
             check_precisions(profile)
+            for p in profile.precisions or (profile.precision,):
+                backend.validate_profile(dataclasses.replace(profile, precision=p))
         except UserInputError as exc:
             problem = exc.problem.removeprefix(f"profile {profile.name}: ")
             raise ProfileError(f"{where}: {problem}", exc.fix) from exc

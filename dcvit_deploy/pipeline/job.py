@@ -39,7 +39,6 @@ from dcvit_deploy.pipeline.units.publishing import PublishUnit, publish_unit_id,
 from dcvit_deploy.pipeline.units.quantizing import artifact_plan, quantize_unit_id, quantized
 from dcvit_deploy.pipeline.units.selecting import (
     SelectUnit,
-    budget_batch,
     remeasured_of,
     selection_of,
 )
@@ -56,16 +55,11 @@ Until = Literal["export", "build", "profile", "select", "report"]
 
 
 def check_target(profile: TargetProfile, dopts: DeployOptions) -> None:
-    """Profile, budget batch, backend and device: everything about the target that can fail
-    before any work."""
-    from dcvit_deploy.backends import get_backend
-    from dcvit_deploy.export.quantize import check_precisions
+    """Everything about the target that can fail before any work: the profile's checks
+    (:func:`~dcvit_deploy.config.validate.check_profile`) and the device."""
+    from dcvit_deploy.config.validate import check_profile
 
-    budget_batch(profile, dopts)
-    check_precisions(profile, dopts, probe=True)
-    backend = get_backend(profile.backend)
-    backend.validate_profile(profile)
-    backend.availability(profile).require(profile.backend)
+    check_profile(dopts, profile=profile)
     check_device(profile, dopts.allow_other_device)
 
 

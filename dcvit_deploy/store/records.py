@@ -1,185 +1,28 @@
-"""Frozen, validated records that cross module boundaries and go to disk.
-
-Every record serialises to plain JSON through :func:`to_dict` (which stamps ``schema`` with the
-record's schema version) and back through :func:`from_dict` (which checks it). Nested records,
-tuples, optionals and dicts are converted from the type annotations, so a record's fields are
-its file format.
-"""
+"""Frozen, validated records that cross module boundaries and go to disk; their fields are
+their file format (:mod:`dcvit_deploy.store.serde` writes and reads them)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import os
-import re
-import reprlib
 import statistics
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from dcvit_deploy.errors import DcvitError, SchemaError, UserInputError
-
-SCHEMA_VERSION = 1
-"""Version of every persisted record layout. Bump on incompatible change and add a migration."""
-
-T = TypeVar("T")
+from dcvit_deploy.store.serde import (  # noqa: F401  (re-exported: records are read with them)
+    SCHEMA_VERSION,
+    from_dict,
+    read_json,
+    safe_name,
+    to_dict,
+)
 
 Statistic = Literal["mean", "p50", "p90", "p95", "p99"]
-STATISTICS: tuple[str, ...] = ("mean", "p50", "p90", "p95", "p99")
+STATISTICS: tuple[str, ...] = typing.get_args(Statistic)
 Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "fp8": 8}
 BlockKind = Literal["attn_mlp", "mlp", "identity"]
 Scope = Literal["host", "device_compute", "device_with_copies"]
 WeightsState = Literal["structure", "trained"]
-
-
-# --------------------------------------------------------------------------- serde
-
-
-def to_dict(record: Any) -> dict[str, Any]:
-    """Serialise a record dataclass to a JSON-compatible dict, stamped with the schema version."""
-    if not dataclasses.is_dataclass(record) or isinstance(record, type):
-        raise TypeError(f"to_dict expects a record instance, got {type(record).__name__}")
-    out = {"schema": SCHEMA_VERSION}
-    out.update(_plain(record))
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
-def from_dict(
-    cls: type[T], data: Any, *, schema: int | None = SCHEMA_VERSION, localns: Any = None
-) -> T:
-    """Rebuild a record of type ``cls`` from :func:`to_dict` output, checking the ``schema``
-    version (``None``: not stamped) and every field's type and invariants; :class:`SchemaError`
-    names the first field that does not fit. ``localns`` resolves names ``cls`` imports lazily."""
-    found = data.get("schema", schema) if isinstance(data, dict) else schema
-    if schema is not None and found != schema:
-        raise SchemaError(f"it was written with schema {found}; this version reads {schema}")
-    return typing.cast(T, _build(cls, data, "", localns))
-
-
-def _build(tp: Any, value: Any, where: str, ns: Any) -> Any:
-    at = f"{where}: " if where else ""
-
-    def bad(expected: str) -> SchemaError:
-        return SchemaError(f"{at}expected {expected}, got {reprlib.repr(value)}")
-
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad(f"an object ({getattr(tp, '__name__', tp)})")
-        hints, kwargs = typing.get_type_hints(tp, localns=ns), {}
-        for f in dataclasses.fields(tp):
-            if f.name in value:
-                kwargs[f.name] = _build(
-                    hints[f.name], value[f.name], f"{where}.{f.name}".lstrip("."), ns
-                )
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise SchemaError(f"{at}missing key {f.name!r}")
-        try:
-            return typing.cast(Any, tp)(**kwargs)
-        except (ValueError, TypeError, DcvitError) as exc:
-            raise SchemaError(f"{at}{getattr(exc, 'problem', exc)}") from exc
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        error = bad(str(tp))
-        for arg in (a for a in typing.get_args(tp) if a is not type(None)):
-            try:
-                return _build(arg, value, where, ns)
-            except SchemaError as exc:
-                error = exc
-        raise error
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):
-            return tuple(_build(args[0], v, f"{where}[{i}]", ns) for i, v in enumerate(value))
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad(f"a list of {len(args)}" if args[-1] is not Ellipsis else "a list")
-        return tuple(
-            _build(a, v, f"{where}[{i}]", ns)
-            for i, (a, v) in enumerate(zip(args, value, strict=True))
-        )
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad("an object")
-        vt = typing.get_args(tp)[1]
-        return {k: _build(vt, v, f"{where}.{k}".lstrip("."), ns) for k, v in value.items()}
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad(f"one of {', '.join(map(str, typing.get_args(tp)))}")
-        return value
-    if tp is float:
-        if value is None or value in ("inf", "-inf"):
-            return math.nan if value is None else float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if tp in (int, str, bool) and (
-        isinstance(value, bool) != (tp is bool) or not isinstance(value, tp)
-    ):
-        raise bad(f"{'an' if tp is int else 'a'} {tp.__name__}")
-    return value
-
-
-def read_json(
-    path: str | os.PathLike[str],
-    record: type | None = None,
-    *,
-    what: str,
-    fix: str,
-    error: type[UserInputError] = UserInputError,
-    **kw: Any,
-) -> dict[str, Any]:
-    """The JSON object in ``path``, checked on load as ``record`` (``kw`` go to :func:`from_dict`):
-    any problem is one ``error`` naming the file, ``what`` it should be, the field and ``fix``."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{what} {p} not found", fix) from None
-    except (OSError, ValueError) as exc:
-        raise error(f"{p} is corrupt ({type(exc).__name__}: {str(exc)[:120]})", fix) from exc
-    try:
-        if not isinstance(data, dict):
-            raise SchemaError(f"expected a JSON object, got {type(data).__name__}")
-        if record is not None:
-            from_dict(record, data, **kw)
-    except SchemaError as exc:
-        raise error(f"{p} is not a dcvit-deploy {what} ({exc.problem[:300]})", fix) from exc
-    return data
-
-
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-"""A name that becomes one file or folder name (profile, candidate, Triton model, precision)."""
-
-
-def safe_name(value: Any, what: str, error: type[UserInputError] = UserInputError) -> str:
-    """``value`` if it is one safe path component (:data:`SAFE_NAME`), else one line naming
-    ``what`` (the option or file field) and the fix."""
-    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
-        raise error(
-            f"{what} {reprlib.repr(value)} is not a usable file or folder name",
-            "use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit",
-        )
-    return value
 
 
 def _check(condition: bool, message: str) -> None:
@@ -192,19 +35,16 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """Shape of one transformer block of a (compressed) ViT.
-
-    ``kind``: ``attn_mlp`` is the original block; ``mlp`` is an FFN-only block
-    ``x + ls2(mlp(norm2(x)))`` (attention branch removed); ``identity`` is a dropped block.
-    ``kept`` lists the original fc1 rows / fc2 columns kept, in order (``None``: all, in order).
-    """
+    """One transformer block of a (compressed) ViT: ``attn_mlp`` the original, ``mlp`` FFN-only
+    (``x + ls2(mlp(norm2(x)))``), ``identity`` dropped. ``kept``: the original fc1 rows / fc2
+    columns kept, in order (``None``: all)."""
 
     kind: BlockKind
     mlp_hidden: int
     kept: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("attn_mlp", "mlp", "identity"), f"unknown block kind {self.kind!r}")
+        _check(self.kind in typing.get_args(BlockKind), f"unknown block kind {self.kind!r}")
         _check(self.mlp_hidden >= 0, "mlp_hidden must be >= 0")
         if self.kind == "identity":
             _check(self.mlp_hidden == 0, "an identity block has mlp_hidden 0")
@@ -215,11 +55,8 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Everything needed to rebuild a candidate's module from the base timm model name.
-
-    ``model_kwargs`` are the timm construction kwargs (num_classes, img_size, ...);
-    ``blocks`` has one entry per original block.
-    """
+    """Everything needed to rebuild a candidate's module from the base timm model name: its
+    construction ``model_kwargs`` and one :class:`BlockSpec` per original block."""
 
     model_name: str
     model_kwargs: dict[str, Any]
@@ -230,12 +67,8 @@ class ArchSpec:
 
     def __post_init__(self) -> None:
         _check(len(self.blocks) > 0, "an ArchSpec needs at least one block")
-        for b in self.blocks:
-            if b.kept is not None:
-                _check(
-                    all(0 <= k < self.base_mlp_hidden for k in b.kept),
-                    "kept neuron index out of range",
-                )
+        kept = [k for b in self.blocks for k in b.kept or ()]
+        _check(all(0 <= k < self.base_mlp_hidden for k in kept), "kept neuron index out of range")
 
     @property
     def depth(self) -> int:
@@ -244,12 +77,9 @@ class ArchSpec:
 
 @dataclass(frozen=True)
 class MacCount:
-    """Per-image multiply-accumulates and parameter count of a model.
-
-    ``linear_norm``: the reference code's convention (linear layers without bias, LayerNorm, patch
-    embedding, head; no attention matmuls). ``full``: ``linear_norm`` plus the QK^T and AV
-    products of every attention branch still present.
-    """
+    """Per-image multiply-accumulates and parameters. ``linear_norm``: the reference code's
+    convention (linear layers without bias, LayerNorm, patch embedding, head); ``full`` adds the
+    QK^T and AV products of every attention branch still present."""
 
     linear_norm: int
     full: int
@@ -258,12 +88,9 @@ class MacCount:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One compressed (or original) model: its structure, cost and how it was made.
-
-    Weights live next to the spec as ``weights`` (a safetensors file name, relative to the
-    candidate's JSON). ``state``: ``structure`` (surgery + closed-form re-fit on the pretrained
-    weights, not finetuned) or ``trained`` (final weights; the original is trained as it is).
-    """
+    """One compressed (or original) model: structure, cost, how it was made, and its
+    ``weights`` (a safetensors file next to its JSON). ``state``: ``structure`` (surgery and
+    closed-form re-fit, not finetuned) or ``trained`` (final; the original is trained as it is)."""
 
     name: str
     method: str
@@ -301,16 +128,11 @@ class Candidate:
 
 @dataclass(frozen=True)
 class MeasureSettings:
-    """How the shared timing loop measures (see :mod:`dcvit_deploy.latency.loop`).
-
-    ``max_cov``: a run is only ``stable`` when, besides its window medians agreeing within
-    ``stability_tolerance``, the coefficient of variation of the samples it reports is at most
-    this (a bimodal run on a busy machine can have agreeing medians and a CoV of 40 %).
-    ``min_rounds`` / ``max_rounds`` / ``round_windows``: interleaved rounds across candidates
-    (:mod:`dcvit_deploy.latency.rounds`): at least ``min_rounds``, at most ``max_rounds`` rounds,
-    each
-    running the loop with a warm-up and exactly ``round_windows`` windows per candidate.
-    """
+    """How the shared timing loop (:mod:`dcvit_deploy.latency.loop`) measures. A run is
+    ``stable`` when its window medians agree within ``stability_tolerance`` and its samples' CoV
+    is at most ``max_cov`` (a bimodal run can have agreeing medians and a CoV of 40 %). Rounds
+    interleave candidates (:mod:`dcvit_deploy.latency.rounds`): ``min_rounds`` to ``max_rounds``
+    of them, each a warm-up and ``round_windows`` windows per candidate."""
 
     warmup_iters: int = 10
     warmup_min_s: float = 0.2
@@ -379,8 +201,6 @@ class TargetProfile:
     quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
 
     def __post_init__(self) -> None:
-        _check(self.device in ("cpu", "cuda"), f"device must be cpu or cuda, not {self.device!r}")
-        _check(self.precision in PRECISION_BITS, f"unknown precision {self.precision!r}")
         listed = not self.precisions or self.precision in self.precisions
         _check(listed, f"precisions = {list(self.precisions)} leaves out {self.precision!r}")
         _check(len(self.batch_sizes) > 0, "batch_sizes must not be empty")
@@ -390,7 +210,6 @@ class TargetProfile:
             f"budget_batch_size = {self.budget_batch_size} must be one of batch_sizes "
             f"{list(self.batch_sizes)}",
         )
-        _check(self.statistic in STATISTICS, f"statistic must be one of {STATISTICS}")
 
     @property
     def max_batch(self) -> int:
@@ -399,20 +218,13 @@ class TargetProfile:
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Distribution of per-iteration latency for one artifact at one batch size (milliseconds).
-
-    Measured in interleaved rounds (:mod:`dcvit_deploy.latency.rounds`), every statistic figure is
-    the
-    median over ``rounds`` rounds of that round's figure; ``round_figures`` keeps each
-    statistic's per-round values, ``round_medians`` each round's p50 and ``spread_ms`` the p50's
-    round-to-round spread (see :meth:`spread`). ``settle_windows``: leading windows left out of
-    the statistics because they had not settled yet (a warm-up extension, see
-    :func:`dcvit_deploy.latency.loop.measure`). ``machine``: load average before/after, CPU
-    governor,
-    runtime thread settings (:func:`dcvit_deploy.latency.machine.machine_state`). ``actions``: what
-    was
-    done about instability (more rounds, re-measurement), in order.
-    """
+    """Per-iteration latency (ms) of one artifact at one batch size. Measured in interleaved
+    rounds (:mod:`dcvit_deploy.latency.rounds`), each statistic is the median of its per-round
+    values (``round_figures``; ``round_medians``: each round's p50, ``spread_ms`` their spread,
+    see :meth:`spread`). ``settle_windows``: leading windows left out as not yet settled;
+    ``machine``: load, CPU governor, runtime threads
+    (:func:`dcvit_deploy.latency.machine.machine_state`); ``actions``: what was done about
+    instability, in order."""
 
     batch_size: int
     iterations: int
@@ -517,13 +329,9 @@ class Artifact:
 @dataclass(frozen=True)
 class LatencyBudget:
     """``statistic`` of latency at ``batch_size``, plus ``margin`` (a fraction), must be <= ms.
-
-    A relative budget (:func:`dcvit_deploy.selection.decide.relative_budget`) records how ``ms`` was
-    derived: ``ms = reference_ms / speedup`` where ``reference_ms`` is candidate
-    ``reference``'s ``statistic`` measured in the same run, with round-to-round spread
-    ``reference_spread_ms`` (which makes the budget itself uncertain by
-    ``reference_spread_ms / speedup``). Absolute budgets leave these at their defaults.
-    """
+    A relative budget (:func:`dcvit_deploy.selection.decide.relative_budget`) is ``reference_ms
+    / speedup``, ``reference_ms`` being candidate ``reference``'s figure in the same run, whose
+    round-to-round ``reference_spread_ms`` makes the budget uncertain by ``spread / speedup``."""
 
     ms: float
     statistic: Statistic
@@ -567,15 +375,11 @@ OutcomeStatus = Literal["ok", "export_failed", "verify_failed", "build_failed", 
 
 @dataclass(frozen=True)
 class CandidateOutcome:
-    """What happened to one candidate on one target: verification, latency, or the failure.
-
-    ``candidate`` names the artifact (``<candidate>.<precision>`` off the profile's reference
-    precision). ``latency`` holds one entry per measured batch size. ``fidelity`` is the top-1
-    agreement with the original model on held-out images (``None`` when not evaluated),
-    ``closeness`` the artifact's full :class:`Fidelity`. ``measured_on``: the weights the
-    artifact (and so its figures and verification) had; ``trained``: whether the candidate has
-    been finetuned (a structure is measured before, and unless, it is chosen).
-    """
+    """What happened to one artifact (``<candidate>.<precision>`` off the reference precision)
+    on one target: verification, latency per batch size, or the failure. ``fidelity``: top-1
+    agreement with the original on held-out images (``closeness``: the full :class:`Fidelity`);
+    ``measured_on``: the weights its figures had; ``trained``: whether the candidate has been
+    finetuned (a structure is measured before, and unless, it is chosen)."""
 
     candidate: str
     method: str

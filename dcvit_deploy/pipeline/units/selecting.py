@@ -84,7 +84,7 @@ def resolve_budget(
             return relative_budget(
                 dopts.speedup,
                 stats,
-                statistic=statistic,  # type: ignore[arg-type]
+                statistic=statistic,
                 batch_size=batch,
                 margin=dopts.margin,
                 reference_name=ORIGINAL,
@@ -92,7 +92,7 @@ def resolve_budget(
         assert dopts.latency_ms is not None
         return LatencyBudget(
             ms=dopts.latency_ms,
-            statistic=statistic,  # type: ignore[arg-type]
+            statistic=statistic,
             batch_size=batch,
             margin=dopts.margin,
         )
