@@ -539,7 +539,7 @@ def _plan_text(v: Any, copts: Any, dopts: Any, out: str) -> str:
     if v.profile is not None:
         b = v.budget
         if b is not None:
-            from dcvit_deploy.selection.decide import budget_summary
+            from dcvit_deploy.selection.reasons import budget_summary
 
             budget = budget_summary(b)
         elif dopts is not None and dopts.speedup is not None:
@@ -609,12 +609,12 @@ def _result_text(result: Any) -> str:
     sel = result.selection
     lines = []
     if sel is not None:
-        from dcvit_deploy.selection.decide import budget_summary
+        from dcvit_deploy.selection.reasons import budget_summary, render
 
         lines.append(f"budget: {budget_summary(sel.budget)}")
         lines.append(f"chosen: {sel.chosen}" if sel.chosen else "chosen: none")
-        for name, reason in sel.reasons.items():
-            lines.append(f"  {name}: {reason}")
+        for name in sel.reasons:
+            lines.append(f"  {name}: {render(sel, name)}")
     for target, row in getattr(result, "fleet", {}).items():
         lines.append(f"{target}: {row['chosen'] or 'none'} ({row['why']})")
     if result.triton:
