@@ -194,7 +194,8 @@ def test_new_options_reach_the_option_records() -> None:
     from dcvit_deploy.cli.options import compress_options, deploy_options
 
     kw = {
-        "model": "m", "data": "d", "random_init": True, "targets": "10%", "method": "dcvit,practise", "round_to": 1,
+        "model": "m", "data": "d", "random_init": True, "targets": "10%",
+        "method": "dcvit,practise", "round_to": 1,
         "neuron_choice": "random", "reuse": True, "warm_fraction": 0.5, "schedule": "tiny",
         "metric_set": "synthetic", "inversion": "fast", "seed": 0, "device": "cpu",
         "speedup": 1.5, "prefer": "fidelity", "no_confirm": True, "allow_other_device": True,

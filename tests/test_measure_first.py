@@ -20,6 +20,7 @@ from fakes.latency import scripted_latency
 from test_run_trust import PROFILE, copts, dopts, manifest
 
 from dcvit_deploy.api import run_pipeline, select_over_run
+from dcvit_deploy.selection.reasons import render
 
 TARGETS = (0.10, 0.20, 0.30)  # dcvit-1003-..., dcvit-2000-..., dcvit-3004-...
 
@@ -138,25 +139,23 @@ def test_measure_first_picks_what_training_everything_picks_and_trains_only_the_
 def test_a_pick_that_misses_the_fidelity_floor_makes_the_next_one_train(
     structures, photo_dir, profile, script, finetunes, tmp_path, monkeypatch
 ):
-    import dataclasses
-
     from dcvit_deploy.selection import fidelity
 
     out = copy_of(structures, tmp_path)
     c10, c20 = names(out)[1:3]
-    real = fidelity.apply_floors
+    real, miss = fidelity.apply_floors, "agreement 40.0% misses --min-fidelity 60%"
 
-    def floor(outcomes: list[Any], d: Any) -> Any:  # c10's trained artifact misses the floor
+    def floor(outcomes: Any, d: Any) -> Any:
         got, notes = real(outcomes, d)
-        low = [dataclasses.replace(o, status="below_floor", error="agreement 50.0% misses it")
-               if o.candidate == c10 else o for o in got]  # fmt: skip
-        return low, notes
+        return [dataclasses.replace(o, status="below_floor", error=miss)
+                if o.candidate == c10 else o for o in got], notes  # fmt: skip
 
     monkeypatch.setattr(fidelity, "apply_floors", floor)
     result = run_pipeline(*job(photo_dir, profile, latency_ms=0.95), out)
     assert result.selection.chosen == c20 and len(finetunes) == 2
-    why = "not deployable: trained artifact below the floor: agreement 50.0% misses it"
-    assert result.selection.reasons[c10] == why
+    assert result.selection.reasons[c10].kind == "not_deployable"
+    why = render(result.selection, c10)
+    assert why == f"not deployable: trained artifact below the floor: {miss}"
     assert set(trained(out)) == {c10, c20}
     assert result.published["models"][0]["candidate"] == c20
 
@@ -236,7 +235,7 @@ def test_the_confirmation_measures_the_trained_artifact(
     script.trained_offset = 0.06  # now the trained c10 no longer fits 0.95 ms
     again = select_over_run(out, dopts(profile, latency_ms=0.951, confirm=True))
     assert again.selection.chosen == c20 and len(finetunes) == 2
-    assert again.selection.reasons[c10].startswith("confirmation failed")
+    assert again.selection.reasons[c10].kind == "confirmation_failed"
 
 
 def test_prefer_fidelity_trains_a_bounded_set(

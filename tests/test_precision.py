@@ -28,6 +28,7 @@ from dcvit_deploy.export.quantize import (
 )
 from dcvit_deploy.selection.decide import decide
 from dcvit_deploy.selection.fidelity import apply_floors, closeness, wilson
+from dcvit_deploy.selection.reasons import render
 from dcvit_deploy.store.records import (
     CandidateOutcome,
     Fidelity,
@@ -170,23 +171,23 @@ def test_selection_over_both_axes() -> None:
     broken = [FAMILY[0], art("original.int8", 1.0, 5.5, "int8", kl=0.4, agreement=0.8), *FAMILY[2:]]
     sel = decide(apply_floors(broken, floor)[0], budget(8.0))
     assert sel.chosen == "dcvit-2500"
-    assert sel.reasons["original.int8"].startswith(
+    assert render(sel, "original.int8").startswith(
         "below floor: agreement 80.0% [77.4%, 82.4%] on 1000 held-out images"
     )
-    assert "misses --min-fidelity 95% by 15.00 points" in sel.reasons["original.int8"]
+    assert "misses --min-fidelity 95% by 15.00 points" in render(sel, "original.int8")
     # Both precisions of the original fit: same size, so the higher precision wins.
     sel = decide(FAMILY, budget(11.0))
     assert sel.chosen == "original"
-    assert sel.reasons["original.int8"].startswith("fits, but lower precision than chosen original")
+    assert render(sel, "original.int8").startswith("fits, but lower precision than chosen original")
     # Sizes within the tie tolerance (half a point of MACs) are one size: precision decides.
     near = [art("a", 0.7510, 5.0, "int8"), art("b", 0.7490, 5.0, "fp32")]
     assert decide(near, budget(6.0)).chosen == "b"
     # --prefer fidelity: the lowest KL that fits, and it says when the images cannot tell.
     sel = decide(FAMILY, budget(8.0), prefer="fidelity")
-    assert sel.chosen == "original.int8" and "cannot separate" not in sel.reasons[sel.chosen]
+    assert sel.chosen == "original.int8" and "cannot separate" not in render(sel, sel.chosen)
     close = [art("p", 0.8, 5.0, "fp32", kl=0.050, kl_se=0.01), art("q", 0.7, 5.0, "fp32", kl=0.055)]
     sel = decide(close, budget(8.0), prefer="fidelity")
-    assert sel.chosen == "p" and "1000 images cannot separate it from q" in sel.reasons["p"]
+    assert sel.chosen == "p" and "1000 images cannot separate it from q" in render(sel, "p")
 
 
 # --------------------------------------------------------------------------- refusals

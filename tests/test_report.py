@@ -117,6 +117,33 @@ def test_infeasible_and_budgetless_reports(tmp_path: Path) -> None:
     assert "No latency budget was given" in paths["summary"].read_text()
 
 
+def test_reasons_are_data_worded_only_by_the_reports(tmp_path: Path) -> None:
+    """The summary found selection warnings by searching the reason text, so a failure whose
+    own message says "warning:" was listed as one; a reason is data (kind, figures, warning)
+    and only its ``warning`` field is a warning."""
+    outs = family()
+    outs[4] = dataclasses.replace(outs[4], error="exporter warning: opset 18 is newer")
+    res = write(tmp_path, outs)
+    text = res["paths"]["summary"].read_text()
+    assert "export failed: exporter warning: opset 18 is newer" in text  # the table says it
+    assert "opset" not in text.split("## Warnings")[1].split("\n## ")[0]
+    reasons = load_report(res["paths"]["json"])["selection"]["reasons"]
+    assert reasons["c80"]["kind"] == "chosen" and reasons["c80"]["figure"] == [4.70, 0.0, 1]
+    assert reasons["c80"]["values"] == {"retained": 0.8}
+    assert (reasons["c40"]["kind"], reasons["c40"]["versus"]) == ("fits", "c80")
+    assert reasons["c50"] == {**reasons["c50"], "kind": "export_failed", "figure": None}
+    sel = res["selection"]
+    warned = dict(sel.reasons, c40=dataclasses.replace(sel.reasons["c40"], warning="not monotone"))
+    paths = write_reports(
+        tmp_path / "w", run_meta={}, outcomes=outs, selection=dataclasses.replace(sel,
+        reasons=warned), profile_dict=PROFILE, env_dict=ENV, plot=False,
+    )  # fmt: skip
+    summary = paths["summary"].read_text()
+    assert "- `c40`: warning: not monotone" in summary
+    assert "fits, but smaller than chosen c80 (p50 3.00 ms x1.05 = 3.15 <= 5.00 ms); warning: " \
+        "not monotone" in summary  # fmt: skip
+
+
 def test_inconsistent_selection_is_a_caller_bug(tmp_path: Path) -> None:
     outs = family()
     selection = decide(outs[:3], BUDGET)  # no reasons for the others

@@ -12,24 +12,24 @@ from fakes.latency import fake_stats as stats
 
 from dcvit_deploy.errors import BudgetInfeasible
 from dcvit_deploy.selection.bisect import bisect_search
+from dcvit_deploy.selection.budget import fit_class, relative_budget
 from dcvit_deploy.selection.decide import (
-    budget_summary,
     capacity_order,
     decide,
     dominated,
-    fit_class,
     infeasible_error,
     needs_remeasure,
     pareto_front,
-    relative_budget,
     select_confirmed,
     within_noise,
 )
+from dcvit_deploy.selection.reasons import budget_summary, render
 from dcvit_deploy.store.records import (
     CandidateOutcome,
     LatencyBudget,
     LatencyStats,
     MacCount,
+    Reason,
     Selection,
     Verification,
     from_dict,
@@ -92,10 +92,23 @@ def test_decide_picks_densest_fitting_and_explains_every_candidate() -> None:
     assert sel.chosen == "c80"
     assert sel.search == "all"
     assert set(sel.reasons) == {"c100", "c80", "c60", "c40"}
-    assert sel.reasons["c100"] == "over budget: p50 6.10 ms x1.05 = 6.41 > 5.00 ms"
-    assert sel.reasons["c80"].startswith("chosen: ")
-    assert "p50 4.70 ms x1.05 = 4.94 <= 5.00 ms" in sel.reasons["c80"]
-    assert sel.reasons["c60"].startswith("fits, but smaller than chosen c80")
+    assert render(sel, "c100") == "over budget: p50 6.10 ms x1.05 = 6.41 > 5.00 ms"
+    assert render(sel, "c80").startswith("chosen: ")
+    assert "p50 4.70 ms x1.05 = 4.94 <= 5.00 ms" in render(sel, "c80")
+    assert render(sel, "c60").startswith("fits, but smaller than chosen c80")
+    assert sel.reasons["c60"] == Reason("fits", (3.90, 0.0, 1), versus="c80", relation="smaller")
+    assert sel.reasons["c100"] == Reason("over", (6.10, 0.0, 1))
+
+
+def test_a_selection_recorded_with_text_reasons_still_reads() -> None:
+    """A run recorded by an earlier version kept its reasons as text: they read back as such."""
+    from dcvit_deploy.pipeline.units.selecting import selection_of
+
+    sel = decide([outcome("c100", 1.0, 6.10), outcome("c80", 0.8, 4.70)], BUDGET)
+    old = {**to_dict(sel), "reasons": {n: render(sel, n) for n in sel.reasons}}
+    back = selection_of({"selection": old})
+    assert back is not None and back.reasons["c80"].kind == "recorded"
+    assert {n: render(back, n) for n in back.reasons} == old["reasons"]
 
 
 def test_margin_is_applied_before_comparing() -> None:
@@ -112,7 +125,7 @@ def test_budget_statistic_and_batch_are_respected() -> None:
     assert decide(outs, LatencyBudget(5.0, "p99", 1)).chosen == "b"
     sel = decide(outs, LatencyBudget(5.0, "p50", 8))
     assert sel.chosen is None
-    assert sel.reasons["a"].startswith("not measured at batch 8")
+    assert render(sel, "a").startswith("not measured at batch 8")
 
 
 def test_ties_on_retained_are_broken_by_fidelity() -> None:
@@ -135,10 +148,10 @@ def test_failed_candidates_are_never_chosen_and_say_why() -> None:
     ]
     sel = decide(outs, BUDGET)
     assert sel.chosen == "ok"
-    assert sel.reasons["exp"] == "export failed: Unsupported op aten::foo"
-    assert sel.reasons["ver"] == "verification failed: cosine 0.5000 < 0.9990"
-    assert sel.reasons["vf"] == "verification failed: NaN in outputs"
-    assert sel.reasons["bld"] == "build failed: out of memory"
+    assert render(sel, "exp") == "export failed: Unsupported op aten::foo"
+    assert render(sel, "ver") == "verification failed: cosine 0.5000 < 0.9990"
+    assert render(sel, "vf") == "verification failed: NaN in outputs"
+    assert render(sel, "bld") == "build failed: out of memory"
 
 
 def test_infeasible_budget_names_fastest_and_needed_budget() -> None:
@@ -146,7 +159,7 @@ def test_infeasible_budget_names_fastest_and_needed_budget() -> None:
     budget = LatencyBudget(ms=2.0, statistic="p50", batch_size=1, margin=0.05)
     sel = decide(outs, budget)  # never raises: the report still needs the reasons
     assert sel.chosen is None
-    assert all(r.startswith("over budget") for r in sel.reasons.values())
+    assert all(r.kind == "over" for r in sel.reasons.values())
     err = infeasible_error(sel, outs)
     assert isinstance(err, BudgetInfeasible)
     assert err.exit_code == 3
@@ -215,8 +228,8 @@ def test_dominated_and_pareto_front() -> None:
     assert [o.candidate for o in front] == ["c100", "c90", "c70", "c60"]
     sel = decide(outs, LatencyBudget(5.5, "p50", 1))
     assert sel.chosen == "c90"
-    assert sel.reasons["c80"].startswith("dominated: not faster than larger sibling c90")
-    assert "fits, but smaller than chosen c90" in sel.reasons["c80"]
+    assert render(sel, "c80").startswith("dominated: not faster than larger sibling c90")
+    assert "fits, but smaller than chosen c90" in render(sel, "c80")
 
 
 # --------------------------------------------------------------------------- bisect
@@ -331,9 +344,9 @@ def test_bisect_records_a_warning_when_monotonicity_breaks() -> None:
     budget = LatencyBudget(5.6, "p50", 1)
     sel, _ = _run_bisect(outs, budget)
     assert sel.chosen == "c4"
-    joined = " ".join(sel.reasons.values())
-    assert "warning: latency is not monotone" in joined
-    assert sel.reasons["c5"].startswith("dominated: not faster than larger sibling c4")
+    assert [n for n, r in sel.reasons.items() if r.warning] == ["c4"]  # on the chosen one
+    assert "; warning: latency is not monotone in capacity: c5 is" in render(sel, "c4")
+    assert render(sel, "c5").startswith("dominated: not faster than larger sibling c4")
 
 
 def test_bisect_marks_unmeasured_and_skips_failures() -> None:
@@ -348,7 +361,8 @@ def test_bisect_marks_unmeasured_and_skips_failures() -> None:
     sel, count = _run_bisect(outs, budget)
     assert sel.chosen == decide(outs, budget).chosen == "c34"
     assert count < 20
-    unmeasured = [r for r in sel.reasons.values() if r.startswith("not measured (bisect)")]
+    unmeasured = [render(sel, n) for n in sel.reasons]
+    unmeasured = [r for r in unmeasured if r.startswith("not measured (bisect): ")]
     assert len(unmeasured) == n - count
     assert any("smaller than chosen c34" in r for r in unmeasured)
     assert any("clearly over budget" in r for r in unmeasured)
@@ -365,7 +379,7 @@ def test_bisect_edge_cases() -> None:
     broken = [outcome(f"f{i}", 1.0 - i / 10, status="export_failed") for i in range(10)]
     sel, count = _run_bisect(broken, BUDGET)
     assert sel.chosen is None and count == 10
-    assert all(r.startswith("export failed") for r in sel.reasons.values())
+    assert all(r.kind == "export_failed" for r in sel.reasons.values())
 
 
 def test_bisect_rejects_misordered_or_mislabelled_candidates() -> None:
@@ -394,7 +408,8 @@ def test_dominated_needs_a_difference_beyond_both_spreads() -> None:
         outcome("c90", 0.9, 3.50, rounds=(3.45, 3.50, 3.55)),
     ]
     assert dominated(clear, 1, "p50") == {"c90": "c100"}
-    reason = decide(clear, LatencyBudget(4.0, "p50", 1)).reasons["c90"]
+    reason = render(sel := decide(clear, LatencyBudget(4.0, "p50", 1)), "c90")
+    assert sel.reasons["c90"].dominated_by == "c100" and sel.reasons["c90"].kind == "fits"
     assert reason.startswith("dominated: not faster than larger sibling c100")
     assert "beyond both spreads (+-0.050, +-0.020)" in reason
     assert "p50 3.50 ms +- 0.050 (3 rounds)" in reason
@@ -417,7 +432,7 @@ def test_within_noise_of_the_budget_is_flagged_for_remeasurement() -> None:
     sel = decide(outs, budget)
     assert sel.chosen == "c90"  # the figure decides; the uncertainty is reported
     assert sel.uncertain == ("c90", "c70")
-    assert sel.reasons["c90"].endswith("; within noise of the budget")
+    assert render(sel, "c90").endswith("; within noise of the budget")
     assert sel.figures["c90"] == pytest.approx((4.95, 0.3, 3))
 
 
@@ -433,9 +448,9 @@ def test_prefer_fidelity_chooses_highest_fidelity_that_fits() -> None:
     assert decide(outs, budget).chosen == "c80"
     sel = decide(outs, budget, prefer="fidelity")
     assert sel.chosen == "c70" and sel.prefer == "fidelity"
-    assert sel.reasons["c70"].startswith("chosen: highest-fidelity verified candidate")
-    assert sel.reasons["c80"].startswith("fits, but lower fidelity than chosen c70")
-    assert sel.reasons["c60"].startswith("fits, but smaller than chosen c70")
+    assert render(sel, "c70").startswith("chosen: highest-fidelity verified candidate")
+    assert render(sel, "c80").startswith("fits, but lower fidelity than chosen c70")
+    assert render(sel, "c60").startswith("fits, but smaller than chosen c70")
     with pytest.raises(ValueError, match="prefer"):
         decide(outs, budget, prefer="speed")  # type: ignore[arg-type]
 
@@ -452,7 +467,7 @@ def test_relative_budget_from_the_original_measured_in_the_same_run() -> None:
     assert sel.chosen == "c90"  # 4.7 * 1.05 = 4.94 <= 5.00 by figure...
     # ...but within the budget's own uncertainty (the original's spread / 1.3): flagged.
     assert sel.uncertain == ("c90",)
-    assert "<= 5.00 ms (original 6.50 ms / 1.3); within noise" in sel.reasons["c90"]
+    assert "<= 5.00 ms (original 6.50 ms / 1.3); within noise" in render(sel, "c90")
     # A bare figure works too, and a record round-trips through JSON.
     plain = relative_budget(2.0, 8.0, statistic="p90", batch_size=4)
     assert plain.ms == 4.0 and plain.spread_ms == 0.0 and plain.statistic == "p90"
@@ -535,7 +550,7 @@ def test_a_repeated_confirmation_that_still_misses_continues_the_search() -> Non
     sel = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), fake)
     assert sel.chosen == "c80"
     assert [c[1] for c in fake.calls] == [None, 9, None]
-    reason = sel.reasons["c90"]
+    reason = render(sel, "c90")
     assert reason.startswith("confirmation failed:") and "(9 rounds)" in reason
 
 
@@ -575,8 +590,8 @@ def test_failed_confirmation_continues_the_search() -> None:
     assert sel.chosen == "c80"
     # c90 with its denser neighbour c100; then c80 (its neighbour c90 was confirmed already).
     assert fake.calls == [("c90", "c100"), ("c80",)]
-    assert sel.reasons["c90"].startswith("confirmation failed: re-measured in a fresh process")
-    assert sel.reasons["c80"].startswith("chosen: ")
+    assert render(sel, "c90").startswith("confirmation failed: re-measured in a fresh process")
+    assert render(sel, "c80").startswith("chosen: ")
     assert sel.confirmed["c90"][0] == 5.3 and sel.confirmed["c80"][0] == 4.6
     assert sel.confirmed["c100"][0] == 6.2
     assert any("continuing the search" in n for n in sel.notes)
@@ -589,8 +604,8 @@ def test_confirmation_gives_up_rather_than_publish_a_miss() -> None:
     fake = FakeConfirm({f"c{i}": 9.0 for i in range(6)})
     sel = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), fake, max_confirmations=2)
     assert sel.chosen is None and len(fake.calls) == 2
-    assert sel.reasons["c2"].startswith("not confirmed")
-    assert sum(r.startswith("confirmation failed") for r in sel.reasons.values()) == 2
+    assert render(sel, "c2").startswith("not confirmed")
+    assert sum(r.kind == "confirmation_failed" for r in sel.reasons.values()) == 2
 
 
 def test_confirmation_that_fits_keeps_the_choice() -> None:
@@ -616,7 +631,7 @@ def test_a_choice_that_is_not_ready_is_set_aside_before_its_confirmation() -> No
     sel = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), fake, ready=ready)
     assert sel.chosen == "c80" and asked == ["c90", "c80"]
     assert fake.calls == [("c80", "c90")]  # c90's structure figure: the informational neighbour
-    assert sel.reasons["c90"] == "not deployable: trained fidelity 40.0% is below the floor 60.0%"
+    assert render(sel, "c90") == "not deployable: trained fidelity 40.0% is below the floor 60.0%"
     unconfirmed = select_confirmed(outs, LatencyBudget(5.0, "p50", 1), None, ready=ready)
     assert unconfirmed.chosen == "c80" and unconfirmed.confirmed == {}
 

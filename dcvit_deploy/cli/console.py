@@ -70,11 +70,11 @@ def result_payload(result: Any) -> dict[str, Any]:
 def _text(result: Any) -> str:
     sel, lines = result.selection, []
     if sel is not None:
-        from dcvit_deploy.selection.decide import budget_summary
+        from dcvit_deploy.selection.reasons import budget_summary, render
 
         lines.append(f"budget: {budget_summary(sel.budget)}")
         lines.append(f"chosen: {sel.chosen or 'none'}")
-        lines += [f"  {name}: {reason}" for name, reason in sel.reasons.items()]
+        lines += [f"  {name}: {render(sel, name)}" for name in sel.reasons]
     lines += [f"{t}: {row['chosen'] or 'none'} ({row['why']})" for t, row in result.fleet.items()]
     if result.triton:
         lines.append(f"triton repository: {result.triton}")

@@ -120,7 +120,7 @@ def _print_plan(v: Any, data: str, speedup: float | None, out: str, as_json: boo
         f"(DC-ViT reaches {lo:.2%}..{hi:.2%} MAC reduction)",
     ]
     if v.profile is not None:
-        from dcvit_deploy.selection.decide import budget_summary
+        from dcvit_deploy.selection.reasons import budget_summary
 
         budget = "none (measure only)"
         if v.budget is not None:

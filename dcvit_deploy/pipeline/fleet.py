@@ -31,6 +31,7 @@ from dcvit_deploy.pipeline.result import JobResult
 from dcvit_deploy.pipeline.runner import Runner
 from dcvit_deploy.pipeline.units.exporting import onnx_precision_for
 from dcvit_deploy.selection.fidelity import fidelity_set
+from dcvit_deploy.selection.reasons import render
 from dcvit_deploy.store.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ def fleet_result(
             "figure_ms": fig[0],
             "spread_ms": fig[1],
             "fidelity": out.fidelity if out else None,
-            "why": sel.reasons[chosen] if sel and chosen else why,
+            "why": render(sel, chosen) if sel and chosen else why,
             "published": [f"{m['model']} v{m['version']}" for m in r.published.get("models", [])],
             "measured": True,
         }

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from dcvit_deploy import __version__
 from dcvit_deploy.selection.decide import capacity_order, dominated, infeasible_error, pareto_front
+from dcvit_deploy.selection.reasons import render
 from dcvit_deploy.store.atomic import atomic_write_text, atomic_write_with
 from dcvit_deploy.store.records import (
     SCHEMA_VERSION,
@@ -163,7 +164,8 @@ class _View:
         return self.selection.chosen if self.selection else None
 
     def reason(self, name: str) -> str:
-        return self.selection.reasons.get(name, "") if self.selection else ""
+        sel = self.selection
+        return render(sel, name) if sel and name in sel.reasons else ""
 
 
 def _view(
@@ -424,8 +426,8 @@ def _summary_text(
                 warnings.append(f"`{o.candidate}` batch {s.batch_size}: {'; '.join(parts)}")
     if view.selection is not None:
         for name, reason in view.selection.reasons.items():
-            if "warning:" in reason:
-                warnings.append(f"`{name}`: {reason[reason.index('warning:') :]}")
+            if reason.warning:
+                warnings.append(f"`{name}`: warning: {reason.warning}")
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {_md(w)}" for w in warnings]
     notes = [str(n) for n in run_meta.get("notes") or ()]

@@ -1,2 +1,2 @@
-"""Selection: the budget, the decision and its structured reasons (:mod:`.decide`), and the
-O(log N) search (:mod:`.bisect`)."""
+"""Selection: the budget (:mod:`.budget`), the decision (:mod:`.decide`), its reasons in words
+(:mod:`.reasons`), the O(log N) search (:mod:`.bisect`), the fidelity floors (:mod:`.fidelity`)."""

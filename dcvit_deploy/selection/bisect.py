@@ -8,15 +8,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from dcvit_deploy.selection.decide import (
-    Prefer,
-    _check_unique,
-    _fits,
-    _latency,
-    _spread,
-    decide,
-)
-from dcvit_deploy.store.records import CandidateOutcome, LatencyBudget, Selection
+from dcvit_deploy.selection.budget import fits as fits_budget
+from dcvit_deploy.selection.budget import latency, spread
+from dcvit_deploy.selection.decide import Prefer, _check_unique, decide
+from dcvit_deploy.store.records import CandidateOutcome, LatencyBudget, Reason, Selection
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +33,19 @@ def bisect_search(
 ) -> BisectResult:
     """Find the densest fitting candidate while measuring only O(log N) of them.
 
-    ``ordered_candidates`` must be densest first (the order of :func:`capacity_order`);
-    ``measure(name)`` builds, verifies and profiles one candidate and returns its outcome
-    (failures are outcomes with a non-``ok`` status, not exceptions). Each name is measured at
-    most once.
-
-    Method: binary search for the first fitting index, stepping over failed candidates to the
-    nearest working one; then measure the boundary's smaller neighbour, and walk upwards
-    (towards denser candidates) from the boundary until two consecutive working candidates
-    are *clearly* over budget, i.e. their statistic exceeds ``budget.ms / (1 + margin)`` by
-    more than the effective tolerance. The effective tolerance is ``tolerance`` (the latency
-    jitter assumed between candidates) widened to the largest monotonicity violation seen
-    among measured candidates (a smaller candidate slower than a denser one), so observed
-    noise widens the linear scan near the boundary. A violation beyond ``tolerance`` is logged
-    and noted (``warning: ...``) in the chosen candidate's reason (or the slower candidate's
-    when none is chosen); smaller ones show up as ``dominated:`` reasons only.
-
-    Guarantee: the result equals :func:`decide` over all candidates whenever a denser
-    candidate is never faster than ``1/(1+tolerance)`` times a smaller one, except for isolated
-    slow outliers (which the two-candidate confirmation and the widened tolerance absorb). An
-    isolated, anomalously *fast* dense candidate far above the boundary can be missed: use
-    exhaustive search when such plateaus matter. Raises ``ValueError`` (a caller bug) on
-    duplicate names, a mislabelled outcome, or measured ``retained`` values that contradict
-    the given order.
-
-    Uncertainty (the rules of :func:`decide`): "clearly over" uses the lower end of a
-    candidate's interval (``figure - spread``), and "dominated" needs a difference beyond
-    both spreads. ``prefer="fidelity"`` chooses among the *measured*
-    candidates only (bisect measures few; use exhaustive search for a fidelity choice).
+    ``ordered_candidates``: densest first; ``measure(name)`` builds, verifies and profiles one
+    (failures are outcomes, not exceptions), at most once per name. Binary search for the first
+    fitting index (stepping over failed candidates), measure the boundary's smaller neighbour,
+    then walk towards denser candidates until two in a row are *clearly* over budget: the lower
+    end of their interval exceeds the budget by more than ``tolerance`` widened to the largest
+    monotonicity violation seen (a smaller candidate slower than a denser one). A violation
+    beyond ``tolerance`` is logged and set as the ``warning`` of the chosen candidate's reason
+    (else the slower one's). The result equals :func:`decide` over all candidates whenever a
+    denser candidate is never faster than ``1/(1+tolerance)`` times a smaller one, except for
+    isolated slow outliers; an isolated, anomalously *fast* dense candidate far above the
+    boundary can be missed. ``prefer="fidelity"`` chooses among the measured candidates only.
+    ``ValueError`` (a caller bug): duplicate names, a mislabelled outcome, or measured
+    ``retained`` values that contradict the given order.
     """
     names = list(ordered_candidates)
     _check_unique(names)
@@ -87,10 +67,10 @@ def bisect_search(
         return cache[i]
 
     def lat(i: int) -> float | None:
-        return _latency(get(i), budget.batch_size, budget.statistic)
+        return latency(get(i), budget.batch_size, budget.statistic)
 
     def fits(i: int) -> bool:
-        return _fits(get(i), budget)
+        return fits_budget(get(i), budget)
 
     def violation() -> tuple[float, int, int] | None:
         """Worst measured (ratio - 1, denser index, smaller index) with the smaller slower."""
@@ -110,7 +90,7 @@ def bisect_search(
         v = lat(i)
         if v is None:
             return False
-        low = v - _spread(get(i), budget.batch_size, budget.statistic)
+        low = v - spread(get(i), budget.batch_size, budget.statistic)
         worst = violation()
         tol = max(tolerance, worst[0] if worst else 0.0)
         return low * (1.0 + budget.margin) > (budget.ms + budget.spread_ms) * (1.0 + tol)
@@ -175,13 +155,13 @@ def bisect_search(
         excess, denser, smaller = worst
         scanned = len(measured_order) - binary_count
         warning = (
-            f"warning: latency is not monotone in capacity: {names[smaller]} is "
-            f"{excess:.0%} slower than denser {names[denser]}; measured {scanned} extra "
-            "candidate(s) around the boundary"
+            f"latency is not monotone in capacity: {names[smaller]} is {excess:.0%} slower "
+            f"than denser {names[denser]}; measured {scanned} extra candidate(s) around the "
+            "boundary"
         )
-        log.warning("bisect search: %s", warning.removeprefix("warning: "))
+        log.warning("bisect search: %s", warning)
         anchor = selection.chosen or names[smaller]
-        reasons[anchor] = f"{reasons[anchor]}; {warning}"
+        reasons[anchor] = dataclasses.replace(reasons[anchor], warning=warning)
 
     stop_name = names[top] if top >= 0 else None
     for k, name in enumerate(names):
@@ -193,11 +173,6 @@ def bisect_search(
             why = f"denser than {stop_name}, which is clearly over budget"
         else:
             why = "skipped by the search"
-        reasons[name] = f"not measured (bisect): {why}"
-
-    result = dataclasses.replace(
-        selection,
-        reasons=reasons,
-        measured=tuple(measured_order),
-    )
+        reasons[name] = Reason("not_searched", detail=why)
+    result = dataclasses.replace(selection, reasons=reasons, measured=tuple(measured_order))
     return BisectResult(result, tuple(outcomes))

@@ -410,22 +410,45 @@ class CandidateOutcome:
         return self.status == "ok" and (self.verification is None or self.verification.passed)
 
 
+ReasonKind = Literal["chosen", "fits", "over", "confirmation_failed", "not_confirmed",
+                     "not_deployable", "export_failed", "verify_failed", "build_failed",
+                     "profile_failed", "below_floor", "not_measured", "not_searched",
+                     "recorded"]  # fmt: skip
+Relation = Literal["", "smaller", "lower precision", "lower fidelity"]
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a candidate was (not) chosen, as data; :func:`dcvit_deploy.selection.reasons.render`
+    words it. ``figure``: ``(ms, spread, rounds)`` of the budget statistic judged against
+    ``budget`` (``None``: the selection's); ``noise``: that fit is within noise of the budget;
+    ``versus``: the chosen candidate (``fits``, with ``relation``) or the runner-up the images
+    cannot separate it from (``chosen``); ``dominated_by``: a larger, faster sibling; ``values``:
+    the other figures decided on; ``detail``: free text (a failure); ``recorded``: text from a
+    run of an earlier version."""
+
+    kind: ReasonKind
+    figure: tuple[float, float, int] | None = None
+    budget: LatencyBudget | None = None
+    noise: bool = False
+    versus: str = ""
+    relation: Relation = ""
+    dominated_by: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+    detail: str = ""
+    warning: str = ""
+
+
 @dataclass(frozen=True)
 class Selection:
-    """The budget decision: the chosen candidate (or none) and a reason for every candidate.
-
-    ``prefer``: ``capacity`` chooses the densest candidate that fits, ``fidelity`` the highest
-    measured fidelity among those that fit (ties by capacity). ``figures``: per measured
-    candidate ``(figure ms, spread ms, rounds)`` of the budget statistic. ``uncertain``:
-    candidates within noise of the budget (re-measure before trusting accept/reject).
-    ``confirmed``: ``(figure, spread, rounds)`` re-measured in a fresh process (the chosen
-    candidate and its denser neighbour). ``notes``: what was done (re-measurements,
-    confirmations, a continued search), in order.
-    """
+    """The budget decision: the chosen candidate (or none) and a :class:`Reason` for every
+    candidate, densest first. ``figures`` / ``confirmed``: ``(figure ms, spread ms, rounds)`` per
+    measured candidate, in the rounds / re-measured in a fresh process; ``uncertain``: within
+    noise of the budget; ``notes``: what was done, in order."""
 
     budget: LatencyBudget
     chosen: str | None
-    reasons: dict[str, str]
+    reasons: dict[str, Reason]
     search: Literal["all", "bisect"]
     measured: tuple[str, ...]
     prefer: Literal["capacity", "fidelity"] = "capacity"

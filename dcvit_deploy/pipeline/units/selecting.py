@@ -1,32 +1,19 @@
-"""The select unit: the budget decision over the family's measured outcomes, re-measured where
-it is within noise, and confirmed in a fresh process.
+"""The select unit: resolve the budget (``--latency-ms``, or ``--speedup`` relative to the
+original measured in the same run), re-measure in more rounds the candidates within noise of
+it, decide and confirm the choice in a fresh process (:mod:`dcvit_deploy.selection.decide`).
 
-Selection itself stays a pure function of measurements (:mod:`dcvit_deploy.selection.decide`). This
-unit
-resolves the budget (absolute ``--latency-ms``, or relative ``--speedup`` to the original
-measured in the same run), re-measures in more interleaved rounds the candidates whose fit is
-within noise of the budget (:func:`~dcvit_deploy.selection.decide.needs_remeasure`), then decides
-and
-confirms the choice in a fresh process
-(:func:`~dcvit_deploy.selection.decide.select_confirmed`): a choice whose confirmation no longer
-fits is
-set aside with the figure as its reason and the search continues, so a model that misses its
-budget is never published.
-
-Measure first (``--train pick``): the outcomes are the structures' (re-fitted pretrained
-weights). Each choice is trained, exported, built and verified against PyTorch by ``pick``
-before its confirmation, which then measures the *trained* artifact (a pick that cannot be
-trained or misses the fidelity floor is set aside and the next choice is trained);
-:func:`~dcvit_deploy.selection.decide.must_compare` bounds what is trained to compare
-fidelities. The chosen artifact's published figure is the trained artifact's.
+Measure first (``--train pick``) the outcomes are the structures'; ``pick`` trains, makes and
+verifies each choice before its confirmation, which then measures the trained artifact (a pick
+that cannot be trained or misses the fidelity floor is set aside and the search goes on);
+:func:`~dcvit_deploy.selection.decide.must_compare` bounds what is trained to compare fidelities.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.pipeline.unit import UnitOutput
@@ -43,7 +30,7 @@ from dcvit_deploy.store.records import (
 if TYPE_CHECKING:
     from dcvit_deploy.config.options import DeployOptions
     from dcvit_deploy.pipeline.context import JobContext
-    from dcvit_deploy.store.records import TargetProfile
+    from dcvit_deploy.store.records import Statistic, TargetProfile
 
 ORIGINAL = "original"
 REMEASURE_PASSES = 2
@@ -69,37 +56,25 @@ def resolve_budget(
 ) -> LatencyBudget | None:
     """The budget: ``--latency-ms``, or ``--speedup S`` = the original's figure measured in this
     run (same batch size and statistic) / S, with the original's spread as its uncertainty."""
-    from dcvit_deploy.selection.decide import relative_budget
+    from dcvit_deploy.selection.budget import relative_budget
 
     if not dopts.has_budget:
         return None
     batch = budget_batch(profile, dopts)
-    statistic = dopts.statistic or profile.statistic
+    statistic = cast("Statistic", dopts.statistic or profile.statistic)
     try:
-        if dopts.speedup is not None:
-            orig = next((o for o in outcomes if o.candidate == ORIGINAL), None)
-            stats = orig.latency_at(batch) if orig is not None and orig.selectable else None
-            if stats is None:
-                raise no_original(orig)
-            return relative_budget(
-                dopts.speedup,
-                stats,
-                statistic=statistic,
-                batch_size=batch,
-                margin=dopts.margin,
-                reference_name=ORIGINAL,
-            )
-        assert dopts.latency_ms is not None
-        return LatencyBudget(
-            ms=dopts.latency_ms,
-            statistic=statistic,
-            batch_size=batch,
-            margin=dopts.margin,
-        )
+        if dopts.speedup is None:
+            assert dopts.latency_ms is not None
+            return LatencyBudget(dopts.latency_ms, statistic, batch, dopts.margin)
+        orig = next((o for o in outcomes if o.candidate == ORIGINAL), None)
+        stats = orig.latency_at(batch) if orig is not None and orig.selectable else None
+        if stats is None:
+            raise no_original(orig)
+        return relative_budget(dopts.speedup, stats, statistic=statistic, batch_size=batch,
+                               margin=dopts.margin, reference_name=ORIGINAL)  # fmt: skip
     except ValueError as exc:
-        raise UserInputError(
-            f"invalid latency budget: {exc}", "see --latency-ms, --speedup"
-        ) from exc
+        fix = "see --latency-ms, --speedup"
+        raise UserInputError(f"invalid latency budget: {exc}", fix) from exc
 
 
 def no_original(orig: CandidateOutcome | None) -> UserInputError:
@@ -117,14 +92,10 @@ def budget_basis(budget: LatencyBudget | None) -> dict[str, Any]:
     """How the budget was derived, for the report."""
     if budget is None:
         return {}
-    if budget.relative:
-        return {
-            "kind": "relative",
-            "speedup": budget.speedup,
-            "original_ms": budget.reference_ms,
-            "ms": budget.ms,
-        }
-    return {"kind": "absolute", "ms": budget.ms}
+    basis = (
+        {"speedup": budget.speedup, "original_ms": budget.reference_ms} if budget.relative else {}
+    )
+    return {"kind": "relative" if budget.relative else "absolute", **basis, "ms": budget.ms}
 
 
 class SelectUnit:
@@ -163,9 +134,7 @@ class SelectUnit:
         budget = resolve_budget(self.profile, ctx.dopts, self.outcomes)
         if budget is None:
             return UnitOutput(result={"selection": None, "budget": {}})
-        items, remeasured = self._remeasure_within_noise(ctx, budget)
-        if budget.relative:  # the original may have been re-measured: its figure moved the budget
-            budget = resolve_budget(self.profile, ctx.dopts, items) or budget
+        items, remeasured, budget = self._remeasure_within_noise(ctx, budget)
         selection, trained = self._decide(ctx, items, budget)
         files = []
         if trained is not None and selection.chosen is not None:
@@ -189,17 +158,17 @@ class SelectUnit:
 
     def _remeasure_within_noise(
         self, ctx: JobContext, budget: LatencyBudget
-    ) -> tuple[list[CandidateOutcome], dict[str, list[LatencyStats]]]:
-        """More interleaved rounds for the candidates whose fit is within noise of the budget
-        (and could change the choice), up to :data:`REMEASURE_PASSES` times. A relative
-        budget's reference is re-measured in the same rounds and the budget follows it."""
+    ) -> tuple[list[CandidateOutcome], dict[str, list[LatencyStats]], LatencyBudget]:
+        """More interleaved rounds, up to :data:`REMEASURE_PASSES` times, for the candidates
+        within noise of the budget that could change the choice; a relative budget's reference
+        is re-measured alongside and the budget follows it."""
         from dcvit_deploy.backends import get_backend
         from dcvit_deploy.latency.rounds import measure_rounds
         from dcvit_deploy.selection.decide import needs_remeasure
 
         items = list(self.outcomes)
         if ctx.dopts.search == "bisect":
-            return items, {}
+            return items, {}, budget
         remeasured: dict[str, list[LatencyStats]] = {}
         settings = self.profile.measure
         for _ in range(REMEASURE_PASSES):
@@ -208,8 +177,7 @@ class SelectUnit:
                 break
             if budget.relative and budget.reference and budget.reference not in names:
                 names = (*names, budget.reference)
-            by_name = {o.candidate: o for o in items}
-            artifacts = {n: by_name[n].artifact for n in names if by_name[n].artifact is not None}
+            artifacts = {o.candidate: o.artifact for o in items if o.candidate in names}
             result = measure_rounds(
                 get_backend(self.profile.backend),
                 artifacts,  # type: ignore[arg-type]
@@ -219,20 +187,14 @@ class SelectUnit:
                 min_rounds=settings.max_rounds,
                 max_rounds=settings.max_rounds,
             )
+            note = f"re-measured in {result.rounds} rounds (within noise of the budget)"
             for name in artifacts:
                 fresh = result.at(name, budget.batch_size)
-                note = f"re-measured in {result.rounds} rounds (within noise of the budget)"
-                fresh = dataclasses.replace(fresh, actions=(*fresh.actions, note))
-                remeasured[name] = [fresh]
-                o = by_name[name]
-                latency = tuple(
-                    fresh if s.batch_size == budget.batch_size else s for s in o.latency
-                )
-                by_name[name] = dataclasses.replace(o, latency=latency)
-            items = [by_name[o.candidate] for o in items]
-            if budget.relative:
+                remeasured[name] = [dataclasses.replace(fresh, actions=(*fresh.actions, note))]
+            items = merged(items, remeasured)
+            if budget.relative:  # the original was re-measured: its figure moves the budget
                 budget = resolve_budget(self.profile, ctx.dopts, items) or budget
-        return items, remeasured
+        return items, remeasured, budget
 
     def _decide(
         self, ctx: JobContext, items: list[CandidateOutcome], budget: LatencyBudget
@@ -292,14 +254,10 @@ class SelectUnit:
 
             got = self.picked[name]
             assert isinstance(got, CandidateOutcome) and got.artifact is not None
-            result = measure_rounds(
-                get_backend(self.profile.backend),
-                {name: got.artifact},
-                self.profile,
-                [budget.batch_size],
-                seed=ctx.copts.seed + 2,
-            )
-            stats = result.at(name, budget.batch_size)
+            backend, batch = get_backend(self.profile.backend), budget.batch_size
+            result = measure_rounds(backend, {name: got.artifact}, self.profile, [batch],
+                                    seed=ctx.copts.seed + 2)  # fmt: skip
+            stats = result.at(name, batch)
         figure, spread, _ = sel.figures[name]
         value, tspread = stats.stat(budget.statistic), stats.spread(budget.statistic)
         apart = abs(value - figure) > spread + tspread
@@ -311,9 +269,29 @@ class SelectUnit:
         return dataclasses.replace(sel, notes=(*sel.notes, note)), stats
 
 
+def merged(
+    outcomes: Sequence[CandidateOutcome], fresh: Mapping[str, Sequence[LatencyStats]]
+) -> list[CandidateOutcome]:
+    """``outcomes`` with the figures re-measured in ``fresh`` in place of theirs."""
+
+    def one(o: CandidateOutcome) -> CandidateOutcome:
+        new = {s.batch_size: s for s in fresh.get(o.candidate, ())}
+        return dataclasses.replace(o, latency=tuple(new.get(s.batch_size, s) for s in o.latency))
+
+    return [one(o) for o in outcomes]
+
+
 def selection_of(result: dict[str, Any]) -> Selection | None:
+    """The recorded selection; a reason an earlier version recorded as text stays that text."""
     sel = result.get("selection")
-    return from_dict(Selection, sel) if sel else None
+    if not sel:
+        return None
+    old = {
+        n: {"kind": "recorded", "detail": r}
+        for n, r in sel["reasons"].items()
+        if isinstance(r, str)
+    }
+    return from_dict(Selection, {**sel, "reasons": {**sel["reasons"], **old}})
 
 
 def remeasured_of(result: dict[str, Any], key: str = "remeasured") -> dict[str, list[LatencyStats]]:
