@@ -64,7 +64,7 @@ def scripted_latency() -> Iterator[SimpleNamespace]:
     def rounds(backend: Any, artifacts: Any, profile: Any, batch_sizes: Any = None, **_: Any):
         batches = tuple(batch_sizes or (profile.budget_batch_size,))
         stats = {n: {b: fake_stats(b, p50(a)) for b in batches} for n, a in artifacts.items()}
-        return RoundsResult(stats, {}, (), rounds=1, stopped_early=False, seconds=0.0)
+        return RoundsResult(stats, (), rounds=1, stopped_early=False, seconds=0.0)
 
     def confirm(artifacts: Any, profile: Any, batch_size: int, **_: Any) -> dict[str, Any]:
         script.confirmed.append(dict(artifacts))
