@@ -90,9 +90,9 @@ def schedules(opts: CompressOptions, n_images: int) -> tuple[Any, Any]:
 
 def family_config(opts: CompressOptions, n_images: int) -> Any:
     """The family engine's config: the schedule preset's procedure (how blocks are ranked,
-    re-fit, progressive or one-shot; see :data:`dcvit_deploy.compress.family.PROCEDURES`) with
+    re-fit, progressive or one-shot; see :data:`dcvit_deploy.compress.procedure.PROCEDURES`) with
     the user's explicit options on top."""
-    from dcvit_deploy.compress.family import FamilyConfig
+    from dcvit_deploy.compress.procedure import FamilyConfig
 
     sched, rank = schedules(opts, n_images)
     fields: dict[str, Any] = {
@@ -219,7 +219,7 @@ class FamilyUnit:
 
 
 def family_inputs(ctx: JobContext) -> tuple[dict[str, Any], str]:
-    """The keyword arguments of :func:`~dcvit_deploy.compress.family.family_engines` for this
+    """The keyword arguments of :class:`~dcvit_deploy.compress.family.FamilyEngine` for this
     run, and where its metric set came from."""
     from dcvit_deploy.compress.finetune import train_transform
     from dcvit_deploy.model.images import FewShotImages
