@@ -54,7 +54,8 @@ def test_dcvit_family_with_reuse_writes_rebuildable_candidates(tiny_vit, images,
     for c, t in zip(res.candidates[1:], (0.10, 0.2, 0.3), strict=True):
         assert c.reduction == pytest.approx(t, abs=0.01)
         assert c.recipe["blocks"] and set(c.recipe["blocks"]) <= {1, 2}
-    assert res.reused == names[2:]  # first target progressive, later ones warm-started
+    warm = [c.name for c in res.candidates if c.recipe.get("warm_from")]
+    assert warm == names[2:]  # first target progressive, later ones warm-started
     assert res.candidates[2].recipe["warm_from"] == names[1]
     _cand, model = load_candidate(tmp_path / f"{names[-1]}.json")
     assert model(images[:2]).shape == (2, 10)
@@ -83,7 +84,7 @@ def test_changed_option_redoes_dependent_work(tiny_vit, images, tmp_path):
 
 def test_independent_mode_ranks_per_width_and_is_progressive(tiny_vit, images, tmp_path):
     res = _run(tiny_vit, images, tmp_path, **{**REUSE, "reuse": False})
-    assert res.reused == []
+    assert not any(c.recipe.get("warm_from") for c in res.candidates)
     widths = {c.recipe["ranking_width"] for c in res.candidates[1:]}
     assert widths == {c.recipe["hidden"] for c in res.candidates[1:]}
     two_block = [c for c in res.candidates[1:] if c.recipe["n_blocks"] == 2]

@@ -1,14 +1,9 @@
-"""The family engine: builds every target's structure and trains the structures it is asked to
-(DC-ViT Steps 1-4 over many targets, or PRACTISE; what it builds is planned by :mod:`.procedure`).
-
-After ranking, every target's *structure* is built at once from the pretrained weights (surgery
-plus the closed-form re-fit: seconds, no finetune) and written with state ``structure``: latency
-depends on the structure, not on weight values, so the whole family can be measured before any
-of it is trained. :meth:`FamilyEngine.train` finetunes one structure into ``<name>.trained``;
-:func:`train_family` trains many, fanned out on the engine's executor.
-
-Every structure and trained candidate is written (safetensors + JSON spec) as soon as it is
-finished, with a fingerprint of everything it depends on; a rerun skips those that match.
+"""The family engine (DC-ViT Steps 1-4 over many targets, or PRACTISE; planned by
+:mod:`.procedure`): after ranking, every target's *structure* is built at once from the
+pretrained weights (surgery plus the closed-form re-fit: no finetune), so the whole family can be
+measured before any of it is trained; :meth:`FamilyEngine.train` finetunes one structure into
+``<name>.trained``. Each is written (safetensors + JSON spec) as soon as it is finished, with a
+fingerprint of everything it depends on; a rerun skips those that match.
 """
 
 from __future__ import annotations
@@ -41,7 +36,12 @@ from dcvit_deploy.compress.procedure import (
     preview_family,
     structure_tag,
 )
-from dcvit_deploy.compress.recoverability import BlockRanking, RankCriterion, rank_blocks
+from dcvit_deploy.compress.recoverability import (
+    BlockRanking,
+    RankCriterion,
+    finetune_reporter,
+    rank_blocks,
+)
 from dcvit_deploy.compress.refit import block_streams, refit_blocks
 from dcvit_deploy.compress.surgery import (
     NeuronChoice,
@@ -66,18 +66,14 @@ class FamilyResult:
     rankings: dict[int, BlockRanking]
     seconds: dict[str, float] = field(default_factory=dict)
     finetune_steps: int = 0
-    reused: list[str] = field(default_factory=list)
 
 
 def _scaled(schedule: FinetuneSchedule, fraction: float) -> FinetuneSchedule:
     if fraction >= 1:
         return schedule
     it = max(1, round(schedule.iterations * fraction))
-    return replace(
-        schedule,
-        iterations=it,
-        lr_warmup_iterations=min(it, round(schedule.lr_warmup_iterations * fraction)),
-    )
+    warmup = min(it, round(schedule.lr_warmup_iterations * fraction))
+    return replace(schedule, iterations=it, lr_warmup_iterations=warmup)
 
 
 Training = Generator[tuple[Any, ...], dict[str, Any], Candidate]
@@ -158,7 +154,7 @@ class FamilyEngine:
             seed=config.seed,
             images=activation_images,
         )
-        self.common = {
+        self.common: dict[str, Any] = {
             "teacher": teacher_fingerprint,
             "data": input_fingerprint,
             # which other targets share the family changes no candidate (its own plan and
@@ -169,25 +165,9 @@ class FamilyEngine:
         self.rankings: dict[int, BlockRanking] = {}
         self.steps = 0
         self.seconds: dict[str, float] = {}
-        self.reused: list[str] = []
 
     def _reporter(self, label: str) -> Callable[[FinetuneProgress], None] | None:
-        def report(p: FinetuneProgress) -> None:
-            self.progress(
-                ProgressEvent(
-                    stage=f"finetune {label}", step=p.step, steps=p.total, loss=p.loss, eta_s=p.eta
-                )
-            )
-
-        return None if self.executor.remote else report
-
-    def _finetune(
-        self, student: nn.Module, schedule: FinetuneSchedule, upto: int | str, label: str, seed: int
-    ) -> dict[str, Any]:
-        args = (student, self.teacher, self._train_data(), schedule, upto, seed, self.device)
-        stage = finetune_task(*args, self._reporter(label))[1]
-        self.steps += stage["steps"]
-        return stage
+        return finetune_reporter(self.progress, self.executor.remote, f"finetune {label}")
 
     def settle(self, targets: list[Training]) -> list[Candidate]:
         """Drive the :meth:`training` generators: each yields its one finetune ``(label,
@@ -269,8 +249,8 @@ class FamilyEngine:
         on = {k: self.common[k] for k in ("teacher", "data", "metric")}
         key = fingerprint({**on, "rank": rank_cfg, "hidden": width, "blocks": list(self.blocks)})
         cache = self.out / f"ranking-{cfg.method}-{width}-{key[:8]}.json"
-        shared = {"candidates": self.blocks, "seed": cfg.seed, "cache": cache, "cache_key": key,
-                  "progress": self.progress}  # fmt: skip
+        shared: dict[str, Any] = {"candidates": self.blocks, "seed": cfg.seed, "cache": cache,
+                                  "cache_key": key, "progress": self.progress}  # fmt: skip
         if dcvit:
             r = rank_blocks(
                 self.teacher,
@@ -295,16 +275,13 @@ class FamilyEngine:
         return r
 
     def _existing(self, stem: str, fp: str) -> Candidate | None:
-        spec = self.out / f"{stem}.json"
-        if not spec.is_file():
-            return None
+        """``<stem>`` as written with fingerprint ``fp``, while its files are there."""
         try:
-            cand = read_candidate(spec)
-        except UserInputError:
+            cand = read_candidate(self.out / f"{stem}.json")
+        except UserInputError:  # missing or unreadable: built again
             return None
-        if cand.recipe.get("fingerprint") != fp or not (self.out / cand.weights).is_file():
-            return None
-        return cand
+        done = cand.recipe.get("fingerprint") == fp and (self.out / cand.weights).is_file()
+        return cand if done else None
 
     def _record(
         self, name: str, target: float, spec: ArchSpec, recipe: dict[str, Any]
@@ -429,7 +406,6 @@ class FamilyEngine:
             upto = self.cfg.trainable_for("dcvit", max(chosen))
             sched = _scaled(sched, self.cfg.warm_fraction)
             stages = [{"blocks": chosen, **(yield name, student, sched, upto, seed)}]
-            self.reused.append(name)
         elif not self.cfg.progressive:
             chosen = r["blocks"]
             student = build_candidate(cand, self.out / cand.weights)
@@ -444,10 +420,11 @@ class FamilyEngine:
                 if self.cfg.refit:
                     refits += self._refit(student, [chosen[k - 1]])
                 upto = self.cfg.trainable_for("dcvit", max(chosen[:k]))
-                label = f"{name} ({k}/{len(chosen)})"
-                stages.append(
-                    {"blocks": chosen[:k], **self._finetune(student, sched, upto, label, seed + k)}
-                )
+                report = self._reporter(f"{name} ({k}/{len(chosen)})")
+                args = (student, self.teacher, self._train_data(), sched, upto, seed + k)
+                stage = finetune_task(*args, self.device, report)[1]
+                self.steps += stage["steps"]
+                stages.append({"blocks": chosen[:k], **stage})
         recipe = {
             **r,
             "fingerprint": fp,
@@ -542,7 +519,6 @@ def compress_family(teacher: nn.Module, *, train: bool = True, **inputs: Any) ->
         rankings={w: r for f in fams.values() for w, r in f.rankings.items()},
         seconds=seconds,
         finetune_steps=sum(f.steps for f in fams.values()),
-        reused=[r for f in fams.values() for r in f.reused],
     )
 
 

@@ -1,11 +1,7 @@
 """What a dense family holds and how it is built, known before any work: the procedures
-(:data:`PROCEDURES`), :class:`FamilyConfig`, the candidates' names and :func:`preview_family`,
-which plans every candidate from the teacher's shape alone. :mod:`.family` builds and trains them.
-
-Beyond the paper: blocks can be ranked without finetuning (``rank_criterion``), every newly
-compressed block can get a closed-form re-fit of its fc2 before finetuning (``refit``,
-:mod:`.refit`), and a family may hold several methods (``methods=("dcvit", "practise")``).
-"""
+(:data:`PROCEDURES`, the paper's and ours), :class:`FamilyConfig`, the candidates' names and
+:func:`preview_family`, which plans every candidate from the teacher's shape alone.
+:mod:`.family` builds and trains them."""
 
 from __future__ import annotations
 
@@ -38,11 +34,10 @@ PROCEDURES: dict[str, dict[str, Any]] = {
         "reuse": False,
         "bank_views": 0,
     },
-    # Chosen on the Fashion-MNIST benchmark (benchmarks/results/compression_quality.md): rank
-    # once (at the middle width) by re-fit + a 20-step finetune per block -- the same top blocks
-    # as the paper's finetune ranking at a third of its cost, where the re-fit alone picked worse
-    # blocks (-1.4 points) -- then one-shot surgery + re-fit of the chosen blocks and one short
-    # finetune per candidate on cached teacher features (plain views: see FinetuneSchedule.default).
+    # Chosen on the Fashion-MNIST benchmark (benchmarks/results/compression_quality.md): one
+    # ranking (middle width) by re-fit + a 20-step finetune per block (the paper's top blocks at a
+    # third of its cost; the re-fit alone picked worse ones), one-shot surgery + re-fit, one short
+    # finetune per candidate on cached teacher features.
     "default": {
         "rank_criterion": "refit_finetune",
         "rank_iterations": 20,
@@ -131,17 +126,13 @@ class FamilyConfig:
 
     @property
     def ranking_schedule(self) -> FinetuneSchedule:
-        """``rank_schedule``, else ``schedule`` shortened to ``rank_iterations``, else
-        ``schedule``."""
+        """``rank_schedule``, else ``schedule`` shortened to ``rank_iterations`` (if fewer)."""
         if self.rank_schedule is not None:
             return self.rank_schedule
         if self.rank_iterations is not None and self.rank_iterations < self.schedule.iterations:
             it = self.rank_iterations
-            return replace(
-                self.schedule,
-                iterations=it,
-                lr_warmup_iterations=min(it, max(1, round(0.05 * it))),
-            )
+            warmup = min(it, max(1, round(0.05 * it)))
+            return replace(self.schedule, iterations=it, lr_warmup_iterations=warmup)
         return self.schedule
 
     @classmethod
@@ -222,6 +213,7 @@ def preview_family(teacher: nn.Module, config: FamilyConfig) -> FamilyPreview:
     dups: dict[str, str] = {}
     for m in config.all_methods:
         seen: dict[tuple[int, int], str] = {}
+        planned: list[tuple[float, int, int, float, StructurePlan | None]]  # t, n, h', achieved
         if m == "dcvit":
             plans = plan_family(geom, depth, targets, max_blocks=n_blocks, round_to=config.round_to)
             planned = [
