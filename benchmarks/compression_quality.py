@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist
 
 from dcvit_deploy.compress.candidate import build_candidate
-from dcvit_deploy.compress.family import PROCEDURES, FamilyConfig, compress_family
+from dcvit_deploy.compress.family import compress_family
 from dcvit_deploy.compress.finetune import (
     FinetuneSchedule,
     feature_mimic,
@@ -60,6 +60,7 @@ from dcvit_deploy.compress.finetune import (
 from dcvit_deploy.compress.macs import geometry_of
 from dcvit_deploy.compress.metric_set import InversionSettings, load_or_synthesize
 from dcvit_deploy.compress.plan import plan_structure
+from dcvit_deploy.compress.procedure import PROCEDURES, FamilyConfig
 from dcvit_deploy.compress.recoverability import rank_blocks
 from dcvit_deploy.compress.refit import refit_blocks
 from dcvit_deploy.compress.surgery import apply_spec, compress_blocks, identity_spec, make_chooser

@@ -8,8 +8,15 @@ from fakes.runs import TINY_VIT_KWARGS
 
 from dcvit_deploy.compress import family as family_mod
 from dcvit_deploy.compress.candidate import load_candidate
-from dcvit_deploy.compress.family import FamilyConfig, compress_family, load_family
+from dcvit_deploy.compress.family import compress_family, load_family
 from dcvit_deploy.compress.finetune import FinetuneSchedule
+from dcvit_deploy.compress.procedure import (
+    FamilyConfig,
+    candidate_name,
+    preview_family,
+    procedure,
+    structure_tag,
+)
 from dcvit_deploy.errors import UserInputError
 
 
@@ -35,7 +42,7 @@ def _run(tiny_vit, images, out, **cfg):
     )
 
 
-REUSE = {**family_mod.procedure("paper"), "reuse": True}
+REUSE = {**procedure("paper"), "reuse": True}
 
 
 def test_dcvit_family_with_reuse_writes_rebuildable_candidates(tiny_vit, images, tmp_path):
@@ -47,7 +54,8 @@ def test_dcvit_family_with_reuse_writes_rebuildable_candidates(tiny_vit, images,
     for c, t in zip(res.candidates[1:], (0.10, 0.2, 0.3), strict=True):
         assert c.reduction == pytest.approx(t, abs=0.01)
         assert c.recipe["blocks"] and set(c.recipe["blocks"]) <= {1, 2}
-    assert res.reused == names[2:]  # first target progressive, later ones warm-started
+    warm = [c.name for c in res.candidates if c.recipe.get("warm_from")]
+    assert warm == names[2:]  # first target progressive, later ones warm-started
     assert res.candidates[2].recipe["warm_from"] == names[1]
     _cand, model = load_candidate(tmp_path / f"{names[-1]}.json")
     assert model(images[:2]).shape == (2, 10)
@@ -76,7 +84,7 @@ def test_changed_option_redoes_dependent_work(tiny_vit, images, tmp_path):
 
 def test_independent_mode_ranks_per_width_and_is_progressive(tiny_vit, images, tmp_path):
     res = _run(tiny_vit, images, tmp_path, **{**REUSE, "reuse": False})
-    assert res.reused == []
+    assert not any(c.recipe.get("warm_from") for c in res.candidates)
     widths = {c.recipe["ranking_width"] for c in res.candidates[1:]}
     assert widths == {c.recipe["hidden"] for c in res.candidates[1:]}
     two_block = [c for c in res.candidates[1:] if c.recipe["n_blocks"] == 2]
@@ -140,7 +148,7 @@ def test_rank_iterations_shortens_the_ranking_schedule():
     paper = FamilyConfig(
         schedule=FinetuneSchedule.tiny(iterations=50),
         targets=(0.1,),
-        **family_mod.procedure("paper"),
+        **procedure("paper"),
     )
     assert paper.ranking_schedule.iterations == 50 and paper.progressive and not paper.refit
     again = FamilyConfig.from_preset(
@@ -167,10 +175,10 @@ def test_mixed_family_holds_both_methods_with_unique_names(tiny_vit, images, tmp
 
 def test_candidate_names_are_unique_per_structure():
     # 8.08% and 8.09% rounded to 0.1% collided; the structure tag keeps them apart
-    a = family_mod.candidate_name("dcvit", 0.0808, family_mod.structure_tag("dcvit", 1, 500))
-    b = family_mod.candidate_name("dcvit", 0.0809, family_mod.structure_tag("dcvit", 1, 499))
+    a = candidate_name("dcvit", 0.0808, structure_tag("dcvit", 1, 500))
+    b = candidate_name("dcvit", 0.0809, structure_tag("dcvit", 1, 499))
     assert a != b and a == "dcvit-0808-n1h500"
-    assert family_mod.candidate_name("practise", 0.1664, "d2") == "practise-1664-d2"
+    assert candidate_name("practise", 0.1664, "d2") == "practise-1664-d2"
 
 
 def test_preview_reports_targets_that_collapse(tiny_vit):
@@ -179,11 +187,11 @@ def test_preview_reports_targets_that_collapse(tiny_vit):
         targets=(0.10, 0.1000001, 0.2),
         methods=("dcvit", "practise"),
     )
-    prev = family_mod.preview_family(tiny_vit, cfg)
+    prev = preview_family(tiny_vit, cfg)
     dc = [p for p in prev.candidates if p.method == "dcvit"]
     assert len(dc) == 2 and "dcvit@0.1" in prev.duplicates
     assert prev.duplicates["dcvit@0.1"] == dc[0].name
     # on 4 blocks every target rounds to one dropped block: one PRACTISE candidate
     assert len([p for p in prev.candidates if p.method == "practise"]) == 1
     with pytest.raises(UserInputError, match="outside the feasible range"):
-        family_mod.preview_family(tiny_vit, FamilyConfig(schedule=cfg.schedule, targets=(0.9,)))
+        preview_family(tiny_vit, FamilyConfig(schedule=cfg.schedule, targets=(0.9,)))

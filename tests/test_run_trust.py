@@ -347,7 +347,7 @@ def test_targets_that_collapse_to_one_structure_are_refused_in_one_line(tmp_path
 
 
 def test_candidate_names_are_unique_at_fine_target_resolution():
-    from dcvit_deploy.compress.family import candidate_name, structure_tag
+    from dcvit_deploy.compress.procedure import candidate_name, structure_tag
 
     a = candidate_name("dcvit", 0.0808, structure_tag("dcvit", 1, 200))
     b = candidate_name("dcvit", 0.0809, structure_tag("dcvit", 1, 199))

@@ -41,24 +41,18 @@ def read_candidate(spec_path: str | Path) -> Candidate:
     return from_dict(Candidate, data)
 
 
-def build_candidate(
-    candidate: Candidate, weights_path: str | Path | None = None, *, verify: bool = True
-) -> nn.Module:
-    """Rebuild the torch module of ``candidate`` from its spec and weights file (eval mode)."""
+def build_candidate(candidate: Candidate, weights_path: str | Path) -> nn.Module:
+    """Rebuild the torch module of ``candidate`` from its spec and weights file (eval mode),
+    refusing weights that do not match the spec's checksum."""
     from safetensors.torch import load_file
 
     from dcvit_deploy.compress.surgery import apply_spec
     from dcvit_deploy.model.loading import create_model
 
     arch = candidate.arch
-    base = create_model(arch.model_name, arch.model_kwargs)
-    model = apply_spec(base, arch)
-    if weights_path is None:
-        raise UserInputError(
-            "no weights file given for the candidate", "pass the .safetensors path"
-        )
+    model = apply_spec(create_model(arch.model_name, arch.model_kwargs), arch)
     wp = Path(weights_path)
-    if verify and candidate.weights_sha256 and sha256_file(wp) != candidate.weights_sha256:
+    if candidate.weights_sha256 and sha256_file(wp) != candidate.weights_sha256:
         raise UserInputError(
             f"weights {wp.name} do not match the checksum in the spec of {candidate.name}",
             "re-run compression for this candidate",

@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from dcvit_deploy.compress.finetune import feature_error
+from dcvit_deploy.compress.finetune import _image_of, feature_error
 from dcvit_deploy.compress.recoverability import BlockRanking, _load_partial
 from dcvit_deploy.progress import ProgressEvent, ProgressFn, quiet
 from dcvit_deploy.store.atomic import atomic_write_json
@@ -88,7 +88,7 @@ def rank_blocks_practise(
 
     def batches() -> torch.Tensor:
         idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
-        return torch.stack([_image(data[int(i)]) for i in idx]).to(device)
+        return torch.stack([_image_of(data[int(i)]) for i in idx]).to(device)
 
     todo = [b for b in candidates if b not in scores]
     for k, b in enumerate(todo, start=1):
@@ -106,10 +106,6 @@ def rank_blocks_practise(
         criterion="feature_error_with_adaptor",
         seconds=time.perf_counter() - start,
     )
-
-
-def _image(item: Any) -> torch.Tensor:
-    return item[0] if isinstance(item, (tuple, list)) else item
 
 
 def blocks_for_target(target: float, block_fraction: float, max_blocks: int) -> int:

@@ -60,6 +60,19 @@ class BlockRanking:
         return tuple(sorted(self.scores, key=lambda b: (self.scores[b], b)))
 
 
+def finetune_reporter(
+    progress: ProgressFn, remote: bool, stage: str, item: int = 0, items: int = 0
+) -> Callable[[FinetuneProgress], None] | None:
+    """A finetune's steps as ``stage`` events of ``progress``; ``None`` where the finetune runs
+    remotely (its task cannot call back)."""
+
+    def on_step(p: FinetuneProgress) -> None:
+        progress(ProgressEvent(stage=stage, item=item, items=items, step=p.step, steps=p.total,
+                               loss=p.loss, eta_s=p.eta))  # fmt: skip
+
+    return None if remote else on_step
+
+
 def default_candidate_blocks(depth: int) -> tuple[int, ...]:
     """The reference choice: every block but the first and the last (all, for depth <= 2)."""
     return tuple(range(1, depth - 1)) if depth > 2 else tuple(range(depth))
@@ -144,21 +157,13 @@ def rank_blocks(
     if todo and criterion != "finetune":
         streams = block_streams(teacher, cast(torch.Tensor, calibration))
     ex = executor or LocalExecutor()
-
-    def report(b: int, k: int) -> Callable[[FinetuneProgress], None] | None:
-        def on_step(p: FinetuneProgress) -> None:
-            progress(ProgressEvent(stage=f"rank block {b}", item=k, items=len(todo), step=p.step,
-                                   steps=p.total, loss=p.loss, eta_s=p.eta))  # fmt: skip
-
-        return None if ex.remote else on_step
-
     common = (teacher, base_spec, data, metric_images, hidden, chooser, schedule, seed)
     rest = (criterion, calibration, streams, ridge, device)
     gpu = str(device).startswith("cuda")
-    tasks = [
-        ex.task(f"rank block {b}", score_block, (b, *common, *rest, report(b, k)), gpu)
-        for k, b in enumerate(todo, start=1)
-    ]
+    tasks = []
+    for k, b in enumerate(todo, start=1):
+        report = finetune_reporter(progress, ex.remote, f"rank block {b}", k, len(todo))
+        tasks.append(ex.task(f"rank block {b}", score_block, (b, *common, *rest, report), gpu))
     for k, (task, score) in enumerate(ex.map(tasks), start=1):
         b = task.args[0]
         progress(ProgressEvent(stage=f"rank block {b} ({criterion})", item=k, items=len(todo)))
@@ -168,7 +173,7 @@ def rank_blocks(
     return BlockRanking(
         scores={b: scores[b] for b in candidates if b in scores},
         hidden=hidden,
-        criterion="kl_after_finetune" if criterion == "finetune" else f"kl_after_{criterion}",
+        criterion=f"kl_after_{criterion}",
         seconds=time.perf_counter() - start,
     )
 
@@ -180,10 +185,10 @@ def local_mimic(
     schedule: FinetuneSchedule,
     *,
     seed: int = 0,
-) -> float:
+) -> None:
     """Train ``student.blocks[block]`` and the next one in place to map the teacher's tokens
     entering ``block`` to those leaving ``block + 1`` (``streams``: :func:`.refit.block_streams`),
-    with the schedule's batch, AdamW and lr curve (no loss ramp); returns the last batch loss."""
+    with the schedule's batch, AdamW and lr curve (no loss ramp)."""
     blocks = cast(Any, student).blocks
     last = min(block + 1, len(blocks) - 1)
     pair = nn.Sequential(*(blocks[i] for i in range(block, last + 1)))  # shares, never copies
@@ -196,7 +201,6 @@ def local_mimic(
         weight_decay=schedule.weight_decay,
     )
     g = torch.Generator().manual_seed(seed)
-    loss = torch.zeros(())
     with _preserved_requires_grad(pair), _preserved_modes(pair):
         pair.requires_grad_(True)
         pair.eval()
@@ -208,4 +212,3 @@ def local_mimic(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return float(loss.detach())

@@ -61,44 +61,29 @@ def family_identity(opts: CompressOptions, prep: Prepared) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads(json.dumps(ident, default=str)))
 
 
-def schedules(opts: CompressOptions, n_images: int) -> tuple[Any, Any]:
-    """The finetune schedule (preset + overrides) and the ranking schedule (or ``None``)."""
+def family_config(opts: CompressOptions, n_images: int) -> Any:
+    """The family engine's config: the schedule preset with the user's iterations, ranking
+    iterations, lr and batch size, and its procedure (how blocks are ranked, re-fit, progressive
+    or one-shot: :data:`dcvit_deploy.compress.procedure.PROCEDURES`) under the user's options."""
     from dcvit_deploy.compress.finetune import FinetuneSchedule
+    from dcvit_deploy.compress.procedure import FamilyConfig
 
-    if opts.schedule == "paper":
-        sched = FinetuneSchedule.paper(n_images, batch_size=opts.batch_size or 64)
-    elif opts.schedule == "tiny":
+    def shortened(s: FinetuneSchedule, it: int) -> FinetuneSchedule:
+        return dataclasses.replace(
+            s, iterations=it, lr_warmup_iterations=min(s.lr_warmup_iterations, it)
+        )
+
+    if opts.schedule == "tiny":
         sched = FinetuneSchedule.tiny(batch_size=opts.batch_size or 4)
     else:
-        sched = FinetuneSchedule.default(n_images, batch_size=opts.batch_size or 64)
-    changes: dict[str, Any] = {}
-    if opts.iterations is not None:
-        changes["iterations"] = opts.iterations
-        changes["lr_warmup_iterations"] = min(sched.lr_warmup_iterations, opts.iterations)
-    if opts.lr is not None:
-        changes["lr"] = opts.lr
-    sched = dataclasses.replace(sched, **changes)
-    rank = None
-    if opts.rank_iterations is not None:
-        rank = dataclasses.replace(
-            sched,
-            iterations=opts.rank_iterations,
-            lr_warmup_iterations=min(sched.lr_warmup_iterations, opts.rank_iterations),
-        )
-    return sched, rank
-
-
-def family_config(opts: CompressOptions, n_images: int) -> Any:
-    """The family engine's config: the schedule preset's procedure (how blocks are ranked,
-    re-fit, progressive or one-shot; see :data:`dcvit_deploy.compress.family.PROCEDURES`) with
-    the user's explicit options on top."""
-    from dcvit_deploy.compress.family import FamilyConfig
-
-    sched, rank = schedules(opts, n_images)
+        preset = FinetuneSchedule.paper if opts.schedule == "paper" else FinetuneSchedule.default
+        sched = preset(n_images, batch_size=opts.batch_size or 64)
+    sched = sched if opts.iterations is None else shortened(sched, opts.iterations)
+    sched = sched if opts.lr is None else dataclasses.replace(sched, lr=opts.lr)
     fields: dict[str, Any] = {
         "schedule": sched,
         "targets": tuple(opts.targets),
-        "method": cast(Any, opts.methods[0]),
+        "method": opts.methods[0],
         "methods": tuple(opts.methods),
         "round_to": opts.round_to,
         "candidate_blocks": opts.candidate_blocks,
@@ -107,8 +92,8 @@ def family_config(opts: CompressOptions, n_images: int) -> Any:
         "seed": opts.seed,
         "include_original": opts.include_original,
     }
-    if rank is not None:
-        fields["rank_schedule"] = rank
+    if opts.rank_iterations is not None:
+        fields["rank_schedule"] = shortened(sched, opts.rank_iterations)
     if opts.reuse is not None:
         fields["reuse"] = opts.reuse
     return FamilyConfig.from_preset(opts.schedule, **fields)
@@ -219,7 +204,7 @@ class FamilyUnit:
 
 
 def family_inputs(ctx: JobContext) -> tuple[dict[str, Any], str]:
-    """The keyword arguments of :func:`~dcvit_deploy.compress.family.family_engines` for this
+    """The keyword arguments of :class:`~dcvit_deploy.compress.family.FamilyEngine` for this
     run, and where its metric set came from."""
     from dcvit_deploy.compress.finetune import train_transform
     from dcvit_deploy.model.images import FewShotImages
@@ -253,8 +238,8 @@ def _metric_set(ctx: JobContext, device: str) -> Any:
         real_metric_set,
     )
 
-    prep = ctx.prep()
-    opts = ctx.copts
+    prep, opts = ctx.prep(), ctx.copts
+    dcfg = prep.data_config
     if opts.metric == "real":
         return real_metric_set(prep.holdout)
     settings = InversionSettings.paper() if opts.inversion == "paper" else InversionSettings.fast()
@@ -266,28 +251,12 @@ def _metric_set(ctx: JobContext, device: str) -> Any:
         )
 
     def inv_progress(p: Any) -> None:
-        ctx.progress(
-            ProgressEvent(
-                stage="metric set",
-                step=p.step,
-                steps=p.total,
-                loss=p.loss,
-                eta_s=getattr(p, "eta", None),
-            )
-        )
+        ctx.progress(ProgressEvent(stage="metric set", step=p.step, steps=p.total, loss=p.loss,
+                                   eta_s=getattr(p, "eta", None)))  # fmt: skip
 
-    return load_or_synthesize(
-        ctx.run.sub("metric_set"),
-        prep.weights_fp,
-        prep.teacher,
-        prep.data_config["input_size"],
-        prep.data_config["mean"],
-        prep.data_config["std"],
-        settings,
-        seed=opts.seed,
-        device=device,
-        progress=inv_progress,
-    )
+    return load_or_synthesize(ctx.run.sub("metric_set"), prep.weights_fp, prep.teacher,
+                              dcfg["input_size"], dcfg["mean"], dcfg["std"], settings,
+                              seed=opts.seed, device=device, progress=inv_progress)  # fmt: skip
 
 
 def train_unit_id(name: str) -> str:
