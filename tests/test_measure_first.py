@@ -1,7 +1,7 @@
 """Measure first, train only what can be chosen: the whole family is measured as structures
 (surgery + closed-form re-fit, no finetune), only the pick is finetuned, and the pick is
 confirmed and published as its trained artifact. Latency is scripted by structure
-(:func:`conftest.scripted_latency`) so each decision is known in advance; the models, their
+(:func:`fakes.latency.scripted_latency`) so each decision is known in advance; the models, their
 training, ONNX export, ONNX Runtime builds and verification are real."""
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any
 import onnx
 import pytest
 from fakes.latency import scripted_latency
-from test_run_trust import PROFILE, copts, dopts, manifest
+from fakes.runs import FAST_PROFILE, copts, dopts, manifest
 
 from dcvit_deploy.api import run_pipeline, select_over_run
 from dcvit_deploy.selection.reasons import render
 
+PROFILE = FAST_PROFILE.replace('"test-cpu"', '"trust-cpu"').replace("[1, 2]", "[1]")
 TARGETS = (0.10, 0.20, 0.30)  # dcvit-1003-..., dcvit-2000-..., dcvit-3004-...
 
 

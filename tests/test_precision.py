@@ -13,8 +13,8 @@ import onnx
 import pytest
 import torch
 from fakes import fake_tensorrt
-from fakes.runs import FAST, MODEL, run_cli_text
-from test_select import stats
+from fakes.latency import fake_stats as stats
+from fakes.runs import FAST, FAST_PROFILE, MODEL, run_cli_text
 
 from dcvit_deploy.config.options import DeployOptions
 from dcvit_deploy.config.profiles import load_profile, profile_from_dict
@@ -296,32 +296,12 @@ def test_tensorrt_builds_qdq_graphs_strongly_typed_without_precision_flags(
 
 # --------------------------------------------------------------------------- the pipeline
 
-PROFILE = """
-name = "test-int8"
-backend = "onnxruntime"
-device = "cpu"
-precision = "fp32"
-precisions = ["fp32", "int8"]
-batch_sizes = [1]
-statistic = "p50"
-scope = "host"
-
-[measure]
-warmup_iters = 2
-warmup_min_s = 0.0
-window_iters = 5
-min_window_s = 0.0
-min_windows = 2
-max_windows = 3
-min_duration_s = 0.0
-
-[backend_options]
-intra_op_num_threads = 1
-
-[quantize]
-calibration_images = {n}
-method = "{method}"
-"""
+PROFILE = (
+    FAST_PROFILE.replace('"test-cpu"', '"test-int8"')
+    .replace('precision = "fp32"\n', 'precision = "fp32"\nprecisions = ["fp32", "int8"]\n')
+    .replace("batch_sizes = [1, 2]", "batch_sizes = [1]")
+    + '\n[quantize]\ncalibration_images = {n}\nmethod = "{method}"\n'
+)
 
 
 def test_each_candidate_and_precision_is_an_artifact_end_to_end(photo_dir, tmp_path) -> None:
