@@ -356,40 +356,10 @@ def reopen(out: str | Path, *, lock: bool = True) -> tuple[RunDir, CompressOptio
     """An existing run and the compression options it was made with."""
     run = RunDir.load(out, lock=lock)
     try:
-        return run, options_from_manifest(run)
+        return run, RunView(run).compress_options()
     except BaseException:
         run.close()
         raise
-
-
-def options_from_manifest(run: RunDir) -> CompressOptions:
-    """The compression options the run was made with (checked when the manifest was read)."""
-    from dcvit_deploy.config.options import CompressOptions
-    from dcvit_deploy.model.images import DataOverrides
-    from dcvit_deploy.store.records import from_dict
-
-    raw = RunView(run).inputs.get("compress_options")
-    if not raw:
-        raise UserInputError(
-            f"{run.root} has no recorded compression options", "run `dcvit-deploy compress` first"
-        )
-
-    opts = from_dict(CompressOptions, raw, schema=None, localns={"DataOverrides": DataOverrides})
-    return dataclasses.replace(opts, device="auto")
-
-
-def run_profiles(run: RunDir, requested: str | None) -> list[str]:
-    """The profile(s) a command that reads ``run`` uses: the one asked for, else the one the
-    run was last measured with."""
-    if requested:
-        return [requested]
-    measured = RunView(run).profiles
-    if not measured:
-        raise UserInputError(
-            f"{run.root} has not been measured on any profile yet",
-            "run `dcvit-deploy profile --out RUN` (or the whole `compress`) first",
-        )
-    return measured[-1:]
 
 
 def stage_job(
@@ -406,7 +376,7 @@ def stage_job(
     run, copts = reopen(out)
     with terminate_as_interrupt(), run:
         view = RunView(run)
-        name = dopts.profile if profile_given else view.profile_source(run_profiles(run, None)[0])
+        name = dopts.profile if profile_given else view.profile_source(view.current_profile())
         profile = load_profile(name)
         if until not in ("export", "report"):
             check_target(profile, dopts)

@@ -9,10 +9,12 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.store.records import Artifact, Fidelity, LatencyStats, Verification, from_dict
 
 if TYPE_CHECKING:
+    from dcvit_deploy.config.options import CompressOptions
     from dcvit_deploy.store.records import TargetProfile
     from dcvit_deploy.store.rundir import RunDir
 
@@ -93,6 +95,28 @@ class RunView:
     def profiles(self) -> list[str]:
         """The profiles the run was measured with (the last one is the run's current)."""
         return list(self.inputs.get("profiles", []))
+
+    def current_profile(self) -> str:
+        """The profile the run was last measured with."""
+        if not self.profiles:
+            raise UserInputError(
+                f"{self.run.root} has not been measured on any profile yet",
+                "run `dcvit-deploy profile --out RUN` (or the whole `compress`) first",
+            )
+        return self.profiles[-1]
+
+    def compress_options(self) -> CompressOptions:
+        """The compression options the run was made with (checked when the manifest was read)."""
+        from dcvit_deploy.config.options import CompressOptions
+        from dcvit_deploy.model.images import DataOverrides
+
+        raw = self.inputs.get("compress_options")
+        if not raw:
+            fix = "run `dcvit-deploy compress` first"
+            raise UserInputError(f"{self.run.root} has no recorded compression options", fix)
+        local = {"DataOverrides": DataOverrides}
+        opts = from_dict(CompressOptions, raw, schema=None, localns=local)
+        return dataclasses.replace(opts, device="auto")
 
     def profile_source(self, name: str) -> str:
         """What to load profile ``name`` from (a built-in name or a file)."""
