@@ -106,7 +106,7 @@ def run_target(shared: dict[str, bytes], job: TargetJob) -> tuple[Any, ...]:
         atomic_write_json(root / MANIFEST, job.manifest)
         with RunDir.load(root) as run:
             ctx = JobContext(run, job.copts, job.dopts, job.profile, _prep=job.prep,
-                             elsewhere=("export/",))  # fmt: skip
+                             elsewhere=("export",))  # fmt: skip
             error = ""
             try:
                 check_target(job.profile, job.dopts)
@@ -199,7 +199,7 @@ def deploy_fleet(
             if not results[task.key]:  # no error on the node: select there, publish here
                 prof = cast("TargetProfile", c.profile)
                 _remember_profile(run, prof, c.dopts)
-                c = replace(c, elsewhere=("select/",))
+                c = replace(c, elsewhere=("select",))
                 attempt(task.key, lambda c=c, p=prof: decide_and_publish(c, Runner(c), family, p))
     if fleet:
         return fleet_result(ctx, family, targets, results)
