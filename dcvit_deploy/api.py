@@ -14,6 +14,7 @@ from typing import Any, Literal
 from dcvit_deploy.config.options import CompressOptions, DeployOptions
 from dcvit_deploy.config.validate import Validated, validate_stage
 from dcvit_deploy.pipeline import JobResult, run_job, stage_job, status_of
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.progress import ProgressFn, quiet
 
 __all__ = [
@@ -95,16 +96,18 @@ def status(out: str | Path) -> dict[str, Any]:
     family (``{"status": "not measured"}`` before its first stage), and the superseded
     candidates of earlier families (``{"status": "superseded"}``)."""
     s = status_of(out)
-    steps = {k: v["status"] for k, v in s["units"].items() if k.count("/") <= 1}
-    steps = {k: v for k, v in steps.items() if not k.startswith("train/")}
+    ids = {k: UnitId.parse(k) for k in s["units"]}
+    steps = {k: v["status"] for k, v in s["units"].items() if (u := ids[k]) and not u.name}
     candidates: dict[str, dict[str, str]] = {name: {} for name in s["family"]}
     for unit_id, rec in s["units"].items():
-        kind, where, a, b = [*str(unit_id).split("/"), "", "", ""][:4]
-        name = f"{b}.{a}" if kind == "quantize" else a  # quantize/<profile>/<precision>/<name>
-        if kind == "train" and where in candidates:
-            candidates[where]["train"] = rec["status"]
-        elif kind in ("export", "build", "quantize") and name.split(".")[0] in candidates:
-            stage = f"{kind}:{where}" + (":trained" if ".trained" in name else "")
+        if (u := ids[unit_id]) is None:
+            continue
+        name = f"{u.name}.{u.precision}" if u.kind == "quantize" else u.name
+        if u.kind == "train" and u.name in candidates:
+            candidates[u.name]["train"] = rec["status"]
+        elif u.kind in ("export", "build", "quantize") and u.candidate in candidates:
+            stage = f"{u.kind}:{u.precision if u.kind == 'export' else u.profile}"
+            stage += ":trained" if ".trained" in name else ""
             candidates.setdefault(name.replace(".trained", ""), {})[stage] = rec["status"]
     for name in candidates:
         candidates[name] = candidates[name] or {"status": "not measured"}

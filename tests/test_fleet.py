@@ -212,10 +212,10 @@ def test_units_that_ran_elsewhere_are_taken_from_their_records_never_rerun(tmp_p
 
     with RunDir.open(tmp_path / "run", {"model": "m"}) as run:
         run.record_unit(Measure.id, {"status": "ok", "result": {"selection": None}})
-        ctx = JobContext(run, None, None, elsewhere=("select/",))  # type: ignore[arg-type]
+        ctx = JobContext(run, None, None, elsewhere=("select",))  # type: ignore[arg-type]
         done = Runner(ctx).run(Measure())
         assert (done.status, done.result, done.reused) == ("ok", {"selection": None}, True)
-        ctx.elsewhere = ("export/",)
+        ctx.elsewhere = ("export",)
         with pytest.raises(AssertionError, match="fingerprinted on the head"):
             Runner(ctx).run(Measure())
 

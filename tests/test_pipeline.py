@@ -204,6 +204,32 @@ def test_status_lists_steps(finished_run):
     assert s["steps"]["family"] == "ok" and set(s["outcomes"]["test-cpu"].values()) == {"ok"}
 
 
+def test_unit_ids_keep_the_manifest_format_and_parse_back(finished_run):
+    from dcvit_deploy.pipeline.ids import UnitId
+    from dcvit_deploy.pipeline.view import RunView
+    from dcvit_deploy.store.rundir import RunDir
+
+    written = {
+        UnitId("family"): "family",
+        UnitId("train", name="dcvit-0100"): "train/dcvit-0100",
+        UnitId("export", precision="fp16", name="c.trained"): "export/fp16/c.trained",
+        UnitId("quantize", "cpu", "int8", "c.trained"): "quantize/cpu/int8/c.trained",
+        UnitId("build", "cpu", name="c.trained.int8"): "build/cpu/c.trained.int8",
+        UnitId("profile", "cpu"): "profile/cpu",
+        UnitId("select", "cpu"): "select/cpu",
+        UnitId("publish", "cpu"): "publish/cpu",
+    }
+    for uid, text in written.items():
+        assert str(uid) == text and UnitId.parse(text) == uid
+    assert UnitId("build", "cpu", name="c.trained.int8").candidate == "c"
+    assert UnitId.parse("build/cpu") is None and UnitId.parse("report/cpu") is None
+    out, _ = finished_run
+    with RunDir.load(out, lock=False) as run:  # a real run: every record read back by its id
+        keys = set(json.loads((out / "manifest.json").read_text())["units"])
+        assert {str(u) for u in RunView(run).records()} == keys
+        assert {u.kind for u in RunView(run).records()} >= {"family", "export", "build", "profile"}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -170,7 +170,8 @@ class JobContext:
     executor: LocalExecutor = field(default_factory=LocalExecutor)
     """Where independent work runs (:mod:`.executor`); only this process writes ``run``."""
     elsewhere: tuple[str, ...] = ()
-    """Unit ids (prefixes) that ran elsewhere (a target's node, the head): their records stand."""
+    """Kinds of unit (:class:`~.ids.UnitId`) that ran elsewhere (a target's node, the head):
+    their records stand."""
 
     def prep(self) -> Prepared:
         if self._prep is None:

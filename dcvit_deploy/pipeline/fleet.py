@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dcvit_deploy.errors import BudgetInfeasible, DcvitError, EnvironmentProblem
 from dcvit_deploy.pipeline.executor import Resources, Task, Unplaceable
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.result import JobResult
 from dcvit_deploy.pipeline.runner import Runner
 from dcvit_deploy.pipeline.units.exporting import onnx_precision_for
+from dcvit_deploy.pipeline.view import RunView
 from dcvit_deploy.selection.fidelity import fidelity_set
 from dcvit_deploy.selection.reasons import render
 from dcvit_deploy.store.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -71,10 +73,8 @@ class TargetJob:
     files: dict[str, bytes]
 
 
-def _ours(unit_id: str, name: str) -> bool:
-    return unit_id in (f"profile/{name}", f"select/{name}") or unit_id.startswith(
-        (f"build/{name}/", f"quantize/{name}/")
-    )
+def _ours(uid: UnitId, name: str) -> bool:
+    return uid.kind in ("profile", "select", "build", "quantize") and uid.profile == name
 
 
 def _target_files(root: Path, name: str) -> dict[str, bytes]:
@@ -106,7 +106,7 @@ def run_target(shared: dict[str, bytes], job: TargetJob) -> tuple[Any, ...]:
         atomic_write_json(root / MANIFEST, job.manifest)
         with RunDir.load(root) as run:
             ctx = JobContext(run, job.copts, job.dopts, job.profile, _prep=job.prep,
-                             elsewhere=("export/",))  # fmt: skip
+                             elsewhere=("export",))  # fmt: skip
             error = ""
             try:
                 check_target(job.profile, job.dopts)
@@ -115,7 +115,7 @@ def run_target(shared: dict[str, bytes], job: TargetJob) -> tuple[Any, ...]:
             except DcvitError as exc:
                 error = f"failed on {socket.gethostname()}: {exc.one_line()}"
             name = job.profile.name
-            records = {u: r for u, r in run.units().items() if _ours(u, name)}
+            records = {str(u): r for u, r in RunView(run).records().items() if _ours(u, name)}
             files = _target_files(root, name)
             changed = {rel: d for rel, d in files.items() if job.files.get(rel) != d}
             return records, changed, ctx.notes, error
@@ -145,8 +145,11 @@ def _task(c: JobContext, family: Family, shared: dict[Any, dict[str, bytes]]) ->
         rels = [f"family/{x.key}.json" for x in recs] + [f"family/{x.weights}" for x in recs]
         rels += [f"onnx/{q}/{x.key}.onnx" for x in recs for q in prec]
         shared[prec] = {r: (run.root / r).read_bytes() for r in rels if (run.root / r).is_file()}
-    shared_units = ("family", "train/", *(f"export/{q}/" for q in prec))
-    units = {u: r for u, r in run.units().items() if u.startswith(shared_units) or _ours(u, p.name)}
+
+    def wanted(u: UnitId) -> bool:
+        return u.kind in ("family", "train") or (u.kind == "export" and u.precision in prec)
+
+    units = {str(u): r for u, r in RunView(run).records().items() if wanted(u) or _ours(u, p.name)}
     key = hashlib.sha256(f"{run.root}|{p.name}".encode()).hexdigest()[:16]
     fidelity_set(c.prep(), c.dopts.eval_data)  # the original's logits go with the images
     prep = replace(c.prep(), teacher=cast(Any, None))  # the node needs the held-out images
@@ -196,7 +199,7 @@ def deploy_fleet(
             if not results[task.key]:  # no error on the node: select there, publish here
                 prof = cast("TargetProfile", c.profile)
                 _remember_profile(run, prof, c.dopts)
-                c = replace(c, elsewhere=("select/",))
+                c = replace(c, elsewhere=("select",))
                 attempt(task.key, lambda c=c, p=prof: decide_and_publish(c, Runner(c), family, p))
     if fleet:
         return fleet_result(ctx, family, targets, results)

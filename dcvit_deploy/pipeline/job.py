@@ -22,26 +22,27 @@ from dcvit_deploy.errors import NotPublished, UserInputError
 from dcvit_deploy.export.quantize import structure_of
 from dcvit_deploy.pipeline.context import JobContext, identity_of, prepare
 from dcvit_deploy.pipeline.executor import LocalExecutor
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.outcomes import check_measured, outcome_of, outcomes_for
 from dcvit_deploy.pipeline.result import JobResult
 from dcvit_deploy.pipeline.runner import Runner, terminate_as_interrupt
-from dcvit_deploy.pipeline.units.building import BuildUnit, build_facts, build_unit_id
+from dcvit_deploy.pipeline.units.building import BuildUnit
 from dcvit_deploy.pipeline.units.compressing import (
     FamilyUnit,
     current_family,
     superseded,
     train_picks,
-    train_unit_id,
 )
-from dcvit_deploy.pipeline.units.exporting import ExportUnit, export_facts, onnx_precision_for
+from dcvit_deploy.pipeline.units.exporting import ExportUnit, onnx_precision_for
 from dcvit_deploy.pipeline.units.measuring import ProfileUnit, check_device
-from dcvit_deploy.pipeline.units.publishing import PublishUnit, publish_unit_id, unpublish_stale
-from dcvit_deploy.pipeline.units.quantizing import artifact_plan, quantize_unit_id, quantized
+from dcvit_deploy.pipeline.units.publishing import PublishUnit, unpublish_stale
+from dcvit_deploy.pipeline.units.quantizing import artifact_plan, quantized
 from dcvit_deploy.pipeline.units.selecting import (
     SelectUnit,
     remeasured_of,
     selection_of,
 )
+from dcvit_deploy.pipeline.view import RunView
 from dcvit_deploy.progress import ProgressFn, quiet
 from dcvit_deploy.store.rundir import RunDir
 
@@ -187,20 +188,20 @@ class ArtifactMaker:
     def __call__(self, rec: Candidate, p: str, *, export_only: bool = False) -> Artifact | None:
         from dcvit_deploy.export.quantize import QUANTIZED, artifact_name
 
-        runner, profile, run = self.runner, self.profile, self.runner.ctx.run
+        runner, profile, view = self.runner, self.profile, RunView(self.runner.ctx.run)
         src, name = onnx_precision_for(p), artifact_name(rec.key, p, profile.precision)
-        after = [quantize_unit_id(profile.name, p, rec.key)] * (p in QUANTIZED)
+        after = [UnitId("quantize", profile.name, p, rec.key)] * (p in QUANTIZED)
 
-        def fail(why: str, skipped: list[str] = after) -> Artifact | None:
-            for uid in [*skipped, build_unit_id(profile.name, name)]:
-                runner.skip(uid, why)
+        def fail(why: str, skipped: list[UnitId] = after) -> Artifact | None:
+            for uid in [*skipped, UnitId("build", profile.name, name=name)]:
+                runner.skip(str(uid), why)
             return None
 
         if (src, rec.key) not in self.exported:
             self.exported[src, rec.key] = runner.run(ExportUnit(rec, src)).ok
         if not self.exported[src, rec.key]:
             return fail("export failed")
-        onnx_path, verification = export_facts(run, src, rec.key)
+        onnx_path, verification = view.graph(UnitId("export", precision=src, name=rec.key))
         if export_only:
             return None
         if onnx_path is None or verification is None or not verification.passed:
@@ -211,7 +212,7 @@ class ArtifactMaker:
                 return fail("quantization failed", [])
         target = dataclasses.replace(profile, precision=p)  # type: ignore[arg-type]
         if runner.run(BuildUnit(rec, target, onnx_path, name)).ok:
-            artifact, built, _ = build_facts(run, profile.name, name)
+            artifact, built, _ = view.built(profile.name, name)
             if artifact is not None and built is not None and built.passed:
                 return artifact
         return None
@@ -233,7 +234,7 @@ def _picker(
         cand, p = structure_of(name), outcomes[name].precision or profile.precision
         rec = train_picks(ctx, runner, family, [cand]).trained.get(cand)
         if rec is None:
-            why = (ctx.run.unit(train_unit_id(cand)) or {}).get("reason", "")
+            why = (RunView(ctx.run).record(UnitId("train", name=cand)) or {}).get("reason", "")
             return f"training failed: {why}"
         make(rec, p)
         fam = current_family(ctx.run)
@@ -256,16 +257,11 @@ def _remember_profile(run: RunDir, profile: TargetProfile, dopts: DeployOptions)
     where each came from and the precisions it was measured at."""
     from dcvit_deploy.export.quantize import check_precisions
 
-    inputs = run.manifest["inputs"]
+    inputs = RunView(run).inputs
     measured = [p for p in inputs.get("profiles", []) if p != profile.name]
     sources = {**inputs.get("profile_sources", {}), profile.name: dopts.profile}
     tried = {**inputs.get("precisions", {}), profile.name: check_precisions(profile, dopts)}
     run.set_inputs(profiles=[*measured, profile.name], profile_sources=sources, precisions=tried)
-
-
-def profile_source(run: RunDir, name: str) -> str:
-    """What to load a profile the run was measured with from (a built-in name or a file)."""
-    return str(run.manifest.get("inputs", {}).get("profile_sources", {}).get(name, name))
 
 
 def decide_and_publish(
@@ -283,7 +279,7 @@ def decide_and_publish(
     from dcvit_deploy.selection.decide import capacity_order, infeasible_error
     from dcvit_deploy.selection.fidelity import apply_floors
 
-    run = ctx.run
+    run, view = ctx.run, RunView(ctx.run)
     outcomes = outcomes_for(run, family, profile, ctx.dopts.precisions or ())
     if family.train_all:  # else a structure's fidelity says nothing: its trained pick is judged
         outcomes, undecided = apply_floors(outcomes, ctx.dopts)
@@ -295,8 +291,7 @@ def decide_and_publish(
     res: dict[str, Any] | None = None
     if render:  # the recorded decision, if it was made on these outcomes
         unit = SelectUnit(profile, outcomes)
-        rec = run.unit(unit.id) or {}
-        res = rec.get("result") if rec.get("status") == "ok" else None
+        res = view.result(UnitId("select", profile=profile.name))
         if res is not None and res.get("decided_on") != unit.inputs(ctx)["outcomes"]:
             ctx.note("the recorded choice was made on other measurements: run select again")
             res = None
@@ -330,10 +325,10 @@ def decide_and_publish(
         return result
     sel = result.selection
     if render:
-        done = run.unit(publish_unit_id(profile.name)) or {}
-        models = done.get("result", {}).get("models") if done.get("status") == "ok" else None
+        done = view.result(UnitId("publish", profile=profile.name)) or {}
+        models = done.get("models")
         if sel is not None and models and models[0]["candidate"] == sel.chosen:
-            result.published = done["result"]
+            result.published = done
     elif sel is not None and sel.chosen is not None:
         assert family.train_all or structure_of(sel.chosen) in family.trained, "a structure"
         pub = runner.run(PublishUnit(profile, sel, result.outcomes, family))
@@ -361,40 +356,10 @@ def reopen(out: str | Path, *, lock: bool = True) -> tuple[RunDir, CompressOptio
     """An existing run and the compression options it was made with."""
     run = RunDir.load(out, lock=lock)
     try:
-        return run, options_from_manifest(run)
+        return run, RunView(run).compress_options()
     except BaseException:
         run.close()
         raise
-
-
-def options_from_manifest(run: RunDir) -> CompressOptions:
-    """The compression options the run was made with (checked when the manifest was read)."""
-    from dcvit_deploy.config.options import CompressOptions
-    from dcvit_deploy.model.images import DataOverrides
-    from dcvit_deploy.store.records import from_dict
-
-    raw = run.manifest.get("inputs", {}).get("compress_options")
-    if not raw:
-        raise UserInputError(
-            f"{run.root} has no recorded compression options", "run `dcvit-deploy compress` first"
-        )
-
-    opts = from_dict(CompressOptions, raw, schema=None, localns={"DataOverrides": DataOverrides})
-    return dataclasses.replace(opts, device="auto")
-
-
-def run_profiles(run: RunDir, requested: str | None) -> list[str]:
-    """The profile(s) a command that reads ``run`` uses: the one asked for, else the one the
-    run was last measured with."""
-    if requested:
-        return [requested]
-    measured = list(run.manifest.get("inputs", {}).get("profiles", []))
-    if not measured:
-        raise UserInputError(
-            f"{run.root} has not been measured on any profile yet",
-            "run `dcvit-deploy profile --out RUN` (or the whole `compress`) first",
-        )
-    return measured[-1:]
 
 
 def stage_job(
@@ -410,12 +375,13 @@ def stage_job(
 
     run, copts = reopen(out)
     with terminate_as_interrupt(), run:
-        name = dopts.profile if profile_given else profile_source(run, run_profiles(run, None)[0])
+        view = RunView(run)
+        name = dopts.profile if profile_given else view.profile_source(view.current_profile())
         profile = load_profile(name)
         if until not in ("export", "report"):
             check_target(profile, dopts)
         family = current_family(run)
-        deployed = run.manifest["inputs"].get("deploy_options") or {}
+        deployed = view.inputs.get("deploy_options") or {}
         dopts = dataclasses.replace(  # where the run was deployed, unless given now
             dopts,
             triton_repo=dopts.triton_repo or deployed.get("triton_repo"),
@@ -426,7 +392,7 @@ def stage_job(
         ctx = JobContext(run, copts, dopts, profile, progress)
         runner = Runner(ctx)
         if until in ("select", "report"):
-            if not run.unit(f"profile/{profile.name}"):
+            if not view.record(UnitId("profile", profile=profile.name)):
                 raise UserInputError(
                     f"{out} has not been measured on profile {profile.name}",
                     "run `dcvit-deploy profile` first, or pass the --profile it was measured with",
@@ -440,7 +406,7 @@ def measured_profile(run: RunDir, profile: TargetProfile, *, given: str | None) 
     decision and the served config use); a ``--profile`` given now must be that content."""
     from dcvit_deploy.store.records import TargetProfile, from_dict, to_dict
 
-    rec = run.unit(f"profile/{profile.name}")
+    rec = RunView(run).record(UnitId("profile", profile=profile.name))
     if not rec:
         raise UserInputError(
             f"{run.root} has not been measured on profile {profile.name}",
@@ -466,14 +432,15 @@ def status_of(out: str | Path) -> dict[str, Any]:
     from dcvit_deploy.pipeline.runner import outputs_problem
 
     run = RunDir.load(out, lock=False)
+    view = RunView(run)
     units = {}
-    for uid, rec in sorted(run.units().items()):
+    for uid, rec in view.records().items():
         status = rec.get("status")
         if status == "ok":
             problem = outputs_problem(run, rec.get("outputs", {}))
             if problem:
                 status = f"stale ({problem})"
-        units[uid] = {"status": status, "reason": rec.get("reason", "")}
+        units[str(uid)] = {"status": status, "reason": rec.get("reason", "")}
     try:
         family = current_family(run)
         names = list(family.names)
@@ -487,9 +454,9 @@ def status_of(out: str | Path) -> dict[str, Any]:
     if names:
         from dcvit_deploy.config.profiles import load_profile
 
-        for name in run.manifest.get("inputs", {}).get("profiles", []):
+        for name in view.profiles:
             try:
-                prof = load_profile(profile_source(run, name))
+                prof = load_profile(view.profile_source(name))
             except UserInputError:
                 continue
             found = outcomes_for(run, family, prof)
@@ -497,12 +464,12 @@ def status_of(out: str | Path) -> dict[str, Any]:
             measured_on[name] = {o.candidate: o.measured_on for o in found if o.latency}
     return {
         "run": str(run.root),
-        "identity": run.manifest.get("identity"),
+        "identity": view.identity,
         "units": units,
         "outcomes": outcomes,
         "family": names,
         "trained": trained,
         "measured_on": measured_on,
         "superseded": gone,
-        "profiles": run.manifest.get("inputs", {}).get("profiles", []),
+        "profiles": view.profiles,
     }

@@ -9,43 +9,24 @@ from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.export.quantize import QUANTIZED, artifact_name, structure_of
-from dcvit_deploy.pipeline.units.building import build_facts, closeness_of
-from dcvit_deploy.pipeline.units.exporting import export_unit_id, graph_facts, onnx_precision_for
-from dcvit_deploy.pipeline.units.quantizing import artifact_plan, quantize_unit_id, tried_precisions
+from dcvit_deploy.pipeline.ids import UnitId
+from dcvit_deploy.pipeline.units.exporting import onnx_precision_for
+from dcvit_deploy.pipeline.units.quantizing import artifact_plan
+from dcvit_deploy.pipeline.view import RunView
 from dcvit_deploy.store.atomic import sha256_file
-from dcvit_deploy.store.records import CandidateOutcome, LatencyStats, from_dict
+from dcvit_deploy.store.records import CandidateOutcome
 
 if TYPE_CHECKING:
     from dcvit_deploy.pipeline.units.compressing import Family
-    from dcvit_deploy.store.records import Candidate, TargetProfile
+    from dcvit_deploy.store.records import Candidate, LatencyStats, TargetProfile
     from dcvit_deploy.store.rundir import RunDir
-
-
-def profile_unit_id(profile: str) -> str:
-    return f"profile/{profile}"
-
-
-def measured(
-    run: RunDir, profile: str
-) -> tuple[dict[str, list[LatencyStats]], dict[str, str], dict[str, str]]:
-    """Latencies, measurement failures and the artifacts considered (name -> sha256) recorded
-    by the profile unit of ``profile``."""
-    rec = run.unit(profile_unit_id(profile))
-    if not rec or rec.get("status") != "ok":
-        return {}, {}, {}
-    res = rec.get("result", {})
-    lat = {
-        name: [from_dict(LatencyStats, s) for s in stats]
-        for name, stats in res.get("latency", {}).items()
-    }
-    return lat, dict(res.get("errors", {})), dict(res.get("artifacts", {}))
 
 
 def check_measured(run: RunDir, profile: TargetProfile, outcomes: list[CandidateOutcome]) -> None:
     """Before a decision, in one line: every candidate's artifact as it is now was considered
     by the profile unit (not a candidate of a rerun ``family``, not rebuilt since), and every
     selectable artifact is still the file that was measured."""
-    considered = measured(run, profile.name)[2]
+    considered = RunView(run).measured(profile.name)[2]
     fresh = [
         o.candidate
         for o in outcomes
@@ -93,11 +74,11 @@ def candidate_facts(
     }
 
 
-def graph_unit_id(profile: TargetProfile, precision: str, key: str) -> str:
+def graph_unit_id(profile: TargetProfile, precision: str, key: str) -> UnitId:
     """The unit that makes the ONNX graph artifact (record ``key``, ``precision``) is built from."""
     if precision in QUANTIZED:
-        return quantize_unit_id(profile.name, precision, key)
-    return export_unit_id(onnx_precision_for(precision), key)
+        return UnitId("quantize", profile.name, precision, key)
+    return UnitId("export", precision=onnx_precision_for(precision), name=key)
 
 
 def outcomes_for(
@@ -105,8 +86,9 @@ def outcomes_for(
 ) -> list[CandidateOutcome]:
     """One outcome per artifact (candidate, precision) of ``family`` on ``profile`` (default:
     the precisions it was last deployed with), in family order."""
-    latency, errors, considered = measured(run, profile.name)
-    tried = precisions or tried_precisions(run, profile)
+    view = RunView(run)
+    latency, errors, considered = view.measured(profile.name)
+    tried = precisions or view.precisions(profile)
     return [
         outcome_of(
             run,
@@ -143,8 +125,9 @@ def outcome_of(
     if rec is None:
         return CandidateOutcome(**base, status="not_measured", error="not trained")
     key = artifact_name(rec.key, precision, profile.precision)
-    graph = run.unit(graph_unit_id(profile, precision, rec.key))
-    onnx_path, verification = graph_facts(run, graph_unit_id(profile, precision, rec.key))
+    view, uid = RunView(run), graph_unit_id(profile, precision, rec.key)
+    graph = view.record(uid)
+    onnx_path, verification = view.graph(uid)
     if graph is None:
         return CandidateOutcome(**base, status="not_measured")
     if onnx_path is None or verification is None:
@@ -157,8 +140,8 @@ def outcome_of(
             verification=verification,
             error=f"ONNX verification failed: {verification.reason}",
         )
-    artifact, built, reason = build_facts(run, profile.name, key)
-    close = closeness_of(run, profile.name, key)
+    artifact, built, reason = view.built(profile.name, key)
+    close = view.closeness(profile.name, key)
     base.update({"fidelity": close.agreement, "closeness": close} if close else {})
     if reason:
         return CandidateOutcome(

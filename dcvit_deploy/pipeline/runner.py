@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import DcvitError
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.unit import Unit, UnitResult
 from dcvit_deploy.store.atomic import fingerprint, sha256_file
 
@@ -73,7 +74,7 @@ class Runner:
         ctx = self.ctx
         run = ctx.run
         rec = run.unit(unit.id) or {}
-        if unit.id.startswith(ctx.elsewhere):
+        if (uid := UnitId.parse(unit.id)) and uid.kind in ctx.elsewhere:
             rec = rec or {"status": "failed", "reason": "it did not run where it should have"}
             res, why = dict(rec.get("result", {})), rec.get("reason", "")
             return UnitResult(unit.id, rec["status"], res, reason=why, reused=True)

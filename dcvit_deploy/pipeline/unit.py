@@ -3,7 +3,7 @@
 A unit (compress the family, export one candidate, build one artifact, profile a family on a
 target, select, publish, report) declares
 
-- ``id``: where its record lives in the manifest (``export/fp32/dcvit-0100``);
+- ``id``: where its record lives in the manifest, ``str`` of its :class:`~.ids.UnitId`;
 - ``inputs()``: everything that changes its result, by *content* (image bytes, weights
   checksums, the options that matter, the profile's content, runtime versions where the
   result depends on them, the device for measurements). Its fingerprint is a hash of these;

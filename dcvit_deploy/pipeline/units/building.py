@@ -16,15 +16,14 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.pipeline.context import RUNTIME_PACKAGES, device_identity, versions
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.unit import UnitOutput
 from dcvit_deploy.selection.fidelity import closeness, fidelity_set
 from dcvit_deploy.store.atomic import sha256_file
 from dcvit_deploy.store.records import (
     Artifact,
-    Fidelity,
     QuantizeSettings,
     Verification,
-    from_dict,
     to_dict,
 )
 
@@ -33,11 +32,6 @@ if TYPE_CHECKING:
 
     from dcvit_deploy.pipeline.context import JobContext
     from dcvit_deploy.store.records import Candidate, TargetProfile
-    from dcvit_deploy.store.rundir import RunDir
-
-
-def build_unit_id(profile: str, name: str) -> str:
-    return f"build/{profile}/{name}"
 
 
 def verify_artifact(
@@ -81,7 +75,7 @@ class BuildUnit:
         self.profile = profile
         self.onnx_path = onnx_path
         self.name = name or candidate.key
-        self.id = build_unit_id(profile.name, self.name)
+        self.id = str(UnitId("build", profile=profile.name, name=self.name))
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         return {
@@ -135,29 +129,3 @@ class BuildUnit:
             },
             files=tuple(files),
         )
-
-
-def build_facts(
-    run: RunDir, profile: str, key: str
-) -> tuple[Artifact | None, Verification | None, str]:
-    """The built artifact, its verification and the failure reason recorded by the build unit
-    of the record ``key`` (:attr:`Candidate.key`)."""
-    rec = run.unit(build_unit_id(profile, key))
-    if not rec:
-        return None, None, ""
-    if rec.get("status") != "ok":
-        return None, None, str(rec.get("reason", rec.get("status")))
-    result = rec["result"]
-    artifact = from_dict(Artifact, result["artifact"])
-    return (
-        dataclasses.replace(artifact, path=str(run.resolve(artifact.path))),
-        from_dict(Verification, result["verification"]),
-        "",
-    )
-
-
-def closeness_of(run: RunDir, profile: str, name: str) -> Fidelity | None:
-    """The fidelity the build unit measured for artifact ``name`` (``None``: not measured)."""
-    rec = run.unit(build_unit_id(profile, name)) or {}
-    close = rec.get("result", {}).get("closeness") if rec.get("status") == "ok" else None
-    return from_dict(Fidelity, close) if close else None

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dcvit_deploy.errors import SchemaError, UserInputError
 from dcvit_deploy.pipeline.context import TRAIN_PACKAGES, versions
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.pipeline.view import RunView
 from dcvit_deploy.progress import ProgressEvent
 from dcvit_deploy.store.atomic import fingerprint, sha256_file
 from dcvit_deploy.store.records import from_dict, safe_name
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
     from dcvit_deploy.store.records import Candidate
     from dcvit_deploy.store.rundir import RunDir
 
-FAMILY_UNIT = "family"
 
 # The options that do not change the candidates, and why (a test holds every other one to it)
 NOT_IDENTITY = {
@@ -149,7 +150,7 @@ def _fidelity(candidates: list[Candidate], family_dir: Path, prep: Prepared) -> 
 class FamilyUnit:
     """Compress the teacher into the dense family (``RUN/family``)."""
 
-    id = FAMILY_UNIT
+    id = str(UnitId("family"))
     optional = False
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
@@ -259,10 +260,6 @@ def _metric_set(ctx: JobContext, device: str) -> Any:
                               seed=opts.seed, device=device, progress=inv_progress)  # fmt: skip
 
 
-def train_unit_id(name: str) -> str:
-    return f"train/{name}"
-
-
 class TrainUnit:
     """Finetune one structure of the family into its trained candidate
     (``family/<name>.trained``); its fidelity on the held-out images is recorded with it."""
@@ -275,7 +272,7 @@ class TrainUnit:
         self.structure = structure
         self.engines = engines
         self.prev = prev
-        self.id = train_unit_id(structure.name)
+        self.id = str(UnitId("train", name=structure.name))
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         s = self.structure
@@ -383,13 +380,13 @@ def current_family(run: RunDir) -> Family:
     """
     from dcvit_deploy.compress.candidate import read_candidate
 
-    rec = run.unit(FAMILY_UNIT)
-    if not rec or rec.get("status") != "ok":
+    view = RunView(run)
+    result = view.result(UnitId("family"))
+    if result is None:
         raise UserInputError(
             f"the family of {run.root} has not been compressed yet",
             "run (or rerun, to resume) `dcvit-deploy compress`",
         )
-    result = rec.get("result", {})
     cands = []
     facts = {}
     trained = {}
@@ -408,13 +405,12 @@ def current_family(run: RunDir) -> Family:
             )
         cands.append(cand)
         facts[cand.name] = dict(raw)
-        done = run.unit(train_unit_id(cand.name)) or {}
-        res = done.get("result", {})
+        res = view.result(UnitId("train", name=cand.name))
         spec = run.family_dir / f"{cand.name}.trained.json"
         if cand.state == "trained":  # the original: its weights are final
             trained[cand.name] = cand
         elif (
-            done.get("status") == "ok"
+            res is not None
             and (res.get("structure"), res.get("identity"))
             == (cand.weights_sha256, cand.recipe.get("fingerprint"))
             and spec.is_file()
@@ -430,9 +426,6 @@ def current_family(run: RunDir) -> Family:
 def superseded(run: RunDir, family: Family) -> list[str]:
     """Candidates that earlier units of this run worked on but that the current family no
     longer holds (never selectable)."""
-    names = set()
-    for unit_id in run.units():
-        parts = unit_id.split("/")
-        if parts[0] in ("export", "build", "quantize", "train") and len(parts) >= 2:
-            names.add(parts[-1].split(".", 1)[0])  # an artifact's candidate
+    kinds = ("export", "build", "quantize", "train")
+    names = {uid.candidate for uid in RunView(run).records() if uid.kind in kinds}
     return sorted(names - set(family.names))

@@ -12,19 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.pipeline.context import EXPORT_PACKAGES, versions
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.unit import UnitOutput
-from dcvit_deploy.store.records import Verification, from_dict, to_dict
+from dcvit_deploy.store.records import to_dict
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from dcvit_deploy.pipeline.context import JobContext
     from dcvit_deploy.store.records import Candidate
-    from dcvit_deploy.store.rundir import RunDir
-
-
-def export_unit_id(precision: str, name: str) -> str:
-    return f"export/{precision}/{name}"
 
 
 def onnx_precision_for(profile_precision: str) -> str:
@@ -41,7 +35,7 @@ class ExportUnit:
     def __init__(self, candidate: Candidate, precision: str) -> None:
         self.candidate = candidate
         self.precision = precision
-        self.id = export_unit_id(precision, candidate.key)
+        self.id = str(UnitId("export", precision=precision, name=candidate.key))
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         return {
@@ -73,18 +67,3 @@ class ExportUnit:
         return UnitOutput(
             result={"path": run.rel(path), "verification": to_dict(verification)}, files=(path,)
         )
-
-
-def export_facts(run: RunDir, precision: str, key: str) -> tuple[Path | None, Verification | None]:
-    """The exported graph and its verification as recorded by the export unit of the record
-    ``key`` (:attr:`Candidate.key`), or ``None``."""
-    return graph_facts(run, export_unit_id(precision, key))
-
-
-def graph_facts(run: RunDir, unit_id: str) -> tuple[Path | None, Verification | None]:
-    """The graph and its verification recorded by an export or quantization unit."""
-    rec = run.unit(unit_id)
-    if not rec or rec.get("status") != "ok":
-        return None, None
-    result = rec["result"]
-    return run.resolve(result["path"]), from_dict(Verification, result["verification"])

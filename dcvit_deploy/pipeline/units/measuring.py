@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import EnvironmentProblem, UserInputError
 from dcvit_deploy.pipeline.context import RUNTIME_PACKAGES, device_identity, versions
-from dcvit_deploy.pipeline.outcomes import candidate_facts, profile_unit_id
+from dcvit_deploy.pipeline.ids import UnitId
+from dcvit_deploy.pipeline.outcomes import candidate_facts
 from dcvit_deploy.pipeline.unit import UnitOutput
 from dcvit_deploy.store.records import CandidateOutcome, to_dict
 
@@ -69,7 +70,7 @@ class ProfileUnit:
         self.artifacts = artifacts
         self.order = order
         self.bisect = bisect
-        self.id = profile_unit_id(profile.name)
+        self.id = str(UnitId("profile", profile=profile.name))
 
     def basis(self) -> str:
         """What every measurement of this unit depends on besides the artifact itself."""

@@ -19,17 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.errors import NotPublished
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.unit import UnitOutput
+from dcvit_deploy.pipeline.view import RunView
 from dcvit_deploy.store.records import to_dict
 
 if TYPE_CHECKING:
     from dcvit_deploy.pipeline.context import JobContext
     from dcvit_deploy.pipeline.units.compressing import Family
     from dcvit_deploy.store.records import CandidateOutcome, Selection, TargetProfile
-
-
-def publish_unit_id(profile: str) -> str:
-    return f"publish/{profile}"
 
 
 def repository(ctx: JobContext) -> Path:
@@ -70,7 +68,7 @@ class PublishUnit:
         self.selection = selection
         self.outcomes = {o.candidate: o for o in outcomes}
         self.family = family
-        self.id = publish_unit_id(profile.name)
+        self.id = str(UnitId("publish", profile=profile.name))
 
     def _names(self, ctx: JobContext) -> list[tuple[str, str]]:
         """(model name, candidate) pairs to publish."""
@@ -108,7 +106,7 @@ class PublishUnit:
         published = []
         files: list[Path] = []
         pairs = self._names(ctx)
-        meta = {"run": str(ctx.run.root), "identity": ctx.run.manifest.get("identity")}
+        meta = {"run": str(ctx.run.root), "identity": RunView(ctx.run).identity}
         for name, cand in pairs:
             outcome = self.outcomes[cand]
             assert outcome.artifact is not None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from dcvit_deploy.export.quantize import artifact_name
 from dcvit_deploy.pipeline.context import device_identity, tensor_fingerprint, versions
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.unit import UnitOutput
 from dcvit_deploy.store.atomic import sha256_file
 from dcvit_deploy.store.records import to_dict
@@ -29,10 +30,6 @@ if TYPE_CHECKING:
     from dcvit_deploy.store.records import Candidate, TargetProfile
 
 
-def quantize_unit_id(profile: str, precision: str, name: str) -> str:
-    return f"quantize/{profile}/{precision}/{name}"
-
-
 def artifact_plan(
     family: Family, profile: TargetProfile, precisions: tuple[str, ...]
 ) -> Iterator[tuple[Candidate, str, str]]:
@@ -40,12 +37,6 @@ def artifact_plan(
     for cand in family.candidates:
         for p in precisions:
             yield cand, p, artifact_name(cand.name, p, profile.precision)
-
-
-def tried_precisions(run: Any, profile: TargetProfile) -> tuple[str, ...]:
-    """The precisions ``profile`` was last deployed with in ``run`` (else the profile's)."""
-    recorded = run.manifest.get("inputs", {}).get("precisions", {}).get(profile.name)
-    return tuple(recorded or profile.precisions or (profile.precision,))
 
 
 def quantized(
@@ -79,7 +70,7 @@ class QuantizeUnit:
         self.candidate, self.precision, self.profile, self.source = cand, precision, profile, source
         static = profile.device != "cpu" or precision == "fp8"  # Q/DQ graphs off the CPU
         self.method = "static" if static else method or profile.quantize.method
-        self.id = quantize_unit_id(profile.name, precision, cand.key)
+        self.id = str(UnitId("quantize", profile.name, precision, cand.key))
 
     def calibration(self, ctx: JobContext) -> torch.Tensor:
         prep, n = ctx.prep(), self.profile.quantize.calibration_images

@@ -9,8 +9,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dcvit_deploy.pipeline.units.building import build_unit_id
-from dcvit_deploy.pipeline.units.quantizing import artifact_plan, tried_precisions
+from dcvit_deploy.pipeline.ids import UnitId
+from dcvit_deploy.pipeline.units.quantizing import artifact_plan
+from dcvit_deploy.pipeline.view import RunView
 from dcvit_deploy.store.atomic import atomic_write_with
 from dcvit_deploy.store.records import to_dict
 
@@ -27,7 +28,7 @@ def run_meta(
     """What the reports say about the run besides the outcomes: inputs, notes (skipped
     images, held-out set, budget basis, confirmations, publishing, FP16 loss), superseded
     candidates, and which artifact was verified with which runtime."""
-    run = ctx.run
+    run, view = ctx.run, RunView(ctx.run)
     info = family.info
     notes = list(result.notes)
     skipped = info.get("skipped_images") or []
@@ -52,29 +53,26 @@ def run_meta(
     from dcvit_deploy.pipeline.outcomes import graph_unit_id
 
     chosen = result.selection.chosen if result.selection else None
-    for cand, p, name in artifact_plan(family, profile, tried_precisions(run, profile)):
+    for cand, p, name in artifact_plan(family, profile, view.precisions(profile)):
         rec = family.trained.get(cand.name) if name == chosen else family.measured(cand.name)
         key = rec.key if rec is not None else cand.name
-        export = run.unit(graph_unit_id(profile, p, key)) or {}
-        built = run.unit(build_unit_id(profile.name, artifact_name(key, p, profile.precision)))
-        built = built or {}
+        res = view.result(graph_unit_id(profile, p, key))
+        art = artifact_name(key, p, profile.precision)
+        built = view.result(UnitId("build", profile.name, name=art))
         entry: dict[str, Any] = {}
-        if export.get("status") == "ok":
-            res = export["result"]
+        if res is not None:
             entry["onnx"] = f"{res['path']} with onnxruntime (CPU) against PyTorch"
             if "method" in res:  # a quantized graph: how, and on a CPU why (measured once)
                 keys = ("method", "method_timing_ms", "quantized_ops")
                 entry["quantization"] = {k: res[k] for k in keys}
-        if built.get("status") == "ok":
-            entry["artifact"] = (
-                f"{built['result']['artifact']['path']} with {built['result']['verified_with']}"
-            )
+        if built is not None:
+            entry["artifact"] = f"{built['artifact']['path']} with {built['verified_with']}"
         verified[name] = entry
     return {
         "run_dir": run.root.name,
         "verified": verified,
         "model": ctx.copts.model,
-        "identity": run.manifest.get("identity"),
+        "identity": view.identity,
         "images": info.get("images"),
         "skipped_images": skipped,
         "holdout": info.get("holdout"),
@@ -110,8 +108,9 @@ def write_run_reports(
         profile_dict=to_dict(profile),
         env_dict=capture_environment(),
     )
-    current = run.manifest["inputs"].get("profiles", [profile.name])[-1]
-    if current != profile.name or run.manifest["inputs"].get("fleet"):  # fleet: fleet.json
+    inputs = RunView(run).inputs
+    current = inputs.get("profiles", [profile.name])[-1]
+    if current != profile.name or inputs.get("fleet"):  # fleet: fleet.json
         return paths
     top = {}
     for key, path in paths.items():

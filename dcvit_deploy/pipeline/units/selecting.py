@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from dcvit_deploy.errors import UserInputError
+from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.unit import UnitOutput
 from dcvit_deploy.store.atomic import fingerprint
 from dcvit_deploy.store.records import (
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
 
 ORIGINAL = "original"
 REMEASURE_PASSES = 2
-
-
-def select_unit_id(profile: str) -> str:
-    return f"select/{profile}"
 
 
 def budget_batch(profile: TargetProfile, dopts: DeployOptions) -> int:
@@ -115,7 +112,7 @@ class SelectUnit:
         self.pick = pick  # measure-first: make a choice deployable (its outcome) or say why not
         self.identities = identities  # what a pick is trained from: changed, train again
         self.picked: dict[str, CandidateOutcome | str] = {}
-        self.id = select_unit_id(profile.name)
+        self.id = str(UnitId("select", profile=profile.name))
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         d = ctx.dopts
