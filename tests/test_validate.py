@@ -11,11 +11,10 @@ import math
 from pathlib import Path
 
 import pytest
-from fakes.runs import TINY_VIT_KWARGS
+from fakes.runs import TINY_VIT_KWARGS, model_copts
 
 from dcvit_deploy.config.options import (
     MAX_TARGETS,
-    CompressOptions,
     DeployOptions,
     targets_from_text,
 )
@@ -43,17 +42,7 @@ MODEL = "vit_tiny_patch16_224"
 GEOMETRY = {"embed_dim": 64, "depth": 4, "num_heads": 2}  # the rest comes from the checkpoint
 
 
-def copts(**changes: object) -> CompressOptions:
-    base = CompressOptions(
-        model=MODEL,
-        data="unused",
-        random_init=True,
-        model_kwargs=dict(TINY_VIT_KWARGS),
-        num_samples=4,
-        holdout=2,
-        targets=(0.10, 0.25),
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+copts = model_copts
 
 
 # --------------------------------------------------------------------------- options
