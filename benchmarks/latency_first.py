@@ -144,8 +144,16 @@ def trained_count(out: Path) -> int:
     return sum(1 for u, r in units.items() if u.startswith("train/") and r["status"] == "ok")
 
 
-def one_run(setup_: dict[str, Any], n: int, train: str, work: Path) -> dict[str, Any]:
+def one_run(
+    setup_: dict[str, Any], n: int, train: str, work: Path, *, reuse: bool = False
+) -> dict[str, Any]:
+    """One timed ``compress`` from scratch; its figures are kept next to its run directory, so
+    the orders can run as separate processes (``--orders``) and be summarised later
+    (``--reuse``)."""
     out = work / f"{train}-{n}"
+    kept = work / f"{train}-{n}.timing.json"
+    if reuse and kept.is_file():
+        return json.loads(kept.read_text())
     shutil.rmtree(out, ignore_errors=True)
     copts = CompressOptions(**setup_["compress"], targets=targets_for(n), train=train)  # type: ignore[arg-type]
     dopts = DeployOptions(profile=setup_["profile"], speedup=TIMED_SPEEDUP)
@@ -154,7 +162,7 @@ def one_run(setup_: dict[str, Any], n: int, train: str, work: Path) -> dict[str,
     result = run_pipeline(copts, dopts, out)
     seconds = time.perf_counter() - t0
     sel = result.selection
-    return {
+    got = {
         "out": str(out),
         "seconds": round(seconds, 1),
         "load_before_after": [round(load, 2), round(os.getloadavg()[0], 2)],
@@ -163,7 +171,21 @@ def one_run(setup_: dict[str, Any], n: int, train: str, work: Path) -> dict[str,
         "trained": trained_count(out),
         "chosen": sel.chosen if sel else None,
         "published": [m["candidate"] for m in result.published.get("models", [])],
+        "commit": _commit(),
     }
+    atomic_write_json(kept, got)
+    return got
+
+
+def _commit() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def choices(out: Path, profile: str) -> list[dict[str, Any]]:
@@ -253,24 +275,28 @@ def same_rounds(eager: Path, lazy: Path, profile: str) -> dict[str, Any]:
 
 def summarize(r: dict[str, Any]) -> dict[str, Any]:
     runs = r["runs"]
-    eager = {n: v["eager"]["seconds"] for n, v in runs.items()}
+    eager = {n: v["eager"]["seconds"] for n, v in runs.items() if "eager" in v}
     lazy = {n: v["lazy"]["seconds"] for n, v in runs.items()}
-    cmp_rows = [row for v in runs.values() for row in v["choices"]]
+    cmp_rows = [row for v in runs.values() for row in v.get("choices", [])]
     same = sum(row["same"] for row in cmp_rows)
-    counts = sorted(runs, key=int)
+    counts = sorted(eager, key=int)
     out: dict[str, Any] = {
         "seconds_eager": eager,
         "seconds_lazy": lazy,
         "eager_over_lazy": {n: round(eager[n] / lazy[n], 2) for n in counts},
         "same_choice_fraction": round(same / len(cmp_rows), 3) if cmp_rows else None,
         "same_choice_fraction_same_rounds": _fraction(
-            [row["same"] for v in runs.values() for row in v["same_rounds"]["choices"]]
+            [
+                row["same"]
+                for v in runs.values()
+                for row in v.get("same_rounds", {}).get("choices", [])
+            ]
         ),
-        "structure_vs_trained_apart": {n: len(v["same_rounds"]["apart"]) for n, v in runs.items()},
+        "structure_vs_trained_apart": {n: len(runs[n]["same_rounds"]["apart"]) for n in counts},
         "budgets": len(SPEEDUPS),
         "compared": len(cmp_rows),
         "finetunes_eager": {n: runs[n]["eager"]["trained"] for n in counts},
-        "finetunes_lazy": {n: runs[n]["lazy"]["trained"] for n in counts},
+        "finetunes_lazy": {n: v["lazy"]["trained"] for n, v in runs.items()},
     }
     if "3" in lazy and "30" in lazy:
         out["lazy_30_over_lazy_3"] = round(lazy["30"] / lazy["3"], 2)
@@ -301,7 +327,7 @@ def render(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, v in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
-        for order in ("eager", "lazy"):
+        for order in [o for o in ("eager", "lazy") if o in v]:
             run = v[order]
             u = run["units"]
             cells = [u.get(k, 0) for k in ("family", "train", "export", "build", "profile",
@@ -315,7 +341,7 @@ def render(r: dict[str, Any]) -> str:
     for n, v in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
         lines += [f"### {n} targets", "", "| speedup | eager | lazy | same | within noise |",
                   "|---|---|---|---|---|"]  # fmt: skip
-        for row in v["choices"]:
+        for row in v.get("choices", []):
             lines.append(
                 f"| {row['speedup']} | {row['eager']} | {row['lazy']} | "
                 f"{'yes' if row['same'] else '**no**'} | {', '.join(row['within_noise']) or '-'} |"
@@ -330,7 +356,9 @@ def render(r: dict[str, Any]) -> str:
         "",
     ]
     for n, v in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
-        sr = v["same_rounds"]
+        sr = v.get("same_rounds")
+        if sr is None:
+            continue
         same = sum(row["same"] for row in sr["choices"])
         lines.append(
             f"- {n} targets ({sr['rounds']} rounds): same choice for {same} of "
@@ -361,7 +389,11 @@ def findings(r: dict[str, Any]) -> list[str]:
     s, runs = r["summary"], r["runs"]
     out = []
     for n in sorted(runs, key=int):
-        e, z = runs[n]["eager"], runs[n]["lazy"]
+        e, z = runs[n].get("eager"), runs[n]["lazy"]
+        if e is None:
+            out.append(f"{n} targets: measuring first {z['seconds']} s ({z['trained']} "
+                       "finetune(s)); training everything was not run at this count.")  # fmt: skip
+            continue
         fixed = sum(z["units"].get(k, 0) for k in ("family", "profile"))
         out.append(
             f"{n} targets: training everything took {e['seconds']} s ({e['trained']} finetunes, "
@@ -382,7 +414,7 @@ def findings(r: dict[str, Any]) -> list[str]:
             f"Target '30 targets at most 1.3x of 3' (measure-first): {s['lazy_30_over_lazy_3']}x, "
             f"{'met' if met else 'NOT met'}."
         )
-    rows = [(n, row) for n in sorted(runs, key=int) for row in runs[n]["choices"]]
+    rows = [(n, row) for n in sorted(runs, key=int) for row in runs[n].get("choices", [])]
     differ = [f"{n} targets at {row['speedup']}x: eager {row['eager']}, lazy {row['lazy']}"
               + (f" (within noise: {', '.join(row['within_noise'])})" if row["within_noise"]
                  else " (not flagged within noise)") for n, row in rows if not row["same"]]  # fmt: skip
@@ -402,6 +434,9 @@ def main() -> None:
     ap.add_argument("--counts", default="3,15,30", help="target counts, e.g. 3,15,30")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (teacher training)")
     ap.add_argument("--out", type=Path, default=None, help="results file stem")
+    ap.add_argument("--orders", default="eager,lazy", help="run only these orders (eager, lazy)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the timed runs kept by an earlier invocation; run the rest")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = fmnist.CACHE_DIR / ("latency-first-quick" if args.quick else "latency-first")
@@ -425,8 +460,15 @@ def main() -> None:
     for n in counts:
         run: dict[str, Any] = {}
         for order, train in (("eager", "all"), ("lazy", "pick")):
-            run[order] = one_run(s, n, train, work)
-            print(f"{n} targets, {order}: {run[order]['seconds']} s", flush=True)
+            if order in args.orders.split(","):
+                run[order] = one_run(s, n, train, work, reuse=args.reuse)
+                print(f"{n} targets, {order}: {run[order]['seconds']} s", flush=True)
+        if "lazy" not in run:  # training everything alone: kept for a later --reuse
+            continue
+        if "eager" not in run:  # measure-first alone (training everything did not fit)
+            r["runs"][str(n)] = run
+            r["summary"] = summarize(r)
+            continue
         picks = {o: choices(Path(run[o]["out"]), s["profile"]) for o in ("eager", "lazy")}
         run["choices"] = compare(picks["eager"], picks["lazy"])
         run["picks"] = picks
@@ -437,7 +479,7 @@ def main() -> None:
         r["summary"] = summarize(r)
         atomic_write_json(Path(f"{stem}.json"), r)
         atomic_write_text(Path(f"{stem}.md"), render(r))
-    print(json.dumps(r["summary"], indent=1))
+    print(json.dumps(r.get("summary", {}), indent=1))
 
 
 if __name__ == "__main__":
