@@ -331,6 +331,14 @@ def test_each_candidate_and_precision_is_an_artifact_end_to_end(photo_dir, tmp_p
     assert set(timing) == {"dynamic", "static"} and first["method"] == min(timing, key=timing.get)
     later = units["quantize/test-int8/int8/dcvit-2505-n2h180"]["result"]
     assert later["method"] == first["method"] and later["method_timing_ms"] == {}
+    measured = [k for k, u in units.items() if k.startswith("quantize/")
+                and u["status"] == "ok" and u["result"]["method_timing_ms"]]  # fmt: skip
+    assert measured == ["quantize/test-int8/int8/original"], measured  # the trained pick follows
+    from dcvit_deploy.pipeline.view import RunView
+    from dcvit_deploy.store.rundir import RunDir
+
+    with RunDir.load(out, lock=False) as run:  # what a later maker (the trained pick's) follows
+        assert RunView(run).quantize_methods("test-int8") == {"int8": first["method"]}
     report = json.loads((out / "report.json").read_text())
     assert {(c["candidate"], c["precision"]) for c in report["candidates"]} == {
         (n, "int8" if n.endswith(".int8") else "fp32") for n in names

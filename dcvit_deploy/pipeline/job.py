@@ -178,12 +178,13 @@ def deploy(
 class ArtifactMaker:
     """Make one profile's artifact of a record at a precision: export (once per record and
     graph precision), quantize, build, each verified against PyTorch; a failed step skips the
-    steps after it. ``methods``: the CPU's measured quantization method, per precision."""
+    steps after it. ``methods``: the CPU's quantization method per precision, measured once
+    per run and profile."""
 
     def __init__(self, runner: Runner, profile: TargetProfile) -> None:
         self.runner, self.profile = runner, profile
         self.exported: dict[tuple[str, str], bool] = {}
-        self.methods: dict[str, str] = {}
+        self.methods = RunView(runner.ctx.run).quantize_methods(profile.name)  # measured once
 
     def __call__(self, rec: Candidate, p: str, *, export_only: bool = False) -> Artifact | None:
         from dcvit_deploy.export.quantize import QUANTIZED, artifact_name

@@ -39,6 +39,15 @@ class RunView:
         found = {UnitId.parse(k): v for k, v in sorted(self.run.units().items())}
         return {k: v for k, v in found.items() if k is not None}
 
+    def quantize_methods(self, profile: str) -> dict[str, str]:
+        """The quantization method measured on ``profile`` (``auto``), per precision."""
+        return {
+            uid.precision: str(rec["result"]["method"])
+            for uid, rec in self.records().items()
+            if uid.kind == "quantize" and uid.profile == profile and rec.get("status") == "ok"
+            and (rec.get("result") or {}).get("method_timing_ms")
+        }  # fmt: skip
+
     def graph(self, uid: UnitId) -> tuple[Path | None, Verification | None]:
         """The ONNX graph and its verification recorded by an export or quantize unit."""
         res = self.result(uid)
