@@ -232,19 +232,38 @@ def test_early_stop_after_min_rounds_and_bound_otherwise(monkeypatch: pytest.Mon
     seen: list[int] = []
 
     def agree_from_3(est: Mapping[str, tuple[LatencyStats, ...]], tol: float) -> bool:
-        seen.append(est["c60"][0].rounds)
-        return est["c60"][0].rounds >= 3
+        if "c60" in est:
+            seen.append(est["c60"][0].rounds)
+        return all(s[0].rounds >= 3 for s in est.values())
 
     monkeypatch.setattr(rounds_mod, "rounds_stable", agree_from_3)
     fake = FakeBackend(Machine(BASE_MS))
     result = measure_rounds(fake, ARTIFACTS, profile(settings))
     assert result.rounds == 3 and result.stopped_early and seen == [2, 3]
     assert len(fake.measure_calls) == 9
-    assert any("until the rounds agreed" in a for a in result.at("c60", 1).actions)
+    assert any("until its rounds agreed" in a for a in result.at("c60", 1).actions)
     monkeypatch.setattr(rounds_mod, "rounds_stable", lambda est, tol: False)
     never = measure_rounds(FakeBackend(Machine(BASE_MS)), ARTIFACTS, profile(settings))
     assert never.rounds == 6 and not never.stopped_early
     assert any("max_rounds=6" in a for a in never.at("c60", 1).actions)
+
+
+def test_a_candidate_whose_rounds_agree_leaves_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One noisy candidate keeps itself in the rounds, not the whole family: the others stop at
+    min_rounds, it goes on (alone) to max_rounds."""
+    import dcvit_deploy.latency.rounds as rounds_mod
+
+    settings = dataclasses.replace(SETTINGS, min_rounds=2, max_rounds=5)
+    monkeypatch.setattr(rounds_mod, "rounds_stable", lambda est, tol: "c80" not in est)
+    fake = FakeBackend(Machine(BASE_MS))
+    result = measure_rounds(fake, ARTIFACTS, profile(settings))
+    calls = {n: sum(1 for c, _ in fake.measure_calls if c == n) for n in BASE_MS}
+    assert calls == {"c100": 2, "c80": 5, "c60": 2}
+    assert [len(o) for o in result.orders] == [3, 3, 1, 1, 1] and result.rounds == 5
+    assert not result.stopped_early
+    assert result.at("c60", 1).rounds == 2 and result.at("c80", 1).rounds == 5
+    assert any("max_rounds=5" in a for a in result.at("c80", 1).actions)
+    assert not result.at("c60", 1).actions  # agreed at min_rounds: nothing to say
 
 
 def _zero() -> LatencyStats:

@@ -241,7 +241,10 @@ def measure_rounds(
     progress: Callable[[str], None] | None = None,
 ) -> RoundsResult:
     """Measure ``artifacts`` (name -> artifact) in interleaved rounds at ``batch_sizes``
-    (default: the budget batch size); rounds bounds default to the profile's. Raw files go to
+    (default: the budget batch size); rounds bounds default to the profile's. After
+    ``min_rounds`` a candidate whose rounds agree (:func:`rounds_stable`) leaves the rounds and
+    the others go on among themselves, so one noisy candidate does not keep a dense family
+    measuring to ``max_rounds``. Raw files go to
     ``raw_path(name, batch)`` or ``raw_dir/<profile>/<name>-b<B>.json``. Errors propagate;
     every session opened here is closed."""
     settings = profile.measure
@@ -269,12 +272,14 @@ def measure_rounds(
     t0 = time.perf_counter()
     done = 0
     stopped_early = False
+    agreed: dict[str, int] = {}  # name -> the round after which its rounds agreed
 
     def combined(name: str, b: int, final: bool) -> LatencyStats:
         acts = []
-        if final and stopped_early and done > lo:
-            acts.append(f"ran {done} interleaved rounds (min_rounds={lo}) until the rounds agreed")
-        elif final and not stopped_early and done >= hi and hi > lo:
+        ran = len(records[name][b])
+        if final and name in agreed and ran > lo:
+            acts.append(f"ran {ran} interleaved rounds (min_rounds={lo}) until its rounds agreed")
+        elif final and name not in agreed and ran >= hi and hi > lo:
             acts.append(f"stopped at max_rounds={hi} interleaved rounds before the rounds agreed")
         return combine_rounds(
             records[name][b],
@@ -290,8 +295,9 @@ def measure_rounds(
                 for b in batches:
                     opened[(name, b)] = open_fn(artifact, profile, b)
         with tempfile.TemporaryDirectory(prefix="dcvit-rounds-") as tmp:
+            active = names[:]
             for r in range(hi):
-                order = names[:]
+                order = active[:]
                 rng.shuffle(order)
                 orders.append(tuple(order))
                 for position, name in enumerate(order):
@@ -322,14 +328,15 @@ def measure_rounds(
                                 f"(load {(after.get('load_avg') or ['?'])[0]})"
                             )
                 done = r + 1
-                if done < lo:
+                if done < lo or done >= hi:
                     continue
-                if done >= hi:
-                    break
-                estimates = {
-                    n: tuple(combined(n, b, False) for b in sorted(records[n])) for n in records
-                }
-                if rounds_stable(estimates, tol):
+                # A candidate whose rounds agree leaves the rounds; the others go on
+                # (interleaved among themselves) until theirs agree or max_rounds.
+                for n in active:
+                    if rounds_stable({n: tuple(combined(n, b, False) for b in batches)}, tol):
+                        agreed[n] = done
+                active = [n for n in active if n not in agreed]
+                if not active:
                     stopped_early = True
                     break
     finally:
