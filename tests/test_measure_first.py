@@ -254,3 +254,55 @@ def test_prefer_fidelity_trains_a_bounded_set(
     fidelity = {o.candidate: o.fidelity for o in result.outcomes if o.trained}
     best = max(fidelity.values())
     assert result.selection.chosen == next(n for n in family if fidelity.get(n) == best)
+
+
+def test_bisect_makes_only_the_artifacts_it_measures(
+    photo_dir, profile, script, finetunes, tmp_path
+):
+    """A dense family under ``--search bisect``: each precision is searched on its own and only
+    what the search reaches is exported, quantized and built; it chooses what deciding over
+    every artifact would, and a later run with the same budget reuses the search."""
+    from dcvit_deploy.config.profiles import load_profile
+    from dcvit_deploy.pipeline.outcomes import outcomes_for
+    from dcvit_deploy.pipeline.units.compressing import current_family
+    from dcvit_deploy.selection.decide import decide
+    from dcvit_deploy.store.records import LatencyBudget
+    from dcvit_deploy.store.rundir import RunDir
+
+    prof = Path(profile).with_name("bisect-cpu.toml")
+    two = 'precision = "fp32"\nprecisions = ["fp32", "int8"]'
+    prof.write_text(
+        PROFILE.replace('"trust-cpu"', '"bisect-cpu"').replace('precision = "fp32"', two)
+    )
+    targets = (0.08, 0.12, 0.16, 0.20, 0.24, 0.28, 0.32, 0.36, 0.40)
+    out = tmp_path / "r"
+    budget = {"latency_ms": 0.62, "margin": 0.0}  # only the 40% structure fits (0.60 ms)
+    got = run_pipeline(
+        copts(photo_dir, targets=targets), dopts(str(prof), search="bisect", **budget), out
+    )
+    units = manifest(out)["units"]
+    family = names(out)
+    made = {u.split("/")[-1] for u in units if u.startswith("build/bisect-cpu/")}
+    built_structures = {n for n in made if not n.endswith(".trained") and ".trained." not in n}
+    assert got.selection.chosen == family[-1] and got.selection.search == "bisect"
+    assert len(built_structures) <= len(family), sorted(made)  # half the 2 x 10 artifacts
+    assert family[-1] in built_structures and "original" not in built_structures  # ms budget
+    assert got.selection.reasons[family[1]].kind == "not_searched"  # said so, not "failed"
+    assert any(n.endswith(".int8") for n in built_structures)  # the int8 chain has its own search
+    exports = [u for u in units if u.startswith("export/") and not u.endswith(".trained")]
+    assert len(exports) == len({n.split(".")[0] for n in built_structures})
+    assert set(trained(out)) == {family[-1]} and len(finetunes) == 1
+    # the same choice as deciding over every artifact's (scripted) figure
+    every = {n: 1.0 if n == "original" else 1.0 - int(n.split("-")[1]) / 10000 for n in family}
+    assert min((n for n in family if every[n] <= 0.62), key=every.get) == family[-1]
+    with RunDir.load(out, lock=False) as run:
+        outs = outcomes_for(run, current_family(run), load_profile(str(prof)))
+    left = [o for o in outs if o.status == "not_measured"]
+    assert left and all(o.artifact is None for o in left)  # unmade, not failed
+    assert decide(outs, LatencyBudget(ms=0.62, statistic="p50", batch_size=1)).chosen == family[-1]
+    before = dict(units)
+    again = run_pipeline(
+        copts(photo_dir, targets=targets), dopts(str(prof), search="bisect", **budget), out
+    )
+    assert again.selection.chosen == family[-1] and len(finetunes) == 1
+    assert manifest(out)["units"]["profile/bisect-cpu"] == before["profile/bisect-cpu"]  # reused

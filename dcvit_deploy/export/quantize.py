@@ -65,8 +65,6 @@ def check_precisions(
         fix = f"use one of fp32, fp16, bf16 and list {profile.precision} in precisions"
         raise UserInputError(f"{where}: precision = {profile.precision!r} must be a float", fix)
     asked = dopts.precisions if dopts else None
-    if dopts and dopts.search == "bisect" and not asked:
-        listed = (profile.precision,)  # bisect searches one precision: the reference
     wanted = tuple(dict.fromkeys(asked or listed))
     for p in wanted:
         if p == "fp8" and profile.device != "cuda":
@@ -88,12 +86,6 @@ def check_precisions(
             f"--speedup is relative to the original at {profile.precision}, which --precisions "
             "leaves out",
             f"add {profile.precision} to --precisions or use --latency-ms",
-        )
-    if dopts and dopts.search == "bisect" and len(wanted) > 1:
-        raise UserInputError(
-            "--search bisect cannot search several precisions (latency does not fall with "
-            "size across them)",
-            "pass one precision with --precisions, or --search all",
         )
     return tuple(sorted(wanted, key=lambda p: p != profile.precision))
 

@@ -152,9 +152,14 @@ def deploy(
     precisions = check_precisions(profile, ctx.dopts)
     artifacts: dict[str, Artifact] = {}
     make = ArtifactMaker(runner, profile)
+    # --search bisect makes (exports, quantizes, builds) only the artifacts it measures
+    searching = ctx.dopts.search == "bisect" and ctx.dopts.has_budget and until is None
+    pending: dict[str, tuple[Candidate, str]] = {}
     for cand, p, name in artifact_plan(family, profile, precisions):
         rec = family.measured(cand.name)  # None: not trained (training everything)
-        if rec and (artifact := make(rec, p, export_only=until == "export")):
+        if rec and searching:
+            pending[name] = (rec, p)
+        elif rec and (artifact := make(rec, p, export_only=until == "export")):
             artifacts[name] = artifact
     result = JobResult(selection=None, outcomes=[], notes=ctx.notes)
     result.superseded = superseded(run, family)
@@ -162,10 +167,10 @@ def deploy(
         result.outcomes = capacity_order(outcomes_for(run, family, profile, precisions))
         return result
     bisect = None
-    if ctx.dopts.search == "bisect" and ctx.dopts.has_budget:
+    if searching:
         from dcvit_deploy.pipeline.units.measuring import BisectPlan
 
-        bisect = BisectPlan(ctx.dopts, profile, family)
+        bisect = BisectPlan(ctx.dopts, profile, family, pending, make)
     from dcvit_deploy.store.records import PRECISION_BITS
 
     order = [n for _, _, n in sorted(artifact_plan(family, profile, precisions),
@@ -184,7 +189,8 @@ class ArtifactMaker:
     def __init__(self, runner: Runner, profile: TargetProfile) -> None:
         self.runner, self.profile = runner, profile
         self.exported: dict[tuple[str, str], bool] = {}
-        self.methods = RunView(runner.ctx.run).quantize_methods(profile.name)  # measured once
+        measured = profile.quantize.method == "auto"  # measured once per run and profile
+        self.methods = RunView(runner.ctx.run).quantize_methods(profile.name) if measured else {}
 
     def __call__(self, rec: Candidate, p: str, *, export_only: bool = False) -> Artifact | None:
         from dcvit_deploy.export.quantize import QUANTIZED, artifact_name

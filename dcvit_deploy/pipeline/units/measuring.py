@@ -19,10 +19,12 @@ from dcvit_deploy.pipeline.unit import UnitOutput
 from dcvit_deploy.store.records import CandidateOutcome, to_dict
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dcvit_deploy.config.options import DeployOptions
     from dcvit_deploy.pipeline.context import JobContext
     from dcvit_deploy.pipeline.units.compressing import Family
-    from dcvit_deploy.store.records import Artifact, LatencyStats, TargetProfile
+    from dcvit_deploy.store.records import Artifact, Candidate, LatencyStats, TargetProfile
 
 
 class OtherDevice(EnvironmentProblem):
@@ -103,6 +105,7 @@ class ProfileUnit:
             "basis": self.basis(),
             "search": "bisect" if self.bisect is not None else "all",
             "budget": self.bisect.key() if self.bisect is not None else None,
+            **({"planned": self.bisect.planned()} if self.bisect and self.bisect.pending else {}),
         }
 
     def execute(self, ctx: JobContext) -> UnitOutput:
@@ -120,7 +123,9 @@ class ProfileUnit:
         return UnitOutput(
             result={
                 "basis": self.basis(),
-                "artifacts": {n: a.sha256 for n, a in self.artifacts.items()},  # considered
+                # considered; "": left unmade by the search (nothing to measure)
+                "artifacts": {n: a.sha256 for n, a in self.artifacts.items()}
+                | dict.fromkeys(self.bisect.pending if self.bisect else (), ""),
                 "profile": to_dict(self.profile),  # what is served is what was measured
                 "latency": {n: [to_dict(s) for s in st] for n, st in latency.items()},
                 "errors": errors,
@@ -204,16 +209,37 @@ class ProfileUnit:
 
 
 class BisectPlan:
-    """Which candidates the profile unit measures under ``--search bisect``."""
+    """Which artifacts the profile unit makes and measures under ``--search bisect``: one
+    O(log N) search per precision (latency falls with size within a precision, not across
+    them), each artifact exported, quantized and built only when the search reaches it
+    (``pending``: name -> (record, precision), made by ``make``)."""
 
-    def __init__(self, dopts: DeployOptions, profile: TargetProfile, family: Family) -> None:
+    def __init__(
+        self,
+        dopts: DeployOptions,
+        profile: TargetProfile,
+        family: Family,
+        pending: dict[str, tuple[Candidate, str]] | None = None,
+        make: Callable[[Candidate, str], Artifact | None] | None = None,
+    ) -> None:
         self.dopts = dopts
         self.profile = profile
         self.family = family
+        self.pending = dict(pending or {})
+        self.make = make
 
     def key(self) -> list[Any]:
         d = self.dopts
         return [d.latency_ms, d.speedup, d.statistic, d.margin, d.batch_size, d.prefer]
+
+    def planned(self) -> dict[str, Any]:
+        """What the artifacts not made yet are made from (their records' weights and the
+        export settings): a change searches again."""
+        d = self.dopts
+        return {
+            "records": {n: rec.weights_sha256 for n, (rec, _) in sorted(self.pending.items())},
+            "export": [d.opset, d.simplify],
+        }
 
     def run(
         self,
@@ -226,11 +252,11 @@ class BisectPlan:
         from dcvit_deploy.pipeline.units.selecting import ORIGINAL, no_original, resolve_budget
         from dcvit_deploy.selection.bisect import bisect_search
 
-        order = [n for n in unit.order if n in unit.artifacts]
+        order = [n for n in unit.order if n in unit.artifacts or n in self.pending]
 
         def measure_once(name: str) -> None:
             """An earlier measurement with the same artifact and basis, else a new one."""
-            if name in latency or name in errors:
+            if name in latency or name in errors or not self._made(unit, name):
                 return
             earlier = unit.reusable(ctx, name)
             if earlier is not None:
@@ -239,15 +265,16 @@ class BisectPlan:
                 unit.measure(ctx, [name], latency, errors, files)
 
         if self.dopts.speedup is not None:
-            if ORIGINAL not in unit.artifacts:
+            if ORIGINAL not in order:
                 from dcvit_deploy.pipeline.outcomes import outcomes_for
 
                 outcomes = outcomes_for(ctx.run, self.family, self.profile)
                 raise no_original(next((o for o in outcomes if o.candidate == ORIGINAL), None))
             measure_once(ORIGINAL)
             if ORIGINAL not in latency:
+                why = errors.get(ORIGINAL) or "its artifact could not be made (see its units)"
                 raise UserInputError(
-                    f"the original could not be measured: {errors.get(ORIGINAL)}",
+                    f"the original could not be measured: {why}",
                     "fix the measurement or use --latency-ms",
                 )
         original = self._outcome(unit, ORIGINAL, latency, errors) if ORIGINAL in latency else None
@@ -258,7 +285,24 @@ class BisectPlan:
             measure_once(name)
             return self._outcome(unit, name, latency, errors)
 
-        bisect_search(order, measure_one, budget, prefer=self.dopts.prefer)
+        chains: dict[str, list[str]] = {}
+        for name in order:
+            chains.setdefault(self._precision(unit, name), []).append(name)
+        for chain in chains.values():
+            bisect_search(chain, measure_one, budget, prefer=self.dopts.prefer)
+
+    def _precision(self, unit: ProfileUnit, name: str) -> str:
+        if name in self.pending:
+            return self.pending[name][1]
+        return unit.artifacts[name].precision
+
+    def _made(self, unit: ProfileUnit, name: str) -> bool:
+        """``name``'s artifact, made now if the search reached it first (``False``: failed)."""
+        if name not in unit.artifacts and name in self.pending and self.make is not None:
+            artifact = self.make(*self.pending.pop(name))
+            if artifact is not None:
+                unit.artifacts[name] = artifact
+        return name in unit.artifacts
 
     def _outcome(
         self,
@@ -267,7 +311,10 @@ class BisectPlan:
         latency: dict[str, list[LatencyStats]],
         errors: dict[str, str],
     ) -> CandidateOutcome:
-        art = unit.artifacts[name]
+        art = unit.artifacts.get(name)
+        if art is None:
+            facts = candidate_facts(self.family, name, precision=self._precision(unit, name))
+            return CandidateOutcome(**facts, status="build_failed", error="no artifact")
         base = {**candidate_facts(self.family, name, precision=art.precision), "artifact": art}
         if name in latency:
             return CandidateOutcome(**base, status="ok", latency=tuple(latency[name]))
