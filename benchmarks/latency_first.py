@@ -144,19 +144,26 @@ def trained_count(out: Path) -> int:
     return sum(1 for u, r in units.items() if u.startswith("train/") and r["status"] == "ok")
 
 
+ORDERS = {"eager": ("all", "all"), "lazy": ("pick", "all"), "bisect": ("pick", "bisect")}
+"""Order -> (``--train``, ``--search``): training everything first; measuring every structure
+first and training the pick (the default); the same with ``--search bisect``, which makes and
+measures only the structures its O(log N) search per precision reaches."""
+
+
 def one_run(
-    setup_: dict[str, Any], n: int, train: str, work: Path, *, reuse: bool = False
+    setup_: dict[str, Any], n: int, order: str, work: Path, *, reuse: bool = False
 ) -> dict[str, Any]:
     """One timed ``compress`` from scratch; its figures are kept next to its run directory, so
     the orders can run as separate processes (``--orders``) and be summarised later
     (``--reuse``)."""
-    out = work / f"{train}-{n}"
-    kept = work / f"{train}-{n}.timing.json"
+    train, search = ORDERS[order]
+    out = work / f"{order}-{n}"
+    kept = work / f"{order}-{n}.timing.json"
     if reuse and kept.is_file():
         return json.loads(kept.read_text())
     shutil.rmtree(out, ignore_errors=True)
     copts = CompressOptions(**setup_["compress"], targets=targets_for(n), train=train)  # type: ignore[arg-type]
-    dopts = DeployOptions(profile=setup_["profile"], speedup=TIMED_SPEEDUP)
+    dopts = DeployOptions(profile=setup_["profile"], speedup=TIMED_SPEEDUP, search=search)  # type: ignore[arg-type]
     load = os.getloadavg()[0]  # a shared machine: the figures mean little when this is high
     t0 = time.perf_counter()
     result = run_pipeline(copts, dopts, out)
@@ -188,12 +195,12 @@ def _commit() -> str:
         return "unknown"
 
 
-def choices(out: Path, profile: str) -> list[dict[str, Any]]:
+def choices(out: Path, profile: str, search: str = "all") -> list[dict[str, Any]]:
     """The run's choice under every budget of :data:`SPEEDUPS`, with what it was made on."""
     rows = []
     for s in SPEEDUPS:
         t0 = time.perf_counter()
-        res = select_over_run(out, DeployOptions(profile=profile, speedup=s))
+        res = select_over_run(out, DeployOptions(profile=profile, speedup=s, search=search))  # type: ignore[arg-type]
         sel = res.selection
         assert sel is not None
         chosen = sel.chosen
@@ -212,9 +219,11 @@ def choices(out: Path, profile: str) -> list[dict[str, Any]]:
     return rows
 
 
-def compare(eager: list[dict[str, Any]], lazy: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def compare(
+    eager: list[dict[str, Any]], lazy: list[dict[str, Any]], bisect: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
     rows = []
-    for e, z in zip(eager, lazy, strict=True):
+    for i, (e, z) in enumerate(zip(eager, lazy, strict=True)):
         same = e["chosen"] == z["chosen"]
         noisy = sorted({*e["uncertain"], *z["uncertain"]} & {e["chosen"], z["chosen"]} - {None})
         rows.append(
@@ -224,9 +233,17 @@ def compare(eager: list[dict[str, Any]], lazy: list[dict[str, Any]]) -> list[dic
                 "lazy": z["chosen"],
                 "same": same,
                 "within_noise": noisy if not same else [],
+                **(_bisect_row(e, bisect[i]) if bisect else {}),
             }
         )
     return rows
+
+
+def _bisect_row(e: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    same = e["chosen"] == b["chosen"]
+    noisy = sorted({*e["uncertain"], *b["uncertain"]} & {e["chosen"], b["chosen"]} - {None})
+    return {"bisect": b["chosen"], "bisect_same": same,
+            "bisect_within_noise": noisy if not same else []}  # fmt: skip
 
 
 def same_rounds(eager: Path, lazy: Path, profile: str) -> dict[str, Any]:
@@ -300,6 +317,17 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     }
     if "3" in lazy and "30" in lazy:
         out["lazy_30_over_lazy_3"] = round(lazy["30"] / lazy["3"], 2)
+    bisect = {n: v["bisect"]["seconds"] for n, v in runs.items() if "bisect" in v}
+    if bisect:
+        rows = [row for row in cmp_rows if "bisect" in row]
+        out["seconds_bisect"] = bisect
+        out["eager_over_bisect"] = {
+            n: round(eager[n] / bisect[n], 2) for n in counts if n in bisect
+        }
+        out["finetunes_bisect"] = {n: runs[n]["bisect"]["trained"] for n in bisect}
+        out["same_choice_fraction_bisect"] = _fraction([row["bisect_same"] for row in rows])
+        if "3" in bisect and "30" in bisect:
+            out["bisect_30_over_bisect_3"] = round(bisect["30"] / bisect["3"], 2)
     return out
 
 
@@ -327,7 +355,7 @@ def render(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, v in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
-        for order in [o for o in ("eager", "lazy") if o in v]:
+        for order in [o for o in ORDERS if o in v]:
             run = v[order]
             u = run["units"]
             cells = [u.get(k, 0) for k in ("family", "train", "export", "build", "profile",
@@ -339,12 +367,15 @@ def render(r: dict[str, Any]) -> str:
             )
     lines += ["", "## Choices per budget (at least X times faster than the original)", ""]
     for n, v in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
-        lines += [f"### {n} targets", "", "| speedup | eager | lazy | same | within noise |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"### {n} targets", "", "| speedup | eager | lazy | same | within noise "
+                  "| bisect | same | within noise |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in v.get("choices", []):
             lines.append(
                 f"| {row['speedup']} | {row['eager']} | {row['lazy']} | "
-                f"{'yes' if row['same'] else '**no**'} | {', '.join(row['within_noise']) or '-'} |"
+                f"{'yes' if row['same'] else '**no**'} | {', '.join(row['within_noise']) or '-'} | "
+                f"{row.get('bisect', '-')} | "
+                f"{'-' if 'bisect' not in row else 'yes' if row['bisect_same'] else '**no**'} | "
+                f"{', '.join(row.get('bisect_within_noise', [])) or '-'} |"
             )
         lines.append("")
     lines += [
@@ -424,6 +455,14 @@ def findings(r: dict[str, Any]) -> list[str]:
         f"{'met' if (s['same_choice_fraction'] or 0) >= 0.9 else 'NOT met'})"
         + (": " + "; ".join(differ) if differ else ".")
     )
+    if "seconds_bisect" in s:
+        b = s["seconds_bisect"]
+        out.append(
+            f"With --search bisect (measure-first, only what the search reaches is made and "
+            f"measured): {b} s; eager/bisect {s['eager_over_bisect']}; 30/3 targets "
+            f"{s.get('bisect_30_over_bisect_3')}x; same choice as training everything for "
+            f"{s['same_choice_fraction_bisect']} of budgets."
+        )
     return out
 
 
@@ -434,7 +473,8 @@ def main() -> None:
     ap.add_argument("--counts", default="3,15,30", help="target counts, e.g. 3,15,30")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (teacher training)")
     ap.add_argument("--out", type=Path, default=None, help="results file stem")
-    ap.add_argument("--orders", default="eager,lazy", help="run only these orders (eager, lazy)")
+    ap.add_argument("--orders", default="eager,lazy,bisect",
+                    help="run only these orders (eager, lazy, bisect)")  # fmt: skip
     ap.add_argument("--reuse", action="store_true",
                     help="take the timed runs kept by an earlier invocation; run the rest")  # fmt: skip
     args = ap.parse_args()
@@ -459,9 +499,9 @@ def main() -> None:
     stem = args.out or RESULTS / name
     for n in counts:
         run: dict[str, Any] = {}
-        for order, train in (("eager", "all"), ("lazy", "pick")):
+        for order in ORDERS:
             if order in args.orders.split(","):
-                run[order] = one_run(s, n, train, work, reuse=args.reuse)
+                run[order] = one_run(s, n, order, work, reuse=args.reuse)
                 print(f"{n} targets, {order}: {run[order]['seconds']} s", flush=True)
         if "lazy" not in run:  # training everything alone: kept for a later --reuse
             continue
@@ -469,8 +509,8 @@ def main() -> None:
             r["runs"][str(n)] = run
             r["summary"] = summarize(r)
             continue
-        picks = {o: choices(Path(run[o]["out"]), s["profile"]) for o in ("eager", "lazy")}
-        run["choices"] = compare(picks["eager"], picks["lazy"])
+        picks = {o: choices(Path(run[o]["out"]), s["profile"], ORDERS[o][1]) for o in run}
+        run["choices"] = compare(picks["eager"], picks["lazy"], picks.get("bisect"))
         run["picks"] = picks
         run["same_rounds"] = same_rounds(
             Path(run["eager"]["out"]), Path(run["lazy"]["out"]), s["profile"]

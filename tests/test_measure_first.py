@@ -306,3 +306,8 @@ def test_bisect_makes_only_the_artifacts_it_measures(
     )
     assert again.selection.chosen == family[-1] and len(finetunes) == 1
     assert manifest(out)["units"]["profile/bisect-cpu"] == before["profile/bisect-cpu"]  # reused
+    # another budget: `select --search bisect` searches again, making what it now reaches
+    assert f"build/bisect-cpu/{family[3]}" not in before
+    wider = select_over_run(out, dopts(str(prof), search="bisect", latency_ms=0.85, margin=0.0))
+    assert wider.selection.chosen == family[3]  # 0.8395 ms; 1204's 0.8796 is over
+    assert f"build/bisect-cpu/{family[3]}" in manifest(out)["units"] and len(finetunes) == 2

@@ -404,6 +404,8 @@ def stage_job(
                     f"{out} has not been measured on profile {profile.name}",
                     "run `dcvit-deploy profile` first, or pass the --profile it was measured with",
                 )
+            if until == "select" and dopts.search == "bisect":  # this budget's own search
+                return deploy(ctx, runner, family, profile)  # (what was measured is reused)
             return decide_and_publish(ctx, runner, family, profile, render=until == "report")
         return deploy(ctx, runner, family, profile, until=None if until == "profile" else until)
 

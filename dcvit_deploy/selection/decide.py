@@ -249,9 +249,9 @@ def decide(
     items = list(outcomes)
     _check_unique(o.candidate for o in items)
     chosen, reasons = _reasons(capacity_order(items), budget, prefer)
-    if search == "bisect":  # left unmade: the search never needed it
-        unmade = (o.candidate for o in items if o.status == "not_measured" and o.artifact is None)
-        reasons |= dict.fromkeys(unmade, Reason("not_searched", detail="not reached"))
+    if search == "bisect":  # the search never needed it
+        skipped = (o.candidate for o in items if o.status == "not_measured" and not o.error)
+        reasons |= dict.fromkeys(skipped, Reason("not_searched", detail="not reached"))
     if measured is None:
         measured = [o.candidate for o in items if o.status != "not_measured"]
     return Selection(

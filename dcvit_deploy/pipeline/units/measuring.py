@@ -123,7 +123,7 @@ class ProfileUnit:
         return UnitOutput(
             result={
                 "basis": self.basis(),
-                # considered; "": left unmade by the search (nothing to measure)
+                # considered; "": not reached by the search (made or not, not measured)
                 "artifacts": {n: a.sha256 for n, a in self.artifacts.items()}
                 | dict.fromkeys(self.bisect.pending if self.bisect else (), ""),
                 "profile": to_dict(self.profile),  # what is served is what was measured
