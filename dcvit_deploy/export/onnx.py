@@ -270,6 +270,11 @@ def _export_graph(
     )
 
 
+def _io_names(opset: int) -> dict[str, Any]:
+    """What both exporters are told: the opset and the graph's input and output names."""
+    return {"opset_version": opset, "input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME]}
+
+
 def _by_dynamo(
     model: torch.nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool
 ) -> onnx.ModelProto:
@@ -282,9 +287,7 @@ def _by_dynamo(
             (example,),
             None,
             dynamo=True,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            **_io_names(opset),
             dynamic_shapes=dynamic_shapes,
             external_data=False,
             optimize=True,
@@ -311,9 +314,7 @@ def _by_tracing(
             (example,),
             str(target),
             dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            **_io_names(opset),
             dynamic_axes=axes,
             do_constant_folding=True,
         )
