@@ -101,6 +101,15 @@ class RegressionDetected(DcvitError):
     exit_code = 4
 
 
+class NeedsTraining(DcvitError):
+    """A target's node chose a candidate that is not trained yet: the head trains it (with the
+    other targets' picks) and sends the target again."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"{name} is chosen but not trained yet", "the head trains it")
+
+
 class NotPublished(DcvitError):
     """A candidate was chosen but not published to Triton (the reports are written)."""
 

@@ -6,7 +6,11 @@ Locally the targets run one after another. With Ray each is one task on a node t
 its fresh-process confirmation) in a scratch copy of the run that holds the family, the graphs
 and the target's earlier records and files -- the node's runner skips what is still valid by its
 own device and runtime versions -- and returning the records and files, which the head alone
-writes into the run before it publishes and reports.
+writes into the run before it publishes and reports. A node never trains: measuring first, a
+target whose choice is not trained yet says so (:class:`~dcvit_deploy.errors.NeedsTraining`);
+the head trains the union of those picks (as tasks), exports them and sends those targets
+again, until every target has chosen a trained candidate or nothing (at most one round per
+candidate).
 
 Triton: a repository per target, ``<repo>/<profile>/<model>``, under the one model name: a
 Triton server runs on one GPU type and loads one repository, so clients call the same name on
@@ -25,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from dcvit_deploy.errors import BudgetInfeasible, DcvitError, EnvironmentProblem
+from dcvit_deploy.errors import BudgetInfeasible, DcvitError, EnvironmentProblem, NeedsTraining
 from dcvit_deploy.pipeline.executor import Resources, Task, Unplaceable
 from dcvit_deploy.pipeline.ids import UnitId
 from dcvit_deploy.pipeline.result import JobResult
@@ -91,7 +95,7 @@ def _target_files(root: Path, name: str) -> dict[str, bytes]:
 
 def run_target(shared: dict[str, bytes], job: TargetJob) -> tuple[Any, ...]:
     """A target's build, verification, measurement and selection on its node (a task):
-    ``(unit records, files written, notes, error line)``."""
+    ``(unit records, files written, notes, error line, the candidate it needs trained)``."""
     from dcvit_deploy.pipeline.context import JobContext
     from dcvit_deploy.pipeline.job import check_target, deploy
     from dcvit_deploy.pipeline.units.compressing import current_family
@@ -106,19 +110,21 @@ def run_target(shared: dict[str, bytes], job: TargetJob) -> tuple[Any, ...]:
         atomic_write_json(root / MANIFEST, job.manifest)
         with RunDir.load(root) as run:
             ctx = JobContext(run, job.copts, job.dopts, job.profile, _prep=job.prep,
-                             elsewhere=("export",))  # fmt: skip
-            error = ""
+                             elsewhere=("export", "train"))  # fmt: skip
+            error = wants = ""
             try:
                 check_target(job.profile, job.dopts)
                 family = current_family(run)
                 deploy(ctx, Runner(ctx), family, job.profile, publish=False)
+            except NeedsTraining as exc:
+                wants = exc.name
             except DcvitError as exc:
                 error = f"failed on {socket.gethostname()}: {exc.one_line()}"
             name = job.profile.name
             records = {str(u): r for u, r in RunView(run).records().items() if _ours(u, name)}
             files = _target_files(root, name)
             changed = {rel: d for rel, d in files.items() if job.files.get(rel) != d}
-            return records, changed, ctx.notes, error
+            return records, changed, ctx.notes, error, wants
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -183,24 +189,37 @@ def deploy_fleet(
         for p, _ in targets:
             attempt(p.name, lambda c=ctxs[p.name], p=p: deploy(c, Runner(c), family, p))
     else:
-        shared: dict[Any, dict[str, bytes]] = {}
         for p, _ in targets:  # one export per precision serves every target
             deploy(ctxs[p.name], Runner(ctxs[p.name]), family, p, until="export")
-        tasks = [_task(ctxs[p.name], family, shared) for p, _ in targets]
-        for task, out in executor.map(tasks, allow_unplaceable=True):
-            c = ctxs[task.key]
-            if isinstance(out, Unplaceable):
-                results[task.key] = f"not measured: {out.reason}"
-                continue
-            records, files, notes, results[task.key] = out
-            _merge(run, records, files)
-            for n in notes:
-                c.note(n)
-            if not results[task.key]:  # no error on the node: select there, publish here
-                prof = cast("TargetProfile", c.profile)
-                _remember_profile(run, prof, c.dopts)
-                c = replace(c, elsewhere=("select",))
-                attempt(task.key, lambda c=c, p=prof: decide_and_publish(c, Runner(c), family, p))
+        pending = [p for p, _ in targets]
+        for _ in range(len(family.candidates) + 1):  # each round trains at least one more
+            shared: dict[Any, dict[str, bytes]] = {}
+            tasks = [_task(ctxs[p.name], family, shared) for p in pending]
+            wanted: dict[str, str] = {}
+            for task, out in executor.map(tasks, allow_unplaceable=True):
+                c = ctxs[task.key]
+                if isinstance(out, Unplaceable):
+                    results[task.key] = f"not measured: {out.reason}"
+                    continue
+                records, files, notes, results[task.key], wants = out
+                _merge(run, records, files)
+                for n in notes:
+                    c.note(n)
+                if wants:
+                    wanted[task.key] = wants
+                elif not results[task.key]:  # no error on the node: select there, publish here
+                    prof = cast("TargetProfile", c.profile)
+                    _remember_profile(run, prof, c.dopts)
+                    c = replace(c, elsewhere=("select",))
+                    publish = lambda c=c, p=prof, f=family: decide_and_publish(c, Runner(c), f, p)  # noqa: E731
+                    attempt(task.key, publish)
+            if not wanted:
+                break
+            family = _train_wanted(ctx, family, wanted, targets)
+            pending = [p for p, _ in targets if p.name in wanted]
+        else:
+            for name in wanted:
+                results[name] = "failed: a choice per candidate, none trained in time"
     if fleet:
         return fleet_result(ctx, family, targets, results)
     name = targets[0][0].name
@@ -208,6 +227,26 @@ def deploy_fleet(
         fix = "add or fix the node that carries it (README: Running on a fleet), then rerun"
         raise EnvironmentProblem(f"target {name} {results[name]}", fix)
     return cast(JobResult, results[name])
+
+
+def _train_wanted(
+    ctx: JobContext, family: Family, wanted: dict[str, str], targets: list[Target]
+) -> Family:
+    """Train what the targets chose (target -> candidate), once each and fanned out as tasks,
+    and export each trained one at every graph precision the targets deploy."""
+    from dcvit_deploy.export.quantize import check_precisions
+    from dcvit_deploy.pipeline.units.compressing import train_picks
+    from dcvit_deploy.pipeline.units.exporting import ExportUnit
+
+    runner = Runner(ctx)
+    family = train_picks(ctx, runner, family, sorted(set(wanted.values())))
+    graphs = {onnx_precision_for(x) for p, d in targets for x in check_precisions(p, d)}
+    for name in sorted(set(wanted.values()) & set(family.trained)):
+        for precision in sorted(graphs):
+            runner.run(ExportUnit(family.trained[name], precision))
+    for target, name in wanted.items():
+        ctx.note(f"{target} chose {name}: trained on the head, then sent again")
+    return family
 
 
 def fleet_result(

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dcvit_deploy.errors import NotPublished, UserInputError
+from dcvit_deploy.errors import NeedsTraining, NotPublished, UserInputError
 from dcvit_deploy.export.quantize import structure_of
 from dcvit_deploy.pipeline.context import JobContext, identity_of, prepare
 from dcvit_deploy.pipeline.executor import LocalExecutor
@@ -86,9 +86,6 @@ def run_job(
 
     executor = executor or LocalExecutor()
     deploying = stop_after == "deploy"
-    remote_trains = executor.remote and not copts.trains_all  # a node measures, never trains
-    if remote_trains:
-        copts = dataclasses.replace(copts, train="all")
     if checked is None:
         stages = ("compress", "deploy") if deploying else ("compress",)
         checked = validate_run(copts, dopts, out, stages=stages, executor=executor.name)
@@ -114,9 +111,7 @@ def run_job(
         runner.run(FamilyUnit())
         family = current_family(run)
         if family.train_all:
-            if remote_trains:
-                ctx.note("with a remote executor every candidate is trained before the targets")
-            elif copts.train == "pick":
+            if copts.train == "pick":
                 ctx.note("this procedure's targets build on each other: every one is trained")
             family = train_picks(ctx, runner, family, family.names)
         skipped = family.info.get("skipped_summary", "")
@@ -239,6 +234,10 @@ def _picker(
 
     def pick(name: str) -> CandidateOutcome | str:
         cand, p = structure_of(name), outcomes[name].precision or profile.precision
+        if "train" in ctx.elsewhere and cand not in current_family(ctx.run).trained:
+            done = RunView(ctx.run).record(UnitId("train", name=cand)) or {}
+            if done.get("status") != "failed":  # a target's node never trains: the head does
+                raise NeedsTraining(cand)
         rec = train_picks(ctx, runner, family, [cand]).trained.get(cand)
         if rec is None:
             why = (RunView(ctx.run).record(UnitId("train", name=cand)) or {}).get("reason", "")
