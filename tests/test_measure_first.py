@@ -311,3 +311,40 @@ def test_bisect_makes_only_the_artifacts_it_measures(
     wider = select_over_run(out, dopts(str(prof), search="bisect", latency_ms=0.85, margin=0.0))
     assert wider.selection.chosen == family[3]  # 0.8395 ms; 1204's 0.8796 is over
     assert f"build/bisect-cpu/{family[3]}" in manifest(out)["units"] and len(finetunes) == 2
+
+
+def test_on_a_remote_executor_the_head_trains_what_the_target_chooses(
+    structures, photo_dir, profile, script, finetunes, tmp_path, monkeypatch
+):
+    """The remote path (a node per target, which never trains) in this process: the node's
+    choice goes back to the head untrained, the head trains it and sends the target again; a
+    trained pick below the floor makes the next choice train the same way."""
+    from dcvit_deploy.pipeline.executor import LocalExecutor
+    from dcvit_deploy.selection import fidelity
+
+    class Remote(LocalExecutor):
+        name, remote = "in-process nodes", True
+
+        def map(self, tasks: Any, allow_unplaceable: bool = False) -> Any:
+            sent.extend(t.key for t in tasks)
+            return super().map(tasks)
+
+    sent: list[str] = []
+    out = copy_of(structures, tmp_path)
+    c10, c20 = names(out)[1:3]
+    real, miss = fidelity.apply_floors, "agreement 40.0% misses --min-fidelity 60%"
+
+    def floor(outcomes: Any, d: Any) -> Any:
+        got, notes = real(outcomes, d)
+        return [dataclasses.replace(o, status="below_floor", error=miss)
+                if o.candidate == c10 else o for o in got], notes  # fmt: skip
+
+    monkeypatch.setattr(fidelity, "apply_floors", floor)
+    result = run_pipeline(*job(photo_dir, profile, latency_ms=0.95), out, executor=Remote())
+    assert result.selection.chosen == c20 and len(finetunes) == 2
+    # the target measures and chooses c10; the head trains it; the target finds it below the
+    # floor and chooses c20; the head trains it; the target confirms it
+    assert sent == ["trust-cpu", c10, "trust-cpu", c20, "trust-cpu"]
+    assert set(trained(out)) == {c10, c20}
+    assert result.published["models"][0]["candidate"] == c20
+    assert result.selection.reasons[c10].kind == "not_deployable"
