@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
 from torch import nn
 
+from dcvit_deploy.config.options import NeuronChoice
 from dcvit_deploy.errors import UserInputError
 from dcvit_deploy.store.records import ArchSpec, BlockSpec
 
@@ -21,8 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 
-NeuronChoice = Literal["random", "activation", "weight"]
-NEURON_CHOICES: tuple[str, ...] = ("random", "activation", "weight")
+NEURON_CHOICES: tuple[str, ...] = get_args(NeuronChoice)
 
 
 class FFNBlock(nn.Module):
