@@ -360,8 +360,8 @@ def render(r: dict[str, Any]) -> str:
         "## Wall time of `compress` to a confirmed, published pick (s), and where it went",
         "",
         "| targets | order | seconds | finetunes | chosen | family | train | export | build "
-        "| profile | select | publish | report |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| profile | select | publish | report | load before, after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, v in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
         for order in [o for o in ORDERS if o in v]:
@@ -372,7 +372,7 @@ def render(r: dict[str, Any]) -> str:
             lines.append(
                 f"| {n} | {order} | {run['seconds']} | {run['trained']} | {run['chosen']} | "
                 + " | ".join(str(c) for c in cells)
-                + " |"
+                + f" | {run.get('load_before_after', '-')} |"
             )
     lines += ["", "## Choices per budget (at least X times faster than the original)", ""]
     for n, v in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
@@ -475,6 +475,24 @@ def findings(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def merge(files: list[Path], stem: Path) -> None:
+    """One results file from invocations that ran other target counts (e.g. at the same time,
+    each with its own ``--work``): their runs side by side, summarised again."""
+    parts = [json.loads(f.read_text()) for f in files]
+    r = {**parts[0], "runs": {n: v for p in parts for n, v in p["runs"].items()}}
+    r["setup"] += (
+        " Merged from separate invocations: "
+        + "; ".join(
+            f"{f.name} (targets {', '.join(p['runs'])})" for f, p in zip(files, parts, strict=True)
+        )
+        + "."
+    )
+    r["summary"] = summarize(r)
+    atomic_write_json(Path(f"{stem}.json"), r)
+    atomic_write_text(Path(f"{stem}.md"), render(r))
+    print(json.dumps(r["summary"], indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (untrained teacher)")
@@ -482,13 +500,22 @@ def main() -> None:
     ap.add_argument("--counts", default="3,15,30", help="target counts, e.g. 3,15,30")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (teacher training)")
     ap.add_argument("--out", type=Path, default=None, help="results file stem")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="run directories (default: under benchmarks/.cache)")  # fmt: skip
     ap.add_argument("--orders", default="eager,lazy,bisect",
                     help="run only these orders (eager, lazy, bisect)")  # fmt: skip
     ap.add_argument("--reuse", action="store_true",
                     help="take the timed runs kept by an earlier invocation; run the rest")  # fmt: skip
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="combine the results files of separate invocations (other counts)")  # fmt: skip
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out or RESULTS / "latency_first")
+        return
     torch.set_num_threads(args.threads)
-    work = fmnist.CACHE_DIR / ("latency-first-quick" if args.quick else "latency-first")
+    work = args.work or fmnist.CACHE_DIR / (
+        "latency-first-quick" if args.quick else "latency-first"
+    )
     work.mkdir(parents=True, exist_ok=True)
     s = setup(args, work)
     counts = [int(c) for c in args.counts.split(",")]
