@@ -506,6 +506,8 @@ def main() -> None:
                     help="run only these orders (eager, lazy, bisect)")  # fmt: skip
     ap.add_argument("--reuse", action="store_true",
                     help="take the timed runs kept by an earlier invocation; run the rest")  # fmt: skip
+    ap.add_argument("--timings-only", action="store_true",
+                    help="summarise the timed runs only, without the choices under other budgets")  # fmt: skip
     ap.add_argument("--merge", nargs="+", type=Path, default=None,
                     help="combine the results files of separate invocations (other counts)")  # fmt: skip
     args = ap.parse_args()
@@ -541,9 +543,11 @@ def main() -> None:
                 print(f"{n} targets, {order}: {run[order]['seconds']} s", flush=True)
         if "lazy" not in run:  # training everything alone: kept for a later --reuse
             continue
-        if "eager" not in run:  # measure-first alone (training everything did not fit)
-            r["runs"][str(n)] = run
+        if args.timings_only or "eager" not in run:  # the timed runs alone (the choices take
+            r["runs"][str(n)] = run  # long), or measure-first alone
             r["summary"] = summarize(r)
+            atomic_write_json(Path(f"{stem}.json"), r)
+            atomic_write_text(Path(f"{stem}.md"), render(r))
             continue
         picks = {o: choices(Path(run[o]["out"]), s["profile"], ORDERS[o][1]) for o in run}
         run["choices"] = compare(picks["eager"], picks["lazy"], picks.get("bisect"))
