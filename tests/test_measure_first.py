@@ -137,21 +137,27 @@ def test_measure_first_picks_what_training_everything_picks_and_trains_only_the_
     assert {n: trained(eager)[n] for n in trained(lazy)} == trained(lazy)
 
 
-def test_a_pick_that_misses_the_fidelity_floor_makes_the_next_one_train(
-    structures, photo_dir, profile, script, finetunes, tmp_path, monkeypatch
-):
+def below_the_floor(monkeypatch: pytest.MonkeyPatch, name: str) -> str:
+    """Make the fidelity floors set ``name``'s trained artifact aside; the reason given."""
     from dcvit_deploy.selection import fidelity
 
-    out = copy_of(structures, tmp_path)
-    c10, c20 = names(out)[1:3]
     real, miss = fidelity.apply_floors, "agreement 40.0% misses --min-fidelity 60%"
 
     def floor(outcomes: Any, d: Any) -> Any:
         got, notes = real(outcomes, d)
         return [dataclasses.replace(o, status="below_floor", error=miss)
-                if o.candidate == c10 else o for o in got], notes  # fmt: skip
+                if o.candidate == name else o for o in got], notes  # fmt: skip
 
     monkeypatch.setattr(fidelity, "apply_floors", floor)
+    return miss
+
+
+def test_a_pick_that_misses_the_fidelity_floor_makes_the_next_one_train(
+    structures, photo_dir, profile, script, finetunes, tmp_path, monkeypatch
+):
+    out = copy_of(structures, tmp_path)
+    c10, c20 = names(out)[1:3]
+    miss = below_the_floor(monkeypatch, c10)
     result = run_pipeline(*job(photo_dir, profile, latency_ms=0.95), out)
     assert result.selection.chosen == c20 and len(finetunes) == 2
     assert result.selection.reasons[c10].kind == "not_deployable"
@@ -320,7 +326,6 @@ def test_on_a_remote_executor_the_head_trains_what_the_target_chooses(
     choice goes back to the head untrained, the head trains it and sends the target again; a
     trained pick below the floor makes the next choice train the same way."""
     from dcvit_deploy.pipeline.executor import LocalExecutor
-    from dcvit_deploy.selection import fidelity
 
     class Remote(LocalExecutor):
         name, remote = "in-process nodes", True
@@ -332,15 +337,11 @@ def test_on_a_remote_executor_the_head_trains_what_the_target_chooses(
     sent: list[str] = []
     out = copy_of(structures, tmp_path)
     c10, c20 = names(out)[1:3]
-    real, miss = fidelity.apply_floors, "agreement 40.0% misses --min-fidelity 60%"
-
-    def floor(outcomes: Any, d: Any) -> Any:
-        got, notes = real(outcomes, d)
-        return [dataclasses.replace(o, status="below_floor", error=miss)
-                if o.candidate == c10 else o for o in got], notes  # fmt: skip
-
-    monkeypatch.setattr(fidelity, "apply_floors", floor)
+    miss = below_the_floor(monkeypatch, c10)
     result = run_pipeline(*job(photo_dir, profile, latency_ms=0.95), out, executor=Remote())
+    assert (
+        render(result.selection, c10) == f"not deployable: trained artifact below the floor: {miss}"
+    )
     assert result.selection.chosen == c20 and len(finetunes) == 2
     # the target measures and chooses c10; the head trains it; the target finds it below the
     # floor and chooses c20; the head trains it; the target confirms it
