@@ -211,15 +211,15 @@ def deploy_fleet(
                     prof = cast("TargetProfile", c.profile)
                     _remember_profile(run, prof, c.dopts)
                     c = replace(c, elsewhere=("select",))
-                    publish = lambda c=c, p=prof, f=family: decide_and_publish(c, Runner(c), f, p)  # noqa: E731
-                    attempt(task.key, publish)
+                    attempt(task.key, lambda c=c, p=prof, f=family: decide_and_publish(
+                        c, Runner(c), f, p))  # fmt: skip
             if not wanted:
                 break
-            family = _train_wanted(ctx, family, wanted, targets)
+            family = _train_wanted(ctx, ctxs, family, wanted, targets)
             pending = [p for p, _ in targets if p.name in wanted]
         else:
             for name in wanted:
-                results[name] = "failed: a choice per candidate, none trained in time"
+                results[name] = "failed: still choosing untrained candidates after one round each"
     if fleet:
         return fleet_result(ctx, family, targets, results)
     name = targets[0][0].name
@@ -230,20 +230,24 @@ def deploy_fleet(
 
 
 def _train_wanted(
-    ctx: JobContext, family: Family, wanted: dict[str, str], targets: list[Target]
+    ctx: JobContext,
+    ctxs: dict[str, JobContext],
+    family: Family,
+    wanted: dict[str, str],
+    targets: list[Target],
 ) -> Family:
     """Train what the targets chose (target -> candidate), once each and fanned out as tasks,
-    and export each trained one at every graph precision the targets deploy."""
+    and export each trained one as every target deploys it (the export stage's maker)."""
     from dcvit_deploy.export.quantize import check_precisions
+    from dcvit_deploy.pipeline.job import ArtifactMaker
     from dcvit_deploy.pipeline.units.compressing import train_picks
-    from dcvit_deploy.pipeline.units.exporting import ExportUnit
 
-    runner = Runner(ctx)
-    family = train_picks(ctx, runner, family, sorted(set(wanted.values())))
-    graphs = {onnx_precision_for(x) for p, d in targets for x in check_precisions(p, d)}
-    for name in sorted(set(wanted.values()) & set(family.trained)):
-        for precision in sorted(graphs):
-            runner.run(ExportUnit(family.trained[name], precision))
+    family = train_picks(ctx, Runner(ctx), family, sorted(set(wanted.values())))
+    for p, d in targets:
+        make = ArtifactMaker(Runner(ctxs[p.name]), p)
+        for name in sorted(set(wanted.values()) & set(family.trained)):
+            for precision in check_precisions(p, d):
+                make(family.trained[name], precision, export_only=True)
     for target, name in wanted.items():
         ctx.note(f"{target} chose {name}: trained on the head, then sent again")
     return family
