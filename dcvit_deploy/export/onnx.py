@@ -7,15 +7,16 @@ Strongly typed TensorRT builds (TensorRT 10 ``STRONGLY_TYPED``, always on in Ten
 their precision from the graph, so the FP16 file *is* the FP16 engine's precision spec.
 
 Exporter choice (torch >= 2.9): ``"auto"`` traces the model with the TorchScript exporter and
-uses the torch.export-based ("dynamo") exporter when tracing fails or torch no longer ships
-it, recording which one ran. Measured on the Fashion-MNIST benchmark ViT (one core): tracing
-0.3-0.8 s, dynamo 6-8 s per export, the same operators but for ``Split`` vs ``Slice``, the
-same ONNX Runtime latency; a dense family exports every structure, so this is minutes per
-run. A trace records one path through ``forward``: every exported graph is verified against
-PyTorch on real images (:func:`verify_onnx`), which is what catches a wrong one. The dynamo
-exporter's lowest native opset is 18; lower requests (the default 17, the opset TensorRT 8.6+
-and every ONNX Runtime >= 1.14 support, with LayerNormalization as one op) are down-converted
-by onnx's version converter, and the opset actually written is reported.
+uses the torch.export-based ("dynamo") exporter when tracing fails or torch no longer ships it,
+recording which one ran. Measured on the Fashion-MNIST benchmark ViT (one core): tracing 0.3-0.8
+s, dynamo 6-8 s per export, the same compute operators (tracing splits q/k/v with ``Split``, not
+``Slice``, and adds a few shape ops), the same ONNX Runtime latency; a dense family exports
+every structure, so this is minutes per run. A trace records one path through ``forward``: every
+exported graph is verified against PyTorch on real images (:func:`verify_onnx`), which is what
+catches a wrong one. The dynamo exporter's lowest native opset is 18; lower requests (the
+default 17, the opset TensorRT 8.6+ and every ONNX Runtime >= 1.14 support, with
+LayerNormalization as one op) are down-converted by onnx's version converter, and the opset
+actually written is reported.
 
 During export the model is switched to timm's exportable mode (``timm.layers.set_exportable``)
 and every attention module's ``fused_attn`` flag is turned off. timm fixes ``fused_attn`` when a

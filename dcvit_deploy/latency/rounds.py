@@ -272,7 +272,7 @@ def measure_rounds(
     t0 = time.perf_counter()
     done = 0
     stopped_early = False
-    agreed: dict[str, int] = {}  # name -> the round after which its rounds agreed
+    agreed: set[str] = set()  # the candidates whose rounds agreed (they left the rounds)
 
     def combined(name: str, b: int, final: bool) -> LatencyStats:
         acts = []
@@ -334,7 +334,7 @@ def measure_rounds(
                 # (interleaved among themselves) until theirs agree or max_rounds.
                 for n in active:
                     if rounds_stable({n: tuple(combined(n, b, False) for b in batches)}, tol):
-                        agreed[n] = done
+                        agreed.add(n)
                 active = [n for n in active if n not in agreed]
                 if not active:
                     stopped_early = True
