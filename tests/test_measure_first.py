@@ -298,6 +298,10 @@ def test_bisect_makes_only_the_artifacts_it_measures(
     exports = [u for u in units if u.startswith("export/") and not u.endswith(".trained")]
     assert len(exports) == len({n.split(".")[0] for n in built_structures})
     assert set(trained(out)) == {family[-1]} and len(finetunes) == 1
+    # the CPU's INT8 method was measured once; the trained pick's INT8 graph followed it
+    quantized = {u: r["result"] for u, r in units.items() if u.startswith("quantize/")}
+    assert f"quantize/bisect-cpu/int8/{family[-1]}.trained" in quantized
+    assert sum(bool(r["method_timing_ms"]) for r in quantized.values()) == 1, quantized
     # the same choice as deciding over every artifact's (scripted) figure
     every = {n: 1.0 if n == "original" else 1.0 - int(n.split("-")[1]) / 10000 for n in family}
     assert min((n for n in family if every[n] <= 0.62), key=every.get) == family[-1]
